@@ -66,3 +66,29 @@ pub fn wait_for<T>(timeout: std::time::Duration, mut f: impl FnMut() -> Option<T
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// A YAML config for one service `apiserver` on `listen` → `backend_port`.
+pub fn one_service_config(listen: &[&str], backend_port: u16, backends: &[std::net::IpAddr], extra: &str) -> String {
+    let listen: Vec<String> = listen.iter().map(|l| format!("\"{l}\"")).collect();
+    let backends: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    format!(
+        "services:\n  - name: apiserver\n    listen: [{}]\n    backendPort: {backend_port}\nbackends: [{}]\n{extra}",
+        listen.join(", "),
+        backends.join(", ")
+    )
+}
+
+/// A loopback port nobody on this machine listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// What `bpftool cgroup show` lists for a cgroup (one line per program).
+pub fn attached_programs(cgroup: &std::path::Path) -> Vec<String> {
+    let out = std::process::Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("run bpftool (cargo xtask setup installs it)");
+    String::from_utf8_lossy(&out.stdout).lines().skip(1).filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
+}

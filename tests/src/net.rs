@@ -34,6 +34,12 @@ impl Netns {
         sh("ip", &full)
     }
 
+    /// Serve HTTP on `port` inside this namespace (e.g. a pod's own
+    /// loopback listener), answering with `name`.
+    pub fn serve(&self, port: u16, name: &str) -> Server {
+        Server::start(self, port, name)
+    }
+
     pub fn path(&self) -> PathBuf {
         PathBuf::from(format!("/run/netns/{}", self.name))
     }
