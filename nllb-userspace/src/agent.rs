@@ -28,6 +28,9 @@ pub struct AgentOptions {
     pub pin_path: PathBuf,
     pub run_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// Remove programs and pins on exit instead of leaving the datapath
+    /// serving the last published backends.
+    pub detach_on_exit: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +85,17 @@ struct Agent {
 
 pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let (config, cgroup) = validate(&opts)?;
+    if let Some(prev) = AgentStatus::read(&opts.run_dir)
+        && prev.pid != std::process::id()
+        && crate::status::pid_alive(prev.pid)
+        && prev.pin_path == opts.pin_path
+    {
+        return Err(AgentError::Datapath(DatapathError::Other(format!(
+            "another nllb agent (pid {}) serves {}; stop it first",
+            prev.pid,
+            opts.pin_path.display()
+        ))));
+    }
     let plan = Plan::all_backends(&config.services, &config.backends);
     let ebpf = EbpfDatapath::install(
         EbpfOptions {
@@ -104,10 +118,20 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         seen_passive: BTreeMap::new(),
     };
     let result = agent.serve().await;
-    let shutdown = agent.datapath.shutdown();
-    let _ = std::fs::remove_file(agent.opts.run_dir.join(crate::status::STATUS_FILE));
-    result?;
-    shutdown?;
+    if agent.opts.detach_on_exit || agent.config.detach_on_exit {
+        let shutdown = agent.datapath.shutdown();
+        let _ = std::fs::remove_file(agent.opts.run_dir.join(crate::status::STATUS_FILE));
+        result?;
+        shutdown?;
+    } else {
+        // Worker components keep reaching the control plane while the agent
+        // restarts or upgrades: the pinned links keep the programs attached.
+        tracing::info!(
+            pin_path = %agent.opts.pin_path.display(),
+            "datapath stays attached with the last published backends; `nllb uninstall` removes it"
+        );
+        result?;
+    }
     Ok(())
 }
 
