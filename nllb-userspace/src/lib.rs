@@ -6,6 +6,7 @@ pub mod discovery;
 pub mod envoy;
 pub mod health;
 pub mod model;
+pub mod sock_destroy;
 
 /// The eBPF object built from `nllb-ebpf` by build.rs (aya-build).
 pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nllb"));
