@@ -4,11 +4,13 @@
 //! ever black-holing a service.
 //!
 //! The agent owns one [`Monitor`], gives it every (controller, service port)
-//! pair with [`Monitor::set_targets`], and on each change of
-//! [`Monitor::subscribe`] publishes [`select`]'s answer per service.
+//! pair ([`targets`]) with [`Monitor::set_targets`], and on each change of
+//! [`Monitor::subscribe`] publishes [`plan`] (which applies [`select`] per
+//! service).
 
 mod config;
 mod monitor;
+mod plan;
 mod probe;
 mod select;
 mod state;
@@ -18,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 pub use config::{HealthConfig, ProbeKind};
 pub use monitor::Monitor;
+pub use plan::{plan, targets};
 pub use probe::Prober;
 pub use select::select;
 pub use state::{BackendHealth, HealthSnapshot};
