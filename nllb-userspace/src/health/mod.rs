@@ -15,6 +15,7 @@ mod probe;
 mod select;
 mod state;
 mod tls;
+mod transitions;
 
 use std::path::{Path, PathBuf};
 
@@ -24,6 +25,7 @@ pub use plan::{plan, targets};
 pub use probe::Prober;
 pub use select::select;
 pub use state::{BackendHealth, HealthSnapshot};
+pub use transitions::{Reaction, Transitions};
 
 use crate::config::ConfigError;
 

@@ -17,6 +17,7 @@ pub struct BackendHealth {
     /// Outcome of the last observation (probe or passive report); `None`
     /// until the first probe finishes.
     pub last_ok: Option<bool>,
+    #[serde(rename = "last_latency_ms", serialize_with = "latency_ms")]
     pub last_latency: Option<Duration>,
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
@@ -24,7 +25,20 @@ pub struct BackendHealth {
     /// Times the kernel's passive check marked this backend failed.
     pub passive_ejections: u64,
     /// When `healthy` last changed (or the backend was first seen).
+    #[serde(rename = "since_unix_ms", serialize_with = "unix_ms")]
     pub since: SystemTime,
+}
+
+fn latency_ms<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_some(&(d.as_secs_f64() * 1000.0)),
+        None => s.serialize_none(),
+    }
+}
+
+fn unix_ms<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    let ms = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    s.serialize_u64(ms)
 }
 
 impl BackendHealth {
@@ -219,6 +233,16 @@ mod tests {
         assert_eq!(h.passive_ejections, 2);
         assert!(!h.observe(ok(), RISE, FALL, t(4)));
         assert!(h.observe(ok(), RISE, FALL, t(5)));
+    }
+
+    #[test]
+    fn status_json_uses_plain_units() {
+        let mut h = BackendHealth::new(t(5));
+        h.observe(Ok(Duration::from_micros(1500)), RISE, FALL, t(6));
+        let v = serde_json::to_value(&h).unwrap();
+        assert_eq!(v["last_latency_ms"], 1.5);
+        assert_eq!(v["since_unix_ms"], 5000);
+        assert_eq!(v["healthy"], true);
     }
 
     #[test]
