@@ -433,3 +433,323 @@ async fn https_probe_timeout_bounds_a_server_that_accepts_but_never_speaks() {
     assert!(err.contains("timed out"), "{err}");
     assert!(start.elapsed() < Duration::from_millis(400), "bounded by the timeout: {:?}", start.elapsed());
 }
+
+// ---- End to end: the real agent, a client connecting through the VIP ----
+
+mod e2e {
+    use std::{
+        io::{BufRead, BufReader, Read},
+        net::{SocketAddr, TcpListener, TcpStream},
+        process::{Command, Stdio},
+        sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        },
+        time::{Duration, Instant},
+    };
+
+    use nllb_tests::{
+        Agent, AgentOpts, ClientOpts, ClientReport, TestCgroup, TestNet, free_port, one_service_config, privileged,
+        wait_client, wait_for,
+    };
+
+    use super::PORT;
+
+    fn vip(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn agent(net: &TestNet, cg: &TestCgroup, port: u16, extra: &str) -> Agent {
+        let backends: Vec<_> = net.hosts().iter().map(|h| h.v4).collect();
+        Agent::start(&AgentOpts {
+            config_yaml: one_service_config(&[&vip(port).to_string()], PORT, &backends, extra),
+            cgroup: cg.path().to_path_buf(),
+            ..Default::default()
+        })
+    }
+
+    /// Waits until the agent's status shows every backend probed healthy.
+    fn wait_all_probed(agent: &Agent, n: usize) {
+        let ok = wait_for(Duration::from_secs(5), || {
+            let s = agent.status();
+            let health = s["agent"]["health"]["backends"].as_object()?.clone();
+            (health.len() == n && health.values().all(|h| h["last_ok"] == true)).then_some(())
+        });
+        assert!(ok.is_some(), "backends never probed healthy: {}\n{}", agent.status(), agent.log());
+    }
+
+    /// Failed connects and the last moment (ms after the fault) a connect
+    /// failed or was answered by `victim`.
+    fn failover(report: &ClientReport, fault_ms: u64, victim: &str) -> (usize, u64) {
+        let mut failed = 0;
+        let mut last = 0;
+        for r in &report.results {
+            let bad = !r.ok || r.body.as_deref() == Some(victim);
+            if r.t_ms >= fault_ms && bad {
+                failed += usize::from(!r.ok);
+                last = last.max(r.t_ms + r.elapsed_us / 1000 - fault_ms);
+            }
+        }
+        (failed, last)
+    }
+
+    /// A client making one connect every 20ms for `secs`, a fault at 1.5s.
+    fn run_with_fault(cg: &TestCgroup, port: u16, secs: u64, fault: impl FnOnce()) -> (ClientReport, u64) {
+        let mut opts = ClientOpts::new(vip(port), (secs * 50) as u32, Some(cg.path()));
+        opts.interval = Duration::from_millis(20);
+        opts.timeout = Duration::from_millis(1000);
+        let start = Instant::now();
+        let child = opts.spawn();
+        std::thread::sleep(Duration::from_millis(1500));
+        let fault_ms = start.elapsed().as_millis() as u64;
+        fault();
+        (wait_client(child), fault_ms)
+    }
+
+    #[test]
+    #[ignore = "needs the agent's health wiring (docs/health-agent-wiring.patch)"]
+    fn killed_controller_is_steered_around() {
+        if !privileged() {
+            return;
+        }
+        for passive in [true, false] {
+            let net = TestNet::new(3);
+            let mut servers: Vec<_> =
+                net.hosts().iter().enumerate().map(|(i, h)| h.serve(PORT, &format!("c{i}"))).collect();
+            let cg = TestCgroup::new();
+            let port = free_port();
+            let a = agent(&net, &cg, port, &format!("health:\n  probe: tcp\npassive:\n  enabled: {passive}\n"));
+            wait_all_probed(&a, 3);
+            let (report, fault_ms) = run_with_fault(&cg, port, 5, || servers[0].stop());
+            let (failed, last) = failover(&report, fault_ms, "c0");
+            println!(
+                "MEASURE e2e fault=kill passive={passive} failed_connects={failed} steer_ms={last} total={}",
+                report.results.len()
+            );
+            let bound = if passive { 3 } else { 40 };
+            assert!(failed <= bound, "passive={passive}: {failed} failed connects: {:?}", report.failed());
+            assert!(last < 2000, "passive={passive}: still failing {last}ms after the kill");
+            let tail: Vec<_> = report.results.iter().filter(|r| r.t_ms > fault_ms + 2000).collect();
+            assert!(!tail.is_empty() && tail.iter().all(|r| r.ok), "all connects succeed once steered");
+        }
+    }
+
+    #[test]
+    #[ignore = "needs the agent's health wiring (docs/health-agent-wiring.patch)"]
+    fn blackholed_controller_is_steered_around() {
+        if !privileged() {
+            return;
+        }
+        for passive in [true, false] {
+            let net = TestNet::new(3);
+            let _servers: Vec<_> =
+                net.hosts().iter().enumerate().map(|(i, h)| h.serve(PORT, &format!("c{i}"))).collect();
+            let cg = TestCgroup::new();
+            let port = free_port();
+            let a = agent(&net, &cg, port, &format!("health:\n  probe: tcp\npassive:\n  enabled: {passive}\n"));
+            wait_all_probed(&a, 3);
+            let h0 = &net.hosts()[0];
+            let (report, fault_ms) = run_with_fault(&cg, port, 6, || h0.blackhole());
+            let (failed, last) = failover(&report, fault_ms, "c0");
+            println!(
+                "MEASURE e2e fault=blackhole passive={passive} failed_connects={failed} steer_ms={last} total={}",
+                report.results.len()
+            );
+            assert!(failed <= 6, "passive={passive}: {failed} failed connects: {:?}", report.failed());
+            assert!(last < 3000, "passive={passive}: still failing {last}ms after the blackhole");
+            let tail: Vec<_> = report.results.iter().filter(|r| r.t_ms > fault_ms + 3000).collect();
+            assert!(!tail.is_empty() && tail.iter().all(|r| r.ok));
+            let s = a.status();
+            assert_eq!(s["agent"]["health"]["backends"][format!("{}:{PORT}", h0.v4)]["healthy"], false, "{s}");
+        }
+    }
+
+    #[test]
+    #[ignore = "needs the agent's health wiring (docs/health-agent-wiring.patch)"]
+    fn panic_mode_keeps_connects_flowing_when_every_probe_fails() {
+        if !privileged() {
+            return;
+        }
+        let net = TestNet::new(3);
+        let _servers: Vec<_> = net.hosts().iter().enumerate().map(|(i, h)| h.serve(PORT, &format!("c{i}"))).collect();
+        let cg = TestCgroup::new();
+        let port = free_port();
+        // The controllers speak plain HTTP, so every https probe fails.
+        let a = agent(&net, &cg, port, "health:\n  probe: https\n  insecureSkipVerify: true\n");
+        let panicked = wait_for(Duration::from_secs(5), || {
+            let s = a.status();
+            (s["agent"]["services"][0]["panic"] == true && s["services"][0]["panic"] == true).then_some(s)
+        })
+        .unwrap_or_else(|| panic!("agent never entered panic mode: {}\n{}", a.status(), a.log()));
+        let health = panicked["agent"]["health"]["backends"].as_object().unwrap().clone();
+        assert!(health.values().all(|h| h["healthy"] == false), "{panicked}");
+        assert!(a.log().contains("PANIC MODE"), "panic mode must be loud in the log");
+
+        let report = nllb_tests::run_client(&ClientOpts::new(vip(port), 60, Some(cg.path())));
+        assert_eq!(report.ok_count(), 60, "panic mode must not refuse connects: {:?}", report.failed());
+        assert_eq!(report.by_body().len(), 3, "spread over every known backend: {:?}", report.by_body());
+    }
+
+    /// Accepts connections in a host's namespace and holds them open until
+    /// dropped. The thread must end with the test: while it sits in the
+    /// namespace, the namespace (and its veth) outlives `ip netns del`.
+    struct HoldServer {
+        accepted: Arc<AtomicUsize>,
+        fd: i32,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl HoldServer {
+        fn start(netns: std::path::PathBuf, port: u16) -> HoldServer {
+            use std::os::fd::AsRawFd;
+            let accepted = Arc::new(AtomicUsize::new(0));
+            let (acc, (tx, rx)) = (accepted.clone(), std::sync::mpsc::channel());
+            let thread = std::thread::spawn(move || {
+                let f = std::fs::File::open(&netns).unwrap();
+                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                let l = TcpListener::bind(("0.0.0.0", port)).unwrap();
+                tx.send(l.as_raw_fd()).unwrap();
+                let mut held = Vec::new();
+                for c in l.incoming() {
+                    let Ok(c) = c else { break };
+                    acc.fetch_add(1, Ordering::SeqCst);
+                    held.push(c);
+                }
+            });
+            let fd = rx.recv().unwrap();
+            HoldServer { accepted, fd, thread: Some(thread) }
+        }
+
+        fn accepted(&self) -> usize {
+            self.accepted.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Drop for HoldServer {
+        fn drop(&mut self) {
+            // SAFETY: the listener is open until its thread returns, which
+            // this shutdown (waking accept with an error) makes it do.
+            unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// Helper process for the socket destroy tests (does nothing unless
+    /// started by them): joins the cgroup, opens connections through the
+    /// VIP, and reports each one's end.
+    #[test]
+    fn hold_client_helper() {
+        let (Ok(cg), Ok(addr), Ok(n)) = (
+            std::env::var("NLLB_HOLD_CGROUP"),
+            std::env::var("NLLB_HOLD_ADDR"),
+            std::env::var("NLLB_HOLD_COUNT"),
+        ) else {
+            return;
+        };
+        std::fs::write(std::path::Path::new(&cg).join("cgroup.procs"), std::process::id().to_string()).unwrap();
+        let addr: SocketAddr = addr.parse().unwrap();
+        let socks: Vec<TcpStream> = (0..n.parse::<usize>().unwrap()).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        println!("HOLD connected");
+        let threads: Vec<_> = socks
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut s)| {
+                std::thread::spawn(move || {
+                    s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+                    let r = s.read(&mut [0u8; 1]);
+                    let errno = r.err().and_then(|e| e.raw_os_error()).unwrap_or(0);
+                    println!("HOLD closed {i} errno={errno}");
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    /// Runs the helper; returns (seconds after `fault` each socket closed, errno).
+    fn held_connections(
+        cg: &TestCgroup,
+        addr: SocketAddr,
+        n: usize,
+        prepare: impl FnOnce(),
+        fault: impl FnOnce(),
+    ) -> Vec<(Duration, i32)> {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "e2e::hold_client_helper", "--nocapture", "--test-threads=1", "--include-ignored"])
+            .env("NLLB_HOLD_CGROUP", cg.path())
+            .env("NLLB_HOLD_ADDR", addr.to_string())
+            .env("NLLB_HOLD_COUNT", n.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        for line in lines.by_ref() {
+            if line.unwrap().contains("HOLD connected") {
+                break;
+            }
+        }
+        prepare();
+        let t0 = Instant::now();
+        fault();
+        let mut closed = Vec::new();
+        for line in lines.map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("HOLD closed ") {
+                let errno = rest.split("errno=").nth(1).unwrap().trim().parse().unwrap();
+                closed.push((t0.elapsed(), errno));
+            }
+        }
+        let _ = child.wait();
+        closed
+    }
+
+    #[test]
+    #[ignore = "needs the agent's health wiring (docs/health-agent-wiring.patch)"]
+    fn removed_and_ejected_backends_lose_their_established_connections() {
+        if !privileged() {
+            return;
+        }
+        for how in ["remove", "eject"] {
+            let net = TestNet::new(2);
+            let (h0, h1) = (&net.hosts()[0], &net.hosts()[1]);
+            let on_h0 = HoldServer::start(h0.netns.path(), PORT);
+            let on_h1 = HoldServer::start(h1.netns.path(), PORT);
+            let cg = TestCgroup::new();
+            let port = free_port();
+            let extra = "health:\n  probe: tcp\n  destroyOnEject: true\n";
+            let a = agent(&net, &cg, port, extra);
+            wait_all_probed(&a, 2);
+            // Connects nllb sent to h0 (the hold servers also count probes).
+            let via_nllb_to_h0 = || -> usize {
+                let s = a.status();
+                let b = s["services"][0]["backends"].as_array().unwrap().clone();
+                let h0_addr = format!("{}:{PORT}", h0.v4);
+                b.iter().find(|b| b["addr"] == h0_addr.as_str()).map_or(0, |b| b["connects"].as_u64().unwrap() as usize)
+            };
+            let mut to_h0 = 0;
+            let closed = held_connections(&cg, vip(port), 8, || to_h0 = via_nllb_to_h0(), || {
+                match how {
+                "remove" => {
+                    let yaml = one_service_config(&[&vip(port).to_string()], PORT, &[h1.v4], extra);
+                    std::fs::write(&a.config_path, yaml).unwrap();
+                    a.signal(nix::sys::signal::Signal::SIGHUP);
+                }
+                    _ => h0.blackhole(),
+                }
+            });
+            let (n0, n1) = (on_h0.accepted(), on_h1.accepted());
+            assert!(to_h0 > 0 && n0 >= to_h0 && n1 > 0, "nllb sent {to_h0} of 8 to h0; accepted h0/h1: {n0}/{n1}");
+            let aborted: Vec<_> = closed.iter().filter(|(_, e)| *e == libc::ECONNABORTED).collect();
+            let slowest = aborted.iter().map(|(t, _)| *t).max().unwrap_or_default();
+            println!("MEASURE e2e destroy-on-{how} aborted={} of_h0={to_h0} slowest_ms={}", aborted.len(), slowest.as_millis());
+            assert_eq!(aborted.len(), to_h0, "exactly the connections to h0 are aborted: {closed:?}");
+            assert_eq!(closed.len(), 8, "every helper connection reported: {closed:?}");
+            let bound = if how == "remove" { 1500 } else { 3000 };
+            assert!(slowest < Duration::from_millis(bound), "{how}: took {slowest:?}");
+            drop(a);
+            drop((on_h0, on_h1));
+        }
+    }
+}
