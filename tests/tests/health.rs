@@ -44,7 +44,7 @@ async fn wait_proven(mon: &Monitor, addrs: &[SocketAddr]) {
         if addrs.iter().all(|a| snap.get(a).is_some_and(|h| h.healthy && h.last_ok == Some(true))) {
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "backends never probed healthy: {snap:#?}");
+        assert!(start.elapsed() < Duration::from_secs(10), "backends never probed healthy: {snap:#?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
