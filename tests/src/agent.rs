@@ -20,11 +20,7 @@ pub fn nllb_bin() -> PathBuf {
         dir.pop();
     }
     let bin = dir.join("nllb");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (`cargo build -p nllb-userspace`) or set NLLB_BIN",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} not found: build it first (`cargo build -p nllb-userspace`) or set NLLB_BIN", bin.display());
     bin
 }
 
@@ -59,19 +55,11 @@ impl Agent {
     /// Start the agent and wait until it has published its first plan.
     pub fn start(opts: &AgentOpts) -> Agent {
         let agent = Self::spawn(opts);
-        let ready = wait_for(Duration::from_secs(20), || {
-            agent.run_dir.join("status.json").exists().then_some(())
-        });
+        let ready = wait_for(Duration::from_secs(20), || agent.run_dir.join("status.json").exists().then_some(()));
         if ready.is_none() {
             let mut agent = agent;
-            let status = agent
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
-            panic!(
-                "nllb agent did not become ready (exit: {status:?}); log:\n{}",
-                agent.log()
-            );
+            let status = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            panic!("nllb agent did not become ready (exit: {status:?}); log:\n{}", agent.log());
         }
         agent
     }
@@ -108,10 +96,7 @@ impl Agent {
             .arg("--state-dir")
             .arg(&state_dir)
             .args(&opts.extra_args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -119,16 +104,7 @@ impl Agent {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn nllb agent");
-        Agent {
-            child: Some(child),
-            pin_path,
-            run_dir,
-            state_dir,
-            config_path,
-            log_path,
-            cgroup: opts.cgroup.clone(),
-            work,
-        }
+        Agent { child: Some(child), pin_path, run_dir, state_dir, config_path, log_path, cgroup: opts.cgroup.clone(), work }
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -154,11 +130,7 @@ impl Agent {
     /// `nllb status --json` parsed.
     pub fn status(&self) -> serde_json::Value {
         let out = self.nllb(&["status", "--json"]);
-        assert!(
-            out.status.success(),
-            "nllb status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "nllb status failed: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
@@ -205,18 +177,10 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop(Duration::from_secs(5));
         if std::thread::panicking() {
-            eprintln!(
-                "--- nllb agent log ({}) ---\n{}",
-                self.log_path.display(),
-                self.log()
-            );
+            eprintln!("--- nllb agent log ({}) ---\n{}", self.log_path.display(), self.log());
         }
         // Whatever the agent left behind (a crash, a failed test) goes too.
-        let _ = Command::new(nllb_bin())
-            .arg("uninstall")
-            .arg("--pin-path")
-            .arg(&self.pin_path)
-            .output();
+        let _ = Command::new(nllb_bin()).arg("uninstall").arg("--pin-path").arg(&self.pin_path).output();
         let _ = std::fs::remove_dir_all(&self.pin_path);
         let _ = std::fs::remove_dir_all(&self.work);
     }

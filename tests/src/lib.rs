@@ -13,9 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use agent::{AGENT_CAPABILITIES, Agent, AgentOpts, nllb_bin};
 pub use cgroup::{TestCgroup, cgroup2_mount};
-pub use client::{
-    ClientOpts, ClientReport, ConnectResult, run_client, testclient_bin, wait_client,
-};
+pub use client::{ClientOpts, ClientReport, ConnectResult, run_client, testclient_bin, wait_client};
 pub use net::{Netns, TestHost, TestNet};
 pub use server::Server;
 
@@ -35,11 +33,7 @@ pub fn privileged() -> bool {
 /// A name no other test (in this or another process) uses at the same time.
 pub fn unique_name(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}{}x{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{prefix}{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Run a command, panicking with its output when it fails.
@@ -74,12 +68,7 @@ pub fn wait_for<T>(timeout: std::time::Duration, mut f: impl FnMut() -> Option<T
 }
 
 /// A YAML config for one service `apiserver` on `listen` → `backend_port`.
-pub fn one_service_config(
-    listen: &[&str],
-    backend_port: u16,
-    backends: &[std::net::IpAddr],
-    extra: &str,
-) -> String {
+pub fn one_service_config(listen: &[&str], backend_port: u16, backends: &[std::net::IpAddr], extra: &str) -> String {
     let listen: Vec<String> = listen.iter().map(|l| format!("\"{l}\"")).collect();
     let backends: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
     format!(
@@ -91,11 +80,7 @@ pub fn one_service_config(
 
 /// A loopback port nobody on this machine listens on right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// What `bpftool cgroup show` lists for a cgroup (one line per program).
@@ -105,10 +90,5 @@ pub fn attached_programs(cgroup: &std::path::Path) -> Vec<String> {
         .arg(cgroup)
         .output()
         .expect("run bpftool (cargo xtask setup installs it)");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .skip(1)
-        .filter(|l| !l.trim().is_empty())
-        .map(str::to_string)
-        .collect()
+    String::from_utf8_lossy(&out.stdout).lines().skip(1).filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
 }

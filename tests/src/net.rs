@@ -48,16 +48,13 @@ impl Netns {
     /// network namespace, so only this thread is affected).
     pub fn enter_current_thread(&self) -> std::io::Result<()> {
         let f = fs::File::open(self.path())?;
-        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(std::io::Error::from)
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
 
@@ -81,24 +78,15 @@ impl TestHost {
     /// Drop every packet to and from this host (a blackholed controller:
     /// SYNs time out instead of being refused).
     pub fn blackhole(&self) {
-        self.netns
-            .exec("nft", &["add", "table", "inet", "nllbtest"]);
+        self.netns.exec("nft", &["add", "table", "inet", "nllbtest"]);
         self.netns.exec(
             "nft",
-            &[
-                "add",
-                "chain",
-                "inet",
-                "nllbtest",
-                "in",
-                "{ type filter hook input priority 0 ; policy drop ; }",
-            ],
+            &["add", "chain", "inet", "nllbtest", "in", "{ type filter hook input priority 0 ; policy drop ; }"],
         );
     }
 
     pub fn unblackhole(&self) {
-        self.netns
-            .exec("nft", &["delete", "table", "inet", "nllbtest"]);
+        self.netns.exec("nft", &["delete", "table", "inet", "nllbtest"]);
     }
 }
 
@@ -120,10 +108,7 @@ impl TestNet {
             let veth = format!("nv{}", unique_name("").replace('x', "_"));
             let veth = veth.chars().take(13).collect::<String>();
             let peer = format!("{veth}p");
-            sh(
-                "ip",
-                &["link", "add", &veth, "type", "veth", "peer", "name", &peer],
-            );
+            sh("ip", &["link", "add", &veth, "type", "veth", "peer", "name", &peer]);
             sh("ip", &["link", "set", &peer, "netns", &netns.name]);
             let (second, third) = (18 + s / 256, s % 256);
             let v4_root = format!("198.{second}.{third}.1/24");
@@ -131,32 +116,17 @@ impl TestNet {
             let v6_root = format!("2001:2:0:{s:x}::1/64");
             let v6_host = format!("2001:2:0:{s:x}::2/64");
             sh("ip", &["addr", "add", &v4_root, "dev", &veth]);
-            sh(
-                "ip",
-                &["-6", "addr", "add", &v6_root, "dev", &veth, "nodad"],
-            );
+            sh("ip", &["-6", "addr", "add", &v6_root, "dev", &veth, "nodad"]);
             sh("ip", &["link", "set", &veth, "up"]);
             netns.exec("ip", &["addr", "add", &v4_host, "dev", &peer]);
-            netns.exec(
-                "ip",
-                &["-6", "addr", "add", &v6_host, "dev", &peer, "nodad"],
-            );
+            netns.exec("ip", &["-6", "addr", "add", &v6_host, "dev", &peer, "nodad"]);
             netns.exec("ip", &["link", "set", &peer, "up"]);
             let v4: IpAddr = v4_host.trim_end_matches("/24").parse().unwrap();
             let v6: IpAddr = v6_host.trim_end_matches("/64").parse().unwrap();
-            hosts.push(TestHost {
-                netns,
-                v4,
-                v6,
-                veth,
-                subnet: s,
-            });
+            hosts.push(TestHost { netns, v4, v6, veth, subnet: s });
             leases.push(lease);
         }
-        TestNet {
-            hosts,
-            _leases: leases,
-        }
+        TestNet { hosts, _leases: leases }
     }
 
     pub fn hosts(&self) -> &[TestHost] {
@@ -188,15 +158,10 @@ impl SubnetLease {
                     return SubnetLease { index, path };
                 }
                 Err(_) => {
-                    let holder: Option<i32> = fs::read_to_string(&path)
-                        .ok()
-                        .and_then(|s| s.trim().parse().ok());
-                    let alive =
-                        holder.is_some_and(|pid| PathBuf::from(format!("/proc/{pid}")).exists());
+                    let holder: Option<i32> = fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok());
+                    let alive = holder.is_some_and(|pid| PathBuf::from(format!("/proc/{pid}")).exists());
                     if !alive && fs::remove_file(&path).is_ok() {
-                        if let Ok(mut f) =
-                            OpenOptions::new().write(true).create_new(true).open(&path)
-                        {
+                        if let Ok(mut f) = OpenOptions::new().write(true).create_new(true).open(&path) {
                             let _ = write!(f, "{me}");
                             return SubnetLease { index, path };
                         }
