@@ -25,8 +25,9 @@ pub fn nllb_bin() -> PathBuf {
 }
 
 /// The capabilities the agent is documented to need (deploy/daemonset.yaml,
-/// deploy/nllb.service, docs/deploy.md), in setpriv/Kubernetes spelling.
-pub const AGENT_CAPABILITIES: [&str; 4] = ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"];
+/// deploy/nllb.service, docs/deploy.md), as Kubernetes spells them
+/// (systemd adds `CAP_`, setpriv wants lower case).
+pub const AGENT_CAPABILITIES: [&str; 4] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"];
 
 #[derive(Clone, Debug, Default)]
 pub struct AgentOpts {
