@@ -11,7 +11,7 @@ mod server;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-pub use agent::{Agent, AgentOpts, nllb_bin};
+pub use agent::{AGENT_CAPABILITIES, Agent, AgentOpts, nllb_bin};
 pub use cgroup::{TestCgroup, cgroup2_mount};
 pub use client::{ClientOpts, ClientReport, ConnectResult, run_client, testclient_bin, wait_client};
 pub use net::{Netns, TestHost, TestNet};
