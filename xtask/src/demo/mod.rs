@@ -75,7 +75,10 @@ pub fn demo(connects: usize) -> Result<()> {
     let mut controllers = Vec::new();
     for i in 1..=CONTROLLERS {
         let c = Controller::start(i, &unique)?;
-        println!("    {}  {}:{BACKEND_PORT}  answers HTTP with \"{}\"", c.name, c.ip, c.name);
+        // Dialed directly (no virtual address), so nllb plays no part yet.
+        let direct = get(&format!("{}:{BACKEND_PORT}", c.ip), None)?
+            .map_err(|e| anyhow::anyhow!("{} does not answer directly: {e}", c.name))?;
+        println!("    {}  {}:{BACKEND_PORT}  answers HTTP with \"{direct}\"", c.name, c.ip);
         controllers.push(c);
         check_interrupted()?;
     }
@@ -202,8 +205,13 @@ fn wait_ready(nllb: &Path, pins: &Path, agent: &mut Agent, cgroup: &DemoCgroup) 
 
 /// One HTTP request to the virtual address; Ok(body) or Err(what curl said).
 fn curl(cgroup: Option<&DemoCgroup>) -> Result<Result<String, String>> {
+    get(VIRTUAL, cgroup)
+}
+
+/// One HTTP request with curl, optionally from inside `cgroup`.
+fn get(addr: &str, cgroup: Option<&DemoCgroup>) -> Result<Result<String, String>> {
     let mut c = Command::new("curl");
-    c.args(["-sS", "--max-time", "5", &format!("http://{VIRTUAL}/")]);
+    c.args(["-sS", "--max-time", "5", &format!("http://{addr}/")]);
     if let Some(cg) = cgroup {
         cg.place(&mut c);
     }
