@@ -11,7 +11,8 @@ use std::process::Command;
 
 /// Debian packages the project uses: bpftool for inspecting maps/programs,
 /// iproute2 + nftables for test hosts, qemu + busybox for the kernel matrix,
-/// python3-venv for the Envoy fallback.
+/// python3-venv for the Envoy fallback; xz-utils, zstd and binutils to
+/// unpack kernel modules and strip binaries for the guests.
 const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
@@ -23,6 +24,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libcap2-bin",
     "procps",
     "python3-venv",
+    "xz-utils",
+    "zstd",
+    "binutils",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -141,7 +145,7 @@ fn bpf_linker() -> Result<PathBuf> {
         say(format!("bpf-linker {BPF_LINKER_VERSION}: already built"));
         return Ok(bin);
     }
-    say(format!("bpf-linker {BPF_LINKER_VERSION}: building against nightly's libLLVM (about a minute)"));
+    say(format!("bpf-linker {BPF_LINKER_VERSION}: building against nightly's libLLVM (1-3 minutes)"));
 
     let sysroot = cmd::output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
     let sysroot_lib = Path::new(sysroot.trim()).join("lib");

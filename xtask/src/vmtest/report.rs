@@ -1,0 +1,187 @@
+//! The matrix as data (`target/vm-matrix.json`) and as the table the README
+//! shows (`docs/kernel-matrix.md`), both generated from a run.
+
+use super::kernels::KernelSpec;
+use super::qemu::GuestRun;
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::path::Path;
+
+#[derive(Debug, Serialize)]
+pub struct KernelReport {
+    pub label: String,
+    pub suite: String,
+    pub package_version: Option<String>,
+    pub release: Option<String>,
+    pub uname: Option<String>,
+    pub seconds: Option<f64>,
+    pub timed_out: bool,
+    pub finished: bool,
+    pub error: Option<String>,
+    pub results: Vec<TestResult>,
+    pub detect: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TestResult {
+    pub test: String,
+    pub status: String,
+}
+
+impl KernelReport {
+    pub fn new(spec: KernelSpec) -> Self {
+        Self {
+            label: spec.label.into(),
+            suite: spec.suite.into(),
+            package_version: None,
+            release: None,
+            uname: None,
+            seconds: None,
+            timed_out: false,
+            finished: false,
+            error: None,
+            results: Vec::new(),
+            detect: None,
+        }
+    }
+
+    pub fn fill(&mut self, run: GuestRun) {
+        self.uname = run.uname;
+        self.seconds = Some((run.seconds * 10.0).round() / 10.0);
+        self.timed_out = run.timed_out;
+        self.finished = run.done;
+        self.detect = run.detect;
+        self.results = run.results.into_iter().map(|(test, status)| TestResult { test, status }).collect();
+    }
+
+    pub fn count(&self, status: &str) -> usize {
+        self.results.iter().filter(|r| r.status == status).count()
+    }
+
+    /// Every test ran and none failed; a guest that crashed, hung or never
+    /// reported is a failure too.
+    pub fn passed(&self) -> bool {
+        self.error.is_none() && !self.timed_out && self.finished && !self.results.is_empty() && self.count("FAILED") == 0
+    }
+
+    pub fn summary(&self) -> String {
+        let mut s = format!("{} ok, {} FAILED, {} ignored", self.count("ok"), self.count("FAILED"), self.count("ignored"));
+        if let Some(t) = self.seconds {
+            s += &format!(" in {t:.1} s");
+        }
+        if self.timed_out {
+            s += " (TIMED OUT)";
+        } else if self.error.is_none() && !self.finished {
+            s += " (guest did not finish: crash or panic? see console.log)";
+        }
+        if let Some(e) = &self.error {
+            s += &format!(" (ERROR: {e})");
+        }
+        s
+    }
+}
+
+pub fn write(reports: &[KernelReport], json: &Path, md: &Path) -> Result<()> {
+    let doc = serde_json::json!({ "generated": now(), "kernels": reports });
+    std::fs::write(json, serde_json::to_string_pretty(&doc)? + "\n").with_context(|| format!("writing {}", json.display()))?;
+    std::fs::create_dir_all(md.parent().unwrap())?;
+    std::fs::write(md, markdown(reports)).with_context(|| format!("writing {}", md.display()))?;
+    Ok(())
+}
+
+fn now() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn cell(status: Option<&str>) -> &'static str {
+    match status {
+        Some("ok") => "✅ ok",
+        Some("FAILED") => "❌ FAILED",
+        Some("ignored") => "➖ ignored",
+        Some(_) => "?",
+        None => "—",
+    }
+}
+
+/// Rows are tests, columns kernels.
+pub fn markdown_table(reports: &[KernelReport]) -> String {
+    let mut tests: Vec<&str> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for r in reports {
+        for t in &r.results {
+            if seen.insert(t.test.as_str()) {
+                tests.push(&t.test);
+            }
+        }
+    }
+    let mut s = String::from("| test |");
+    for r in reports {
+        s += &format!(" {} ({}) |", r.label, r.uname.as_deref().or(r.release.as_deref()).unwrap_or(&r.suite));
+    }
+    s += "\n|---|";
+    s += &"---|".repeat(reports.len());
+    s += "\n";
+    for t in tests {
+        s += &format!("| `{t}` |");
+        for r in reports {
+            let st = r.results.iter().find(|x| x.test == t).map(|x| x.status.as_str());
+            s += &format!(" {} |", cell(st));
+        }
+        s += "\n";
+    }
+    s += "| **guest** |";
+    for r in reports {
+        s += &format!(" {} |", if r.passed() { "✅ passed".to_owned() } else { format!("❌ {}", short_reason(r)) });
+    }
+    s + "\n"
+}
+
+fn short_reason(r: &KernelReport) -> &'static str {
+    if r.error.is_some() {
+        "error"
+    } else if r.timed_out {
+        "timed out"
+    } else if !r.finished {
+        "did not finish"
+    } else {
+        "failed"
+    }
+}
+
+fn markdown(reports: &[KernelReport]) -> String {
+    let mut s = String::from("# Kernel compatibility matrix\n\n");
+    s += &format!(
+        "Generated by `cargo xtask vm-test` on {}; do not edit by hand. Each kernel is Debian's \
+         `linux-image-amd64` of the suite, booted under qemu (TCG, 1 CPU, 512 MiB) with the \
+         project's test binaries in the initramfs; every test runs in its own process as root with `CI=1`.\n\n",
+        now()
+    );
+    s += "| kernel | Debian suite | package | guest time |\n|---|---|---|---|\n";
+    for r in reports {
+        s += &format!(
+            "| {} | {} | {} | {} |\n",
+            r.uname.as_deref().or(r.release.as_deref()).unwrap_or(&r.label),
+            r.suite,
+            r.package_version.as_deref().unwrap_or("—"),
+            r.seconds.map(|t| format!("{t:.0} s")).unwrap_or_else(|| "—".into())
+        );
+    }
+    s += "\n## Results\n\n";
+    s += &markdown_table(reports);
+    let detects: Vec<&KernelReport> = reports.iter().filter(|r| r.detect.is_some()).collect();
+    if !detects.is_empty() {
+        s += "\n## Kernel features (`nllb detect` in each guest)\n";
+        for r in detects {
+            s += &format!("\n### {}\n\n```\n{}\n```\n", r.label, r.detect.as_deref().unwrap_or_default());
+        }
+    }
+    for r in reports.iter().filter(|r| r.error.is_some()) {
+        s += &format!("\n{}: {}\n", r.label, r.error.as_deref().unwrap_or_default());
+    }
+    s
+}
