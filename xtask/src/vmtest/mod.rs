@@ -61,7 +61,7 @@ pub fn vm_test(wanted: &[String], jobs: usize) -> Result<i32> {
 
     let json = target.join("vm-matrix.json");
     let md = crate::paths::workspace_root().join("docs/kernel-matrix.md");
-    report::write(&reports, &json, &md)?;
+    report::write(&reports, &json, &md, &crate::paths::workspace_root().join("README.md"))?;
     println!("\n{}", report::markdown_table(&reports));
     say(&format!("wrote {} and {}", json.display(), md.display()));
     let failed: Vec<&str> = reports.iter().filter(|r| !r.passed()).map(|r| r.label.as_str()).collect();
