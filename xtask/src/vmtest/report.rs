@@ -169,19 +169,6 @@ fn short_reason(r: &KernelReport) -> &'static str {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn readme_table_is_replaced_between_markers_only() {
-        let text = format!("intro\n{README_BEGIN}\nold table\n{README_END}\nrest\n");
-        let new = replace_between(&text, "\nnew\n").unwrap();
-        assert_eq!(new, format!("intro\n{README_BEGIN}\nnew\n{README_END}\nrest\n"));
-        assert!(replace_between("no markers", "x").is_none());
-    }
-}
-
 fn markdown(reports: &[KernelReport]) -> String {
     let mut s = String::from("# Kernel compatibility matrix\n\n");
     s += &format!(
@@ -213,4 +200,17 @@ fn markdown(reports: &[KernelReport]) -> String {
         s += &format!("\n{}: {}\n", r.label, r.error.as_deref().unwrap_or_default());
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readme_table_is_replaced_between_markers_only() {
+        let text = format!("intro\n{README_BEGIN}\nold table\n{README_END}\nrest\n");
+        let new = replace_between(&text, "\nnew\n").unwrap();
+        assert_eq!(new, format!("intro\n{README_BEGIN}\nnew\n{README_END}\nrest\n"));
+        assert!(replace_between("no markers", "x").is_none());
+    }
 }
