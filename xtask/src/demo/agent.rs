@@ -75,7 +75,35 @@ impl Drop for Agent {
     }
 }
 
-/// Removes a directory tree on drop (bpffs pins: unlinking unpins).
+/// The agent's bpffs pins. The datapath is built to outlive its agent, so
+/// on drop `nllb uninstall` removes whatever an agent that died without
+/// `--detach-on-exit` left, then the directory goes.
+pub struct Pins {
+    pub path: PathBuf,
+    pub nllb: PathBuf,
+    pub run_dir: PathBuf,
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if !self.path.exists() {
+            return;
+        }
+        let _ = Command::new(&self.nllb)
+            .arg("uninstall")
+            .arg("--pin-path")
+            .arg(&self.path)
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        drop(RemoveOnDrop(self.path.clone()));
+    }
+}
+
+/// Removes a directory tree on drop.
 pub struct RemoveOnDrop(pub PathBuf);
 
 impl Drop for RemoveOnDrop {

@@ -11,7 +11,7 @@ mod controllers;
 
 use crate::paths::{cargo, target_dir};
 use crate::{cmd, setup};
-use agent::{Agent, RemoveOnDrop};
+use agent::{Agent, Pins, RemoveOnDrop};
 use anyhow::{Context as _, Result, bail};
 use cgroup::DemoCgroup;
 use controllers::{BACKEND_PORT, Controller};
@@ -84,7 +84,11 @@ pub fn demo(connects: usize) -> Result<()> {
     }
 
     let cgroup = DemoCgroup::create(&format!("nllb-demo-{unique}"))?;
-    let pins = RemoveOnDrop(Path::new("/sys/fs/bpf").join(format!("nllb-demo-{unique}")));
+    let pins = Pins {
+        path: Path::new("/sys/fs/bpf").join(format!("nllb-demo-{unique}")),
+        nllb: nllb.clone(),
+        run_dir: run_dir.clone(),
+    };
     let config = tmp.0.join("nllb.yaml");
     let backends: Vec<String> = controllers.iter().map(|c| format!("\"{}\"", c.ip)).collect();
     let yaml = format!(
@@ -101,13 +105,15 @@ pub fn demo(connects: usize) -> Result<()> {
         "--cgroup".as_ref(),
         cgroup.path.as_os_str(),
         "--pin-path".as_ref(),
-        pins.0.as_os_str(),
+        pins.path.as_os_str(),
         "--run-dir".as_ref(),
         run_dir.as_os_str(),
         "--state-dir".as_ref(),
         state_dir.as_os_str(),
         "--log-format".as_ref(),
         "text".as_ref(),
+        // The datapath normally outlives the agent; the demo leaves nothing.
+        "--detach-on-exit".as_ref(),
     ];
     let mut agent = Agent::start(&nllb, &args, tmp.0.join("agent.log"))?;
     println!(
@@ -117,7 +123,7 @@ pub fn demo(connects: usize) -> Result<()> {
         agent.pid(),
         agent.log.display()
     );
-    wait_ready(&nllb, &pins.0, &mut agent, &cgroup)?;
+    wait_ready(&nllb, &pins.path, &run_dir, &mut agent, &cgroup)?;
 
     step(&format!("{connects} connections to {VIRTUAL} from a process in the demo cgroup {}", cgroup.path.display()));
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -125,6 +131,8 @@ pub fn demo(connects: usize) -> Result<()> {
     for n in 1..=connects {
         check_interrupted()?;
         let served = curl(Some(&cgroup))?;
+        // Ctrl-C reaches curl too; don't report that as a failed connect.
+        check_interrupted()?;
         let who = match &served {
             Ok(body) => {
                 let ip = controllers.iter().find(|c| &c.name == body).map(|c| c.ip.to_string());
@@ -150,8 +158,9 @@ pub fn demo(connects: usize) -> Result<()> {
         Err(e) => println!("    {e} (nothing listens on {VIRTUAL} itself)"),
     }
 
-    step(&format!("nllb status --pin-path {}", pins.0.display()));
-    let status = cmd::raw_output(Command::new(&nllb).args(["status", "--pin-path"]).arg(&pins.0))?;
+    step(&format!("nllb status --pin-path {}", pins.path.display()));
+    let status =
+        cmd::raw_output(Command::new(&nllb).args(["status", "--pin-path"]).arg(&pins.path).arg("--run-dir").arg(&run_dir))?;
     print!("{}", indent(&String::from_utf8_lossy(&status.stdout), 4));
     print!("{}", indent(&String::from_utf8_lossy(&status.stderr), 4));
 
@@ -159,9 +168,9 @@ pub fn demo(connects: usize) -> Result<()> {
     let exit = agent.stop();
     println!("    agent exited with {}", exit.map(|s| s.to_string()).unwrap_or_else(|| "?".into()));
     drop(agent);
+    drop(pins);
     drop(cgroup);
     drop(controllers);
-    drop(pins);
     drop(tmp);
     let served = counts.iter().filter(|(k, _)| *k != "failed").count();
     if counts.contains_key("failed") || served < CONTROLLERS as usize && connects >= 3 * CONTROLLERS as usize {
@@ -173,13 +182,13 @@ pub fn demo(connects: usize) -> Result<()> {
 
 /// Ready = `nllb status` reads the pinned maps and a connect is served
 /// (health checks may need a moment to mark the controllers up).
-fn wait_ready(nllb: &Path, pins: &Path, agent: &mut Agent, cgroup: &DemoCgroup) -> Result<()> {
+fn wait_ready(nllb: &Path, pins: &Path, run_dir: &Path, agent: &mut Agent, cgroup: &DemoCgroup) -> Result<()> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs(30);
     loop {
         check_interrupted()?;
         agent.check_running()?;
-        if cmd::succeeds(Command::new(nllb).args(["status", "--json", "--pin-path"]).arg(pins)) {
+        if cmd::succeeds(Command::new(nllb).args(["status", "--json", "--pin-path"]).arg(pins).arg("--run-dir").arg(run_dir)) {
             break;
         }
         if Instant::now() > deadline {
