@@ -54,9 +54,15 @@ pub fn shared_archive(work: &Path, nllb: &Path, tests: &[TestBinary], host_bins:
         copy_stripped(&t.path, &root.join("tests").join(&t.name))?;
         elf.push(t.path.clone());
     }
-    // Binaries the tests find through env!("CARGO_BIN_EXE_..."): that path is
-    // compiled in, so they sit at the same absolute path in the guest.
+    // /tests/list says which executables are test binaries to run.
+    let names: Vec<&str> = tests.iter().map(|t| t.name.as_str()).collect();
+    std::fs::write(root.join("tests/list"), names.join("\n") + "\n")?;
+    // The package's own binaries (e.g. nllb-testclient): beside the test
+    // binaries, where the harness looks for them next to its own exe, and
+    // at their host path, which env!("CARGO_BIN_EXE_...") compiled in.
     for b in host_bins {
+        let name = b.file_name().context("binary path without a file name")?;
+        copy_stripped(b, &root.join("tests").join(name))?;
         copy_stripped(b, &root.join(b.strip_prefix("/").unwrap_or(b)))?;
         elf.push(b.clone());
     }
@@ -254,7 +260,7 @@ fn pack(root: &Path, out: &Path) -> Result<()> {
 }
 
 /// The guest's PID 1. Prints machine-readable lines the host scrapes:
-/// NLLB-BOOT, NLLB-RESULT <kernel> <test> ok|FAILED|ignored, NLLB-DETECT-*,
+/// NLLB-BOOT, NLLB-RESULT <kernel> <test> ok|FAILED|ignored [seconds], NLLB-DETECT-*,
 /// NLLB-DONE. Each test runs in its own process (`--exact`), so a result
 /// is its exit status and never depends on parsing interleaved output.
 const INIT: &str = r#"#!/bin/busybox sh
@@ -280,7 +286,9 @@ done
 # loading above still shows its errors).
 echo "1 4 1 7" > /proc/sys/kernel/printk
 echo "NLLB-BOOT $K $(uname -r)"
-export CI=1 NLLB_BIN=/nllb RUST_BACKTRACE=1
+# NLLB_IN_VM / NLLB_TIMEOUT_SCALE: TCG runs ~10x slower than the host; a
+# harness can stretch its readiness timeouts by this factor.
+export CI=1 NLLB_BIN=/nllb RUST_BACKTRACE=1 NLLB_IN_VM=1 NLLB_TIMEOUT_SCALE=10
 
 result() { echo "NLLB-RESULT $K $1 $2"; }
 
@@ -303,9 +311,8 @@ if /nllb detect --help > /dev/null 2>&1; then
     if [ $rc = 0 ]; then result smoke::nllb-detect ok; else result smoke::nllb-detect FAILED; fi
 fi
 
-for t in /tests/*; do
-    [ -x "$t" ] || continue
-    b=${t##*/}
+for b in $(cat /tests/list); do
+    t=/tests/$b
     "$t" --list --format terse --ignored 2>/dev/null | sed -n 's/: test$//p' > /tmp/ignored
     if ! "$t" --list --format terse > /tmp/list.raw 2>&1; then
         cat /tmp/list.raw; result "$b::(list)" FAILED; continue
@@ -314,12 +321,14 @@ for t in /tests/*; do
     while read -r name; do
         if grep -qxF "$name" /tmp/ignored; then result "$b::$name" ignored; continue; fi
         echo "NLLB-RUN $K $b::$name"
+        s=$(date +%s)
         if timeout 300 "$t" --exact "$name" --test-threads=1 < /dev/null > /tmp/log 2>&1; then
-            result "$b::$name" ok
+            r=ok
         else
             sed "s/^/  | /" /tmp/log
-            result "$b::$name" FAILED
+            r=FAILED
         fi
+        result "$b::$name" "$r $(( $(date +%s) - s ))"
     done < /tmp/list
 done
 echo "NLLB-DONE $K"

@@ -122,7 +122,12 @@ fn build_tests(tools: &setup::Tools) -> Result<(Vec<TestBinary>, Vec<PathBuf>)> 
         let kinds: Vec<&str> =
             msg["target"]["kind"].as_array().into_iter().flatten().filter_map(|k| k.as_str()).collect();
         if msg["profile"]["test"] == true {
-            let name = if kinds.contains(&"lib") { format!("{name}-lib") } else { name.to_owned() };
+            // Integration tests keep their name; unit tests of a lib or bin
+            // target get a suffix so they never shadow the bin itself.
+            let name = match kinds.first() {
+                Some(&"test") | None => name.to_owned(),
+                Some(kind) => format!("{name}-{kind}-unittests"),
+            };
             tests.push(TestBinary { name, path: exe.into() });
         } else if kinds.contains(&"bin") {
             bins.push(PathBuf::from(exe));

@@ -12,8 +12,8 @@ pub struct GuestRun {
     pub timed_out: bool,
     /// `uname -r` in the guest (from NLLB-BOOT).
     pub uname: Option<String>,
-    /// (test, ok|FAILED|ignored) in the order the guest ran them.
-    pub results: Vec<(String, String)>,
+    /// (test, ok|FAILED|ignored, seconds) in the order the guest ran them.
+    pub results: Vec<(String, String, Option<u64>)>,
     pub detect: Option<String>,
     /// The guest reached the end of its init script.
     pub done: bool,
@@ -80,7 +80,11 @@ pub fn parse(console: &str) -> GuestRun {
         let fields: Vec<&str> = line[at..].split_whitespace().collect();
         match fields.as_slice() {
             ["NLLB-BOOT", _, uname, ..] => run.uname = Some((*uname).to_owned()),
-            ["NLLB-RESULT", _, test, status, ..] => run.results.push(((*test).to_owned(), (*status).to_owned())),
+            ["NLLB-RESULT", _, test, status, rest @ ..] => run.results.push((
+                (*test).to_owned(),
+                (*status).to_owned(),
+                rest.first().and_then(|s| s.parse().ok()),
+            )),
             ["NLLB-DETECT-BEGIN", ..] => detect = Some(Vec::new()),
             ["NLLB-DONE", ..] => run.done = true,
             _ => {}
@@ -96,13 +100,16 @@ mod tests {
     #[test]
     fn result_lines_are_scraped_even_after_kernel_noise() {
         let console = "[    1.0] veth: loaded\r\nNLLB-BOOT 6.1 6.1.0-50-amd64\r\n\
-            NLLB-RESULT 6.1 smoke::nllb-runs ok\n[ 2.0] x: yNLLB-RESULT 6.1 datapath::refused FAILED\n\
+            NLLB-RESULT 6.1 smoke::nllb-runs ok\n[ 2.0] x: yNLLB-RESULT 6.1 datapath::refused FAILED 7\n\
             NLLB-DETECT-BEGIN 6.1\nconnect4 yes\nNLLB-DETECT-END 6.1\nNLLB-DONE 6.1\n";
         let run = parse(console);
         assert_eq!(run.uname.as_deref(), Some("6.1.0-50-amd64"));
         assert_eq!(
             run.results,
-            [("smoke::nllb-runs".into(), "ok".into()), ("datapath::refused".into(), "FAILED".into())]
+            [
+                ("smoke::nllb-runs".into(), "ok".into(), None),
+                ("datapath::refused".into(), "FAILED".into(), Some(7))
+            ]
         );
         assert_eq!(run.detect.as_deref(), Some("connect4 yes"));
         assert!(run.done);

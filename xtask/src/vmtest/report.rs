@@ -27,6 +27,8 @@ pub struct KernelReport {
 pub struct TestResult {
     pub test: String,
     pub status: String,
+    /// Wall time in the guest (TCG: many times the host's).
+    pub seconds: Option<u64>,
 }
 
 impl KernelReport {
@@ -52,7 +54,7 @@ impl KernelReport {
         self.timed_out = run.timed_out;
         self.finished = run.done;
         self.detect = run.detect;
-        self.results = run.results.into_iter().map(|(test, status)| TestResult { test, status }).collect();
+        self.results = run.results.into_iter().map(|(test, status, seconds)| TestResult { test, status, seconds }).collect();
     }
 
     pub fn count(&self, status: &str) -> usize {
