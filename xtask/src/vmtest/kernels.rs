@@ -145,6 +145,18 @@ fn dep_names(depends: &str) -> Vec<String> {
 
 /// Fetches (or finds cached) and unpacks the kernel for `spec`.
 pub fn fetch(spec: KernelSpec, mirror: &str) -> Result<Kernel> {
+    // The cache is shared by every work tree on the machine: one fetch per
+    // suite at a time (apt's own lock would make a second one fail).
+    let lock_path = cache_dir().join("kernels").join(format!("{}.lock", spec.suite));
+    std::fs::create_dir_all(lock_path.parent().unwrap())?;
+    let lock_file = std::fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .with_context(|| format!("locking {}", lock_path.display()))?;
+    fetch_locked(spec, mirror)
+}
+
+fn fetch_locked(spec: KernelSpec, mirror: &str) -> Result<Kernel> {
     let apt = Apt::new(&spec, mirror)?;
     if !apt.has_lists() {
         apt.update().with_context(|| format!("apt-get update for {}", spec.suite))?;
@@ -161,7 +173,7 @@ pub fn fetch(spec: KernelSpec, mirror: &str) -> Result<Kernel> {
             apt.update()?;
             let (image2, _, debs2) = apt.resolve()?;
             if image2 != image {
-                return fetch(spec, mirror);
+                return fetch_locked(spec, mirror);
             }
             download(&debs2)?;
         }
