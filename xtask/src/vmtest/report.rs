@@ -2,6 +2,7 @@
 //! shows (`docs/kernel-matrix.md`), both generated from a run.
 
 use super::kernels::KernelSpec;
+use super::known::KnownFailures;
 use super::qemu::GuestRun;
 use anyhow::{Context as _, Result};
 use serde::Serialize;
@@ -29,6 +30,9 @@ pub struct TestResult {
     pub status: String,
     /// Wall time in the guest (TCG: many times the host's).
     pub seconds: Option<u64>,
+    /// Why a failure is expected (status is then "known-failure").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub known_failure: Option<String>,
 }
 
 impl KernelReport {
@@ -48,13 +52,22 @@ impl KernelReport {
         }
     }
 
-    pub fn fill(&mut self, run: GuestRun) {
+    pub fn fill(&mut self, run: GuestRun, known: &KnownFailures) {
         self.uname = run.uname;
         self.seconds = Some((run.seconds * 10.0).round() / 10.0);
         self.timed_out = run.timed_out;
         self.finished = run.done;
         self.detect = run.detect;
-        self.results = run.results.into_iter().map(|(test, status, seconds)| TestResult { test, status, seconds }).collect();
+        self.results = run
+            .results
+            .into_iter()
+            .map(|(test, status, seconds)| {
+                let known_failure =
+                    if status == "FAILED" { known.reason(&self.label, &test).map(str::to_owned) } else { None };
+                let status = if known_failure.is_some() { "known-failure".to_owned() } else { status };
+                TestResult { test, status, seconds, known_failure }
+            })
+            .collect();
     }
 
     pub fn count(&self, status: &str) -> usize {
@@ -68,7 +81,13 @@ impl KernelReport {
     }
 
     pub fn summary(&self) -> String {
-        let mut s = format!("{} ok, {} FAILED, {} ignored", self.count("ok"), self.count("FAILED"), self.count("ignored"));
+        let mut s = format!(
+            "{} ok, {} FAILED, {} known failures, {} ignored",
+            self.count("ok"),
+            self.count("FAILED"),
+            self.count("known-failure"),
+            self.count("ignored")
+        );
         if let Some(t) = self.seconds {
             s += &format!(" in {t:.1} s");
         }
@@ -121,6 +140,7 @@ fn cell(status: Option<&str>) -> &'static str {
         Some("ok") => "✅ ok",
         Some("FAILED") => "❌ FAILED",
         Some("ignored") => "➖ ignored",
+        Some("known-failure") => "⚠️ known failure",
         Some(_) => "?",
         None => "—",
     }
@@ -197,6 +217,18 @@ fn markdown(reports: &[KernelReport]) -> String {
         for r in detects {
             s += &format!("\n### {}\n\n```\n{}\n```\n", r.label, r.detect.as_deref().unwrap_or_default());
         }
+    }
+    let known: Vec<String> = reports
+        .iter()
+        .flat_map(|r| {
+            r.results.iter().filter_map(move |t| {
+                t.known_failure.as_ref().map(|why| format!("- {} `{}`: {}\n", r.label, t.test, why))
+            })
+        })
+        .collect();
+    if !known.is_empty() {
+        s += "\n## Known failures (listed in `xtask/vm-known-failures.txt`)\n\n";
+        s += &known.concat();
     }
     for r in reports.iter().filter(|r| r.error.is_some()) {
         s += &format!("\n{}: {}\n", r.label, r.error.as_deref().unwrap_or_default());
