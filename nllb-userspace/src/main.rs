@@ -50,6 +50,10 @@ enum Command {
         /// serving the last published backends until `nllb uninstall`).
         #[arg(long)]
         detach_on_exit: bool,
+        /// Prometheus `/metrics`, `/healthz` and `/readyz` (default
+        /// 127.0.0.1:9542, or the config's metricsAddr).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Show services, backends and counters from the pinned maps.
     Status {
@@ -69,7 +73,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let code = match cli.command {
-        Command::Agent { config, cgroup, loc, state_dir, detach_on_exit } => {
+        Command::Agent { config, cgroup, loc, state_dir, detach_on_exit, metrics_addr } => {
             let opts = AgentOptions {
                 config_path: config,
                 cgroup,
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
                 run_dir: loc.run_dir,
                 state_dir,
                 detach_on_exit,
+                metrics_addr,
             };
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
             match rt.block_on(agent::run(opts)) {

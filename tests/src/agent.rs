@@ -116,6 +116,8 @@ impl Agent {
             .arg(&self.run_dir)
             .arg("--state-dir")
             .arg(&self.state_dir)
+            // Tests run agents side by side: each gets its own metrics port.
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .args(&self.opts.extra_args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
@@ -148,6 +150,33 @@ impl Agent {
             .arg(&self.run_dir)
             .output()
             .expect("run nllb")
+    }
+
+    /// Where the agent's metrics and health endpoints listen.
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(self.run_dir.join("status.json")).unwrap()).unwrap();
+        v["extra"]["metrics_addr"].as_str().expect("metrics_addr in status.json").parse().unwrap()
+    }
+
+    /// GET a path on the metrics listener: (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect_timeout(&self.metrics_addr(), Duration::from_secs(3)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: nllb\r\nConnection: close\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (code, body)
+    }
+
+    /// Replace the config file (the agent notices within about a second).
+    pub fn write_config(&self, yaml: &str) {
+        let tmp = self.config_path.with_extension("tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(tmp, &self.config_path).unwrap();
     }
 
     /// `nllb status --json` parsed.
