@@ -15,7 +15,7 @@ use std::{
 };
 
 use nllb_tests::{
-    AGENT_CAPABILITIES, Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, attached_programs,
+    AGENT_CAPABILITIES, Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, attached_programs, bpftool_cgroup_show,
     free_port, nllb_bin, one_service_config, privileged, run_client, unique_name,
 };
 
@@ -357,7 +357,7 @@ fn agent_with_exactly_the_documented_capabilities_steers_and_cleans_up() {
         "feature probes differ from root's"
     );
     drop(root_agent);
-    let listed = attached_programs(cg.path()).join("\n");
+    let listed = bpftool_cgroup_show(cg.path()).join("\n");
     for (prog, _) in PROGRAMS {
         assert!(
             listed.contains(prog),
@@ -515,7 +515,7 @@ fn without_perfmon_no_program_is_lost_silently() {
     }
     // By attach type: without PERFMON aya's feature probes fail too, so
     // the programs are loaded without names.
-    let attached = attached_programs(cg.path());
+    let attached = bpftool_cgroup_show(cg.path());
     let log = agent.log();
     for (prog, attach_type) in PROGRAMS {
         if !attached
