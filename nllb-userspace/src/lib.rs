@@ -5,6 +5,8 @@ pub mod datapath;
 pub mod discovery;
 pub mod envoy;
 pub mod health;
+pub mod k0s;
+pub mod kubeconfig;
 pub mod model;
 
 /// The eBPF object built from `nllb-ebpf` by build.rs (aya-build).

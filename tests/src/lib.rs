@@ -1,1 +1,3 @@
+//! Test harness for nllb.
 
+pub mod fake_apiserver;

@@ -1,0 +1,320 @@
+//! Controller discovery (`nllb::discovery::spawn_with`) against the fake
+//! API server, with kube-rs as the real client over TLS.
+
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use nllb::{
+    discovery::{DiscoveredSet, KubernetesDiscovery, Source, Tuning, cache},
+    model::Service,
+};
+use nllb_tests::fake_apiserver::{FakeApiServer, endpoint_slice, endpoints, ips, store::Kind};
+use tokio::sync::watch;
+
+const NS: &str = "default";
+const SVC: &str = "kubernetes";
+
+struct Setup {
+    api: FakeApiServer,
+    _dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+    state: PathBuf,
+}
+
+fn setup() -> Setup {
+    let _ = tracing_subscriber::fmt().with_env_filter("nllb=debug,kube=info").with_test_writer().try_init();
+    let api = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.write_kubeconfig(dir.path(), &api.url());
+    let state = dir.path().join("state");
+    Setup { api, kubeconfig, state, _dir: dir }
+}
+
+fn services() -> Vec<Service> {
+    vec![Service {
+        name: "apiserver".into(),
+        listen: vec!["127.0.0.1:7443".parse().unwrap()],
+        backend_port: 6443,
+    }]
+}
+
+fn tuning() -> Tuning {
+    Tuning {
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(400),
+        watch_timeout_secs: 30,
+        connect_timeout: Duration::from_secs(1),
+        errors_before_switch: 2,
+    }
+}
+
+fn start(s: &Setup, seed: &[&str]) -> (watch::Receiver<DiscoveredSet>, Arc<Mutex<Vec<DiscoveredSet>>>) {
+    let cfg = KubernetesDiscovery { kubeconfig: s.kubeconfig.clone(), namespace: NS.into(), service: SVC.into() };
+    let rx = nllb::discovery::spawn_with(cfg, services(), s.state.clone(), ips(seed), tuning());
+    (rx.clone(), record(rx))
+}
+
+/// Every value the channel takes, to check that none was empty.
+fn record(mut rx: watch::Receiver<DiscoveredSet>) -> Arc<Mutex<Vec<DiscoveredSet>>> {
+    let seen = Arc::new(Mutex::new(vec![rx.borrow_and_update().clone()]));
+    let out = seen.clone();
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            seen.lock().unwrap().push(rx.borrow_and_update().clone());
+        }
+    });
+    out
+}
+
+async fn wait_for(rx: &mut watch::Receiver<DiscoveredSet>, want: &[&str]) -> DiscoveredSet {
+    let want = ips(want);
+    let got = tokio::time::timeout(
+        Duration::from_secs(15),
+        rx.wait_for(|s| s.source == Source::Api && s.controllers == want),
+    )
+    .await;
+    let got = got.map(|r| r.map(|s| s.clone()));
+    match got {
+        Ok(Ok(s)) => s,
+        _ => panic!("controllers never became {want:?}; last: {:?}", *rx.borrow()),
+    }
+}
+
+/// Asserts the set stays `want` for a while (errors must not change it).
+async fn stays(rx: &watch::Receiver<DiscoveredSet>, want: &[&str], generation: u64) {
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let now = rx.borrow().clone();
+    assert_eq!(now.controllers, ips(want), "set changed: {now:?}");
+    assert_eq!(now.generation, generation, "a set was published: {now:?}");
+}
+
+/// Nothing published after the initial value (an empty seed) was empty.
+fn never_empty(seen: &Mutex<Vec<DiscoveredSet>>) {
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen[1..].iter().all(|s| !s.controllers.is_empty()), "an empty set was published: {seen:?}");
+}
+
+fn cached(s: &Setup) -> Option<Vec<IpAddr>> {
+    cache::load(&s.state, NS, SVC).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovers_ready_ipv4_and_ipv6_controllers_from_endpointslices() {
+    let s = setup();
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[
+        ("198.18.2.2", true),
+        ("198.18.1.2", true),
+        ("198.18.3.2", false),
+    ]));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes-v6", SVC, &[("2001:2:0:1::2", true)]));
+    let (mut rx, seen) = start(&s, &["198.18.9.2"]);
+    let set = wait_for(&mut rx, &["198.18.1.2", "198.18.2.2", "2001:2:0:1::2"]).await;
+    assert!(set.generation >= 1);
+    assert_eq!(cached(&s), Some(ips(&["198.18.1.2", "198.18.2.2", "2001:2:0:1::2"])));
+    assert!(s.api.count("LIST endpointslices default") >= 1);
+    assert!(
+        s.api.requests().iter().any(|r| r.contains("labels=kubernetes.io/service-name=kubernetes")),
+        "{:?}",
+        s.api.requests()
+    );
+    never_empty(&seen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_added_changed_and_removed_controllers() {
+    let s = setup();
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true)]));
+    let (mut rx, seen) = start(&s, &[]);
+    wait_for(&mut rx, &["198.18.1.2"]).await;
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true), ("198.18.2.2", true)]));
+    wait_for(&mut rx, &["198.18.1.2", "198.18.2.2"]).await;
+    // A controller going not-ready counts as removed.
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", false), ("198.18.2.2", true)]));
+    wait_for(&mut rx, &["198.18.2.2"]).await;
+    // A second slice adds to the set; deleting it removes its controllers.
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes-x", SVC, &[("198.18.3.2", true)]));
+    wait_for(&mut rx, &["198.18.2.2", "198.18.3.2"]).await;
+    s.api.delete_slice(NS, "kubernetes-x");
+    wait_for(&mut rx, &["198.18.2.2"]).await;
+    assert_eq!(cached(&s), Some(ips(&["198.18.2.2"])));
+    never_empty(&seen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignores_other_services_and_namespaces() {
+    let s = setup();
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true)]));
+    s.api.apply_slice(&endpoint_slice(NS, "other", "other", &[("198.18.5.2", true)]));
+    s.api.apply_slice(&endpoint_slice("kube-system", "kubernetes", SVC, &[("198.18.6.2", true)]));
+    let (mut rx, _) = start(&s, &[]);
+    let set = wait_for(&mut rx, &["198.18.1.2"]).await;
+    s.api.apply_slice(&endpoint_slice(NS, "other", "other", &[("198.18.7.2", true)]));
+    stays(&rx, &["198.18.1.2"], set.generation).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relists_after_410_gone() {
+    let s = setup();
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true)]));
+    let (mut rx, seen) = start(&s, &[]);
+    wait_for(&mut rx, &["198.18.1.2"]).await;
+    s.api.wait_for_watches(1, Duration::from_secs(10));
+    let lists = s.api.count("LIST endpointslices");
+    // The change happens while the watch is expired: only a relist sees it.
+    s.api.expire_watches();
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.2.2", true)]));
+    s.api.compact();
+    wait_for(&mut rx, &["198.18.2.2"]).await;
+    assert!(s.api.gone_sent() >= 1);
+    assert!(s.api.count("LIST endpointslices") > lists, "no relist after 410: {:?}", s.api.requests());
+    never_empty(&seen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_watch_recovers() {
+    let s = setup();
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true)]));
+    let (mut rx, seen) = start(&s, &[]);
+    let set = wait_for(&mut rx, &["198.18.1.2"]).await;
+    for _ in 0..3 {
+        s.api.wait_for_watches(1, Duration::from_secs(10));
+        s.api.drop_connections();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let watches = s.api.count("WATCH endpointslices");
+    assert_eq!(rx.borrow().controllers, ips(&["198.18.1.2"]));
+    assert_eq!(rx.borrow().generation, set.generation);
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true), ("198.18.4.2", true)]));
+    wait_for(&mut rx, &["198.18.1.2", "198.18.4.2"]).await;
+    assert!(s.api.count("WATCH endpointslices") >= watches);
+    assert!(watches >= 3, "each dropped watch is re-established: {:?}", s.api.requests());
+    never_empty(&seen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn falls_back_to_endpoints_when_endpointslices_are_not_served() {
+    let s = setup();
+    s.api.serve_endpoint_slices(false);
+    s.api.apply_endpoints(&endpoints(NS, SVC, &["198.18.1.2", "2001:2:0:2::2"], &["198.18.3.2"]));
+    s.api.apply_endpoints(&endpoints(NS, "other", &["198.18.5.2"], &[]));
+    let (mut rx, seen) = start(&s, &[]);
+    wait_for(&mut rx, &["198.18.1.2", "2001:2:0:2::2"]).await;
+    assert!(
+        s.api.requests().iter().any(|r| r.starts_with("LIST endpoints default") && r.contains("fields=metadata.name=kubernetes")),
+        "{:?}",
+        s.api.requests()
+    );
+    s.api.apply_endpoints(&endpoints(NS, SVC, &["198.18.3.2"], &["198.18.1.2"]));
+    wait_for(&mut rx, &["198.18.3.2"]).await;
+    // The Endpoints flavour survives a 410 and a dropped connection too.
+    s.api.wait_for_watches(1, Duration::from_secs(10));
+    s.api.expire_watches();
+    s.api.apply_endpoints(&endpoints(NS, SVC, &["198.18.4.2"], &[]));
+    wait_for(&mut rx, &["198.18.4.2"]).await;
+    assert!(s.api.gone_sent() >= 1);
+    s.api.wait_for_watches(1, Duration::from_secs(10));
+    s.api.drop_connections();
+    s.api.apply_endpoints(&endpoints(NS, SVC, &["198.18.4.2", "198.18.5.2"], &[]));
+    wait_for(&mut rx, &["198.18.4.2", "198.18.5.2"]).await;
+    never_empty(&seen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_or_empty_data_keeps_the_last_good_set() {
+    let s = setup();
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true), ("198.18.2.2", true)]));
+    let (mut rx, seen) = start(&s, &[]);
+    let good = wait_for(&mut rx, &["198.18.1.2", "198.18.2.2"]).await;
+    let want = ["198.18.1.2", "198.18.2.2"];
+
+    // Only unusable addresses: loopback, unspecified, multicast, garbage.
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[
+        ("127.0.0.1", true),
+        ("0.0.0.0", true),
+        ("224.0.0.1", true),
+        ("not-an-ip", true),
+    ]));
+    stays(&rx, &want, good.generation).await;
+    // Nothing ready.
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", false)]));
+    stays(&rx, &want, good.generation).await;
+    // No endpoints at all, then no slice at all.
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[]));
+    s.api.delete_slice(NS, "kubernetes");
+    stays(&rx, &want, good.generation).await;
+    // An object kube-rs cannot decode: the watch errors, the set stays.
+    s.api.apply_raw(
+        Kind::EndpointSlice,
+        serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "broken", "namespace": NS, "labels": {"kubernetes.io/service-name": SVC}},
+            "addressType": "IPv4", "endpoints": "this should be a list",
+        }),
+    );
+    stays(&rx, &want, good.generation).await;
+    assert_eq!(cached(&s), Some(ips(&want)));
+    s.api.delete_slice(NS, "broken");
+
+    // A mix: the valid address is used, the bad one dropped.
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.3.2", true), ("127.0.0.1", true)]));
+    wait_for(&mut rx, &["198.18.3.2"]).await;
+    never_empty(&seen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_down_keeps_the_set_and_restart_resumes() {
+    let s = setup();
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true), ("198.18.2.2", true)]));
+    let (mut rx, seen) = start(&s, &[]);
+    let set = wait_for(&mut rx, &["198.18.1.2", "198.18.2.2"]).await;
+    s.api.stop();
+    stays(&rx, &["198.18.1.2", "198.18.2.2"], set.generation).await;
+    // Changed while the API was unreachable: seen after it comes back.
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.2.2", true)]));
+    stays(&rx, &["198.18.1.2", "198.18.2.2"], set.generation).await;
+    s.api.restart();
+    wait_for(&mut rx, &["198.18.2.2"]).await;
+    assert_eq!(cached(&s), Some(ips(&["198.18.2.2"])));
+    never_empty(&seen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_start_with_the_api_down_uses_the_cache_over_the_seed() {
+    let s = setup();
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true), ("198.18.3.2", true)]));
+    {
+        let (mut rx, _) = start(&s, &["198.18.9.2"]);
+        wait_for(&mut rx, &["198.18.1.2", "198.18.3.2"]).await;
+    }
+    s.api.stop();
+    let (rx, seen) = start(&s, &["198.18.9.2"]);
+    let first = rx.borrow().clone();
+    assert_eq!(first.source, Source::Cache);
+    assert_eq!(first.controllers, ips(&["198.18.1.2", "198.18.3.2"]));
+    stays(&rx, &["198.18.1.2", "198.18.3.2"], 0).await;
+    assert_eq!(rx.borrow().source, Source::Cache);
+    // When the API comes back its answer replaces the cached one.
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.3.2", true)]));
+    s.api.restart();
+    let mut rx = rx;
+    wait_for(&mut rx, &["198.18.3.2"]).await;
+    never_empty(&seen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cache_the_seed_is_the_first_value_and_api_confirms() {
+    let s = setup();
+    let (mut rx, _) = start(&s, &["198.18.2.2", "198.18.1.2", "198.18.2.2"]);
+    let first = rx.borrow().clone();
+    assert_eq!(first, DiscoveredSet { controllers: ips(&["198.18.1.2", "198.18.2.2"]), source: Source::Seed, generation: 0 });
+    // The API lists nothing yet: the seed stays.
+    stays(&rx, &["198.18.1.2", "198.18.2.2"], 0).await;
+    // Same controllers from the API: published once, now marked as from the API.
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true), ("198.18.2.2", true)]));
+    let set = wait_for(&mut rx, &["198.18.1.2", "198.18.2.2"]).await;
+    assert_eq!(set.generation, 1);
+}
