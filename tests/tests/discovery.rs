@@ -25,8 +25,12 @@ struct Setup {
     state: PathBuf,
 }
 
-fn setup() -> Setup {
+fn init_tracing() {
     let _ = tracing_subscriber::fmt().with_env_filter("nllb=debug,kube=info").with_test_writer().try_init();
+}
+
+fn setup() -> Setup {
+    init_tracing();
     let api = FakeApiServer::start();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = api.write_kubeconfig(dir.path(), &api.url());
@@ -317,4 +321,59 @@ async fn without_cache_the_seed_is_the_first_value_and_api_confirms() {
     s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true), ("198.18.2.2", true)]));
     let set = wait_for(&mut rx, &["198.18.1.2", "198.18.2.2"]).await;
     assert_eq!(set.generation, 1);
+}
+
+/// The kubeconfig names nllb's own virtual address (what `nllb kubeconfig`
+/// writes). Discovery must not dial it: it dials the known controllers on
+/// the service's backendPort, still verifying the certificate for
+/// 127.0.0.1, and moves on from a controller that does not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vip_kubeconfig_dials_known_controllers_directly() {
+    if !nllb_tests::privileged() {
+        return;
+    }
+    use nllb_tests::fake_apiserver::FakeApiOpts;
+    init_tracing();
+    let net = nllb_tests::TestNet::new(2);
+    let (h1, h2) = (&net.hosts()[0], &net.hosts()[1]);
+    // The API answers on controller 2 only; controller 1 refuses.
+    let api = FakeApiServer::start_with(FakeApiOpts {
+        bind: std::net::SocketAddr::new(h2.v4, 0),
+        netns: Some(h2.netns.name.clone()),
+        ..Default::default()
+    });
+    let (v1, v2) = (h1.v4.to_string(), h2.v4.to_string());
+    api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[(&v1, true), (&v2, true)]));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.write_kubeconfig(dir.path(), "https://127.0.0.1:7443");
+    let services = vec![Service {
+        name: "apiserver".into(),
+        listen: vec!["127.0.0.1:7443".parse().unwrap()],
+        backend_port: api.addr().port(),
+    }];
+    let cfg = KubernetesDiscovery { kubeconfig, namespace: NS.into(), service: SVC.into() };
+    let mut rx = nllb::discovery::spawn_with(cfg, services, dir.path().join("state"), vec![h1.v4, h2.v4], tuning());
+    wait_for(&mut rx, &[&v1, &v2]).await;
+    assert!(api.count("LIST endpointslices") >= 1);
+
+    // Controller 2 leaves the set: discovery stops dialing it and goes on
+    // through controller 1 once that one serves the API.
+    let api1 = FakeApiServer::start_with(FakeApiOpts {
+        bind: std::net::SocketAddr::new(h1.v4, api.addr().port()),
+        netns: Some(h1.netns.name.clone()),
+        ..Default::default()
+    });
+    // Same CA for both is not needed: each fake has its own, so serve the
+    // same kubeconfig CA by pointing the file at controller 1's CA.
+    std::fs::write(dir.path().join("kubeconfig"), api1.kubeconfig_yaml("https://127.0.0.1:7443")).unwrap();
+    api1.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[(&v1, true)]));
+    api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[(&v1, true)]));
+    wait_for(&mut rx, &[&v1]).await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while api1.count("WATCH endpointslices") == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("discovery moved to the remaining controller");
 }
