@@ -119,6 +119,10 @@ impl Runner {
         let mut config =
             kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.map_err(kerr)?;
         config.connect_timeout = Some(self.tuning.connect_timeout);
+        // Bounds a request (a list) stuck on a server gone silent; longer
+        // than the server-side watch timeout, so idle watches end first.
+        config.read_timeout = Some(Duration::from_secs(u64::from(self.tuning.watch_timeout_secs) + 15));
+        config.reset_reader_on_write = true;
         let mut dialed = None;
         if let ApiRoute::ViaControllers { backend_port, tls_server_name, .. } =
             api_route(&config.cluster_url.to_string(), &self.services)
