@@ -178,6 +178,30 @@ async fn relists_after_410_gone() {
     never_empty(&seen);
 }
 
+/// BOOKMARK events keep the client's resume point current even when only
+/// other objects change: after the history is compacted, a dropped watch
+/// resumes without a 410 and without a relist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bookmarks_keep_the_resume_point_fresh() {
+    let s = setup();
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true)]));
+    let (mut rx, _) = start(&s, &[]);
+    wait_for(&mut rx, &["198.18.1.2"]).await;
+    s.api.wait_for_watches(1, Duration::from_secs(10));
+    for i in 0..5 {
+        s.api.apply_slice(&endpoint_slice(NS, "other", "other", &[(&format!("198.18.8.{i}"), true)]));
+    }
+    // Several bookmark intervals (500 ms each).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let lists = s.api.count("LIST endpointslices");
+    s.api.compact();
+    s.api.drop_connections();
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.2.2", true)]));
+    wait_for(&mut rx, &["198.18.2.2"]).await;
+    assert_eq!(s.api.gone_sent(), 0, "resumed from a stale resourceVersion: {:?}", s.api.requests());
+    assert_eq!(s.api.count("LIST endpointslices"), lists, "relisted: {:?}", s.api.requests());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_watch_recovers() {
     let s = setup();

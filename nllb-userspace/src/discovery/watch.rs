@@ -90,11 +90,11 @@ impl Runner {
             let svc = self.cfg.service.clone();
             let outcome = match flavour {
                 Flavour::EndpointSlices => {
-                    let wc = watcher::Config::default().labels(&format!("kubernetes.io/service-name={svc}"));
+                    let wc = list_config().labels(&format!("kubernetes.io/service-name={svc}"));
                     self.watch::<EndpointSlice>(Api::namespaced(client, &ns), wc, dialed, true).await
                 }
                 Flavour::Endpoints => {
-                    let wc = watcher::Config::default().fields(&format!("metadata.name={svc}"));
+                    let wc = list_config().fields(&format!("metadata.name={svc}"));
                     self.watch::<Endpoints>(Api::namespaced(client, &ns), wc, dialed, false).await
                 }
             };
@@ -269,6 +269,13 @@ impl Runner {
             _ = tokio::time::sleep(d) => false,
         }
     }
+}
+
+/// Lists are served from the API server's watch cache (resourceVersion=0),
+/// as client-go's reflectors do: after an API server restart every worker
+/// relists, and that must not all land on etcd.
+fn list_config() -> watcher::Config {
+    watcher::Config::default().any_semantic()
 }
 
 fn key<K: ResourceExt>(obj: &K) -> String {
