@@ -6,6 +6,9 @@
 //! The file is edited as a YAML tree, not through typed structs, so fields
 //! this code does not know survive; comments do not (YAML libraries drop
 //! them). The copy is written atomically with the input's permissions.
+//! Relative file paths (CA, client certificate and key, token file) are
+//! relative to the kubeconfig's own directory: when the copy goes to another
+//! directory they are made absolute, so they keep naming the same files.
 
 use std::{
     io::Write,
@@ -82,6 +85,10 @@ pub fn rewrite_kubeconfig(input: &Path, output: &Path, server: &str) -> Result<S
         serde_yaml::from_str(&text).map_err(|source| KubeconfigError::Parse { path: input.into(), source })?;
     let original =
         set_current_server(&mut doc, server).map_err(|why| KubeconfigError::Shape { path: input.into(), why })?;
+    let in_dir = absolute_dir(input);
+    if in_dir != absolute_dir(output) {
+        anchor_relative_paths(&mut doc, &in_dir);
+    }
     let body = serde_yaml::to_string(&doc).expect("a YAML tree always serializes");
     let meta = std::fs::metadata(input).map_err(|source| KubeconfigError::Read { path: input.into(), source })?;
     write_atomically(output, body.as_bytes(), &meta)
@@ -130,6 +137,32 @@ pub fn set_current_server(doc: &mut Value, server: &str) -> Result<String, Strin
         .to_owned();
     cluster.insert(key, Value::from(server));
     Ok(original)
+}
+
+fn absolute_dir(file: &Path) -> PathBuf {
+    let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf())
+}
+
+/// Makes the file paths a kubeconfig may hold absolute, relative to `dir`.
+pub fn anchor_relative_paths(doc: &mut Value, dir: &Path) {
+    let fix = |section: &str, entry: &str, keys: &[&str], doc: &mut Value| {
+        let Some(list) = doc.get_mut(section).and_then(Value::as_sequence_mut) else { return };
+        for item in list {
+            let Some(m) = item.get_mut(entry).and_then(Value::as_mapping_mut) else { continue };
+            for k in keys {
+                if let Some(v) = m.get_mut(*k)
+                    && let Some(p) = v.as_str()
+                    && !p.is_empty()
+                    && Path::new(p).is_relative()
+                {
+                    *v = Value::from(dir.join(p).to_string_lossy().into_owned());
+                }
+            }
+        }
+    };
+    fix("clusters", "cluster", &["certificate-authority"], doc);
+    fix("users", "user", &["client-certificate", "client-key", "tokenFile"], doc);
 }
 
 /// Temp file in the target's directory, same mode (and owner when we may)
@@ -196,6 +229,18 @@ preferences: {}
         assert_eq!(doc["clusters"][0], before["clusters"][0]);
         assert_eq!(doc["users"], before["users"]);
         assert_eq!(doc["clusters"][1]["cluster"]["certificate-authority"], before["clusters"][1]["cluster"]["certificate-authority"]);
+    }
+
+    #[test]
+    fn relative_paths_are_anchored_to_the_input_directory() {
+        let mut doc: Value = serde_yaml::from_str(&KUBELET.replace("/var/lib/k0s/pki/ca.crt", "pki/ca.crt")).unwrap();
+        anchor_relative_paths(&mut doc, Path::new("/var/lib/k0s"));
+        assert_eq!(doc["clusters"][1]["cluster"]["certificate-authority"], Value::from("/var/lib/k0s/pki/ca.crt"));
+        // Absolute paths are left alone.
+        assert_eq!(
+            doc["users"][0]["user"]["client-key"],
+            Value::from("/var/lib/kubelet/pki/kubelet-client-current.pem")
+        );
     }
 
     #[test]

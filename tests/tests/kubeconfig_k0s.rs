@@ -241,3 +241,25 @@ fn k0s_bad_values_name_the_k0s_field() {
     let e = services_from_k0s(&dir.path().join("missing.yaml")).unwrap_err();
     assert_eq!(e.field, "--k0s-config");
 }
+
+/// A copy written to another directory still names the same certificate
+/// files; one written beside the input is left byte-for-byte alike.
+#[test]
+fn relative_certificate_paths_survive_a_copy_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("k0s");
+    let dst = dir.path().join("out");
+    std::fs::create_dir_all(src.join("pki")).unwrap();
+    std::fs::create_dir_all(&dst).unwrap();
+    let input = src.join("kubelet.conf");
+    std::fs::write(&input, KUBELET_CONF.replace("/var/lib/k0s/kubelet/pki/", "pki/")).unwrap();
+
+    rewrite_kubeconfig(&input, &dst.join("kubelet.conf"), "https://127.0.0.1:7443").unwrap();
+    let moved: Value = serde_yaml::from_str(&std::fs::read_to_string(dst.join("kubelet.conf")).unwrap()).unwrap();
+    let abs = std::fs::canonicalize(&src).unwrap().join("pki/kubelet-client-current.pem");
+    assert_eq!(moved["users"][0]["user"]["client-certificate"], Value::from(abs.to_str().unwrap()));
+
+    rewrite_kubeconfig(&input, &src.join("kubelet-nllb.conf"), "https://127.0.0.1:7443").unwrap();
+    let beside: Value = serde_yaml::from_str(&std::fs::read_to_string(src.join("kubelet-nllb.conf")).unwrap()).unwrap();
+    assert_eq!(beside["users"][0]["user"]["client-certificate"], Value::from("pki/kubelet-client-current.pem"));
+}
