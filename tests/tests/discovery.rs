@@ -178,6 +178,21 @@ async fn relists_after_410_gone() {
     never_empty(&seen);
 }
 
+/// Missing RBAC (403): the seed stays until the API lets discovery in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_keeps_the_seed_until_allowed() {
+    let s = setup();
+    s.api.forbid(true);
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true)]));
+    let (mut rx, seen) = start(&s, &["198.18.9.2"]);
+    stays(&rx, &["198.18.9.2"], 0).await;
+    assert_eq!(rx.borrow().source, Source::Seed);
+    assert!(s.api.count("LIST endpointslices") >= 2, "discovery keeps retrying: {:?}", s.api.requests());
+    s.api.forbid(false);
+    wait_for(&mut rx, &["198.18.1.2"]).await;
+    never_empty(&seen);
+}
+
 /// BOOKMARK events keep the client's resume point current even when only
 /// other objects change: after the history is compacted, a dropped watch
 /// resumes without a 410 and without a relist.

@@ -194,7 +194,18 @@ impl Runner {
                         continue;
                     }
                     errors += 1;
-                    warn!(attempt = errors, "controller discovery: {e}; keeping the last controller set");
+                    if let watcher::Error::InitialListFailed(kube::Error::Api(s))
+                    | watcher::Error::WatchStartFailed(kube::Error::Api(s)) = &e
+                        && s.code == 403
+                    {
+                        warn!(
+                            attempt = errors, namespace = %self.cfg.namespace,
+                            "controller discovery is forbidden: the kubeconfig's identity needs list/watch of \
+                             endpointslices and endpoints there (deploy/rbac.yaml); keeping the last controller set"
+                        );
+                    } else {
+                        warn!(attempt = errors, "controller discovery: {e}; keeping the last controller set");
+                    }
                     if dialed.is_some() && errors >= self.tuning.errors_before_switch && self.tx.borrow().controllers.len() > 1
                     {
                         return Outcome::NextTarget;

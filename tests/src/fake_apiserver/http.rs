@@ -96,6 +96,9 @@ fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Response<Bo
     if req.method() != hyper::Method::GET {
         return error(405, "MethodNotAllowed", "only GET is served");
     }
+    if *inner.forbidden.lock().unwrap() {
+        return error(403, "Forbidden", &format!("User \"nllb\" cannot list resource \"{kind_name}\""));
+    }
     if kind == Kind::EndpointSlice && !*inner.serve_slices.lock().unwrap() {
         return not_found();
     }

@@ -68,6 +68,8 @@ pub(crate) struct Inner {
     pub conns: Mutex<Vec<AbortHandle>>,
     pub requests: Mutex<Vec<String>>,
     pub serve_slices: Mutex<bool>,
+    /// Answer every request 403, like an API server whose RBAC denies it.
+    pub forbidden: Mutex<bool>,
     pub bookmark_every: Duration,
     /// Watches streaming right now.
     pub open_watches: std::sync::atomic::AtomicUsize,
@@ -109,6 +111,7 @@ impl FakeApiServer {
             conns: Mutex::new(Vec::new()),
             requests: Mutex::new(Vec::new()),
             serve_slices: Mutex::new(true),
+            forbidden: Mutex::new(false),
             bookmark_every: opts.bookmark_every,
             open_watches: Default::default(),
             gone_sent: Default::default(),
@@ -264,6 +267,11 @@ impl FakeApiServer {
     /// server that predates discovery.k8s.io/v1.
     pub fn serve_endpoint_slices(&self, on: bool) {
         *self.inner.serve_slices.lock().unwrap() = on;
+    }
+
+    /// Answer every request with 403 Forbidden (missing RBAC) or not.
+    pub fn forbid(&self, on: bool) {
+        *self.inner.forbidden.lock().unwrap() = on;
     }
 
     /// Forgets the watch history: a watch resuming from any resourceVersion
