@@ -178,6 +178,25 @@ async fn relists_after_410_gone() {
     never_empty(&seen);
 }
 
+/// Dropping every receiver ends discovery: no more requests to the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_stops_when_the_receiver_is_dropped() {
+    let s = setup();
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true)]));
+    let cfg = KubernetesDiscovery { kubeconfig: s.kubeconfig.clone(), namespace: NS.into(), service: SVC.into() };
+    let mut rx = nllb::discovery::spawn_with(cfg, services(), s.state.clone(), vec![], tuning());
+    wait_for(&mut rx, &["198.18.1.2"]).await;
+    s.api.wait_for_watches(1, Duration::from_secs(10));
+    drop(rx);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = s.api.requests().len();
+    // A live discovery would reconnect after this.
+    s.api.drop_connections();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(s.api.requests().len(), before, "discovery still running: {:?}", s.api.requests());
+    assert_eq!(s.api.open_watches(), 0);
+}
+
 /// Missing RBAC (403): the seed stays until the API lets discovery in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forbidden_keeps_the_seed_until_allowed() {
