@@ -296,7 +296,7 @@ fn map_value_hex(pin: &str) -> Vec<String> {
 }
 
 #[test]
-fn agent_with_exactly_the_documented_capabilities_steers_and_cleans_up() {
+fn agent_with_exactly_the_documented_capabilities_steers_and_uninstalls() {
     if !privileged() {
         return;
     }
@@ -398,9 +398,30 @@ fn agent_with_exactly_the_documented_capabilities_steers_and_cleans_up() {
         .sum();
     assert_eq!(connects, 40, "{json}");
 
-    // And it takes itself down again without more privileges.
+    // The health endpoints the DaemonSet probes answer under the same set.
+    assert_eq!(agent.http_get("/healthz").0, 200);
+    assert_eq!(agent.http_get("/readyz").0, 200);
+
+    // SIGTERM leaves the datapath steering (it outlives the agent), and
+    // `nllb uninstall` with the same set removes it.
     let exit = agent.stop(Duration::from_secs(10)).expect("agent exits");
     assert_eq!(exit.code(), Some(0), "{}", agent.log());
+    assert_eq!(
+        attached_programs(cg.path()).len(),
+        5,
+        "the datapath outlives the agent"
+    );
+    let mut uninstall = Command::new(with_only(&AGENT_CAPABILITIES)[0].clone());
+    uninstall
+        .args(&with_only(&AGENT_CAPABILITIES)[1..])
+        .arg(nllb_bin())
+        .args(["uninstall", "--pin-path"]);
+    let out = uninstall.arg(&agent.pin_path).output().unwrap();
+    assert!(
+        out.status.success(),
+        "nllb uninstall with the documented set: {}",
+        text(&out)
+    );
     assert!(
         attached_programs(cg.path()).is_empty(),
         "programs left attached"
