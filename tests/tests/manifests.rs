@@ -447,6 +447,39 @@ fn probes_point_at_the_agents_metrics_listener() {
     }
 }
 
+/// The probe paths are real endpoints: a running agent answers them 200.
+#[test]
+fn probe_paths_answer_on_a_running_agent() {
+    if !nllb_tests::privileged() {
+        return;
+    }
+    let m = manifests();
+    let c = agent_container(&m);
+    let net = nllb_tests::TestNet::new(1);
+    let _s = net.hosts()[0].serve(6443, "controller");
+    let cg = nllb_tests::TestCgroup::new();
+    let port = nllb_tests::free_port();
+    let agent = nllb_tests::Agent::start(&nllb_tests::AgentOpts {
+        config_yaml: nllb_tests::one_service_config(
+            &[&format!("127.0.0.1:{port}")],
+            6443,
+            &[net.hosts()[0].v4],
+            "",
+        ),
+        cgroup: cg.path().to_path_buf(),
+        ..Default::default()
+    });
+    for probe in [&c.liveness_probe, &c.readiness_probe] {
+        let path = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|g| g.path.clone())
+            .unwrap();
+        let (code, body) = agent.http_get(&path);
+        assert_eq!(code, 200, "GET {path}: {body}");
+    }
+}
+
 #[test]
 fn configmap_holds_a_config_the_agent_accepts() {
     let m = manifests();
