@@ -129,6 +129,7 @@ fn kubeconfig_command_end_to_end() {
         output: dir.path().join("out.conf"),
         service: "apiserver".into(),
         config: cfg,
+        k0s_config: None,
     };
     assert_eq!(nllb::kubeconfig::run(&args).unwrap(), "https://198.18.1.2:6443");
     let after: Value = serde_yaml::from_str(&std::fs::read_to_string(&args.output).unwrap()).unwrap();
