@@ -1,0 +1,359 @@
+//! The Envoy fallback datapath against the real Envoy binary: generated
+//! config (golden files, `envoy --mode validate`), traffic to controller
+//! hosts in network namespaces, membership changes, no-backend behaviour
+//! and supervision.
+//!
+//! Envoy is found like the agent finds it (NLLB_ENVOY_BINARY, `envoy` on
+//! PATH, the `cargo xtask setup` venv). Without it the tests skip with a
+//! message, except under CI, where they fail.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use nllb::{
+    config::Config,
+    datapath::Datapath as _,
+    envoy::{self, EnvoyDatapath, EnvoyOptions, render},
+    model::{Plan, ServicePlan},
+};
+use nllb_tests::{ClientOpts, TestNet, free_port, privileged, run_client, unique_name, wait_for};
+
+const BACKEND_PORT: u16 = 6443;
+const ECONNREFUSED: i32 = 111;
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/envoy")
+}
+
+/// The Envoy binary, or None (test skips) when it is not installed and CI
+/// is unset.
+fn envoy_binary() -> Option<PathBuf> {
+    match envoy::resolve_binary(None) {
+        Ok(p) => Some(p),
+        Err(e) if std::env::var_os("CI").is_some() => panic!("CI is set but Envoy is missing: {e}"),
+        Err(e) => {
+            eprintln!("SKIPPED: {e}");
+            None
+        }
+    }
+}
+
+/// A unique scratch directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> TempDir {
+        let p = std::env::temp_dir().join(unique_name(prefix));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn validate(binary: &Path, file: &Path) {
+    let out = std::process::Command::new(binary)
+        .args(["--mode", "validate", "--use-dynamic-base-id", "-c"])
+        .arg(file)
+        .output()
+        .expect("run envoy --mode validate");
+    assert!(
+        out.status.success(),
+        "envoy rejected {}:\n{}{}",
+        file.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Golden files: `UPDATE_GOLDEN=1 cargo test -p nllb-tests --test envoy`
+/// rewrites them after an intended change (review the diff).
+#[test]
+fn generated_config_matches_golden_files_and_envoy_accepts_it() {
+    for case in ["config", "no-backends.config"] {
+        let input = golden_dir().join(format!("{case}.yaml"));
+        let cfg = Config::load(&input).unwrap();
+        let text = envoy::render_envoy_config(&cfg, Path::new("/run/nllb/envoy"));
+        let golden = golden_dir().join(format!("{}.expected.yaml", case.trim_end_matches(".config")));
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(&golden, &text).unwrap();
+        }
+        let want = std::fs::read_to_string(&golden)
+            .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 creates it)", golden.display()));
+        assert_eq!(text, want, "generated Envoy config differs from {}", golden.display());
+
+        let Some(binary) = envoy_binary() else { continue };
+        let dir = TempDir::new("nllb-envoy-validate");
+        // The real bootstrap (path-based xDS) ...
+        let layout = render::Layout::new(&dir.0);
+        let opts = envoy::datapath::render_options(&cfg);
+        let plan = Plan::all_backends(&cfg.services, &cfg.backends);
+        for f in render::all_files(&layout, &plan, &opts) {
+            std::fs::create_dir_all(f.path.parent().unwrap()).unwrap();
+            std::fs::write(&f.path, &f.contents).unwrap();
+        }
+        validate(&binary, &layout.bootstrap());
+        // ... and every listener, cluster and endpoint, inlined, because
+        // validate mode does not read the xDS files.
+        let inline = dir.0.join("static.yaml");
+        std::fs::write(&inline, render::to_yaml(&render::static_bootstrap(&plan, &opts))).unwrap();
+        validate(&binary, &inline);
+    }
+}
+
+/// A running Envoy datapath in its own work dir.
+struct Running {
+    dp: EnvoyDatapath,
+    _dir: TempDir,
+}
+
+fn start(binary: PathBuf, plan: &Plan, admin_port: Option<u16>) -> Running {
+    let dir = TempDir::new("nllb-envoy");
+    let mut opts = EnvoyOptions {
+        binary,
+        work_dir: dir.0.join("envoy"),
+        render: render::RenderOptions { admin_port, eject_hold: Some(Duration::from_secs(10)) },
+        concurrency: 1,
+        log_level: "info".into(),
+    };
+    opts.render.admin_port = admin_port;
+    let dp = EnvoyDatapath::start(opts, plan).unwrap_or_else(|e| panic!("envoy datapath did not start: {e}"));
+    Running { dp, _dir: dir }
+}
+
+fn plan(listen: &[SocketAddr], backends: &[SocketAddr]) -> Plan {
+    Plan {
+        services: vec![ServicePlan {
+            name: "apiserver".into(),
+            listen: listen.to_vec(),
+            backends: backends.to_vec(),
+            panic: false,
+        }],
+    }
+}
+
+fn vips(port: u16) -> [SocketAddr; 2] {
+    [SocketAddr::from(([127, 0, 0, 1], port)), format!("[::1]:{port}").parse().unwrap()]
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn traffic_reaches_every_backend_on_ipv4_and_ipv6_virtual_addresses() {
+    if !privileged() {
+        return;
+    }
+    let Some(binary) = envoy_binary() else { return };
+    let net = TestNet::new(3);
+    let _servers: Vec<_> =
+        net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("controller-{i}"))).collect();
+    // IPv4 and IPv6 controllers mixed in one service.
+    let backends: Vec<SocketAddr> = net
+        .hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| SocketAddr::new(if i == 2 { h.v6 } else { h.v4 }, BACKEND_PORT))
+        .collect();
+    let port = free_port();
+    let run = start(binary, &plan(&vips(port), &backends), None);
+    let pid = run.dp.status().pid.unwrap();
+    eprintln!("envoy idle RSS: {} KiB", rss_kib(pid));
+
+    for vip in vips(port) {
+        let report = run_client(&ClientOpts::new(vip, 60, None));
+        assert_eq!(report.ok_count(), 60, "{vip}: every connect must succeed: {:?}", report.failed());
+        let by = report.by_body();
+        assert_eq!(by.len(), 3, "{vip}: all three controllers must serve: {by:?}");
+        // The client is connected to Envoy on the virtual address itself.
+        assert!(report.results.iter().all(|r| r.peer.as_deref() == Some(vip.to_string().as_str())));
+    }
+    eprintln!("envoy RSS after 120 connections: {} KiB", rss_kib(pid));
+    assert_eq!(run.dp.status().restarts, 0);
+}
+
+#[test]
+fn zero_backends_refuse_connects_at_once_like_the_kernel_datapath() {
+    if !privileged() {
+        return;
+    }
+    let Some(binary) = envoy_binary() else { return };
+    let net = TestNet::new(1);
+    let _server = net.hosts()[0].serve(BACKEND_PORT, "controller-0");
+    let backend = SocketAddr::new(net.hosts()[0].v4, BACKEND_PORT);
+    let port = free_port();
+    let mut run = start(binary, &plan(&vips(port), &[]), None);
+    let pid = run.dp.status().pid.unwrap();
+
+    let refused = |label: &str| {
+        for vip in vips(port) {
+            let report = run_client(&ClientOpts::new(vip, 5, None));
+            for r in &report.results {
+                assert!(!r.ok, "{label}: {vip} must refuse: {r:?}");
+                assert_eq!(r.errno, Some(ECONNREFUSED), "{label}: {vip}: {r:?}");
+                assert!(r.elapsed_us < 50_000, "{label}: refusal must be immediate: {r:?}");
+            }
+        }
+    };
+    refused("no backends at start");
+
+    run.dp.apply(&plan(&vips(port), &[backend])).unwrap();
+    let report = run_client(&ClientOpts::new(vips(port)[0], 5, None));
+    assert_eq!(report.ok_count(), 5, "{:?}", report.failed());
+
+    run.dp.apply(&plan(&vips(port), &[])).unwrap();
+    refused("after the last backend left");
+    assert_eq!(run.dp.status().pid, Some(pid), "listener changes must not restart Envoy");
+}
+
+/// Open a connection through the virtual address and leave the HTTP
+/// request unsent: the server answers only once it has it.
+fn open(vip: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&vip, Duration::from_secs(2)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
+fn finish(mut s: TcpStream) -> String {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp.rsplit("\r\n\r\n").next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn membership_change_keeps_established_connections_and_envoy_running() {
+    if !privileged() {
+        return;
+    }
+    let Some(binary) = envoy_binary() else { return };
+    let net = TestNet::new(3);
+    let _servers: Vec<_> =
+        net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("controller-{i}"))).collect();
+    let b: Vec<SocketAddr> = net.hosts().iter().map(|h| SocketAddr::new(h.v4, BACKEND_PORT)).collect();
+    let port = free_port();
+    let vip = vips(port)[0];
+    let mut run = start(binary, &plan(&[vip], &b[..1]), None);
+    let pid = run.dp.status().pid.unwrap();
+
+    let established = open(vip);
+    // Give Envoy the moment it needs to connect upstream.
+    std::thread::sleep(Duration::from_millis(100));
+    run.dp.apply(&plan(&[vip], &b[1..])).unwrap();
+    // New connects follow the new set (EDS applies asynchronously).
+    let moved = wait_for(Duration::from_secs(5), || {
+        let by = run_client(&ClientOpts::new(vip, 20, None)).by_body();
+        (!by.contains_key("controller-0") && by.len() == 2).then_some(by)
+    });
+    assert!(moved.is_some(), "new connects must go to controller-1 and -2 only");
+    // The connection made before the change still reaches its controller.
+    assert_eq!(finish(established), "controller-0");
+    let st = run.dp.status();
+    assert_eq!((st.pid, st.restarts), (Some(pid), 0), "membership changes must not restart Envoy: {st:?}");
+}
+
+#[test]
+fn killed_envoy_is_restarted_and_traffic_resumes() {
+    if !privileged() {
+        return;
+    }
+    let Some(binary) = envoy_binary() else { return };
+    let net = TestNet::new(2);
+    let _servers: Vec<_> =
+        net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("controller-{i}"))).collect();
+    let b: Vec<SocketAddr> = net.hosts().iter().map(|h| SocketAddr::new(h.v4, BACKEND_PORT)).collect();
+    let port = free_port();
+    let vip = vips(port)[0];
+    let mut run = start(binary, &plan(&[vip], &b), None);
+    let handle = run.dp.handle();
+    let first = run.dp.status().pid.unwrap();
+    let generation = handle.generation();
+
+    // A membership change while Envoy is down must be served after restart.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let killed_at = Instant::now();
+    run.dp.apply(&plan(&[vip], &b[1..])).unwrap();
+    let (_, second) = handle.wait_started(generation, Duration::from_secs(10)).expect("envoy must be restarted");
+    assert_ne!(first, second);
+    let served = wait_for(Duration::from_secs(10), || {
+        let report = run_client(&ClientOpts::new(vip, 10, None));
+        (report.ok_count() == 10).then_some(report)
+    })
+    .expect("traffic must resume after the restart");
+    eprintln!("traffic resumed {:?} after SIGKILL", killed_at.elapsed());
+    assert_eq!(served.by_body().keys().collect::<Vec<_>>(), ["controller-1"], "the restarted Envoy serves the latest plan");
+    let st = run.dp.status();
+    assert_eq!(st.restarts, 1, "{st:?}");
+    assert_eq!(st.last_exit.as_deref(), Some("killed by signal 9"), "{st:?}");
+    assert!(st.running);
+}
+
+#[test]
+fn shutdown_stops_envoy_and_removes_its_config() {
+    if !privileged() {
+        return;
+    }
+    let Some(binary) = envoy_binary() else { return };
+    let net = TestNet::new(1);
+    let _server = net.hosts()[0].serve(BACKEND_PORT, "controller-0");
+    let port = free_port();
+    let admin = free_port();
+    let vip = vips(port)[0];
+    let mut run = start(binary, &plan(&[vip], &[SocketAddr::new(net.hosts()[0].v4, BACKEND_PORT)]), Some(admin));
+    let pid = run.dp.status().pid.unwrap();
+    // The admin interface answers on loopback only.
+    let listening = envoy::datapath::listening_sockets(pid).unwrap();
+    assert!(listening.contains(&SocketAddr::from(([127, 0, 0, 1], admin))), "{listening:?}");
+    let mut a = TcpStream::connect(("127.0.0.1", admin)).unwrap();
+    a.write_all(b"GET /ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    a.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200") && resp.contains("LIVE"), "{resp}");
+
+    let dir = run.dp.layout().dir.clone();
+    run.dp.shutdown().unwrap();
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "envoy {pid} must be gone");
+    assert!(!run.dp.status().running);
+    let e = TcpStream::connect(vip).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(ECONNREFUSED));
+    assert!(!dir.join("bootstrap.yaml").exists() && !dir.join("eds").exists());
+}
+
+#[test]
+fn a_port_already_in_use_fails_start_with_the_reason() {
+    if !privileged() {
+        return;
+    }
+    let Some(binary) = envoy_binary() else { return };
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let vip = taken.local_addr().unwrap();
+    let dir = TempDir::new("nllb-envoy-busy");
+    let opts = EnvoyOptions {
+        binary,
+        work_dir: dir.0.join("envoy"),
+        render: Default::default(),
+        concurrency: 1,
+        log_level: "warning".into(),
+    };
+    let started = Instant::now();
+    let Err(e) = EnvoyDatapath::start(opts, &plan(&[vip], &["198.18.0.2:6443".parse().unwrap()])) else {
+        panic!("start must fail while {vip} is taken");
+    };
+    let e = e.to_string();
+    assert!(e.contains(&vip.to_string()), "the error must name the address: {e}");
+    eprintln!("busy port detected after {:?}: {e}", started.elapsed());
+}
