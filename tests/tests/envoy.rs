@@ -357,3 +357,73 @@ fn a_port_already_in_use_fails_start_with_the_reason() {
     assert!(e.contains(&vip.to_string()), "the error must name the address: {e}");
     eprintln!("busy port detected after {:?}: {e}", started.elapsed());
 }
+
+// ---------------------------------------------------------------------
+// Detection and mode selection
+// ---------------------------------------------------------------------
+
+use nllb::{
+    config::Mode,
+    detect::{self, DetectArgs},
+};
+use nllb_tests::TestCgroup;
+
+#[test]
+fn detect_attaches_the_real_programs_to_a_temporary_child_cgroup() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new();
+    let report = detect::detect(Some(cg.path()));
+    let attach = report.attach.as_ref().expect("the probe runs on a cgroup v2 directory");
+    assert!(attach.cgroup.starts_with(cg.path()), "the probe uses a child of the target: {attach:?}");
+    assert!(!attach.cgroup.exists(), "the probe cgroup must be removed");
+    assert!(report.ebpf_usable(), "this kernel (6.x, root) runs the eBPF datapath: {}", detect::render(&report));
+    for p in &attach.programs {
+        assert!(p.attached && p.bpf_link, "{p:?}");
+    }
+    assert_eq!(report.auto_mode().0, Mode::Ebpf);
+    assert_eq!(report.exit_code(), detect::EXIT_EBPF);
+    // Nothing stays attached to the target.
+    assert!(nllb_tests::attached_programs(cg.path()).is_empty());
+    let text = detect::render(&report);
+    for needle in ["kernel", "cgroup v2", "BPF syscall", "nllb_connect4", "getpeername", "auto mode"] {
+        assert!(text.contains(needle), "report lacks {needle}:\n{text}");
+    }
+    eprintln!("{text}");
+}
+
+#[test]
+fn auto_falls_back_to_envoy_when_the_cgroup_is_not_cgroup_v2_and_ebpf_fails_clearly() {
+    let Some(binary) = envoy_binary() else { return };
+    let not_cgroup = TempDir::new("nllb-not-a-cgroup");
+    let report = detect::detect_with(Some(&not_cgroup.0), Some(&binary));
+    assert!(!report.ebpf_usable());
+    let (mode, reason) = report.auto_mode();
+    assert_eq!(mode, Mode::Envoy);
+    assert!(reason.contains("not a cgroup v2 directory"), "{reason}");
+    assert_eq!(report.exit_code(), detect::EXIT_ENVOY_ONLY);
+
+    assert_eq!(detect::select_mode(Mode::Auto, &not_cgroup.0, Some(&binary)).unwrap(), Mode::Envoy);
+    let e = detect::select_mode(Mode::Ebpf, &not_cgroup.0, Some(&binary)).unwrap_err().to_string();
+    assert!(e.contains("--mode ebpf") && e.contains("not a cgroup v2 directory"), "{e}");
+    assert_eq!(detect::select_mode(Mode::Envoy, &not_cgroup.0, Some(&binary)).unwrap(), Mode::Envoy);
+
+    // Neither: exit status 4 and an error naming both causes.
+    let missing = Path::new("/nonexistent/envoy");
+    let report = detect::detect_with(Some(&not_cgroup.0), Some(missing));
+    assert_eq!(report.exit_code(), detect::EXIT_NEITHER);
+    let e = detect::select_mode(Mode::Auto, &not_cgroup.0, Some(missing)).unwrap_err().to_string();
+    assert!(e.contains("not a cgroup v2") && e.contains("/nonexistent/envoy"), "{e}");
+    let args = DetectArgs { json: true, cgroup: Some(not_cgroup.0.clone()), envoy_binary: Some(missing.into()) };
+    assert_eq!(detect::run_detect(args), detect::EXIT_NEITHER);
+}
+
+#[test]
+fn auto_picks_ebpf_on_a_cgroup_v2_target() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new();
+    assert_eq!(detect::select_mode(Mode::Auto, cg.path(), None).unwrap(), Mode::Ebpf);
+}
