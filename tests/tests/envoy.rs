@@ -170,7 +170,9 @@ fn traffic_reaches_every_backend_on_ipv4_and_ipv6_virtual_addresses() {
         .map(|(i, h)| SocketAddr::new(if i == 2 { h.v6 } else { h.v4 }, BACKEND_PORT))
         .collect();
     let port = free_port();
+    let t0 = Instant::now();
     let run = start(binary, &plan(&vips(port), &backends), None);
+    eprintln!("envoy listening on both virtual addresses {:?} after start", t0.elapsed());
     let pid = run.dp.status().pid.unwrap();
     eprintln!("envoy idle RSS: {} KiB", rss_kib(pid));
 
@@ -253,6 +255,7 @@ fn membership_change_keeps_established_connections_and_envoy_running() {
     let established = open(vip);
     // Give Envoy the moment it needs to connect upstream.
     std::thread::sleep(Duration::from_millis(100));
+    let t0 = Instant::now();
     run.dp.apply(&plan(&[vip], &b[1..])).unwrap();
     // New connects follow the new set (EDS applies asynchronously).
     let moved = wait_for(Duration::from_secs(5), || {
@@ -260,6 +263,7 @@ fn membership_change_keeps_established_connections_and_envoy_running() {
         (!by.contains_key("controller-0") && by.len() == 2).then_some(by)
     });
     assert!(moved.is_some(), "new connects must go to controller-1 and -2 only");
+    eprintln!("membership change served {:?} after apply", t0.elapsed());
     // The connection made before the change still reaches its controller.
     assert_eq!(finish(established), "controller-0");
     let st = run.dp.status();
@@ -426,4 +430,33 @@ fn auto_picks_ebpf_on_a_cgroup_v2_target() {
     }
     let cg = TestCgroup::new();
     assert_eq!(detect::select_mode(Mode::Auto, cg.path(), None).unwrap(), Mode::Ebpf);
+}
+
+#[test]
+fn a_dead_or_blackholed_controller_is_retried_on_another_one() {
+    if !privileged() {
+        return;
+    }
+    let Some(binary) = envoy_binary() else { return };
+    let net = TestNet::new(3);
+    let mut servers: Vec<_> =
+        net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("controller-{i}"))).collect();
+    let b: Vec<SocketAddr> = net.hosts().iter().map(|h| SocketAddr::new(h.v4, BACKEND_PORT)).collect();
+    let port = free_port();
+    let vip = vips(port)[0];
+    let run = start(binary, &plan(&[vip], &b), None);
+
+    // controller-0 refuses (RST), controller-1 drops every packet: the
+    // agent has not noticed yet (same plan), Envoy's retries must hide both.
+    servers[0].stop();
+    net.hosts()[1].blackhole();
+    let report = run_client(&ClientOpts::new(vip, 30, None));
+    net.hosts()[1].unblackhole();
+    assert_eq!(report.ok_count(), 30, "every connect must succeed through a retry: {:?}", report.failed());
+    assert_eq!(report.by_body().keys().collect::<Vec<_>>(), ["controller-2"]);
+    let slowest = report.results.iter().map(|r| r.elapsed_us).max().unwrap();
+    eprintln!("slowest connect+request with one refusing and one blackholed controller: {slowest} us");
+    // At most two failed attempts of 0.25 s each before the good one.
+    assert!(slowest < 1_000_000, "{slowest} us");
+    assert_eq!(run.dp.status().restarts, 0);
 }

@@ -159,6 +159,20 @@ pub fn binary_version(binary: &Path) -> Result<String, String> {
         .ok_or_else(|| format!("{} --version printed no version", binary.display()))
 }
 
+/// The agent's entry point for Envoy mode: find the binary (`--envoy-binary`,
+/// then `envoy.binary`, then [`resolve_binary`]'s search) and start Envoy on
+/// `plan`, with its files in `<run_dir>/envoy`.
+pub fn start_datapath(
+    cfg: &crate::config::Config,
+    binary_flag: Option<&Path>,
+    run_dir: &Path,
+    plan: &Plan,
+) -> Result<EnvoyDatapath, crate::datapath::DatapathError> {
+    let binary = resolve_binary(binary_flag.or(cfg.envoy.binary.as_deref()))
+        .map_err(|e| crate::datapath::DatapathError::Other(e.to_string()))?;
+    EnvoyDatapath::start(EnvoyOptions::from_config(cfg, binary, run_dir.join("envoy")), plan)
+}
+
 /// `nllb envoy-config --config FILE`: the bootstrap and every dynamic file
 /// the agent would write into `work_dir` for the config's static backends.
 pub fn render_envoy_config(cfg: &crate::config::Config, work_dir: &Path) -> String {
