@@ -9,6 +9,7 @@ pub mod discovery;
 pub mod envoy;
 pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod status;
 pub mod sys;
