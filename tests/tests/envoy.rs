@@ -328,6 +328,13 @@ fn shutdown_stops_envoy_and_removes_its_config() {
     a.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 200") && resp.contains("LIVE"), "{resp}");
 
+    // Per-controller counters come from the admin interface.
+    let report = run_client(&ClientOpts::new(vip, 7, None));
+    assert_eq!(report.ok_count(), 7);
+    let counters = run.dp.counters();
+    assert_eq!(counters.len(), 1, "{counters:?}");
+    assert_eq!(counters[0].per_backend, vec![(SocketAddr::new(net.hosts()[0].v4, BACKEND_PORT), 7)], "{counters:?}");
+
     let dir = run.dp.layout().dir.clone();
     run.dp.shutdown().unwrap();
     assert!(!Path::new(&format!("/proc/{pid}")).exists(), "envoy {pid} must be gone");

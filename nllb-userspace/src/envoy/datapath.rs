@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     config::Config,
-    datapath::{Datapath, DatapathError, DatapathKind},
+    datapath::{Datapath, DatapathError, DatapathKind, ServiceCounters},
     model::Plan,
 };
 
@@ -255,6 +255,19 @@ impl Datapath for EnvoyDatapath {
         Ok(())
     }
 
+    /// Upstream connections per controller, from the admin interface
+    /// (`/clusters`); empty when `envoy.adminPort` is unset or Envoy is down.
+    fn counters(&self) -> Vec<ServiceCounters> {
+        let Some(port) = self.opts.render.admin_port else { return Vec::new() };
+        match admin_get(port, "/clusters?format=json") {
+            Ok(body) => parse_cluster_counters(&body),
+            Err(e) => {
+                tracing::debug!(error = %e, "envoy admin /clusters");
+                Vec::new()
+            }
+        }
+    }
+
     fn shutdown(&mut self) -> Result<(), DatapathError> {
         self.stop();
         // Remove the generated config; the log stays for post-mortems.
@@ -305,6 +318,67 @@ fn new_log_lines(log: &Path, from: u64) -> Vec<String> {
     let mut bytes = Vec::new();
     let _ = f.read_to_end(&mut bytes);
     String::from_utf8_lossy(&bytes).lines().map(str::to_string).collect()
+}
+
+/// A GET on Envoy's loopback admin interface; the body.
+fn admin_get(port: u16, path: &str) -> std::io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300))?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    // Envoy's admin answers HTTP/1.0 with 426, so 1.1 and its chunks.
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let resp = String::from_utf8_lossy(&resp);
+    let Some((head, body)) = resp.split_once("\r\n\r\n") else { return Ok(String::new()) };
+    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return Ok(body.to_string());
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    Ok(out)
+}
+
+/// `cx_total` of every host of every cluster in `/clusters?format=json`.
+fn parse_cluster_counters(body: &str) -> Vec<ServiceCounters> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(body) else { return Vec::new() };
+    let empty = Vec::new();
+    let mut out = Vec::new();
+    for c in v["cluster_statuses"].as_array().unwrap_or(&empty) {
+        let mut per_backend = Vec::new();
+        for h in c["host_statuses"].as_array().unwrap_or(&empty) {
+            let sa = &h["address"]["socket_address"];
+            let Some(addr) = sa["address"]
+                .as_str()
+                .and_then(|a| a.parse::<IpAddr>().ok())
+                .zip(sa["port_value"].as_u64().and_then(|p| u16::try_from(p).ok()))
+                .map(|(ip, port)| SocketAddr::new(ip, port))
+            else {
+                continue;
+            };
+            let total = h["stats"]
+                .as_array()
+                .unwrap_or(&empty)
+                .iter()
+                .find(|s| s["name"] == "cx_total")
+                .and_then(|s| s["value"].as_u64().or_else(|| s["value"].as_str()?.parse().ok()))
+                .unwrap_or(0);
+            per_backend.push((addr, total));
+        }
+        if let Some(name) = c["name"].as_str() {
+            out.push(ServiceCounters { name: name.to_string(), per_backend, no_backend: 0 });
+        }
+    }
+    out
 }
 
 fn expected_listeners(plan: &Plan) -> HashSet<SocketAddr> {

@@ -198,3 +198,45 @@ mod tests {
         assert!(e.to_string().contains("--envoy-binary"), "{e}");
     }
 }
+
+/// `nllb envoy-config --config FILE [--work-dir DIR]`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct EnvoyConfigArgs {
+    #[arg(long)]
+    pub config: PathBuf,
+    /// The directory the agent would write into (`<run-dir>/envoy`).
+    #[arg(long, default_value = "/run/nllb/envoy")]
+    pub work_dir: PathBuf,
+}
+
+/// Print the generated Envoy config; exit status 2 for a bad config file.
+pub fn run_envoy_config(args: EnvoyConfigArgs) -> i32 {
+    match crate::config::Config::load(&args.config) {
+        Ok(cfg) => {
+            print!("{}", render_envoy_config(&cfg, &args.work_dir));
+            0
+        }
+        Err(e) => {
+            eprintln!("nllb envoy-config: {e}");
+            2
+        }
+    }
+}
+
+/// Lines for `nllb status` in Envoy mode (the agent stores
+/// `serde_json::to_value(EnvoyStatus)` under `extra["envoy"]`).
+pub fn render_status(s: &EnvoyStatus) -> String {
+    let mut out = match (s.running, s.pid) {
+        (true, Some(pid)) => format!("envoy: running (pid {pid}, {} restarts)", s.restarts),
+        _ => format!(
+            "envoy: NOT running ({} restarts{})",
+            s.restarts,
+            s.next_restart_ms.map(|ms| format!(", next start in {ms} ms")).unwrap_or_default()
+        ),
+    };
+    if let Some(e) = &s.last_exit {
+        out.push_str(&format!("; last exit: {e}"));
+    }
+    out.push_str(&format!("\n  binary {}\n  config {}\n", s.binary.display(), s.config_dir.display()));
+    out
+}

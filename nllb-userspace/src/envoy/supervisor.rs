@@ -30,7 +30,7 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(50);
 
 /// What `nllb status` shows about Envoy.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct EnvoyStatus {
     pub binary: PathBuf,
     pub config_dir: PathBuf,
