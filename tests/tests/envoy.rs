@@ -116,15 +116,12 @@ struct Running {
 }
 
 fn start(binary: PathBuf, plan: &Plan, admin_port: Option<u16>) -> Running {
+    start_with(binary, plan, render::RenderOptions { admin_port, eject_hold: Some(Duration::from_secs(10)) })
+}
+
+fn start_with(binary: PathBuf, plan: &Plan, render: render::RenderOptions) -> Running {
     let dir = TempDir::new("nllb-envoy");
-    let mut opts = EnvoyOptions {
-        binary,
-        work_dir: dir.0.join("envoy"),
-        render: render::RenderOptions { admin_port, eject_hold: Some(Duration::from_secs(10)) },
-        concurrency: 1,
-        log_level: "info".into(),
-    };
-    opts.render.admin_port = admin_port;
+    let opts = EnvoyOptions { binary, work_dir: dir.0.join("envoy"), render, concurrency: 1, log_level: "info".into() };
     let dp = EnvoyDatapath::start(opts, plan).unwrap_or_else(|e| panic!("envoy datapath did not start: {e}"));
     Running { dp, _dir: dir }
 }
@@ -440,7 +437,7 @@ fn auto_picks_ebpf_on_a_cgroup_v2_target() {
 }
 
 #[test]
-fn a_dead_or_blackholed_controller_is_retried_on_another_one() {
+fn a_dead_or_blackholed_controller_is_retried_on_another_one_then_ejected() {
     if !privileged() {
         return;
     }
@@ -449,21 +446,33 @@ fn a_dead_or_blackholed_controller_is_retried_on_another_one() {
     let mut servers: Vec<_> =
         net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("controller-{i}"))).collect();
     let b: Vec<SocketAddr> = net.hosts().iter().map(|h| SocketAddr::new(h.v4, BACKEND_PORT)).collect();
-    let port = free_port();
-    let vip = vips(port)[0];
-    let run = start(binary, &plan(&[vip], &b), None);
-
-    // controller-0 refuses (RST), controller-1 drops every packet: the
-    // agent has not noticed yet (same plan), Envoy's retries must hide both.
+    let vip = vips(free_port())[0];
+    // controller-0 refuses (RST), controller-1 drops every packet; the
+    // agent has not noticed yet (same plan).
     servers[0].stop();
     net.hosts()[1].blackhole();
+
+    // Retries alone (no ejection): round robin walks all three controllers
+    // within max_connect_attempts, so every connect lands on controller-2.
+    let run = start_with(binary.clone(), &plan(&[vip], &b), render::RenderOptions::default());
     let report = run_client(&ClientOpts::new(vip, 30, None));
-    net.hosts()[1].unblackhole();
     assert_eq!(report.ok_count(), 30, "every connect must succeed through a retry: {:?}", report.failed());
     assert_eq!(report.by_body().keys().collect::<Vec<_>>(), ["controller-2"]);
     let slowest = report.results.iter().map(|r| r.elapsed_us).max().unwrap();
-    eprintln!("slowest connect+request with one refusing and one blackholed controller: {slowest} us");
-    // At most two failed attempts of 0.25 s each before the good one.
+    eprintln!("retries only: slowest connect+request {slowest} us (one blackholed attempt costs 250 ms)");
     assert!(slowest < 1_000_000, "{slowest} us");
+    drop(run);
+
+    // With outlier detection (passive ejection) the two bad controllers
+    // leave the pick after their failures: later connects are fast.
+    let vip = vips(free_port())[0];
+    let run = start(binary, &plan(&[vip], &b), None);
+    let report = run_client(&ClientOpts::new(vip, 30, None));
+    net.hosts()[1].unblackhole();
+    let late = &report.results[15..];
+    assert!(late.iter().all(|r| r.ok && r.body.as_deref() == Some("controller-2")), "{late:?}");
+    let slowest_late = late.iter().map(|r| r.elapsed_us).max().unwrap();
+    eprintln!("with ejection: slowest of the last 15 connects {slowest_late} us");
+    assert!(slowest_late < 200_000, "ejected controllers must not be tried again: {slowest_late} us");
     assert_eq!(run.dp.status().restarts, 0);
 }

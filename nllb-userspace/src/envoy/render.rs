@@ -144,8 +144,7 @@ fn cluster(layout: &Layout, s: &ServicePlan, opts: &RenderOptions) -> Value {
     if let Some(hold) = opts.eject_hold {
         // Failed connects (refused, timed out) are local-origin errors for
         // tcp_proxy; two in a row take the controller out of the pick for
-        // `hold`. With every host ejected Envoy's panic threshold sends to
-        // all of them again, like the kernel datapath's panic mode.
+        // `hold`.
         c["outlier_detection"] = json!({
             "split_external_local_origin_errors": true,
             "consecutive_local_origin_failure": 2,
@@ -157,6 +156,11 @@ fn cluster(layout: &Layout, s: &ServicePlan, opts: &RenderOptions) -> Value {
             "max_ejection_time": duration(hold),
             "max_ejection_percent": 100,
         });
+        // Envoy's default panic threshold (50%) would spread connects over
+        // ejected hosts as soon as half of them are out, e.g. 2 of 3 dead
+        // controllers. Panic only when none is left, like the kernel
+        // datapath's panic mode (every backend down: use all).
+        c["common_lb_config"] = json!({"healthy_panic_threshold": {"value": 1.0}});
     }
     c
 }
