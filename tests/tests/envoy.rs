@@ -476,3 +476,184 @@ fn a_dead_or_blackholed_controller_is_retried_on_another_one_then_ejected() {
     assert!(slowest_late < 200_000, "ejected controllers must not be tried again: {slowest_late} us");
     assert_eq!(run.dp.status().restarts, 0);
 }
+
+// ---------------------------------------------------------------------
+// The same scenarios against both datapaths (real eBPF programs attached
+// to a test cgroup, real Envoy), from one test body per scenario. The
+// client always runs inside the test cgroup; Envoy serves it as well as
+// any other host process.
+// ---------------------------------------------------------------------
+
+use std::os::unix::process::CommandExt as _;
+
+use nllb::datapath::{
+    Datapath,
+    ebpf::{EbpfDatapath, EbpfOptions},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Ebpf,
+    Envoy,
+}
+
+struct Fixture {
+    dp: Box<dyn Datapath>,
+    cg: TestCgroup,
+    _dir: Option<TempDir>,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.dp.shutdown();
+    }
+}
+
+/// The datapath of `kind` serving `plan` for processes in a fresh cgroup;
+/// None when the test must skip (no root, no Envoy).
+fn install(kind: Kind, plan: &Plan) -> Option<Fixture> {
+    if !privileged() {
+        return None;
+    }
+    let cg = TestCgroup::new();
+    Some(match kind {
+        Kind::Ebpf => {
+            let opts = EbpfOptions {
+                cgroup: cg.path().to_path_buf(),
+                pin_path: PathBuf::from("/sys/fs/bpf").join(unique_name("nllb-modes")),
+                host_network_only: true,
+                passive: true,
+                eject_hold: Duration::from_secs(10),
+            };
+            let dp = EbpfDatapath::install(opts, plan).unwrap_or_else(|e| panic!("eBPF datapath: {e}"));
+            Fixture { dp: Box::new(dp), cg, _dir: None }
+        }
+        Kind::Envoy => {
+            let binary = envoy_binary()?;
+            let run = start(binary, plan, None);
+            let Running { dp, _dir } = run;
+            Fixture { dp: Box::new(dp), cg, _dir: Some(_dir) }
+        }
+    })
+}
+
+/// Every controller serves both families under one name.
+fn dual_stack_backends(net: &TestNet) -> Vec<SocketAddr> {
+    let v4 = net.hosts().iter().map(|h| SocketAddr::new(h.v4, BACKEND_PORT));
+    let v6 = net.hosts().iter().map(|h| SocketAddr::new(h.v6, BACKEND_PORT));
+    v4.chain(v6).collect()
+}
+
+fn scenario_traffic_reaches_every_backend(kind: Kind) {
+    let net = TestNet::new(3);
+    let _servers: Vec<_> =
+        net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("controller-{i}"))).collect();
+    let port = free_port();
+    let Some(f) = install(kind, &plan(&vips(port), &dual_stack_backends(&net))) else { return };
+    for vip in vips(port) {
+        let report = run_client(&ClientOpts::new(vip, 60, Some(f.cg.path())));
+        assert_eq!(report.ok_count(), 60, "{kind:?} {vip}: {:?}", report.failed());
+        assert_eq!(report.by_body().len(), 3, "{kind:?} {vip}: every controller serves: {:?}", report.by_body());
+        assert!(
+            report.results.iter().all(|r| r.peer.as_deref() == Some(vip.to_string().as_str())),
+            "{kind:?} {vip}: getpeername shows the virtual address"
+        );
+    }
+}
+
+fn scenario_no_backend_refuses_at_once(kind: Kind) {
+    let port = free_port();
+    let Some(f) = install(kind, &plan(&vips(port), &[])) else { return };
+    for vip in vips(port) {
+        let report = run_client(&ClientOpts::new(vip, 5, Some(f.cg.path())));
+        for r in &report.results {
+            assert_eq!((r.ok, r.errno), (false, Some(ECONNREFUSED)), "{kind:?} {vip}: {r:?}");
+            assert!(r.elapsed_us < 50_000, "{kind:?} {vip}: {r:?}");
+        }
+    }
+}
+
+/// `busybox nc` connected through `vip` from inside `cgroup`, request not
+/// yet sent.
+fn nc_in_cgroup(cgroup: &Path, vip: SocketAddr) -> std::process::Child {
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes()).unwrap();
+    let mut cmd = std::process::Command::new("busybox");
+    cmd.args(["nc", &vip.ip().to_string(), &vip.port().to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    // SAFETY: only open/write/close between fork and exec; writing "0"
+    // moves the writing process itself into the cgroup.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("busybox nc (busybox-static is installed by cargo xtask setup)")
+}
+
+fn scenario_membership_change_keeps_established_connections(kind: Kind) {
+    let net = TestNet::new(3);
+    let _servers: Vec<_> =
+        net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("controller-{i}"))).collect();
+    let b: Vec<SocketAddr> = net.hosts().iter().map(|h| SocketAddr::new(h.v4, BACKEND_PORT)).collect();
+    let vip = vips(free_port())[0];
+    let Some(mut f) = install(kind, &plan(&[vip], &b[..1])) else { return };
+    let mut nc = nc_in_cgroup(f.cg.path(), vip);
+    // Until controller-0 has accepted, the connection is not established.
+    assert!(
+        wait_for(Duration::from_secs(3), || (_servers[0].served() > 0).then_some(())).is_some(),
+        "{kind:?}: the held connection must reach controller-0"
+    );
+    f.dp.apply(&plan(&[vip], &b[1..])).unwrap();
+    let moved = wait_for(Duration::from_secs(5), || {
+        let by = run_client(&ClientOpts::new(vip, 20, Some(f.cg.path()))).by_body();
+        (!by.contains_key("controller-0") && by.len() == 2).then_some(by)
+    });
+    assert!(moved.is_some(), "{kind:?}: new connects must follow the new set");
+    nc.stdin.as_mut().unwrap().write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let out = nc.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("\r\n\r\ncontroller-0"), "{kind:?}: the established connection must survive: {text:?}");
+}
+
+fn scenario_failover_when_a_controller_dies(kind: Kind) {
+    let net = TestNet::new(3);
+    let mut servers: Vec<_> =
+        net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("controller-{i}"))).collect();
+    let b: Vec<SocketAddr> = net.hosts().iter().map(|h| SocketAddr::new(h.v4, BACKEND_PORT)).collect();
+    let vip = vips(free_port())[0];
+    let Some(mut f) = install(kind, &plan(&[vip], &b)) else { return };
+    servers[0].stop();
+    // The agent's probes notice and publish the two live controllers.
+    f.dp.apply(&plan(&[vip], &b[1..])).unwrap();
+    let report = wait_for(Duration::from_secs(5), || {
+        let r = run_client(&ClientOpts::new(vip, 30, Some(f.cg.path())));
+        (r.ok_count() == 30).then_some(r)
+    })
+    .unwrap_or_else(|| panic!("{kind:?}: connects must succeed once the dead controller is out"));
+    let by = report.by_body();
+    assert_eq!(by.keys().collect::<Vec<_>>(), ["controller-1", "controller-2"], "{kind:?}");
+}
+
+macro_rules! both_modes {
+    ($($scenario:ident),* $(,)?) => {
+        mod ebpf_mode {
+            $(#[test] fn $scenario() { super::$scenario(super::Kind::Ebpf) })*
+        }
+        mod envoy_mode {
+            $(#[test] fn $scenario() { super::$scenario(super::Kind::Envoy) })*
+        }
+    };
+}
+
+both_modes!(
+    scenario_traffic_reaches_every_backend,
+    scenario_no_backend_refuses_at_once,
+    scenario_membership_change_keeps_established_connections,
+    scenario_failover_when_a_controller_dies,
+);
