@@ -16,7 +16,6 @@ use std::{
 
 use nllb::{
     config::Config,
-    datapath::Datapath as _,
     envoy::{self, EnvoyDatapath, EnvoyOptions, render},
     model::{Plan, ServicePlan},
 };
