@@ -11,6 +11,7 @@ pub mod health;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod sock_destroy;
 pub mod status;
 pub mod sys;
 
