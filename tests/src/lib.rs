@@ -4,6 +4,7 @@
 //! on drop, also when a test fails.
 
 mod agent;
+pub mod fake_apiserver;
 mod cgroup;
 mod client;
 mod net;
