@@ -1,8 +1,10 @@
 //! The nllb agent as a library; `main.rs` is the CLI edge.
 
 pub mod agent;
+pub mod compat;
 pub mod config;
 pub mod datapath;
+pub mod detect;
 pub mod discovery;
 pub mod envoy;
 pub mod health;
