@@ -8,6 +8,8 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use std::sync::Arc;
+
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
@@ -16,6 +18,7 @@ use crate::{
         Datapath, DatapathError,
         ebpf::{EbpfDatapath, EbpfOptions},
     },
+    metrics::{self, Metrics},
     model::Plan,
     status::{AgentStatus, ServiceStatus},
     sys,
@@ -28,6 +31,11 @@ pub struct AgentOptions {
     pub pin_path: PathBuf,
     pub run_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// Remove programs and pins on exit instead of leaving the datapath
+    /// serving the last published backends.
+    pub detach_on_exit: bool,
+    /// Overrides the config's `metricsAddr`; None there too means the default.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,10 +86,38 @@ struct Agent {
     service_ids: BTreeMap<String, u32>,
     plan: Plan,
     seen_passive: BTreeMap<SocketAddr, u32>,
+    metrics: Arc<Metrics>,
+    health: Arc<metrics::Health>,
+    metrics_addr: Option<SocketAddr>,
+    /// The config file's text as last applied, to notice edits.
+    config_text: String,
 }
 
 pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let (config, cgroup) = validate(&opts)?;
+    if let Some(prev) = AgentStatus::read(&opts.run_dir)
+        && prev.pid != std::process::id()
+        && crate::status::pid_alive(prev.pid)
+        && prev.pin_path == opts.pin_path
+    {
+        return Err(AgentError::Datapath(DatapathError::Other(format!(
+            "another nllb agent (pid {}) serves {}; stop it first",
+            prev.pid,
+            opts.pin_path.display()
+        ))));
+    }
+    let config_text = std::fs::read_to_string(&opts.config_path).unwrap_or_default();
+    let metrics_addr = opts.metrics_addr.or(config.metrics_addr).unwrap_or_else(|| metrics::DEFAULT_ADDR.parse().expect("default address"));
+    if !metrics_addr.ip().is_loopback() {
+        tracing::warn!(%metrics_addr, "metrics and health endpoints are reachable from other hosts");
+    }
+    // Bound before the datapath is installed: a taken port changes nothing.
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(metrics::Health::default());
+    health.beat();
+    let metrics_addr = metrics::serve(metrics_addr, metrics.clone(), health.clone())
+        .await
+        .map_err(|e| AgentError::Io(std::io::Error::new(e.kind(), format!("metrics address {metrics_addr}: {e}"))))?;
     let plan = Plan::all_backends(&config.services, &config.backends);
     let ebpf = EbpfDatapath::install(
         EbpfOptions {
@@ -102,12 +138,27 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         service_ids,
         plan,
         seen_passive: BTreeMap::new(),
+        metrics,
+        health,
+        metrics_addr: Some(metrics_addr),
+        config_text,
     };
+    agent.metrics.set_mode("ebpf");
     let result = agent.serve().await;
-    let shutdown = agent.datapath.shutdown();
-    let _ = std::fs::remove_file(agent.opts.run_dir.join(crate::status::STATUS_FILE));
-    result?;
-    shutdown?;
+    if agent.opts.detach_on_exit || agent.config.detach_on_exit {
+        let shutdown = agent.datapath.shutdown();
+        let _ = std::fs::remove_file(agent.opts.run_dir.join(crate::status::STATUS_FILE));
+        result?;
+        shutdown?;
+    } else {
+        // Worker components keep reaching the control plane while the agent
+        // restarts or upgrades: the pinned links keep the programs attached.
+        tracing::info!(
+            pin_path = %agent.opts.pin_path.display(),
+            "datapath stays attached with the last published backends; `nllb uninstall` removes it"
+        );
+        result?;
+    }
     Ok(())
 }
 
@@ -117,6 +168,7 @@ impl Agent {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sighup = signal(SignalKind::hangup())?;
         let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut ticks: u64 = 0;
         self.write_status();
         tracing::info!(services = self.plan.services.len(), "nllb agent ready");
         loop {
@@ -124,17 +176,41 @@ impl Agent {
                 _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(()) }
                 _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(()) }
                 _ = sighup.recv() => self.reload(),
-                _ = tick.tick() => self.watch_passive(),
+                _ = tick.tick() => {
+                    ticks += 1;
+                    self.watch_passive();
+                    self.health.beat();
+                    self.metrics.sync_datapath(&self.datapath.counters());
+                    // A ConfigMap update or an edit applies itself: no restart,
+                    // no SIGHUP needed (k0s needs a worker restart, #8212).
+                    if ticks % 4 == 0 {
+                        self.reload_if_changed();
+                    }
+                }
             }
+        }
+    }
+
+    fn reload_if_changed(&mut self) {
+        match std::fs::read_to_string(&self.opts.config_path) {
+            Ok(text) if text != self.config_text => {
+                tracing::info!("config file changed");
+                self.reload();
+            }
+            _ => {}
         }
     }
 
     /// SIGHUP: apply a new config's services and backends; a bad config is
     /// logged and the running one stays.
     fn reload(&mut self) {
-        let config = match Config::load(&self.opts.config_path) {
+        let text = std::fs::read_to_string(&self.opts.config_path).unwrap_or_default();
+        // Remembered even when rejected, so a bad file is reported once.
+        self.config_text = text.clone();
+        let config = match Config::parse(&text) {
             Ok(c) => c,
             Err(e) => {
+                self.metrics.reloads.get_or_create(&metrics::ModeLabels { mode: "rejected".into() }).inc();
                 tracing::error!(error = %e, "reload rejected: keeping the running config");
                 return;
             }
@@ -145,6 +221,7 @@ impl Agent {
         let plan = Plan::all_backends(&config.services, &config.backends);
         match self.publish(plan) {
             Ok(()) => {
+                self.metrics.reloads.get_or_create(&metrics::ModeLabels { mode: "applied".into() }).inc();
                 tracing::info!("reloaded {}", self.opts.config_path.display());
                 self.config = config;
             }
@@ -166,6 +243,7 @@ impl Agent {
     fn watch_passive(&mut self) {
         for f in self.datapath.passive_failures() {
             let prev = self.seen_passive.insert(f.backend, f.failures);
+            self.metrics.sync_passive(f.backend, f.failures);
             if prev != Some(f.failures) {
                 tracing::warn!(backend = %f.backend, failures = f.failures, "kernel saw a failed connect: backend passively ejected");
             }
@@ -173,6 +251,13 @@ impl Agent {
     }
 
     fn write_status(&mut self) {
+        let published: usize = self.plan.services.iter().map(|s| s.backends.len()).sum();
+        self.health.ready.store(published > 0, std::sync::atomic::Ordering::Relaxed);
+        for s in &self.plan.services {
+            let labels = metrics::ServiceLabels { service: s.name.clone() };
+            self.metrics.published.get_or_create(&labels).set(s.backends.len() as i64);
+            self.metrics.panic_mode.get_or_create(&labels).set(i64::from(s.panic));
+        }
         let services = self
             .plan
             .services
@@ -194,7 +279,10 @@ impl Agent {
             cgroup: Some(self.cgroup.clone()),
             services,
             health: serde_json::Value::Null,
-            extra: BTreeMap::new(),
+            extra: BTreeMap::from([(
+                "metrics_addr".to_string(),
+                serde_json::json!(self.metrics_addr.map(|a| a.to_string())),
+            )]),
             updated_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
         };
         if let Err(e) = status.write(&self.opts.run_dir) {

@@ -4,9 +4,11 @@
 //! the Envoy fallback) live behind it.
 
 pub mod backend_table;
+pub mod bpf_sys;
 pub mod encoding;
 pub mod ebpf;
 pub mod pinned;
+pub mod pins;
 
 use std::net::SocketAddr;
 
