@@ -320,6 +320,31 @@ async fn disabled_health_keeps_every_backend_healthy() {
     assert_eq!(h.passive_ejections, 1, "passive ejections are still counted");
 }
 
+#[test]
+fn socket_destroy_aborts_a_connect_stuck_in_syn_sent() {
+    if !privileged() {
+        return;
+    }
+    let net = TestNet::new(1);
+    let h0 = &net.hosts()[0];
+    h0.blackhole();
+    let target = addr(h0);
+    let connect = std::thread::spawn(move || {
+        let start = Instant::now();
+        let r = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(10));
+        (r.map(|_| ()), start.elapsed())
+    });
+    let n = nllb_tests::wait_for(Duration::from_secs(2), || {
+        let n = nllb::sock_destroy::destroy_sockets_to(target, None).unwrap();
+        (n > 0).then_some(n)
+    });
+    assert_eq!(n, Some(1), "the SYN_SENT socket to the blackholed host is found and destroyed");
+    let (r, took) = connect.join().unwrap();
+    let err = r.expect_err("a destroyed connect must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::ECONNABORTED), "{err}");
+    assert!(took < Duration::from_secs(3), "the connect ended at once, not at its timeout: {took:?}");
+}
+
 // ---- TLS trust set-ups (loopback, no privileges needed) ----
 
 struct TempDir(std::path::PathBuf);
@@ -588,6 +613,48 @@ mod e2e {
         let report = nllb_tests::run_client(&ClientOpts::new(vip(port), 60, Some(cg.path())));
         assert_eq!(report.ok_count(), 60, "panic mode must not refuse connects: {:?}", report.failed());
         assert_eq!(report.by_body().len(), 3, "spread over every known backend: {:?}", report.by_body());
+    }
+
+    #[test]
+    #[ignore = "needs the agent's health wiring (docs/health-agent-wiring.patch)"]
+    fn all_controllers_down_then_one_back() {
+        if !privileged() {
+            return;
+        }
+        let net = TestNet::new(3);
+        let hosts = net.hosts();
+        let mut servers: Vec<_> = hosts.iter().enumerate().map(|(i, h)| h.serve(PORT, &format!("c{i}"))).collect();
+        let cg = TestCgroup::new();
+        let port = free_port();
+        let a = agent(&net, &cg, port, "health:\n  probe: tcp\n");
+        wait_all_probed(&a, 3);
+        for s in &mut servers {
+            s.stop();
+        }
+        let panicked = wait_for(Duration::from_secs(5), || (a.status()["agent"]["services"][0]["panic"] == true).then_some(()));
+        assert!(panicked.is_some(), "all down must mean panic (all published), not an empty set: {}", a.status());
+        let s = a.status();
+        assert_eq!(s["agent"]["services"][0]["published_backends"].as_array().unwrap().len(), 3, "{s}");
+
+        // One controller comes back while a client keeps connecting.
+        let (report, back_ms) = run_with_fault(&cg, port, 4, || servers[1] = hosts[1].serve(PORT, "c1"));
+        let after: Vec<_> = report.results.iter().filter(|r| r.t_ms >= back_ms).collect();
+        let last_fail = after.iter().filter(|r| !r.ok).map(|r| r.t_ms - back_ms).max();
+        let failed = after.iter().filter(|r| !r.ok).count();
+        println!(
+            "MEASURE e2e fault=all-down-one-back failed_after_return={failed} last_fail_ms={} of={}",
+            last_fail.unwrap_or(0),
+            after.len()
+        );
+        let late: Vec<_> = after.iter().filter(|r| r.t_ms > back_ms + 1500).collect();
+        assert!(!late.is_empty() && late.iter().all(|r| r.ok && r.body.as_deref() == Some("c1")), "{late:?}");
+        let s = a.status();
+        assert_eq!(s["agent"]["services"][0]["panic"], false, "panic ends once c1 is healthy: {s}");
+        assert_eq!(s["agent"]["services"][0]["published_backends"], serde_json::json!([addr_of(&hosts[1])]), "{s}");
+    }
+
+    fn addr_of(h: &nllb_tests::TestHost) -> String {
+        format!("{}:{PORT}", h.v4)
     }
 
     /// Accepts connections in a host's namespace and holds them open until
