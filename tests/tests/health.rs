@@ -497,7 +497,7 @@ mod e2e {
     fn wait_all_probed(agent: &Agent, n: usize) {
         let ok = wait_for(Duration::from_secs(5), || {
             let s = agent.status();
-            let health = s["agent"]["health"]["backends"].as_object()?.clone();
+            let health = s["agent"]["health"].as_object()?.clone();
             (health.len() == n && health.values().all(|h| h["last_ok"] == true)).then_some(())
         });
         assert!(ok.is_some(), "backends never probed healthy: {}\n{}", agent.status(), agent.log());
@@ -585,7 +585,7 @@ mod e2e {
             let tail: Vec<_> = report.results.iter().filter(|r| r.t_ms > fault_ms + 3000).collect();
             assert!(!tail.is_empty() && tail.iter().all(|r| r.ok));
             let s = a.status();
-            assert_eq!(s["agent"]["health"]["backends"][format!("{}:{PORT}", h0.v4)]["healthy"], false, "{s}");
+            assert_eq!(s["agent"]["health"][format!("{}:{PORT}", h0.v4)]["healthy"], false, "{s}");
         }
     }
 
@@ -606,7 +606,7 @@ mod e2e {
             (s["agent"]["services"][0]["panic"] == true && s["services"][0]["panic"] == true).then_some(s)
         })
         .unwrap_or_else(|| panic!("agent never entered panic mode: {}\n{}", a.status(), a.log()));
-        let health = panicked["agent"]["health"]["backends"].as_object().unwrap().clone();
+        let health = panicked["agent"]["health"].as_object().unwrap().clone();
         assert!(health.values().all(|h| h["healthy"] == false), "{panicked}");
         assert!(a.log().contains("PANIC MODE"), "panic mode must be loud in the log");
 
