@@ -309,6 +309,22 @@ fn free_port_not(avoid: &[SocketAddr]) -> u16 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observer_sees_every_probe_with_its_duration() {
+    use std::sync::{Arc, Mutex};
+    let up = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = up.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<(SocketAddr, bool, Duration)>>> = Arc::default();
+    let s2 = seen.clone();
+    let observer: nllb::health::ProbeObserver = Arc::new(move |t, ok, d| s2.lock().unwrap().push((t, ok, d)));
+    let mon = Monitor::spawn_with(config("probe: tcp\ninterval: 100ms\ntimeout: 50ms"), Some(observer)).unwrap();
+    mon.set_targets([a]);
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    let seen = seen.lock().unwrap().clone();
+    assert!((4..=7).contains(&seen.len()), "about one probe per 100ms: {seen:?}");
+    assert!(seen.iter().all(|(t, ok, d)| *t == a && *ok && *d < Duration::from_millis(50)), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disabled_health_keeps_every_backend_healthy() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let mon = Monitor::spawn(config("enabled: false\nprobe: tcp")).unwrap();

@@ -20,7 +20,7 @@ mod transitions;
 use std::path::{Path, PathBuf};
 
 pub use config::{HealthConfig, ProbeKind};
-pub use monitor::Monitor;
+pub use monitor::{Monitor, ProbeObserver};
 pub use plan::{plan, targets};
 pub use probe::Prober;
 pub use select::select;
