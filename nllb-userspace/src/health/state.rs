@@ -60,13 +60,7 @@ impl BackendHealth {
     }
 
     /// Records one probe result; returns true when `healthy` flipped.
-    pub fn observe(
-        &mut self,
-        outcome: Result<Duration, String>,
-        rise: u32,
-        fall: u32,
-        now: SystemTime,
-    ) -> bool {
+    pub fn observe(&mut self, outcome: Result<Duration, String>, rise: u32, fall: u32, now: SystemTime) -> bool {
         let unproven = self.last_ok.is_none();
         match outcome {
             Ok(latency) => {
