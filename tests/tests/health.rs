@@ -546,7 +546,14 @@ mod e2e {
         std::thread::sleep(Duration::from_millis(1500));
         let fault_ms = start.elapsed().as_millis() as u64;
         fault();
-        (wait_client(child), fault_ms)
+        let report = wait_client(child);
+        // The client's clock starts when it runs, not when it was spawned:
+        // estimate that lag from when it finished, and give the fault time
+        // on the client's clock (t_ms of its results).
+        let total = start.elapsed().as_millis() as u64;
+        let ran = report.results.last().map_or(0, |r| r.t_ms + r.elapsed_us / 1000);
+        let lag = total.saturating_sub(ran).min(fault_ms);
+        (report, fault_ms - lag)
     }
 
     #[test]
