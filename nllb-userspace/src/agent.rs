@@ -10,7 +10,10 @@ use std::{
 
 use std::sync::Arc;
 
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 
 use crate::{
     config::{Config, ConfigError},
@@ -18,6 +21,7 @@ use crate::{
         Datapath, DatapathError,
         ebpf::{EbpfDatapath, EbpfOptions},
     },
+    health::{self, HealthError, HealthSnapshot, Monitor, Transitions},
     metrics::{self, Metrics},
     model::Plan,
     status::{AgentStatus, ServiceStatus},
@@ -46,6 +50,8 @@ pub enum AgentError {
     Datapath(#[from] DatapathError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Health(#[from] HealthError),
 }
 
 impl AgentError {
@@ -53,6 +59,8 @@ impl AgentError {
     pub fn exit_code(&self) -> i32 {
         match self {
             AgentError::Config(_) => 2,
+            // Unreadable CA, kubeconfig or client certificate: operator input.
+            AgentError::Health(HealthError::Config(_) | HealthError::File { .. }) => 2,
             _ => 1,
         }
     }
@@ -78,6 +86,14 @@ pub fn validate(opts: &AgentOptions) -> Result<(Config, PathBuf), AgentError> {
     Ok((config, cgroup))
 }
 
+fn probe_observer(metrics: &Arc<Metrics>) -> health::ProbeObserver {
+    let metrics = metrics.clone();
+    Arc::new(move |target, took| {
+        let labels = metrics::AddrLabels { backend: target.to_string() };
+        metrics.probe_duration.get_or_create(&labels).observe(took.as_secs_f64());
+    })
+}
+
 struct Agent {
     config: Config,
     opts: AgentOptions,
@@ -91,6 +107,9 @@ struct Agent {
     metrics_addr: Option<SocketAddr>,
     /// The config file's text as last applied, to notice edits.
     config_text: String,
+    monitor: Monitor,
+    health_rx: watch::Receiver<HealthSnapshot>,
+    transitions: Transitions,
 }
 
 pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
@@ -118,7 +137,14 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let metrics_addr = metrics::serve(metrics_addr, metrics.clone(), health.clone())
         .await
         .map_err(|e| AgentError::Io(std::io::Error::new(e.kind(), format!("metrics address {metrics_addr}: {e}"))))?;
-    let plan = Plan::all_backends(&config.services, &config.backends);
+    // Before anything is attached, so unreadable TLS material exits 2 clean.
+    let monitor = Monitor::spawn(config.health.clone())?;
+    monitor.observe_probes(probe_observer(&metrics));
+    monitor.set_targets(health::targets(&config.services, &config.backends));
+    let health_rx = monitor.subscribe();
+    let mut transitions = Transitions::new();
+    // Every backend starts healthy: no black hole while the first probes run.
+    let plan = transitions.react(&config.services, &config.backends, &health_rx.borrow()).plan;
     let ebpf = EbpfDatapath::install(
         EbpfOptions {
             cgroup: cgroup.clone(),
@@ -142,6 +168,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         health,
         metrics_addr: Some(metrics_addr),
         config_text,
+        monitor,
+        health_rx,
+        transitions,
     };
     agent.metrics.set_mode("ebpf");
     let result = agent.serve().await;
@@ -185,8 +214,11 @@ impl Agent {
                     // no SIGHUP needed (k0s needs a worker restart, #8212).
                     if ticks % 4 == 0 {
                         self.reload_if_changed();
+                        // Probe latencies change without verdicts changing.
+                        self.write_status();
                     }
                 }
+                Ok(()) = self.health_rx.changed() => self.apply_health(),
             }
         }
     }
@@ -218,15 +250,58 @@ impl Agent {
         if config.host_network_only != self.config.host_network_only || config.passive.enabled != self.config.passive.enabled {
             tracing::warn!("hostNetworkOnly and passive changes take effect after a restart");
         }
-        let plan = Plan::all_backends(&config.services, &config.backends);
-        match self.publish(plan) {
-            Ok(()) => {
-                self.metrics.reloads.get_or_create(&metrics::ModeLabels { mode: "applied".into() }).inc();
-                tracing::info!("reloaded {}", self.opts.config_path.display());
-                self.config = config;
+        let health_changed =
+            serde_json::to_value(&config.health).ok() != serde_json::to_value(&self.config.health).ok();
+        if health_changed {
+            // New probe settings: a fresh monitor (backends start healthy
+            // again and the first failed probe ejects at once).
+            match Monitor::spawn(config.health.clone()) {
+                Ok(monitor) => {
+                    monitor.observe_probes(probe_observer(&self.metrics));
+                    self.health_rx = monitor.subscribe();
+                    self.monitor = monitor;
+                    tracing::info!("health settings changed: probes restarted");
+                }
+                Err(e) => {
+                    self.metrics.reloads.get_or_create(&metrics::ModeLabels { mode: "rejected".into() }).inc();
+                    tracing::error!(error = %e, "reload rejected: keeping the running config");
+                    return;
+                }
             }
-            Err(e) => tracing::error!(error = %e, "reload failed: keeping the running config"),
         }
+        self.monitor.set_targets(health::targets(&config.services, &config.backends));
+        self.config = config;
+        self.metrics.reloads.get_or_create(&metrics::ModeLabels { mode: "applied".into() }).inc();
+        tracing::info!("reloaded {}", self.opts.config_path.display());
+        self.apply_health();
+    }
+
+    /// Health or the backend set changed: publish the healthy backends (or
+    /// all of them in panic mode), clear passive marks of recovered backends,
+    /// and close nllb's sockets to backends that left.
+    fn apply_health(&mut self) {
+        let snapshot = self.health_rx.borrow_and_update().clone();
+        let reaction = self.transitions.react(&self.config.services, &self.config.backends, &snapshot);
+        reaction.log();
+        for backend in &reaction.recovered {
+            if let Err(e) = self.datapath.clear_passive(*backend) {
+                tracing::warn!(backend = %backend, error = %e, "cannot clear the passive mark");
+            }
+        }
+        if let Err(e) = self.publish(reaction.plan.clone()) {
+            tracing::error!(error = %e, "publishing the backend set failed");
+        }
+        let doomed = reaction.to_destroy(&self.config.health);
+        if !doomed.is_empty() {
+            let cookies = self.datapath.rewritten_sockets();
+            for backend in doomed {
+                match crate::sock_destroy::destroy_sockets_to(backend, Some(&cookies)) {
+                    Ok(n) => tracing::info!(backend = %backend, sockets = n, "closed established connections through nllb"),
+                    Err(e) => tracing::warn!(backend = %backend, error = %e, "cannot destroy sockets (SOCK_DESTROY)"),
+                }
+            }
+        }
+        self.write_status();
     }
 
     fn publish(&mut self, plan: Plan) -> Result<(), DatapathError> {
@@ -246,11 +321,16 @@ impl Agent {
             self.metrics.sync_passive(f.backend, f.failures);
             if prev != Some(f.failures) {
                 tracing::warn!(backend = %f.backend, failures = f.failures, "kernel saw a failed connect: backend passively ejected");
+                self.monitor.report_passive_failure(f.backend);
             }
         }
     }
 
     fn write_status(&mut self) {
+        for (addr, h) in &self.monitor.snapshot().backends {
+            let labels = metrics::AddrLabels { backend: addr.to_string() };
+            self.metrics.backend_healthy.get_or_create(&labels).set(i64::from(h.healthy));
+        }
         let published: usize = self.plan.services.iter().map(|s| s.backends.len()).sum();
         self.health.ready.store(published > 0, std::sync::atomic::Ordering::Relaxed);
         for s in &self.plan.services {
@@ -266,7 +346,13 @@ impl Agent {
                 name: s.name.clone(),
                 id: self.service_ids.get(&s.name).copied(),
                 listen: s.listen.clone(),
-                known_backends: s.backends.clone(),
+                known_backends: self
+                    .config
+                    .services
+                    .iter()
+                    .find(|c| c.name == s.name)
+                    .map(|c| self.config.backends.iter().map(|ip| SocketAddr::new(*ip, c.backend_port)).collect())
+                    .unwrap_or_default(),
                 published_backends: s.backends.clone(),
                 panic: s.panic,
             })
@@ -278,7 +364,7 @@ impl Agent {
             pin_path: self.opts.pin_path.clone(),
             cgroup: Some(self.cgroup.clone()),
             services,
-            health: serde_json::Value::Null,
+            health: serde_json::to_value(self.monitor.snapshot()).unwrap_or_default(),
             extra: BTreeMap::from([(
                 "metrics_addr".to_string(),
                 serde_json::json!(self.metrics_addr.map(|a| a.to_string())),

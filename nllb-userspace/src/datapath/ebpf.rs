@@ -300,6 +300,10 @@ impl Datapath for EbpfDatapath {
         Ok(())
     }
 
+    fn rewritten_sockets(&self) -> std::collections::HashSet<u64> {
+        self.maps.sockets.keys().filter_map(Result::ok).collect()
+    }
+
     fn service_ids(&self) -> std::collections::BTreeMap<String, u32> {
         self.tables.ids().into_iter().collect()
     }

@@ -88,6 +88,11 @@ pub trait Datapath: Send {
     fn clear_passive(&mut self, _backend: SocketAddr) -> Result<(), DatapathError> {
         Ok(())
     }
+    /// Cookies of the sockets whose connect this datapath rewrote (so socket
+    /// destroy never touches a connection made without nllb).
+    fn rewritten_sockets(&self) -> std::collections::HashSet<u64> {
+        Default::default()
+    }
     fn counters(&self) -> Vec<ServiceCounters> {
         Vec::new()
     }

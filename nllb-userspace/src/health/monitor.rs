@@ -33,17 +33,17 @@ pub struct Monitor {
     tasks: Mutex<HashMap<SocketAddr, ProbeTask>>,
 }
 
-/// Called after every probe with the target, its outcome and how long it
-/// took (a timed-out probe took `timeout`), e.g. to feed a histogram.
-pub type ProbeObserver = Arc<dyn Fn(SocketAddr, bool, Duration) + Send + Sync>;
-
 struct Shared {
     cfg: HealthConfig,
-    observer: Option<ProbeObserver>,
     /// None when `health.enabled` is false: every backend stays healthy.
     prober: Option<Prober>,
     tx: watch::Sender<HealthSnapshot>,
+    /// Told about every finished probe (target, duration), e.g. for a
+    /// latency histogram.
+    observer: Mutex<Option<ProbeObserver>>,
 }
+
+pub type ProbeObserver = Arc<dyn Fn(SocketAddr, Duration) + Send + Sync>;
 
 struct ProbeTask {
     handle: JoinHandle<()>,
@@ -56,15 +56,18 @@ impl Monitor {
     /// when `probe: https` TLS material (CA, kubeconfig, client cert) cannot
     /// be loaded, naming the file and field.
     pub fn spawn(cfg: HealthConfig) -> Result<Monitor, HealthError> {
-        Self::spawn_with(cfg, None)
-    }
-
-    /// As [`Monitor::spawn`], with an observer of every probe.
-    pub fn spawn_with(cfg: HealthConfig, observer: Option<ProbeObserver>) -> Result<Monitor, HealthError> {
         cfg.validate().map_err(HealthError::Config)?;
         let prober = if cfg.enabled { Some(Prober::new(&cfg)?) } else { None };
         let (tx, _) = watch::channel(HealthSnapshot::default());
-        Ok(Monitor { shared: Arc::new(Shared { cfg, observer, prober, tx }), tasks: Mutex::new(HashMap::new()) })
+        Ok(Monitor {
+            shared: Arc::new(Shared { cfg, prober, tx, observer: Mutex::new(None) }),
+            tasks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Call `f` with the duration of every probe from now on.
+    pub fn observe_probes(&self, f: ProbeObserver) {
+        *self.shared.observer.lock().expect("observer lock") = Some(f);
     }
 
     /// Probes exactly these targets from now on. Unchanged targets keep
@@ -175,8 +178,9 @@ async fn probe_loop(shared: Arc<Shared>, prober: Prober, target: SocketAddr, wak
         }
         let started = Instant::now();
         let outcome = prober.probe(target).await;
-        if let Some(observe) = &shared.observer {
-            observe(target, outcome.is_ok(), started.elapsed());
+        let observer = shared.observer.lock().ok().and_then(|o| o.clone());
+        if let Some(observe) = observer {
+            observe(target, started.elapsed());
         }
         let error = outcome.as_ref().err().cloned();
         let now = SystemTime::now();
