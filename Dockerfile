@@ -18,7 +18,6 @@ FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS builder
 # must link against exactly this LLVM, so it is pinned, not "latest".
 ARG RUST_NIGHTLY=nightly-2026-05-19
 ARG BPF_LINKER_VERSION=0.13.0
-ARG BPF_LINKER_LLVM=llvm-22
 ENV CARGO_TERM_COLOR=never
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # aya-build runs `rustup run nightly`: install the pinned nightly under
@@ -27,14 +26,18 @@ RUN rustup toolchain install "${RUST_NIGHTLY}" --profile minimal --component rus
  && host="$(rustc -vV | sed -n 's/^host: //p')" \
  && mv "${RUSTUP_HOME}/toolchains/${RUST_NIGHTLY}-${host}" "${RUSTUP_HOME}/toolchains/nightly-${host}" \
  && rustup run nightly rustc --version
-# bpf-linker against the nightly's libLLVM (no prebuilt bpf-linker needed).
+# bpf-linker against the nightly's own libLLVM (no prebuilt bpf-linker or
+# LLVM needed), with the LLVM feature matching that nightly's major version:
+# the same steps as `cargo xtask setup`.
 RUN sysroot="$(rustup run nightly rustc --print sysroot)" \
  && lib="$(ls "${sysroot}"/lib/libLLVM.so.*)" \
  && mkdir -p /opt/llvm/lib \
  && ln -s "${lib}" /opt/llvm/lib/libLLVM.so \
  && ln -s "${lib}" "/opt/llvm/lib/$(basename "${lib}")" \
- && LLVM_PREFIX=/opt/llvm cargo install bpf-linker --locked --version "${BPF_LINKER_VERSION}" \
-      --no-default-features --features "${BPF_LINKER_LLVM}" --root /opt/bpf-linker
+ && llvm_major="$(rustup run nightly rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')" \
+ && LLVM_PREFIX=/opt/llvm cargo install bpf-linker --version "${BPF_LINKER_VERSION}" \
+      --no-default-features --features "llvm-${llvm_major}" --root /opt/bpf-linker \
+ && /opt/bpf-linker/bin/bpf-linker --version
 ENV PATH=/opt/bpf-linker/bin:${PATH}
 WORKDIR /src
 COPY . .

@@ -4,6 +4,7 @@
 //! on drop, also when a test fails.
 
 mod agent;
+pub mod fake_apiserver;
 mod cgroup;
 mod client;
 mod net;
@@ -53,9 +54,17 @@ pub fn sh(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Wait until `f` returns Some, polling every 20 ms, for at most `timeout`.
+/// `d` stretched by `NLLB_TIMEOUT_SCALE` (set in slow guests such as the
+/// TCG kernel matrix, where loading the programs alone takes seconds).
+pub fn scaled(d: std::time::Duration) -> std::time::Duration {
+    let scale: f64 = std::env::var("NLLB_TIMEOUT_SCALE").ok().and_then(|v| v.parse().ok()).unwrap_or(1.0);
+    d.mul_f64(scale.max(1.0))
+}
+
+/// Wait until `f` returns Some, polling every 20 ms, for at most `timeout`
+/// (scaled, see [`scaled`]).
 pub fn wait_for<T>(timeout: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = std::time::Instant::now() + timeout;
+    let deadline = std::time::Instant::now() + scaled(timeout);
     loop {
         if let Some(v) = f() {
             return Some(v);

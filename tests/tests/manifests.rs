@@ -447,6 +447,239 @@ fn probes_point_at_the_agents_metrics_listener() {
     }
 }
 
+/// The exact command lines of the DaemonSet and the systemd unit start a
+/// working agent. Only locations are swapped for test ones (config file,
+/// cgroup, pins, run and state dirs, metrics port) and the seed backends
+/// for a test controller; every other flag and config key is kept.
+#[test]
+fn shipped_command_lines_start_a_working_agent() {
+    if !nllb_tests::privileged() {
+        return;
+    }
+    let m = manifests();
+    let net = nllb_tests::TestNet::new(1);
+    let _s = net.hosts()[0].serve(6443, "controller");
+    let data = m.config_map.data.as_ref().unwrap();
+    let unit = systemd_unit();
+    let daemonset_args: Vec<String> = agent_args(&m).to_vec();
+    let unit_args: Vec<String> = exec_start(&unit)[1..].to_vec();
+    for (what, args, config) in [
+        ("DaemonSet", daemonset_args, data["config.yaml"].clone()),
+        ("systemd unit", unit_args, read("deploy/config.yaml")),
+    ] {
+        let cg = nllb_tests::TestCgroup::new();
+        let run = ShippedAgent::start(
+            &args,
+            &config,
+            data.get("kubeconfig"),
+            cg.path(),
+            net.hosts()[0].v4,
+        );
+        let ready = nllb_tests::wait_for(std::time::Duration::from_secs(20), || {
+            run.status()
+                .filter(|s| s["datapath_installed"] == true)
+                .map(|_| ())
+        });
+        assert!(
+            ready.is_some(),
+            "{what}: the agent did not install its datapath; log:\n{}",
+            run.log()
+        );
+        let vip = nllb::config::Config::parse(&config).unwrap().services[0].listen[0];
+        let report = nllb_tests::run_client(&nllb_tests::ClientOpts::new(vip, 3, Some(cg.path())));
+        assert_eq!(
+            report.by_body().get("controller"),
+            Some(&3),
+            "{what}: {:?}",
+            report.results
+        );
+        let health = nllb_tests::wait_for(std::time::Duration::from_secs(10), || {
+            (http_status(run.metrics, "/healthz") == Some(200)).then_some(())
+        });
+        assert!(
+            health.is_some(),
+            "{what}: /healthz on --metrics-addr; log:\n{}",
+            run.log()
+        );
+    }
+}
+
+fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    use std::io::{Read as _, Write as _};
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `nllb` run with a shipped argument list; killed, uninstalled and cleaned
+/// up on drop.
+struct ShippedAgent {
+    child: std::process::Child,
+    work: PathBuf,
+    pin_path: PathBuf,
+    run_dir: PathBuf,
+    metrics: SocketAddr,
+}
+
+impl ShippedAgent {
+    fn start(
+        args: &[String],
+        config: &str,
+        kubeconfig: Option<&String>,
+        cgroup: &Path,
+        backend: std::net::IpAddr,
+    ) -> Self {
+        let name = unique_name("nllb-shipped-");
+        let work = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&work).unwrap();
+        let mut doc: serde_yaml::Value = serde_yaml::from_str(config).unwrap();
+        doc["backends"] = serde_yaml::to_value(vec![backend.to_string()]).unwrap();
+        if let (Some(kc), Some(k8s)) = (
+            kubeconfig,
+            doc.get_mut("discovery")
+                .and_then(|d| d.get_mut("kubernetes")),
+        ) {
+            let path = work.join("kubeconfig");
+            std::fs::write(&path, kc).unwrap();
+            k8s["kubeconfig"] = path.to_str().unwrap().into();
+        }
+        let config_path = work.join("config.yaml");
+        std::fs::write(&config_path, serde_yaml::to_string(&doc).unwrap()).unwrap();
+        let pin_path = PathBuf::from("/sys/fs/bpf").join(&name);
+        let run_dir = work.join("run");
+        let metrics = SocketAddr::from(([127, 0, 0, 1], nllb_tests::free_port()));
+        let swap = |flag: &str| -> Option<String> {
+            Some(match flag {
+                "--config" => config_path.display().to_string(),
+                "--cgroup" => cgroup.display().to_string(),
+                "--pin-path" => pin_path.display().to_string(),
+                "--run-dir" => run_dir.display().to_string(),
+                "--state-dir" => work.join("state").display().to_string(),
+                "--metrics-addr" => metrics.to_string(),
+                _ => return None,
+            })
+        };
+        // Rewrite `--flag=value` and `--flag value`, keep everything else.
+        let mut out: Vec<String> = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut it = args.iter().peekable();
+        while let Some(a) = it.next() {
+            let (flag, inline) = match a.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f, Some(v)),
+                _ => (a.as_str(), None),
+            };
+            match swap(flag) {
+                Some(v) => {
+                    seen.insert(flag.to_string());
+                    if inline.is_none() {
+                        it.next();
+                    }
+                    out.push(format!("{flag}={v}"));
+                }
+                None => out.push(a.clone()),
+            }
+        }
+        // The unit attaches to the cgroup2 root by default: never in tests.
+        for flag in [
+            "--cgroup",
+            "--pin-path",
+            "--run-dir",
+            "--state-dir",
+            "--metrics-addr",
+        ] {
+            if !seen.contains(flag) {
+                out.push(format!("{flag}={}", swap(flag).unwrap()));
+            }
+        }
+        let log = std::fs::File::create(work.join("agent.log")).unwrap();
+        let child = Command::new(nllb_bin())
+            .args(&out)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn nllb");
+        ShippedAgent {
+            child,
+            work,
+            pin_path,
+            run_dir,
+            metrics,
+        }
+    }
+
+    fn status(&self) -> Option<serde_json::Value> {
+        let out = Command::new(nllb_bin())
+            .args(["status", "--json", "--pin-path"])
+            .arg(&self.pin_path)
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.work.join("agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for ShippedAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new(nllb_bin())
+            .arg("uninstall")
+            .arg("--pin-path")
+            .arg(&self.pin_path)
+            .output();
+        let _ = std::fs::remove_dir_all(&self.pin_path);
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+/// The probe paths are real endpoints: a running agent answers them 200.
+#[test]
+fn probe_paths_answer_on_a_running_agent() {
+    if !nllb_tests::privileged() {
+        return;
+    }
+    let m = manifests();
+    let c = agent_container(&m);
+    let net = nllb_tests::TestNet::new(1);
+    let _s = net.hosts()[0].serve(6443, "controller");
+    let cg = nllb_tests::TestCgroup::new();
+    let port = nllb_tests::free_port();
+    let agent = nllb_tests::Agent::start(&nllb_tests::AgentOpts {
+        config_yaml: nllb_tests::one_service_config(
+            &[&format!("127.0.0.1:{port}")],
+            6443,
+            &[net.hosts()[0].v4],
+            "",
+        ),
+        cgroup: cg.path().to_path_buf(),
+        ..Default::default()
+    });
+    for probe in [&c.liveness_probe, &c.readiness_probe] {
+        let path = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|g| g.path.clone())
+            .unwrap();
+        let (code, body) = agent.http_get(&path);
+        assert_eq!(code, 200, "GET {path}: {body}");
+    }
+}
+
 #[test]
 fn configmap_holds_a_config_the_agent_accepts() {
     let m = manifests();

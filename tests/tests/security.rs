@@ -126,8 +126,6 @@ fn start_with(caps: &[&str], net: &TestNet, cg: &Path, port: u16) -> Agent {
         config_yaml: one_service_config(&[&vip(port).to_string()], BACKEND_PORT, &backends, ""),
         cgroup: cg.to_path_buf(),
         wrapper: with_only(caps),
-        // The test checks that the agent can also take the datapath down.
-        extra_args: vec!["--detach-on-exit".into()],
         // aya logs what its feature probes found at debug level.
         env: vec![("RUST_LOG".into(), "info,aya::bpf=debug".into())],
         ..Default::default()
@@ -268,6 +266,54 @@ fn pins_are_root_only_and_nobody_cannot_rewrite_the_backends() {
     }
 }
 
+/// Pins outlive the agent, so whatever happened to them in between (an
+/// operator's chmod, a tool that loosened them) is what the next agent
+/// adopts: it must lock the directory again before it publishes.
+#[test]
+fn a_restarted_agent_locks_a_loosened_pin_directory_again() {
+    if !privileged() {
+        return;
+    }
+    let net = TestNet::new(1);
+    let _s = net.hosts()[0].serve(BACKEND_PORT, "controller");
+    let cg = TestCgroup::new();
+    let port = free_port();
+    let mut agent = start_with(&AGENT_CAPABILITIES, &net, cg.path(), port);
+    agent.stop(Duration::from_secs(10)).expect("agent exits");
+    let backends_pin = agent.pin_path.join("NLLB_BACKENDS");
+    std::fs::set_permissions(&agent.pin_path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&backends_pin, std::fs::Permissions::from_mode(0o666)).unwrap();
+
+    agent.restart(&[]);
+    let mode = std::fs::metadata(&agent.pin_path).unwrap().mode() & 0o7777;
+    assert_eq!(
+        mode, 0o700,
+        "the adopted pin directory must be root-only again"
+    );
+    let out = as_nobody(
+        "bpftool",
+        &["map", "dump", "pinned", backends_pin.to_str().unwrap()],
+    );
+    assert!(
+        !out.status.success() && text(&out).contains("Permission denied"),
+        "{}",
+        text(&out)
+    );
+    let pin_mode = std::fs::metadata(&backends_pin).unwrap().mode() & 0o7777;
+    if pin_mode != 0o600 {
+        eprintln!(
+            "NOTE: the adopted pin keeps mode {pin_mode:o}; the 0700 directory is what protects it"
+        );
+    }
+    let report = run_client(&ClientOpts::new(vip(port), 5, Some(cg.path())));
+    assert_eq!(
+        report.by_body().get("controller"),
+        Some(&5),
+        "{:?}",
+        report.results
+    );
+}
+
 /// Puts file modes back even when the test fails.
 struct RestoreModes(Vec<(PathBuf, u32)>);
 
@@ -298,7 +344,7 @@ fn map_value_hex(pin: &str) -> Vec<String> {
 }
 
 #[test]
-fn agent_with_exactly_the_documented_capabilities_steers_and_cleans_up() {
+fn agent_with_exactly_the_documented_capabilities_steers_and_uninstalls() {
     if !privileged() {
         return;
     }
@@ -400,9 +446,30 @@ fn agent_with_exactly_the_documented_capabilities_steers_and_cleans_up() {
         .sum();
     assert_eq!(connects, 40, "{json}");
 
-    // And it takes itself down again without more privileges.
+    // The health endpoints the DaemonSet probes answer under the same set.
+    assert_eq!(agent.http_get("/healthz").0, 200);
+    assert_eq!(agent.http_get("/readyz").0, 200);
+
+    // SIGTERM leaves the datapath steering (it outlives the agent), and
+    // `nllb uninstall` with the same set removes it.
     let exit = agent.stop(Duration::from_secs(10)).expect("agent exits");
     assert_eq!(exit.code(), Some(0), "{}", agent.log());
+    assert_eq!(
+        attached_programs(cg.path()).len(),
+        5,
+        "the datapath outlives the agent"
+    );
+    let mut uninstall = Command::new(with_only(&AGENT_CAPABILITIES)[0].clone());
+    uninstall
+        .args(&with_only(&AGENT_CAPABILITIES)[1..])
+        .arg(nllb_bin())
+        .args(["uninstall", "--pin-path"]);
+    let out = uninstall.arg(&agent.pin_path).output().unwrap();
+    assert!(
+        out.status.success(),
+        "nllb uninstall with the documented set: {}",
+        text(&out)
+    );
     assert!(
         attached_programs(cg.path()).is_empty(),
         "programs left attached"

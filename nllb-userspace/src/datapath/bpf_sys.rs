@@ -93,3 +93,18 @@ pub fn cgroup_id(path: &Path) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt as _;
     Ok(std::fs::metadata(path)?.ino())
 }
+
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+#[repr(C)]
+struct LinkDetachAttr {
+    link_fd: u32,
+}
+
+/// Detach a link now (Linux 5.9+). Dropping the last reference detaches too,
+/// but from deferred work, so `nllb uninstall` could return before the
+/// program is gone.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = LinkDetachAttr { link_fd: link.as_raw_fd() as u32 };
+    sys_bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
+}

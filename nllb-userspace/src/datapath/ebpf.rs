@@ -94,7 +94,10 @@ impl EbpfDatapath {
         if result.is_err() && created_pin_dir {
             let _ = remove_pins(&opts.pin_path);
         }
-        result
+        if result.is_ok() {
+            restrict_pins(&opts.pin_path)?;
+        }
+        result.map_err(explain_permission)
     }
 
     fn load_and_attach(
@@ -167,6 +170,33 @@ impl EbpfDatapath {
             "eBPF datapath attached"
         );
         Ok(EbpfDatapath { _ebpf: ebpf, maps, tables, opts, links, missing, created_pin_dir })
+    }
+}
+
+/// Pins (maps and links) are root-only, also ones an earlier agent or an
+/// operator left with looser modes.
+fn restrict_pins(pin_path: &Path) -> Result<(), DatapathError> {
+    for entry in fs::read_dir(pin_path)?.flatten() {
+        fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+/// EPERM from the bpf syscall means a missing capability (or, before 5.11,
+/// a memlock limit): say which ones the agent needs.
+fn explain_permission(e: DatapathError) -> DatapathError {
+    let mut text = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        text.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    if text.contains("Operation not permitted") || text.contains("Permission denied") {
+        DatapathError::Other(format!(
+            "{text}; the agent needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (plus CAP_SYS_RESOURCE before Linux 5.11), see docs/deploy.md"
+        ))
+    } else {
+        e
     }
 }
 
@@ -256,6 +286,12 @@ pub fn remove_pins(pin_path: &Path) -> Result<usize, DatapathError> {
         let name = entry.file_name().to_string_lossy().into_owned();
         let ours = name.starts_with("link_") || name.starts_with("staged_") || maps::ALL.contains(&name.as_str());
         if ours {
+            if name.starts_with("link_")
+                && let Ok(link) = bpf_sys::obj_get(&entry.path())
+                && let Err(e) = bpf_sys::link_detach(link.as_fd())
+            {
+                tracing::debug!(link = %name, error = %e, "explicit detach failed; unpinning detaches it");
+            }
             fs::remove_file(entry.path())?;
             removed += 1;
         }
