@@ -142,9 +142,8 @@ struct NetlinkDiag {
 impl NetlinkDiag {
     fn open() -> io::Result<Self> {
         // SAFETY: plain socket(2) call; the fd is owned right away.
-        let fd = unsafe {
-            libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG)
-        };
+        let fd =
+            unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -154,13 +153,8 @@ impl NetlinkDiag {
 
     fn send(&self, kind: u16, flags: u16, seq: u32, req: &InetDiagReqV2) -> io::Result<()> {
         let mut buf = Vec::with_capacity(size_of::<NlMsgHdr>() + size_of::<InetDiagReqV2>());
-        let hdr = NlMsgHdr {
-            len: (size_of::<NlMsgHdr>() + size_of::<InetDiagReqV2>()) as u32,
-            kind,
-            flags,
-            seq,
-            pid: 0,
-        };
+        let hdr =
+            NlMsgHdr { len: (size_of::<NlMsgHdr>() + size_of::<InetDiagReqV2>()) as u32, kind, flags, seq, pid: 0 };
         buf.extend_from_slice(as_bytes(&hdr));
         buf.extend_from_slice(as_bytes(req));
         // SAFETY: zeroed sockaddr_nl with the family set addresses the kernel.
@@ -209,7 +203,9 @@ impl NetlinkDiag {
             for (hdr, payload) in messages(&buf[..n]) {
                 match i32::from(hdr.kind) {
                     libc::NLMSG_DONE => return Ok(out),
-                    libc::NLMSG_ERROR => return Err(nl_error(payload).unwrap_or_else(|| io::Error::other("netlink error"))),
+                    libc::NLMSG_ERROR => {
+                        return Err(nl_error(payload).unwrap_or_else(|| io::Error::other("netlink error")));
+                    }
                     _ if hdr.kind == SOCK_DIAG_BY_FAMILY && payload.len() >= size_of::<InetDiagMsg>() => {
                         out.push(from_bytes::<InetDiagMsg>(payload));
                     }

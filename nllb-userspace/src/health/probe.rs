@@ -58,8 +58,7 @@ impl Prober {
         match (&self.kind, &self.tls) {
             (ProbeKind::Https, Some((connector, settings))) => {
                 let name = settings.name_for(target.ip());
-                let mut tls =
-                    connector.connect(name, tcp).await.map_err(|e| format!("TLS handshake: {e}"))?;
+                let mut tls = connector.connect(name, tcp).await.map_err(|e| format!("TLS handshake: {e}"))?;
                 let host = match target {
                     SocketAddr::V4(a) => a.ip().to_string(),
                     SocketAddr::V6(a) => format!("[{}]", a.ip()),
@@ -72,11 +71,7 @@ impl Prober {
                 let status = read_status(&mut tls).await?;
                 // Best effort: a clean TLS close spares the server a warning.
                 let _ = tls.shutdown().await;
-                if status == 200 {
-                    Ok(())
-                } else {
-                    Err(format!("GET {}: HTTP {status}", self.path))
-                }
+                if status == 200 { Ok(()) } else { Err(format!("GET {}: HTTP {status}", self.path)) }
             }
             _ => Ok(()),
         }

@@ -60,13 +60,7 @@ impl BackendHealth {
     }
 
     /// Records one probe result; returns true when `healthy` flipped.
-    pub fn observe(
-        &mut self,
-        outcome: Result<Duration, String>,
-        rise: u32,
-        fall: u32,
-        now: SystemTime,
-    ) -> bool {
+    pub fn observe(&mut self, outcome: Result<Duration, String>, rise: u32, fall: u32, now: SystemTime) -> bool {
         let unproven = self.last_ok.is_none();
         match outcome {
             Ok(latency) => {
@@ -116,8 +110,11 @@ impl BackendHealth {
     }
 }
 
-/// Health of every probed backend (address and service port).
+/// Health of every probed backend (address and service port). Serializes
+/// as a plain map `"IP:PORT" -> BackendHealth`, the `health` object of the
+/// agent's status file that `nllb status` reads.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
 pub struct HealthSnapshot {
     pub backends: BTreeMap<SocketAddr, BackendHealth>,
 }
@@ -243,6 +240,14 @@ mod tests {
         assert_eq!(v["last_latency_ms"], 1.5);
         assert_eq!(v["since_unix_ms"], 5000);
         assert_eq!(v["healthy"], true);
+    }
+
+    #[test]
+    fn snapshot_json_is_keyed_by_address() {
+        let mut snap = HealthSnapshot::default();
+        snap.backends.insert("198.18.1.2:6443".parse().unwrap(), BackendHealth::new(t(0)));
+        let v = serde_json::to_value(&snap).unwrap();
+        assert_eq!(v["198.18.1.2:6443"]["healthy"], true, "{v}");
     }
 
     #[test]

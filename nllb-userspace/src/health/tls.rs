@@ -41,12 +41,11 @@ impl TlsSettings {
         let config = match (&cfg.client_cert_file, &cfg.client_key_file) {
             (Some(cert), Some(key)) => {
                 let chain = read_certs(cert, "health.clientCertFile")?;
-                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-                    HealthError::file("health.clientKeyFile", key, format!("no PEM private key: {e}"))
-                })?;
-                builder.with_client_auth_cert(chain, key).map_err(|e| {
-                    HealthError::Tls(format!("client certificate and key do not fit together: {e}"))
-                })?
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| HealthError::file("health.clientKeyFile", key, format!("no PEM private key: {e}")))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| HealthError::Tls(format!("client certificate and key do not fit together: {e}")))?
             }
             _ => builder.with_no_client_auth(),
         };
@@ -94,9 +93,8 @@ fn read_certs(path: &Path, field: &'static str) -> Result<Vec<CertificateDer<'st
 }
 
 fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("bad PEM: {e}"))?;
+    let certs: Vec<_> =
+        CertificateDer::pem_slice_iter(pem).collect::<Result<_, _>>().map_err(|e| format!("bad PEM: {e}"))?;
     if certs.is_empty() {
         return Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
     }
@@ -140,8 +138,8 @@ struct Context {
 fn kubeconfig_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, HealthError> {
     const FIELD: &str = "health.kubeconfig";
     let text = fs::read_to_string(path).map_err(|e| HealthError::file(FIELD, path, e.to_string()))?;
-    let kc: Kubeconfig = serde_yaml::from_str(&text)
-        .map_err(|e| HealthError::file(FIELD, path, format!("not a kubeconfig: {e}")))?;
+    let kc: Kubeconfig =
+        serde_yaml::from_str(&text).map_err(|e| HealthError::file(FIELD, path, format!("not a kubeconfig: {e}")))?;
     let wanted = kc
         .current_context
         .as_ref()
@@ -151,14 +149,13 @@ fn kubeconfig_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, HealthErro
         Some(name) => kc.clusters.iter().find(|c| &c.name == name),
         None => kc.clusters.first(),
     }
-    .ok_or_else(|| {
-        HealthError::file(FIELD, path, "has no cluster for its current-context".into())
-    })?;
+    .ok_or_else(|| HealthError::file(FIELD, path, "has no cluster for its current-context".into()))?;
     if let Some(data) = &cluster.cluster.ca_data {
         let pem = base64::engine::general_purpose::STANDARD
             .decode(data.trim())
             .map_err(|e| HealthError::file(FIELD, path, format!("certificate-authority-data is not base64: {e}")))?;
-        return parse_certs(&pem).map_err(|m| HealthError::file(FIELD, path, format!("certificate-authority-data {m}")));
+        return parse_certs(&pem)
+            .map_err(|m| HealthError::file(FIELD, path, format!("certificate-authority-data {m}")));
     }
     if let Some(ca) = &cluster.cluster.ca_path {
         // kubectl resolves a relative path against the kubeconfig's directory.
