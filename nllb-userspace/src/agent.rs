@@ -17,8 +17,9 @@ use tokio::{
 
 use crate::{
     config::{Config, ConfigError},
+    config::Mode,
     datapath::{
-        Datapath, DatapathError,
+        Datapath, DatapathError, DatapathKind,
         ebpf::{EbpfDatapath, EbpfOptions},
     },
     discovery::DiscoveredSet,
@@ -42,6 +43,10 @@ pub struct AgentOptions {
     pub detach_on_exit: bool,
     /// Overrides the config's `metricsAddr`; None there too means the default.
     pub metrics_addr: Option<SocketAddr>,
+    /// Overrides the config's `mode` (default auto).
+    pub mode: Option<Mode>,
+    /// Overrides the config's `envoy.binary`.
+    pub envoy_binary: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +59,8 @@ pub enum AgentError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Health(#[from] HealthError),
+    #[error(transparent)]
+    Mode(#[from] crate::detect::ModeError),
 }
 
 impl AgentError {
@@ -75,7 +82,17 @@ pub fn validate(opts: &AgentOptions) -> Result<(Config, PathBuf), AgentError> {
         Some(c) => c.clone(),
         None => sys::cgroup2_mount().map_err(|e| ConfigError::new("--cgroup", format!("{e}; pass --cgroup DIR")))?,
     };
-    if !sys::is_cgroup2_dir(&cgroup) {
+    if !cgroup.is_dir() {
+        return Err(ConfigError::new(
+            "--cgroup",
+            format!("{} is not a directory; pass a directory under the cgroup2 mount", cgroup.display()),
+        )
+        .into());
+    }
+    // In auto mode a cgroup the kernel datapath cannot use makes the agent
+    // fall back to Envoy (and say why); asked for eBPF, it is a bad flag.
+    let requested = opts.mode.or(config.mode).unwrap_or(Mode::Auto);
+    if requested == Mode::Ebpf && !sys::is_cgroup2_dir(&cgroup) {
         return Err(ConfigError::new(
             "--cgroup",
             format!("{} is not a cgroup v2 directory; pass a directory under the cgroup2 mount", cgroup.display()),
@@ -170,22 +187,34 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let mut transitions = Transitions::new();
     // Every backend starts healthy: no black hole while the first probes run.
     let plan = transitions.react(&config.services, &backends, &health_rx.borrow()).plan;
-    let ebpf = EbpfDatapath::install(
-        EbpfOptions {
-            cgroup: cgroup.clone(),
-            pin_path: opts.pin_path.clone(),
-            host_network_only: config.host_network_only,
-            passive: config.passive.enabled,
-            eject_hold: config.passive.eject_hold,
-        },
-        &plan,
-    )?;
-    let service_ids = ebpf.service_ids();
+    let requested = opts.mode.or(config.mode).unwrap_or(Mode::Auto);
+    let envoy_binary = opts.envoy_binary.clone().or_else(|| config.envoy.binary.clone());
+    let datapath: Box<dyn Datapath> = match crate::detect::select_mode(requested, &cgroup, envoy_binary.as_deref())? {
+        Mode::Envoy => Box::new(crate::envoy::start_datapath(&config, envoy_binary.as_deref(), &opts.run_dir, &plan)?),
+        Mode::Ebpf | Mode::Auto => Box::new(EbpfDatapath::install(
+            EbpfOptions {
+                cgroup: cgroup.clone(),
+                pin_path: opts.pin_path.clone(),
+                host_network_only: config.host_network_only,
+                passive: config.passive.enabled,
+                eject_hold: config.passive.eject_hold,
+            },
+            &plan,
+        )?),
+    };
+    if datapath.kind() == DatapathKind::Ebpf
+        && let Some(v) = crate::compat::running_kernel()
+    {
+        for f in crate::compat::missing_features(v) {
+            tracing::warn!(feature = f.name, min_kernel = %f.min, "this kernel lacks a feature nllb uses; it is disabled");
+        }
+    }
+    let service_ids = datapath.service_ids();
     let mut agent = Agent {
         config,
         opts,
         cgroup,
-        datapath: Box::new(ebpf),
+        datapath,
         service_ids,
         plan,
         seen_passive: BTreeMap::new(),
@@ -199,9 +228,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         discovered,
         backends,
     };
-    agent.metrics.set_mode("ebpf");
+    let kind = agent.datapath.kind();
+    agent.metrics.set_mode(&format!("{kind:?}").to_lowercase());
     let result = agent.serve().await;
-    if agent.opts.detach_on_exit || agent.config.detach_on_exit {
+    // Envoy is the agent's child: it always goes with the agent.
+    if agent.opts.detach_on_exit || agent.config.detach_on_exit || kind == DatapathKind::Envoy {
         let shutdown = agent.datapath.shutdown();
         let _ = std::fs::remove_file(agent.opts.run_dir.join(crate::status::STATUS_FILE));
         result?;
@@ -374,6 +405,12 @@ impl Agent {
     fn status_extra(&self) -> BTreeMap<String, serde_json::Value> {
         let mut extra = BTreeMap::new();
         extra.insert("metrics_addr".into(), serde_json::json!(self.metrics_addr.map(|a| a.to_string())));
+        if let Some((key, value)) = self.datapath.status_extra() {
+            if let Some(restarts) = value.get("restarts").and_then(|r| r.as_u64()) {
+                self.metrics.sync_envoy_restarts(restarts);
+            }
+            extra.insert(key, value);
+        }
         if let Some(rx) = &self.discovered {
             let set = rx.borrow();
             extra.insert(

@@ -382,9 +382,10 @@ impl Drop for ProbeCgroup {
 }
 
 /// Load the real programs ([`crate::EBPF_OBJECT`]) and attach each to a
-/// fresh child of `parent` (a cgroup v2 directory; never the root cgroup
-/// itself), then detach, unload and remove the child. No process is in the
-/// child, so no connect anywhere is affected.
+/// fresh child of `parent` (a cgroup v2 directory), then detach, unload and
+/// remove the child. No process is in the child, so no connect anywhere is
+/// affected. Where no child can be made, the probe attaches to `parent`
+/// itself for a moment, with empty maps (no connect is rewritten).
 pub fn probe_attach(parent: &Path) -> Result<AttachProbe, String> {
     use aya::{
         EbpfLoader,
@@ -395,8 +396,18 @@ pub fn probe_attach(parent: &Path) -> Result<AttachProbe, String> {
     if !crate::sys::is_cgroup2_dir(parent) {
         return Err(format!("{} is not a cgroup v2 directory", parent.display()));
     }
-    let cg = ProbeCgroup::create(parent).map_err(|e| format!("cannot create a probe cgroup in {}: {e}", parent.display()))?;
-    let mut report = AttachProbe { cgroup: cg.0.clone(), load_error: None, programs: Vec::new() };
+    // A read-only view of the cgroup tree (the DaemonSet mounts it so) has
+    // no room for a child: probe on the target itself then. The probe's
+    // maps are its own and empty, so its programs let every connect proceed.
+    let cg = match ProbeCgroup::create(parent) {
+        Ok(cg) => Some(cg),
+        Err(e) => {
+            tracing::debug!(cgroup = %parent.display(), error = %e, "no probe child cgroup; probing on the target");
+            None
+        }
+    };
+    let target = cg.as_ref().map(|c| c.0.clone()).unwrap_or_else(|| parent.to_path_buf());
+    let mut report = AttachProbe { cgroup: target.clone(), load_error: None, programs: Vec::new() };
     crate::sys::raise_memlock();
     let mut ebpf = match EbpfLoader::new().load(crate::EBPF_OBJECT) {
         Ok(e) => e,
@@ -405,7 +416,7 @@ pub fn probe_attach(parent: &Path) -> Result<AttachProbe, String> {
             return Ok(report);
         }
     };
-    let cgroup_fd = fs::File::open(&cg.0).map_err(|e| format!("{}: {e}", cg.0.display()))?;
+    let cgroup_fd = fs::File::open(&target).map_err(|e| format!("{}: {e}", target.display()))?;
     // Links live until the end of this function: dropping them detaches.
     let mut links: Vec<FdLink> = Vec::new();
     for name in [p::CONNECT4, p::CONNECT6, p::GETPEERNAME4, p::GETPEERNAME6, p::SOCK_OPS] {

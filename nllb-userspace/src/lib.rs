@@ -18,4 +18,4 @@ pub mod status;
 pub mod sys;
 
 /// The eBPF object built from `nllb-ebpf` by build.rs (aya-build).
-pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nllb"));
+pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nllb-ebpf"));

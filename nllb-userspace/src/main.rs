@@ -58,7 +58,20 @@ enum Command {
         /// 127.0.0.1:9542, or the config's metricsAddr).
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// auto: eBPF when the kernel and privileges allow it, else Envoy
+        /// (the reason is logged); ebpf: fail instead of falling back.
+        #[arg(long, value_enum)]
+        mode: Option<nllb::config::Mode>,
+        /// The Envoy binary for envoy mode (default: envoy.binary, then
+        /// $NLLB_ENVOY_BINARY, then `envoy` on PATH).
+        #[arg(long, value_name = "FILE")]
+        envoy_binary: Option<PathBuf>,
     },
+    /// What this node supports and which datapath `--mode auto` would pick.
+    /// Exit 0: eBPF works; 3: only Envoy; 4: neither.
+    Detect(nllb::detect::DetectArgs),
+    /// Print the Envoy configuration envoy mode would generate.
+    EnvoyConfig(nllb::envoy::EnvoyConfigArgs),
     /// Show services, backends and counters from the pinned maps.
     Status {
         #[command(flatten)]
@@ -80,7 +93,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let code = match cli.command {
-        Command::Agent { config, k0s_config, cgroup, loc, state_dir, detach_on_exit, metrics_addr } => {
+        Command::Agent { config, k0s_config, cgroup, loc, state_dir, detach_on_exit, metrics_addr, mode, envoy_binary } => {
             let opts = AgentOptions {
                 config_path: config,
                 k0s_config,
@@ -90,6 +103,8 @@ fn main() -> ExitCode {
                 state_dir,
                 detach_on_exit,
                 metrics_addr,
+                mode,
+                envoy_binary,
             };
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
             match rt.block_on(agent::run(opts)) {
@@ -109,6 +124,8 @@ fn main() -> ExitCode {
             }
             if report.agent_running && report.datapath_installed { 0 } else { 1 }
         }
+        Command::Detect(args) => nllb::detect::run_detect(args),
+        Command::EnvoyConfig(args) => nllb::envoy::run_envoy_config(args),
         Command::Kubeconfig(args) => match nllb::kubeconfig::run(&args) {
             Ok(_) => 0,
             Err(e) => {

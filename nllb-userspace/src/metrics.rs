@@ -139,6 +139,10 @@ impl Metrics {
         self.sync_counter(&c, format!("p/{backend}"), u64::from(failures));
     }
 
+    pub fn sync_envoy_restarts(&self, restarts: u64) {
+        self.sync_counter(&self.envoy_restarts, "envoy_restarts".into(), restarts);
+    }
+
     pub fn set_mode(&self, mode: &str) {
         self.mode.clear();
         self.mode.get_or_create(&ModeLabels { mode: mode.into() }).set(1);

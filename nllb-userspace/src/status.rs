@@ -133,7 +133,13 @@ pub fn read_kernel(pin_path: &Path, agent: Option<&AgentStatus>) -> Result<Vec<K
 pub fn report(pin_path: &Path, run_dir: &Path) -> StatusReport {
     let agent = AgentStatus::read(run_dir).filter(|a| a.pin_path == pin_path || a.pin_path.as_os_str().is_empty());
     let agent_running = agent.as_ref().is_some_and(|a| pid_alive(a.pid));
-    let services = read_kernel(pin_path, agent.as_ref());
+    let envoy_mode = agent.as_ref().is_some_and(|a| a.mode == "envoy");
+    let services = if envoy_mode && agent_running {
+        // No maps in Envoy mode: what the agent published is what Envoy serves.
+        Ok(agent.as_ref().map(published_services).unwrap_or_default())
+    } else {
+        read_kernel(pin_path, agent.as_ref())
+    };
     StatusReport {
         agent_running,
         datapath_installed: services.is_ok(),
@@ -141,6 +147,25 @@ pub fn report(pin_path: &Path, run_dir: &Path) -> StatusReport {
         agent,
         pin_path: pin_path.to_path_buf(),
     }
+}
+
+fn published_services(a: &AgentStatus) -> Vec<KernelService> {
+    a.services
+        .iter()
+        .enumerate()
+        .map(|(i, s)| KernelService {
+            id: s.id.unwrap_or(i as u32),
+            name: Some(s.name.clone()),
+            listen: s.listen.clone(),
+            backends: s
+                .published_backends
+                .iter()
+                .map(|b| KernelBackend { addr: *b, connects: 0, passive_failures: 0, passively_ejected_at_ns: None })
+                .collect(),
+            panic: s.panic,
+            no_backend_refusals: 0,
+        })
+        .collect()
 }
 
 /// Human-readable form.
@@ -158,7 +183,9 @@ pub fn render(r: &StatusReport) -> String {
             let _ = writeln!(out, "agent: NOT running (no status file)");
         }
     }
-    if !r.datapath_installed {
+    if r.agent.as_ref().is_some_and(|a| a.mode == "envoy") && r.agent_running {
+        let _ = writeln!(out, "datapath: Envoy (supervised by the agent; per-backend counters need envoy.adminPort)");
+    } else if !r.datapath_installed {
         let _ = writeln!(out, "datapath: no eBPF maps pinned at {}", r.pin_path.display());
     } else {
         let _ = writeln!(out, "datapath: eBPF, maps pinned at {}", r.pin_path.display());
@@ -204,7 +231,14 @@ pub fn render(r: &StatusReport) -> String {
     }
     if let Some(a) = &r.agent {
         for (k, v) in &a.extra {
-            let _ = writeln!(out, "\n{k}: {v}");
+            match serde_json::from_value::<crate::envoy::EnvoyStatus>(v.clone()) {
+                Ok(envoy) if k == "envoy" => {
+                    let _ = writeln!(out, "\n{}", crate::envoy::render_status(&envoy));
+                }
+                _ => {
+                    let _ = writeln!(out, "\n{k}: {v}");
+                }
+            }
         }
     }
     out

@@ -214,10 +214,12 @@ fn bad_config_exits_2_and_attaches_nothing() {
         assert!(!agent.pin_path.exists(), "nothing may be pinned");
         assert!(attached_programs(cg.path()).is_empty(), "nothing may be attached");
     }
-    // A bad flag too: a --cgroup that is not cgroup v2.
+    // A bad flag too: with the eBPF datapath asked for, a --cgroup that is
+    // not cgroup v2 (in auto mode that falls back to Envoy instead).
     let mut agent = Agent::spawn(&AgentOpts {
         config_yaml: one_service_config(&["127.0.0.1:7443"], 6443, &[], ""),
         cgroup: std::env::temp_dir(),
+        extra_args: vec!["--mode".into(), "ebpf".into()],
         ..Default::default()
     });
     let status = agent.wait_exit(Duration::from_secs(10)).expect("agent must exit on a bad flag");

@@ -501,6 +501,8 @@ fn without_bpf_or_net_admin_the_agent_fails_cleanly() {
             ),
             cgroup: cg.path().to_path_buf(),
             wrapper: with_only(&caps),
+            // Asked for the kernel datapath: no fallback to Envoy.
+            extra_args: vec!["--mode".into(), "ebpf".into()],
             ..Default::default()
         });
         let exit = agent
@@ -514,9 +516,10 @@ fn without_bpf_or_net_admin_the_agent_fails_cleanly() {
         );
         assert!(!log.contains("panicked"), "without {drop}: {log}");
         assert!(
-            log.contains("Operation not permitted"),
+            log.contains("Operation not permitted") || log.contains("missing privileges"),
             "without {drop}: the error must say what was refused: {log}"
         );
+        assert!(log.contains("CAP_BPF"), "without {drop}: the error must name the capabilities: {log}");
         assert!(
             attached_programs(cg.path()).is_empty(),
             "without {drop}: nothing may stay attached"

@@ -49,8 +49,6 @@ pub struct EbpfDatapath {
     maps: Maps,
     tables: Tables,
     opts: EbpfOptions,
-    /// Pinned link files, so the attachment can outlive this process.
-    links: Vec<PathBuf>,
     /// Names of optional programs the kernel refused.
     pub missing: Vec<&'static str>,
     created_pin_dir: bool,
@@ -142,14 +140,12 @@ impl EbpfDatapath {
         let cgroup = fs::File::open(&opts.cgroup)
             .map_err(|source| DatapathError::Cgroup { path: opts.cgroup.display().to_string(), source })?;
         let cgroup_id = bpf_sys::cgroup_id(&opts.cgroup)?;
-        let mut links = Vec::new();
         let mut missing = Vec::new();
         for (name, required) in PROGRAMS {
             let pin = link_pin(&opts.pin_path, name);
             match install_program(&mut ebpf, name, &cgroup, cgroup_id, &pin) {
                 Ok(how) => {
                     tracing::debug!(program = name, how, "program installed");
-                    links.push(pin);
                 }
                 Err(e) if !required => {
                     tracing::warn!(program = name, error = %e, "kernel refused an optional program; continuing without it");
@@ -169,7 +165,7 @@ impl EbpfDatapath {
             pin_path = %opts.pin_path.display(),
             "eBPF datapath attached"
         );
-        Ok(EbpfDatapath { _ebpf: ebpf, maps, tables, opts, links, missing, created_pin_dir })
+        Ok(EbpfDatapath { _ebpf: ebpf, maps, tables, opts, missing, created_pin_dir })
     }
 }
 
@@ -349,9 +345,6 @@ impl Datapath for EbpfDatapath {
     }
 
     fn shutdown(&mut self) -> Result<(), DatapathError> {
-        for link in self.links.drain(..) {
-            let _ = fs::remove_file(&link);
-        }
         let removed = remove_pins(&self.opts.pin_path)?;
         tracing::info!(pins = removed, created_dir = self.created_pin_dir, "eBPF datapath detached and unpinned");
         Ok(())

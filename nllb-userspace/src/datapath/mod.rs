@@ -100,6 +100,10 @@ pub trait Datapath: Send {
     fn service_ids(&self) -> std::collections::BTreeMap<String, u32> {
         Default::default()
     }
+    /// A section for the status file (e.g. Envoy's process state).
+    fn status_extra(&self) -> Option<(String, serde_json::Value)> {
+        None
+    }
     /// Detach and remove everything this datapath installed.
     fn shutdown(&mut self) -> Result<(), DatapathError>;
 }

@@ -268,6 +268,10 @@ impl Datapath for EnvoyDatapath {
         }
     }
 
+    fn status_extra(&self) -> Option<(String, serde_json::Value)> {
+        Some(("envoy".into(), serde_json::to_value(self.status()).unwrap_or_default()))
+    }
+
     fn shutdown(&mut self) -> Result<(), DatapathError> {
         self.stop();
         // Remove the generated config; the log stays for post-mortems.
