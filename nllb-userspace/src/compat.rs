@@ -412,7 +412,7 @@ pub fn probe_attach(parent: &Path) -> Result<AttachProbe, String> {
     let mut ebpf = match EbpfLoader::new().load(crate::EBPF_OBJECT) {
         Ok(e) => e,
         Err(e) => {
-            report.load_error = Some(error_chain(&e));
+            report.load_error = Some(crate::errors::chain(&e));
             return Ok(report);
         }
     };
@@ -450,7 +450,7 @@ pub fn probe_attach(parent: &Path) -> Result<AttachProbe, String> {
                 ProgramProbe { program: name, attached: true, bpf_link: true, error: None }
             }
             Ok(Err(e)) => ProgramProbe { program: name, attached: true, bpf_link: false, error: Some(e) },
-            Err(e) => ProgramProbe { program: name, attached: false, bpf_link: false, error: Some(error_chain(&e)) },
+            Err(e) => ProgramProbe { program: name, attached: false, bpf_link: false, error: Some(crate::errors::chain(&e)) },
         });
     }
     drop(links);
@@ -459,19 +459,6 @@ pub fn probe_attach(parent: &Path) -> Result<AttachProbe, String> {
     Ok(report)
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = c.source();
-    }
-    s
-}
 
 #[cfg(test)]
 mod tests {

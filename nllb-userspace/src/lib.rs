@@ -7,6 +7,7 @@ pub mod datapath;
 pub mod detect;
 pub mod discovery;
 pub mod envoy;
+pub mod errors;
 pub mod health;
 pub mod k0s;
 pub mod kubeconfig;

@@ -110,7 +110,7 @@ fn main() -> ExitCode {
             match rt.block_on(agent::run(opts)) {
                 Ok(()) => 0,
                 Err(e) => {
-                    eprintln!("nllb agent: {}", error_chain(&e));
+                    eprintln!("nllb agent: {}", nllb::errors::chain(&e));
                     e.exit_code()
                 }
             }
@@ -129,7 +129,7 @@ fn main() -> ExitCode {
         Command::Kubeconfig(args) => match nllb::kubeconfig::run(&args) {
             Ok(_) => 0,
             Err(e) => {
-                eprintln!("nllb kubeconfig: {}", error_chain(&e));
+                eprintln!("nllb kubeconfig: {}", nllb::errors::chain(&e));
                 // Bad input (config, kubeconfig) is the operator's to fix.
                 if matches!(e, nllb::kubeconfig::KubeconfigError::Write { .. }) { 1 } else { 2 }
             }
@@ -141,7 +141,7 @@ fn main() -> ExitCode {
                 0
             }
             Err(e) => {
-                eprintln!("nllb uninstall: {}", error_chain(&e));
+                eprintln!("nllb uninstall: {}", nllb::errors::chain(&e));
                 1
             }
         },
@@ -149,17 +149,3 @@ fn main() -> ExitCode {
     ExitCode::from(code as u8)
 }
 
-/// An error and its causes on one line ("a: b: c").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cur = s.source();
-    }
-    out
-}

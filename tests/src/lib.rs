@@ -144,3 +144,13 @@ pub fn bpftool_cgroup_show(cgroup: &std::path::Path) -> Vec<String> {
         .expect("run bpftool (cargo xtask setup installs it)");
     String::from_utf8_lossy(&out.stdout).lines().skip(1).filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
 }
+
+/// `127.0.0.1:port`, the usual virtual address in tests.
+pub fn vip4(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// `[::1]:port`.
+pub fn vip6(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))
+}

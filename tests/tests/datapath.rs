@@ -4,16 +4,13 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use nllb_tests::{
+use nllb_tests::{vip4, 
     Agent, AgentOpts, ClientOpts, Netns, TestCgroup, TestNet, attached_programs, free_port, one_service_config,
     privileged, run_client,
 };
 
 const BACKEND_PORT: u16 = 6443;
 
-fn vip(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
 
 fn start(net: &TestNet, cg: &TestCgroup, listen: &[&str], extra: &str) -> Agent {
     let backends: Vec<_> = net.hosts().iter().map(|h| h.v4).collect();
@@ -34,9 +31,9 @@ fn connects_reach_every_backend_and_getpeername_shows_the_vip() {
         net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("controller-{i}"))).collect();
     let cg = TestCgroup::new();
     let port = free_port();
-    let agent = start(&net, &cg, &[&vip(port).to_string()], "");
+    let agent = start(&net, &cg, &[&vip4(port).to_string()], "");
 
-    let report = run_client(&ClientOpts::new(vip(port), 90, Some(cg.path())));
+    let report = run_client(&ClientOpts::new(vip4(port), 90, Some(cg.path())));
     assert_eq!(report.ok_count(), 90, "every connect must succeed: {:?}", report.failed());
     let by = report.by_body();
     assert_eq!(by.len(), 3, "all three controllers must be used: {by:?}");
@@ -45,7 +42,7 @@ fn connects_reach_every_backend_and_getpeername_shows_the_vip() {
     }
     // The application sees the address it dialed, not the controller's.
     for r in &report.results {
-        assert_eq!(r.peer.as_deref(), Some(vip(port).to_string().as_str()));
+        assert_eq!(r.peer.as_deref(), Some(vip4(port).to_string().as_str()));
     }
     // The per-backend counters saw every connect.
     let status = agent.status();
@@ -86,7 +83,7 @@ fn ipv4_mapped_vip_on_an_ipv6_socket_is_rewritten() {
     let _s = net.hosts()[0].serve(BACKEND_PORT, "mapped-controller");
     let cg = TestCgroup::new();
     let port = free_port();
-    let _agent = start(&net, &cg, &[&vip(port).to_string()], "");
+    let _agent = start(&net, &cg, &[&vip4(port).to_string()], "");
     let mapped: SocketAddr = format!("[::ffff:127.0.0.1]:{port}").parse().unwrap();
     let report = run_client(&ClientOpts::new(mapped, 5, Some(cg.path())));
     assert_eq!(report.ok_count(), 5, "{:?}", report.failed());
@@ -106,7 +103,7 @@ fn processes_outside_the_cgroup_and_other_addresses_are_untouched() {
     let port = free_port();
     // A real listener on the virtual address in the root namespace: what a
     // process that nllb does not steer reaches.
-    let local = std::net::TcpListener::bind(vip(port)).unwrap();
+    let local = std::net::TcpListener::bind(vip4(port)).unwrap();
     let local_thread = std::thread::spawn(move || {
         use std::io::{Read as _, Write as _};
         for conn in local.incoming().take(3) {
@@ -116,10 +113,10 @@ fn processes_outside_the_cgroup_and_other_addresses_are_untouched() {
             let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nlocal");
         }
     });
-    let _agent = start(&net, &cg, &[&vip(port).to_string()], "");
+    let _agent = start(&net, &cg, &[&vip4(port).to_string()], "");
 
     // Outside the cgroup: the real loopback listener answers.
-    let outside = run_client(&ClientOpts::new(vip(port), 3, None));
+    let outside = run_client(&ClientOpts::new(vip4(port), 3, None));
     assert_eq!(outside.by_body().get("local"), Some(&3), "{:?}", outside.results);
     local_thread.join().unwrap();
 
@@ -142,11 +139,11 @@ fn service_without_backends_is_refused_at_once() {
     let cg = TestCgroup::new();
     let port = free_port();
     let agent = Agent::start(&AgentOpts {
-        config_yaml: one_service_config(&[&vip(port).to_string(), &format!("[::1]:{port}")], BACKEND_PORT, &[], ""),
+        config_yaml: one_service_config(&[&vip4(port).to_string(), &format!("[::1]:{port}")], BACKEND_PORT, &[], ""),
         cgroup: cg.path().to_path_buf(),
         ..Default::default()
     });
-    for addr in [vip(port), format!("[::1]:{port}").parse().unwrap()] {
+    for addr in [vip4(port), format!("[::1]:{port}").parse().unwrap()] {
         let report = run_client(&ClientOpts::new(addr, 5, Some(cg.path())));
         for r in &report.results {
             assert_eq!(r.errno, Some(libc::ECONNREFUSED), "{r:?}");
@@ -170,8 +167,8 @@ fn pod_network_namespaces_are_untouched_when_host_network_only() {
 
     for (host_only, expected) in [(true, "pod-local"), (false, "controller")] {
         let cg = TestCgroup::new();
-        let _agent = start(&net, &cg, &[&vip(port).to_string()], &format!("hostNetworkOnly: {host_only}\n"));
-        let mut opts = ClientOpts::new(vip(port), 4, Some(cg.path()));
+        let _agent = start(&net, &cg, &[&vip4(port).to_string()], &format!("hostNetworkOnly: {host_only}\n"));
+        let mut opts = ClientOpts::new(vip4(port), 4, Some(cg.path()));
         opts.netns = Some(pod.name.clone());
         let report = if host_only {
             run_client(&opts)
@@ -190,7 +187,7 @@ fn pod_network_namespaces_are_untouched_when_host_network_only() {
             assert!(!report.results[0].ok);
         }
         // A host-network process in the same cgroup is always rewritten.
-        let host = run_client(&ClientOpts::new(vip(port), 2, Some(cg.path())));
+        let host = run_client(&ClientOpts::new(vip4(port), 2, Some(cg.path())));
         assert_eq!(host.by_body().get("controller"), Some(&2), "{:?}", host.results);
     }
 }
@@ -240,7 +237,7 @@ fn with_detach_on_exit_sigint_and_sigterm_leave_nothing_attached_or_pinned() {
         let port = free_port();
         let backends: Vec<_> = net.hosts().iter().map(|h| h.v4).collect();
         let mut agent = Agent::start(&AgentOpts {
-            config_yaml: one_service_config(&[&vip(port).to_string()], BACKEND_PORT, &backends, ""),
+            config_yaml: one_service_config(&[&vip4(port).to_string()], BACKEND_PORT, &backends, ""),
             cgroup: cg.path().to_path_buf(),
             extra_args: vec!["--detach-on-exit".into()],
             ..Default::default()
@@ -253,7 +250,7 @@ fn with_detach_on_exit_sigint_and_sigterm_leave_nothing_attached_or_pinned() {
         assert!(attached_programs(cg.path()).is_empty(), "{sig}: programs still attached");
         assert!(!agent.pin_path.exists(), "{sig}: pins left behind");
         // And the virtual address is plain loopback again.
-        let after = run_client(&ClientOpts::new(vip(port), 1, Some(cg.path())));
+        let after = run_client(&ClientOpts::new(vip4(port), 1, Some(cg.path())));
         assert_eq!(after.results[0].errno, Some(libc::ECONNREFUSED));
     }
 }

@@ -1,24 +1,21 @@
 //! The datapath outlives the agent: exits, crashes, restarts and upgrades
 //! never leave the virtual address without a program.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use nllb_tests::{
+use nllb_tests::{vip4, 
     Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, attached_programs, free_port, one_service_config, privileged,
     run_client, wait_client,
 };
 
 const BACKEND_PORT: u16 = 6443;
 
-fn vip(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
 
 fn agent(net: &TestNet, cg: &TestCgroup, port: u16) -> Agent {
     let backends: Vec<_> = net.hosts().iter().map(|h| h.v4).collect();
     Agent::start(&AgentOpts {
-        config_yaml: one_service_config(&[&vip(port).to_string()], BACKEND_PORT, &backends, ""),
+        config_yaml: one_service_config(&[&vip4(port).to_string()], BACKEND_PORT, &backends, ""),
         cgroup: cg.path().to_path_buf(),
         ..Default::default()
     })
@@ -38,7 +35,7 @@ fn after_sigterm_the_datapath_keeps_serving_until_uninstall() {
     let status = agent.wait_exit(Duration::from_secs(10)).expect("agent exits on SIGTERM");
     assert_eq!(status.code(), Some(0));
     assert_eq!(attached_programs(cg.path()).len(), 5, "programs must stay attached");
-    let report = run_client(&ClientOpts::new(vip(port), 20, Some(cg.path())));
+    let report = run_client(&ClientOpts::new(vip4(port), 20, Some(cg.path())));
     assert_eq!(report.ok_count(), 20, "no agent, still steered: {:?}", report.failed());
 
     let st = agent.nllb(&["status", "--json"]);
@@ -65,7 +62,7 @@ fn kill_restart_and_upgrade_fail_no_connect() {
     let mut agent = agent(&net, &cg, port);
 
     // A steady client: one connect every 5 ms for ~6 s.
-    let mut opts = ClientOpts::new(vip(port), 1200, Some(cg.path()));
+    let mut opts = ClientOpts::new(vip4(port), 1200, Some(cg.path()));
     opts.interval = Duration::from_millis(5);
     let client = opts.spawn();
 
@@ -89,7 +86,7 @@ fn kill_restart_and_upgrade_fail_no_connect() {
     assert_eq!(report.by_body().len(), 2);
     assert_eq!(attached_programs(cg.path()).len(), 5, "exactly one set of programs after the upgrade");
     // The new maps are the pinned ones: status reads counters from them.
-    let after = run_client(&ClientOpts::new(vip(port), 10, Some(cg.path())));
+    let after = run_client(&ClientOpts::new(vip4(port), 10, Some(cg.path())));
     assert_eq!(after.ok_count(), 10, "{:?}", after.failed());
     let status = agent.status();
     let total: u64 = status["services"][0]["backends"].as_array().unwrap().iter().map(|b| b["connects"].as_u64().unwrap()).sum();

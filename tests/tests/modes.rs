@@ -4,11 +4,11 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::TcpStream,
     time::Duration,
 };
 
-use nllb_tests::{
+use nllb_tests::{vip4, vip6, 
     Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, free_port, one_service_config, privileged, run_client,
     wait_client, wait_for,
 };
@@ -38,13 +38,7 @@ struct Setup {
     agent: Agent,
 }
 
-fn vip4(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
 
-fn vip6(port: u16) -> SocketAddr {
-    format!("[::1]:{port}").parse().unwrap()
-}
 
 fn setup(mode: Mode, hosts: usize, extra: &str) -> Setup {
     let net = TestNet::new(hosts);

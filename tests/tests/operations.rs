@@ -1,19 +1,16 @@
 //! What an operator touches: live reload, metrics and health endpoints,
 //! and the pinned maps as bpftool shows them.
 
-use std::{net::SocketAddr, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use nix::sys::signal::Signal;
-use nllb_tests::{
+use nllb_tests::{vip4, 
     Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, free_port, one_service_config, privileged, run_client,
     wait_client, wait_for,
 };
 
 const BACKEND_PORT: u16 = 6443;
 
-fn vip(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
 
 #[test]
 fn config_changes_apply_live_and_bad_ones_are_rejected() {
@@ -26,11 +23,11 @@ fn config_changes_apply_live_and_bad_ones_are_rejected() {
     let cg = TestCgroup::new();
     let port = free_port();
     let agent = Agent::start(&AgentOpts {
-        config_yaml: one_service_config(&[&vip(port).to_string()], BACKEND_PORT, &h[..1], ""),
+        config_yaml: one_service_config(&[&vip4(port).to_string()], BACKEND_PORT, &h[..1], ""),
         cgroup: cg.path().to_path_buf(),
         ..Default::default()
     });
-    let mut opts = ClientOpts::new(vip(port), 800, Some(cg.path()));
+    let mut opts = ClientOpts::new(vip4(port), 800, Some(cg.path()));
     opts.interval = Duration::from_millis(5);
     let client = opts.spawn();
 
@@ -39,8 +36,8 @@ fn config_changes_apply_live_and_bad_ones_are_rejected() {
     let port2 = free_port();
     let two_services = format!(
         "{}  - name: konnectivity\n    listen: [\"{}\"]\n    backendPort: {BACKEND_PORT}\n",
-        one_service_config(&[&vip(port).to_string()], BACKEND_PORT, &h[1..], "").replace("backends:", "backends_:"),
-        vip(port2)
+        one_service_config(&[&vip4(port).to_string()], BACKEND_PORT, &h[1..], "").replace("backends:", "backends_:"),
+        vip4(port2)
     )
     .replace("backends_:", "backends:");
     // Services come first in the generated YAML; keep `backends` after them.
@@ -48,7 +45,7 @@ fn config_changes_apply_live_and_bad_ones_are_rejected() {
     agent.write_config(&yaml);
     let applied = wait_for(Duration::from_secs(5), || agent.log().contains("reloaded").then_some(()));
     assert!(applied.is_some(), "{}", agent.log());
-    let k = run_client(&ClientOpts::new(vip(port2), 10, Some(cg.path())));
+    let k = run_client(&ClientOpts::new(vip4(port2), 10, Some(cg.path())));
     assert_eq!(k.ok_count(), 10, "the added service works at once: {:?}", k.failed());
 
     // A bad edit is rejected and the running config stays.
@@ -66,10 +63,10 @@ fn config_changes_apply_live_and_bad_ones_are_rejected() {
     assert!(late.iter().all(|r| matches!(r.body.as_deref(), Some("c1" | "c2"))), "traffic moved to the new backends");
 
     // SIGHUP reloads too.
-    agent.write_config(&one_service_config(&[&vip(port).to_string()], BACKEND_PORT, &h[2..], ""));
+    agent.write_config(&one_service_config(&[&vip4(port).to_string()], BACKEND_PORT, &h[2..], ""));
     agent.signal(Signal::SIGHUP);
     let moved = wait_for(Duration::from_secs(5), || {
-        let r = run_client(&ClientOpts::new(vip(port), 5, Some(cg.path())));
+        let r = run_client(&ClientOpts::new(vip4(port), 5, Some(cg.path())));
         (r.by_body().get("c2") == Some(&5)).then_some(())
     });
     assert!(moved.is_some(), "{}", agent.log());
@@ -100,12 +97,12 @@ fn metrics_healthz_and_readyz() {
     let cg = TestCgroup::new();
     let port = free_port();
     let agent = Agent::start(&AgentOpts {
-        config_yaml: one_service_config(&[&vip(port).to_string()], BACKEND_PORT, &h, ""),
+        config_yaml: one_service_config(&[&vip4(port).to_string()], BACKEND_PORT, &h, ""),
         cgroup: cg.path().to_path_buf(),
         ..Default::default()
     });
     assert!(agent.metrics_addr().ip().is_loopback());
-    let report = run_client(&ClientOpts::new(vip(port), 40, Some(cg.path())));
+    let report = run_client(&ClientOpts::new(vip4(port), 40, Some(cg.path())));
     assert_eq!(report.ok_count(), 40);
     assert_eq!(agent.http_get("/healthz").0, 200);
     assert_eq!(agent.http_get("/readyz").0, 200);
@@ -127,7 +124,7 @@ fn metrics_healthz_and_readyz() {
     // No backend published: not ready.
     let cg2 = TestCgroup::new();
     let empty = Agent::start(&AgentOpts {
-        config_yaml: one_service_config(&[&vip(free_port()).to_string()], BACKEND_PORT, &[], ""),
+        config_yaml: one_service_config(&[&vip4(free_port()).to_string()], BACKEND_PORT, &[], ""),
         cgroup: cg2.path().to_path_buf(),
         ..Default::default()
     });

@@ -7,14 +7,13 @@
 //!   cleanly, leaving nothing behind, without the ones it needs.
 
 use std::{
-    net::SocketAddr,
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     process::{Command, Output},
     time::Duration,
 };
 
-use nllb_tests::{
+use nllb_tests::{vip4, 
     AGENT_CAPABILITIES, Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, attached_programs, bpftool_cgroup_show,
     free_port, nllb_bin, one_service_config, privileged, run_client, unique_name,
 };
@@ -31,9 +30,6 @@ const PROGRAMS: [(&str, &str); 5] = [
 ];
 const NOBODY: &str = "65534";
 
-fn vip(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
 
 /// Capability numbers from linux/capability.h.
 fn cap_bit(name: &str) -> u32 {
@@ -123,7 +119,7 @@ fn text(out: &Output) -> String {
 fn start_with(caps: &[&str], net: &TestNet, cg: &Path, port: u16) -> Agent {
     let backends: Vec<_> = net.hosts().iter().map(|h| h.v4).collect();
     Agent::start(&AgentOpts {
-        config_yaml: one_service_config(&[&vip(port).to_string()], BACKEND_PORT, &backends, ""),
+        config_yaml: one_service_config(&[&vip4(port).to_string()], BACKEND_PORT, &backends, ""),
         cgroup: cg.to_path_buf(),
         wrapper: with_only(caps),
         // aya logs what its feature probes found at debug level.
@@ -175,7 +171,7 @@ fn pins_are_root_only_and_nobody_cannot_rewrite_the_backends() {
     let port = free_port();
     let backends: Vec<_> = net.hosts().iter().map(|h| h.v4).collect();
     let agent = Agent::start(&AgentOpts {
-        config_yaml: one_service_config(&[&vip(port).to_string()], BACKEND_PORT, &backends, ""),
+        config_yaml: one_service_config(&[&vip4(port).to_string()], BACKEND_PORT, &backends, ""),
         cgroup: cg.path().to_path_buf(),
         ..Default::default()
     });
@@ -234,7 +230,7 @@ fn pins_are_root_only_and_nobody_cannot_rewrite_the_backends() {
         5,
         "nothing was detached"
     );
-    let report = run_client(&ClientOpts::new(vip(port), 20, Some(cg.path())));
+    let report = run_client(&ClientOpts::new(vip4(port), 20, Some(cg.path())));
     assert_eq!(
         report.ok_count(),
         20,
@@ -305,7 +301,7 @@ fn a_restarted_agent_locks_a_loosened_pin_directory_again() {
             "NOTE: the adopted pin keeps mode {pin_mode:o}; the 0700 directory is what protects it"
         );
     }
-    let report = run_client(&ClientOpts::new(vip(port), 5, Some(cg.path())));
+    let report = run_client(&ClientOpts::new(vip4(port), 5, Some(cg.path())));
     assert_eq!(
         report.by_body().get("controller"),
         Some(&5),
@@ -388,7 +384,7 @@ fn agent_with_exactly_the_documented_capabilities_steers_and_uninstalls() {
     let root_cg = TestCgroup::new();
     let root_agent = Agent::start(&AgentOpts {
         config_yaml: one_service_config(
-            &[&vip(free_port()).to_string()],
+            &[&vip4(free_port()).to_string()],
             BACKEND_PORT,
             &[net.hosts()[0].v4],
             "",
@@ -411,7 +407,7 @@ fn agent_with_exactly_the_documented_capabilities_steers_and_uninstalls() {
         );
     }
 
-    let report = run_client(&ClientOpts::new(vip(port), 40, Some(cg.path())));
+    let report = run_client(&ClientOpts::new(vip4(port), 40, Some(cg.path())));
     assert_eq!(report.ok_count(), 40, "{:?}", report.failed());
     assert_eq!(
         report.by_body().len(),
@@ -494,7 +490,7 @@ fn without_bpf_or_net_admin_the_agent_fails_cleanly() {
         let backends: Vec<_> = net.hosts().iter().map(|h| h.v4).collect();
         let mut agent = Agent::spawn(&AgentOpts {
             config_yaml: one_service_config(
-                &[&vip(free_port()).to_string()],
+                &[&vip4(free_port()).to_string()],
                 BACKEND_PORT,
                 &backends,
                 "",
@@ -563,7 +559,7 @@ fn without_perfmon_no_program_is_lost_silently() {
         .collect();
     let backends: Vec<_> = net.hosts().iter().map(|h| h.v4).collect();
     let mut agent = Agent::spawn(&AgentOpts {
-        config_yaml: one_service_config(&[&vip(port).to_string()], BACKEND_PORT, &backends, ""),
+        config_yaml: one_service_config(&[&vip4(port).to_string()], BACKEND_PORT, &backends, ""),
         cgroup: cg.path().to_path_buf(),
         wrapper: with_only(&caps),
         ..Default::default()
@@ -600,7 +596,7 @@ fn without_perfmon_no_program_is_lost_silently() {
         }
     }
     // The rewrite itself works in every case where the agent started.
-    let report = run_client(&ClientOpts::new(vip(port), 5, Some(cg.path())));
+    let report = run_client(&ClientOpts::new(vip4(port), 5, Some(cg.path())));
     assert_eq!(report.ok_count(), 5, "{:?}", report.failed());
 }
 
@@ -623,7 +619,7 @@ fn attaching_needs_only_a_read_only_view_of_the_cgroup() {
     let port = free_port();
     let _agent = start_with(&AGENT_CAPABILITIES, &net, &ro.path, port);
     assert_eq!(attached_programs(cg.path()).len(), 5);
-    let report = run_client(&ClientOpts::new(vip(port), 5, Some(cg.path())));
+    let report = run_client(&ClientOpts::new(vip4(port), 5, Some(cg.path())));
     assert_eq!(
         report.by_body().get("controller"),
         Some(&5),

@@ -181,12 +181,7 @@ fn restrict_pins(pin_path: &Path) -> Result<(), DatapathError> {
 /// EPERM from the bpf syscall means a missing capability (or, before 5.11,
 /// a memlock limit): say which ones the agent needs.
 fn explain_permission(e: DatapathError) -> DatapathError {
-    let mut text = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        text.push_str(&format!(": {s}"));
-        src = s.source();
-    }
+    let text = crate::errors::chain(&e);
     if text.contains("Operation not permitted") || text.contains("Permission denied") {
         DatapathError::Other(format!(
             "{text}; the agent needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (plus CAP_SYS_RESOURCE before Linux 5.11), see docs/deploy.md"
@@ -232,11 +227,13 @@ fn install_program(
     Ok("attached")
 }
 
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::programs::Program, DatapathError> {
+    ebpf.program_mut(name).ok_or_else(|| DatapathError::Other(format!("eBPF object has no program {name}")))
+}
+
 fn load(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {
     let perr = |source| DatapathError::Program { name, source };
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or_else(|| DatapathError::Other(format!("eBPF object has no program {name}")))?;
+    let prog = program_mut(ebpf, name)?;
     if name == programs::SOCK_OPS {
         let p: &mut SockOps = prog.try_into().map_err(perr)?;
         p.load().map_err(perr)
@@ -257,9 +254,7 @@ fn program_fd<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<std::os::fd::Bor
 // other agents' programs run in the same cgroup.
 fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &fs::File) -> Result<FdLink, DatapathError> {
     let perr = |source| DatapathError::Program { name, source };
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or_else(|| DatapathError::Other(format!("eBPF object has no program {name}")))?;
+    let prog = program_mut(ebpf, name)?;
     if name == programs::SOCK_OPS {
         let p: &mut SockOps = prog.try_into().map_err(perr)?;
         let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
