@@ -305,8 +305,13 @@ fi
 check() { name=$1; shift; if "$@" > /tmp/out 2>&1; then result "$name" ok; else cat /tmp/out; result "$name" FAILED; fi; }
 check smoke::netns-veth sh -c 'I=/usr/sbin/ip; $I netns add smoke && $I link add smoke0 type veth peer name eth0 netns smoke && $I -n smoke link set eth0 up && $I link del smoke0 && $I netns del smoke'
 check smoke::nftables sh -c 'N=/usr/sbin/nft; $N add table inet nllbsmoke && $N add chain inet nllbsmoke out "{ type filter hook output priority 0; }" && $N add rule inet nllbsmoke out ip daddr 198.18.9.9 drop && $N delete table inet nllbsmoke'
-if /nllb detect --help > /dev/null 2>&1; then
-    /nllb detect > /tmp/detect 2>&1; rc=$?
+if /nllb detect --help > /tmp/detect-help 2>&1; then
+    # JSON when offered: the host turns it into a feature x kernel table.
+    if grep -q -- --json /tmp/detect-help; then
+        /nllb detect --json > /tmp/detect 2>/dev/null; rc=$?
+    else
+        /nllb detect > /tmp/detect 2>&1; rc=$?
+    fi
     echo "NLLB-DETECT-BEGIN $K"; cat /tmp/detect; echo "NLLB-DETECT-END $K"
     if [ $rc = 0 ]; then result smoke::nllb-detect ok; else result smoke::nllb-detect FAILED; fi
 fi
