@@ -42,6 +42,9 @@ enum Task {
         /// Kernels booted at once.
         #[arg(long, default_value_t = 2)]
         jobs: usize,
+        /// Run only tests whose `<binary>::<test>` name contains this.
+        #[arg(long)]
+        tests: Option<String>,
     },
 }
 
@@ -54,8 +57,8 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(code);
         }
         Task::Demo { connects } => demo::demo(connects),
-        Task::VmTest { kernels, jobs } => {
-            let code = vmtest::vm_test(&kernels, jobs)?;
+        Task::VmTest { kernels, jobs, tests } => {
+            let code = vmtest::vm_test(&kernels, jobs, tests.as_deref().unwrap_or(""))?;
             std::process::exit(code);
         }
     }

@@ -82,8 +82,9 @@ impl KernelReport {
 
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "{} ok, {} FAILED, {} known failures, {} ignored",
+            "{} ok, {} flaky, {} FAILED, {} known failures, {} ignored",
             self.count("ok"),
+            self.count("flaky"),
             self.count("FAILED"),
             self.count("known-failure"),
             self.count("ignored")
@@ -141,6 +142,7 @@ fn cell(status: Option<&str>) -> &'static str {
         Some("FAILED") => "❌ FAILED",
         Some("ignored") => "➖ ignored",
         Some("known-failure") => "⚠️ known failure",
+        Some("flaky") => "⚠️ flaky (passed on retry)",
         Some(_) => "?",
         None => "—",
     }
