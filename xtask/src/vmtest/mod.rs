@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// Whole-guest time limit (boot + all tests); NLLB_VM_TIMEOUT overrides (seconds).
-const DEFAULT_TIMEOUT_SECS: u64 = 900;
+const DEFAULT_TIMEOUT_SECS: u64 = 1800;
 
 /// Returns the exit status: 0 when every test passed on every kernel.
 pub fn vm_test(wanted: &[String], jobs: usize, filter: &str) -> Result<i32> {
