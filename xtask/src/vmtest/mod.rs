@@ -21,7 +21,7 @@ use std::time::Duration;
 const DEFAULT_TIMEOUT_SECS: u64 = 1800;
 
 /// Returns the exit status: 0 when every test passed on every kernel.
-pub fn vm_test(wanted: &[String], jobs: usize, filter: &str) -> Result<i32> {
+pub fn vm_test(wanted: &[String], jobs: usize, filter: &str, binaries: &[String]) -> Result<i32> {
     let specs = kernels::select(wanted)?;
     let tools = setup::setup()?;
     let target = target_dir()?;
@@ -31,7 +31,10 @@ pub fn vm_test(wanted: &[String], jobs: usize, filter: &str) -> Result<i32> {
     say("building nllb and the nllb-tests test binaries");
     cmd::run(tools.apply(&mut cargo()).args(["build", "-q", "-p", "nllb-userspace", "--bin", "nllb"]))?;
     let nllb = target.join("debug/nllb");
-    let (tests, host_bins) = build_tests(&tools)?;
+    let (mut tests, host_bins) = build_tests(&tools)?;
+    if !binaries.iter().any(|b| b == "all") {
+        tests.retain(|t| binaries.contains(&t.name));
+    }
     say(&format!(
         "test binaries for the guest: {}",
         if tests.is_empty() { "none yet (smoke tests only)".into() } else { tests.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ") }
