@@ -42,6 +42,14 @@ enum Task {
         /// Kernels booted at once.
         #[arg(long, default_value_t = 2)]
         jobs: usize,
+        /// Run only tests whose `<binary>::<test>` name contains this.
+        #[arg(long)]
+        tests: Option<String>,
+        /// nllb-tests binaries run in the guests (`all` for every one): the
+        /// end-to-end tests whose outcome depends on the kernel. The others
+        /// (manifests, discovery, ...) read repo files or test userspace only.
+        #[arg(long, value_delimiter = ',', default_value = "datapath,lifecycle,health,operations")]
+        binaries: Vec<String>,
     },
 }
 
@@ -54,8 +62,8 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(code);
         }
         Task::Demo { connects } => demo::demo(connects),
-        Task::VmTest { kernels, jobs } => {
-            let code = vmtest::vm_test(&kernels, jobs)?;
+        Task::VmTest { kernels, jobs, tests, binaries } => {
+            let code = vmtest::vm_test(&kernels, jobs, tests.as_deref().unwrap_or(""), &binaries)?;
             std::process::exit(code);
         }
     }

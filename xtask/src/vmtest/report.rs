@@ -82,8 +82,9 @@ impl KernelReport {
 
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "{} ok, {} FAILED, {} known failures, {} ignored",
+            "{} ok, {} flaky, {} FAILED, {} known failures, {} ignored",
             self.count("ok"),
+            self.count("flaky"),
             self.count("FAILED"),
             self.count("known-failure"),
             self.count("ignored")
@@ -141,6 +142,7 @@ fn cell(status: Option<&str>) -> &'static str {
         Some("FAILED") => "❌ FAILED",
         Some("ignored") => "➖ ignored",
         Some("known-failure") => "⚠️ known failure",
+        Some("flaky") => "⚠️ flaky (passed on retry)",
         Some(_) => "?",
         None => "—",
     }
@@ -179,6 +181,59 @@ pub fn markdown_table(reports: &[KernelReport]) -> String {
     s + "\n"
 }
 
+/// Kernel features from `nllb detect --json`, read tolerantly: a list of
+/// objects with `name` and a boolean (`available`/`supported`/`present`/
+/// `enabled`), under `features` or at the top, or an object of name -> bool.
+pub fn detected_features(detect: &str) -> Option<Vec<(String, bool)>> {
+    let v: serde_json::Value = serde_json::from_str(detect.trim()).ok()?;
+    let v = v.get("features").unwrap_or(&v);
+    if let Some(list) = v.as_array() {
+        return list
+            .iter()
+            .map(|f| {
+                let name = f.get("name")?.as_str()?.to_owned();
+                let on = ["available", "supported", "present", "enabled"].iter().find_map(|k| f.get(*k)?.as_bool())?;
+                Some((name, on))
+            })
+            .collect();
+    }
+    v.as_object()?.iter().map(|(k, b)| Some((k.clone(), b.as_bool()?))).collect()
+}
+
+fn features_table(reports: &[KernelReport]) -> String {
+    let per_kernel: Vec<Option<Vec<(String, bool)>>> =
+        reports.iter().map(|r| r.detect.as_deref().and_then(detected_features)).collect();
+    let mut names: Vec<&str> = Vec::new();
+    for f in per_kernel.iter().flatten().flatten() {
+        if !names.contains(&f.0.as_str()) {
+            names.push(&f.0);
+        }
+    }
+    if names.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from("\n## Kernel features (`nllb detect --json` in each guest)\n\n| feature |");
+    for r in reports {
+        s += &format!(" {} |", r.label);
+    }
+    s += "\n|---|";
+    s += &"---|".repeat(reports.len());
+    s += "\n";
+    for n in names {
+        s += &format!("| {n} |");
+        for k in &per_kernel {
+            let cell = match k.as_ref().and_then(|fs| fs.iter().find(|f| f.0 == n)) {
+                Some((_, true)) => "✅",
+                Some((_, false)) => "❌",
+                None => "—",
+            };
+            s += &format!(" {cell} |");
+        }
+        s += "\n";
+    }
+    s
+}
+
 fn short_reason(r: &KernelReport) -> &'static str {
     if r.error.is_some() {
         "error"
@@ -211,9 +266,10 @@ fn markdown(reports: &[KernelReport]) -> String {
     }
     s += "\n## Results\n\n";
     s += &markdown_table(reports);
+    s += &features_table(reports);
     let detects: Vec<&KernelReport> = reports.iter().filter(|r| r.detect.is_some()).collect();
     if !detects.is_empty() {
-        s += "\n## Kernel features (`nllb detect` in each guest)\n";
+        s += "\n## `nllb detect` output per kernel\n";
         for r in detects {
             s += &format!("\n### {}\n\n```\n{}\n```\n", r.label, r.detect.as_deref().unwrap_or_default());
         }
@@ -239,6 +295,15 @@ fn markdown(reports: &[KernelReport]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn detect_json_shapes_are_read() {
+        let a = detected_features(r#"{"features":[{"name":"connect4","available":true},{"name":"sock_destroy","available":false}]}"#);
+        assert_eq!(a, Some(vec![("connect4".into(), true), ("sock_destroy".into(), false)]));
+        let b = detected_features(r#"{"ringbuf": true}"#);
+        assert_eq!(b, Some(vec![("ringbuf".into(), true)]));
+        assert_eq!(detected_features("connect4 yes"), None);
+    }
 
     #[test]
     fn readme_table_is_replaced_between_markers_only() {
