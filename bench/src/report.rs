@@ -1,0 +1,329 @@
+//! BENCHMARKS.md and the SVG chart, both generated from `Results` so that the
+//! document never disagrees with the numbers next to it.
+
+use std::fmt::Write as _;
+
+use crate::results::{Measurement, Results, WorkloadResult};
+
+fn ratio(v: f64, base: f64) -> String {
+    if base > 0.0 && v.is_finite() { format!("{:.2}×", v / base) } else { "–".into() }
+}
+
+fn label<'a>(r: &'a Results, id: &'a str) -> &'a str {
+    r.paths.iter().find(|p| p.id == id).map_or(id, |p| p.label.as_str())
+}
+
+/// Paths in the order they were set up (direct first).
+fn ordered<'a>(r: &'a Results, w: &'a WorkloadResult) -> Vec<(&'a str, &'a Measurement)> {
+    r.paths.iter().filter_map(|p| w.runs.get(&p.id).map(|m| (p.id.as_str(), m))).collect()
+}
+
+pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
+    let mut s = String::new();
+    let m = &r.machine;
+    let _ = writeln!(s, "# Benchmarks\n");
+    let _ = writeln!(
+        s,
+        "nllb against a direct connection, Envoy and HAProxy, measured side by side in one run \
+         by `cargo xtask bench` (crate `bench/`, binary `nllb-bench`; `--quick` for a run under a minute). \
+         Raw numbers: `bench/results/latest.json`.\n"
+    );
+    let _ = writeln!(s, "## Machine and method\n");
+    let _ = writeln!(s, "- Kernel `{}`, {} cores ({}), {:.0} GiB memory.", m.kernel, m.nproc, m.cpu_model, m.mem_gib);
+    let st = &r.settings;
+    let pin = match (st.client_cpu, st.proxy_cpu, st.backend_cpu) {
+        (Some(c), Some(p), Some(b)) => format!("client on CPU {c}, proxy/agent on CPU {p} (the \"worker node\"), backends on CPU {b} (the \"controllers\")"),
+        _ => "no pinning".into(),
+    };
+    let _ = writeln!(
+        s,
+        "- Backends: 3 simulated controllers ({}) in their own network namespaces behind veth pairs, \
+         each an HTTP echo server on :6443 and a bulk source on :6444. {pin}.",
+        st.backends.join(", ")
+    );
+    let _ = writeln!(
+        s,
+        "- Load generator: Rust/tokio, one client process per measurement that moves itself into the \
+         measured cgroup before its first connect. Each figure is the median of {} round(s) of {:.1} s; \
+         rounds alternate between paths so background noise hits all of them alike.",
+        st.rounds,
+        st.run_ms as f64 / 1000.0
+    );
+    let _ = writeln!(
+        s,
+        "- CPU per operation = client CPU (getrusage) + proxy/agent CPU (/proc/<pid>/stat, including children) \
+         during the run, divided by operations. Kernel work done in softirq context on behalf of other \
+         processes is not attributed to anyone, for any path alike.\n"
+    );
+    if r.quick {
+        let _ = writeln!(s, "> **Quick run** (`--quick`): short, single round, no failover. Use the full run for figures to quote.\n");
+    }
+    let _ = writeln!(s, "| path | what it is |\n|---|---|");
+    for p in &r.paths {
+        let state = if p.available { "" } else { "**not measured:** " };
+        let _ = writeln!(s, "| {} | {state}{} |", p.label, p.note.as_deref().unwrap_or("").replace('|', "/").replace('\n', " "));
+    }
+    if let Some(c) = chart_rel {
+        let _ = writeln!(s, "\n![throughput, p99 latency and CPU per operation relative to direct]({c})\n");
+    }
+
+    for w in &r.workloads {
+        let Some(base) = w.runs.get("direct") else { continue };
+        let _ = writeln!(s, "\n## {}\n", capitalize(&w.title));
+        if w.id == "bulk" {
+            let _ = writeln!(s, "| path | Gbit/s | vs direct | CPU µs per 64 KiB | vs direct |\n|---|---:|---:|---:|---:|");
+            for (id, x) in ordered(r, w) {
+                let _ = writeln!(
+                    s,
+                    "| {} | {:.2} | {} | {:.1} | {} |",
+                    label(r, id),
+                    x.client.gbit_s,
+                    ratio(x.client.gbit_s, base.client.gbit_s),
+                    x.cpu_us_per_op,
+                    ratio(x.cpu_us_per_op, base.cpu_us_per_op)
+                );
+            }
+            continue;
+        }
+        let unit = &w.unit;
+        let op = if w.id.starts_with("crr") { "conn" } else { "req" };
+        let _ = writeln!(
+            s,
+            "| path | {unit} | vs direct | p50 µs | p99 µs | vs direct | p99.9 µs | CPU µs/{op} | vs direct | errors |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for (id, x) in ordered(r, w) {
+            let c = &x.client;
+            let _ = writeln!(
+                s,
+                "| {} | {:.0} | {} | {:.0} | {:.0} | {} | {:.0} | {:.1} | {} | {} |",
+                label(r, id),
+                c.rate,
+                ratio(c.rate, base.client.rate),
+                c.p50_us,
+                c.p99_us,
+                ratio(c.p99_us, base.client.p99_us),
+                c.p999_us,
+                x.cpu_us_per_op,
+                ratio(x.cpu_us_per_op, base.cpu_us_per_op),
+                c.errors
+            );
+        }
+    }
+
+    let _ = writeln!(s, "\n## Cost of the connect program\n");
+    if r.bpf.is_empty() {
+        let _ = writeln!(s, "Not measured: the nllb eBPF path did not run (see the path table).");
+    } else {
+        let _ = writeln!(
+            s,
+            "From the kernel's own accounting (`kernel.bpf_stats_enabled=1` during the nllb runs, restored after), \
+             summed over every nllb eBPF run of this benchmark:\n\n| program | attach type | runs | total ns | ns per run |\n|---|---|---:|---:|---:|"
+        );
+        for b in &r.bpf {
+            let _ = writeln!(s, "| `{}` | {} | {} | {} | {:.0} |", b.name, b.attach_type, b.run_cnt, b.run_time_ns, b.ns_per_run);
+        }
+        let _ = writeln!(s, "\nThe sock_ops program runs several times per connection (each state change it subscribes to).");
+    }
+
+    let _ = writeln!(s, "\n## Footprint\n");
+    let _ = writeln!(
+        s,
+        "Process tree of each path (agent, agent + Envoy, Envoy, HAProxy). Idle: nothing connecting; \
+         load: during the highest-concurrency connect–request–response–close run.\n\n\
+         | path | RSS idle MiB | CPU idle % of a core | RSS under load MiB | CPU under load % of a core |\n|---|---:|---:|---:|---:|"
+    );
+    for f in &r.footprint {
+        let (lr, lc) = f.load.as_ref().map_or(("–".into(), "–".into()), |u| (format!("{:.1}", u.rss_kib as f64 / 1024.0), format!("{:.1}", u.cpu_pct)));
+        let _ = writeln!(s, "| {} | {:.1} | {:.2} | {lr} | {lc} |", label(r, &f.path), f.idle.rss_kib as f64 / 1024.0, f.idle.cpu_pct);
+    }
+
+    let _ = writeln!(s, "\n## Failover\n");
+    if r.failover.is_empty() {
+        let _ = writeln!(s, "Not measured in this run: {}.", r.failover_note.as_deref().unwrap_or("no failover configuration was available"));
+    } else {
+        let f0 = &r.failover[0];
+        let _ = writeln!(
+            s,
+            "Open-loop client at {} connects/s (each connect–request–response–close, timeout {} ms) through the path; \
+             after 2 s one of the three controllers is killed (`rst`: its server closes, connects are refused) or \
+             blackholed (`blackhole`: nftables drops everything inside its namespace). \"Last failure\" is when the \
+             last failed attempt started, counted from the fault: the time until connects stop failing.\n\n\
+             | path | fault | attempts | failed | last failure after fault | recovered in window |\n|---|---|---:|---:|---:|---|",
+            f0.rate, f0.timeout_ms
+        );
+        for f in &r.failover {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} |",
+                f.label,
+                f.fault,
+                f.attempts,
+                f.failed_after_fault,
+                f.last_failure_ms.map_or("none failed".into(), |v| format!("{:.2} s", v / 1000.0)),
+                if f.recovered { format!("yes ({:.0} s window)", f.window_ms as f64 / 1000.0) } else { format!("**no** ({:.0} s window)", f.window_ms as f64 / 1000.0) }
+            );
+        }
+        if let Some(n) = &r.failover_note {
+            let _ = writeln!(s, "\nNot measured: {n}.");
+        }
+    }
+
+    let _ = writeln!(s, "\n## Where nllb is not ahead\n");
+    let notes = honest_notes(r);
+    if notes.is_empty() {
+        let _ = writeln!(s, "In this run nllb's eBPF path was at least as fast as every proxy on every workload.");
+    }
+    for n in notes {
+        let _ = writeln!(s, "- {n}");
+    }
+    s
+}
+
+fn capitalize(t: &str) -> String {
+    let mut c = t.chars();
+    c.next().map(|f| f.to_uppercase().collect::<String>() + c.as_str()).unwrap_or_default()
+}
+
+/// Plain statements wherever a proxy beat nllb or nllb fell well short of direct.
+fn honest_notes(r: &Results) -> Vec<String> {
+    let mut notes = Vec::new();
+    if !r.paths.iter().any(|p| p.id == "nllb" && p.available) {
+        notes.push("nllb's eBPF path was not measured in this run, so nothing here supports a claim about it.".into());
+        return notes;
+    }
+    for w in &r.workloads {
+        let (Some(n), Some(d)) = (w.runs.get("nllb"), w.runs.get("direct")) else { continue };
+        let (nv, dv) = if w.id == "bulk" { (n.client.gbit_s, d.client.gbit_s) } else { (n.client.rate, d.client.rate) };
+        if nv < 0.9 * dv {
+            notes.push(format!("{}: nllb reached {:.0}% of direct.", w.title, 100.0 * nv / dv));
+        }
+        for (id, x) in &w.runs {
+            if id == "nllb" || id == "direct" {
+                continue;
+            }
+            let xv = if w.id == "bulk" { x.client.gbit_s } else { x.client.rate };
+            if xv > nv {
+                notes.push(format!("{}: {} was faster than nllb ({:.2}× nllb's rate).", w.title, label(r, id), xv / nv));
+            }
+            if w.id != "bulk" && x.client.p99_us < n.client.p99_us {
+                notes.push(format!("{}: {} had a lower p99 than nllb ({:.0} vs {:.0} µs).", w.title, label(r, id), x.client.p99_us, n.client.p99_us));
+            }
+        }
+    }
+    for f in &r.failover {
+        if f.path == "nllb" && f.failed_after_fault > 0 {
+            notes.push(format!(
+                "Failover ({}): {} connects failed through nllb before the dead controller was ejected (last at {:.2} s).",
+                f.fault,
+                f.failed_after_fault,
+                f.last_failure_ms.unwrap_or(0.0) / 1000.0
+            ));
+        }
+    }
+    notes.push(
+        "Everything runs on one 2-core machine shared with other work: backends, client and proxies compete \
+         for the same cores, and veth stands in for a real NIC, so absolute numbers are low and noisy; compare ratios within a run."
+            .into(),
+    );
+    notes
+}
+
+fn color(id: &str) -> &'static str {
+    match id {
+        "direct" => "#8c8c8c",
+        "nllb" => "#2ca02c",
+        "nllb-envoy" | "envoy" => "#ff7f0e",
+        "haproxy" => "#1f77b4",
+        _ => "#9467bd",
+    }
+}
+
+fn esc(t: &str) -> String {
+    t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// Three panels of grouped bars, each bar a path's figure as a percentage of
+/// direct: throughput (higher is better), p99 latency and CPU per operation
+/// (lower is better).
+pub fn svg(r: &Results) -> String {
+    type Metric = fn(&Measurement, bool) -> f64;
+    let panels: [(&str, Metric, bool); 3] = [
+        ("Throughput, % of direct (higher is better)", |m, bulk| if bulk { m.client.gbit_s } else { m.client.rate }, true),
+        ("p99 latency, % of direct (lower is better)", |m, _| m.client.p99_us, false),
+        ("CPU per operation (client + proxy), % of direct (lower is better)", |m, _| m.cpu_us_per_op, true),
+    ];
+    let paths: Vec<&str> = r.paths.iter().filter(|p| p.available).map(|p| p.id.as_str()).collect();
+    let (w, ph, top, left) = (980.0, 230.0, 70.0, 60.0);
+    let h = top + panels.len() as f64 * (ph + 60.0) + 10.0;
+    let mut s = String::new();
+    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="22" font-size="16" font-weight="bold" text-anchor="middle">nllb vs direct, Envoy, HAProxy — kernel {}, {} cores{}</text>"#,
+        w / 2.0,
+        esc(&r.machine.kernel),
+        r.machine.nproc,
+        if r.quick { " (quick run)" } else { "" }
+    );
+    // Legend.
+    let mut lx = left;
+    for id in &paths {
+        let _ = writeln!(s, r#"<rect x="{lx}" y="36" width="12" height="12" fill="{}"/><text x="{}" y="46">{}</text>"#, color(id), lx + 16.0, esc(label(r, id)));
+        lx += 30.0 + 7.0 * label(r, id).chars().count() as f64;
+    }
+    for (pi, (title, metric, _)) in panels.iter().enumerate() {
+        let y0 = top + pi as f64 * (ph + 60.0);
+        let groups: Vec<(&WorkloadResult, Vec<(&str, f64)>)> = r
+            .workloads
+            .iter()
+            .filter(|wl| !(pi == 1 && wl.id == "bulk"))
+            .filter_map(|wl| {
+                let bulk = wl.id == "bulk";
+                let base = metric(wl.runs.get("direct")?, bulk);
+                (base > 0.0).then(|| (wl, paths.iter().filter_map(|id| wl.runs.get(*id).map(|m| (*id, 100.0 * metric(m, bulk) / base))).collect()))
+            })
+            .collect();
+        let max = groups.iter().flat_map(|g| g.1.iter().map(|v| v.1)).fold(100.0f64, f64::max);
+        let scale_max = (max / 50.0).ceil() * 50.0;
+        let _ = writeln!(s, r#"<text x="{left}" y="{}" font-size="13" font-weight="bold">{}</text>"#, y0 + 14.0, esc(title));
+        let (py, pheight) = (y0 + 24.0, ph - 24.0);
+        let pw = w - left - 20.0;
+        // Grid lines every 50 %.
+        let mut g = 0.0;
+        while g <= scale_max {
+            let y = py + pheight - pheight * g / scale_max;
+            let stroke = if g == 100.0 { "#444" } else { "#ddd" };
+            let _ = writeln!(s, r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="{stroke}"/><text x="{}" y="{:.1}" text-anchor="end" fill="#555">{g:.0}%</text>"##, left + pw, left - 4.0, y + 4.0);
+            g += 50.0;
+        }
+        let gw = pw / groups.len().max(1) as f64;
+        for (gi, (wl, bars)) in groups.iter().enumerate() {
+            let gx = left + gi as f64 * gw;
+            let bw = (gw - 20.0) / bars.len().max(1) as f64;
+            for (bi, (id, v)) in bars.iter().enumerate() {
+                let bh = pheight * v / scale_max;
+                let x = gx + 10.0 + bi as f64 * bw;
+                let y = py + pheight - bh;
+                let _ = writeln!(s, r#"<rect x="{x:.1}" y="{y:.1}" width="{:.1}" height="{bh:.1}" fill="{}"><title>{}: {v:.0}%</title></rect>"#, bw - 2.0, color(id), esc(label(r, id)));
+                let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{v:.0}</text>"#, x + (bw - 2.0) / 2.0, y - 3.0);
+            }
+            let short = short_title(&wl.id, r.settings.high_concurrency);
+            let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#, gx + gw / 2.0, py + pheight + 16.0, esc(&short));
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn short_title(id: &str, c: usize) -> String {
+    match id {
+        "crr_c1" => "connect+req+close ×1".into(),
+        "rr_c1" => "req/resp, 1 conn".into(),
+        "bulk" => "bulk, 1 conn".into(),
+        x if x == format!("crr_c{c}") => format!("connect+req+close ×{c}"),
+        x if x == format!("rr_c{c}") => format!("req/resp, {c} conns"),
+        x => x.into(),
+    }
+}

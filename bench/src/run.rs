@@ -1,0 +1,448 @@
+//! One benchmark run: controllers in namespaces, every path started side by
+//! side, workloads alternating between paths round by round (so a noisy
+//! neighbour hits all paths alike), then footprint and failover.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, bail};
+
+use crate::{
+    backend::Backends,
+    bpfstats::{self, ProgStats},
+    loadgen::{ClientResult, ClientSpec, Workload},
+    netns::{Cgroup, Hosts},
+    paths::{self, AgentOpts, PathUnderTest},
+    proxies::{self, EnvoyHealth, K0S_HEALTH},
+    results::*,
+};
+
+pub struct Options {
+    pub quick: bool,
+    pub nllb_bin: Option<PathBuf>,
+    pub envoy_bin: Option<PathBuf>,
+    pub pin: bool,
+    pub failover: bool,
+    pub only: Option<Vec<String>>,
+    pub high_concurrency: usize,
+}
+
+/// nllb's default health settings, for the Envoy stand-in of nllb's Envoy mode.
+const NLLB_DEFAULT_HEALTH: EnvoyHealth = EnvoyHealth { interval_ms: 500, timeout_ms: 250, healthy: 2, unhealthy: 2 };
+
+pub struct TempDir(pub PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<Results> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("the benchmark creates network namespaces and cgroups: run it as root");
+    }
+    let (client_cpu, proxy_cpu, backend_cpu) = pins(opts.pin);
+    let run_ms = if opts.quick { 1000 } else { 2500 };
+    let rounds = if opts.quick { 1 } else { 3 };
+    let tmp = TempDir(std::env::temp_dir().join(format!("nllb-bench-{}", std::process::id())));
+    std::fs::create_dir_all(&tmp.0)?;
+    let dir = tmp.0.as_path();
+
+    eprintln!("== setting up 3 controllers in network namespaces");
+    let hosts = Hosts::new(3)?;
+    let addrs: Vec<Ipv4Addr> = hosts.hosts.iter().map(|h| h.addr).collect();
+    let mut backends = Backends::start(&hosts.hosts, backend_cpu)?;
+    let plain_cg = Cgroup::new("plain")?;
+    let nllb_cg = Cgroup::new("nllb")?;
+    let nllb_bin = find_nllb(opts.nllb_bin.as_deref());
+    let envoy_bin = proxies::find_envoy(opts.envoy_bin.as_deref());
+    let vip_api = SocketAddr::from(([127, 0, 0, 1], 7443));
+    let vip_bulk = SocketAddr::from(([127, 0, 0, 1], 7444));
+
+    eprintln!("== starting paths");
+    let mut paths: Vec<PathUnderTest> = Vec::new();
+    paths.push(paths::direct(addrs[0], &plain_cg.path));
+    paths.push(start_nllb_ebpf(&nllb_bin, dir, "ebpf", &addrs, &nllb_cg.path, vip_api, vip_bulk, proxy_cpu));
+    paths.push(start_envoy_mode(&nllb_bin, envoy_bin.as_deref(), dir, &addrs, &plain_cg.path, proxy_cpu, None));
+    paths.push(
+        paths::haproxy(dir, &addrs, &plain_cg.path, proxy_cpu)
+            .unwrap_or_else(|e| PathUnderTest::unavailable("haproxy", "HAProxy", format!("{e:#}"))),
+    );
+    if let Some(only) = &opts.only {
+        paths.retain(|p| only.iter().any(|o| o == &p.info.id || (o == "envoy" && p.info.id.starts_with("envoy")) || (o == "nllb" && p.info.id.starts_with("nllb"))));
+    }
+    for p in &paths {
+        let state = if p.info.available { "ok" } else { "UNAVAILABLE" };
+        eprintln!("   {:<12} {state}  {}", p.info.id, p.info.note.as_deref().unwrap_or(""));
+    }
+
+    eprintln!("== idle footprint");
+    let meters: Vec<_> = paths.iter().map(|p| p.meter()).collect();
+    std::thread::sleep(Duration::from_millis(if opts.quick { 1000 } else { 3000 }));
+    let mut footprint: Vec<Footprint> = paths
+        .iter()
+        .zip(&meters)
+        .filter_map(|(p, m)| m.as_ref().map(|m| Footprint { path: p.info.id.clone(), idle: m.stop(), load: None }))
+        .collect();
+
+    let c = opts.high_concurrency;
+    let workloads: Vec<(String, String, String, Workload, bool)> = vec![
+        ("crr_c1".into(), "connect–request–response–close, concurrency 1".into(), "conn/s".into(), Workload::Crr { concurrency: 1, duration_ms: run_ms }, false),
+        (format!("crr_c{c}"), format!("connect–request–response–close, concurrency {c}"), "conn/s".into(), Workload::Crr { concurrency: c, duration_ms: run_ms }, false),
+        ("rr_c1".into(), "request–response, 1 persistent connection".into(), "req/s".into(), Workload::Rr { concurrency: 1, duration_ms: run_ms }, false),
+        (format!("rr_c{c}"), format!("request–response, {c} persistent connections"), "req/s".into(), Workload::Rr { concurrency: c, duration_ms: run_ms }, false),
+        ("bulk".into(), "bulk download, 1 connection".into(), "B/s".into(), Workload::Bulk { duration_ms: run_ms }, true),
+    ];
+
+    // Run time accounting only while we measure (it costs every BPF program
+    // on the machine two clock reads per run); restored on drop.
+    let stats_guard = match bpfstats::StatsEnabled::new() {
+        Ok(g) => Some(g),
+        Err(e) => {
+            eprintln!("warning: no BPF run-time stats: {e:#}");
+            None
+        }
+    };
+    let mut bpf_totals: BTreeMap<String, ProgStats> = BTreeMap::new();
+    let mut results = Vec::new();
+    for (id, title, unit, w, bulk) in &workloads {
+        eprintln!("== {title}");
+        let mut per_path: BTreeMap<String, Vec<(ClientResult, Option<crate::procstat::Usage>)>> = BTreeMap::new();
+        for _round in 0..rounds {
+            for p in paths.iter().filter(|p| p.info.available) {
+                let addr = if *bulk { p.bulk } else { p.api };
+                let bpf_before = if p.info.id == "nllb" { bpfstats::attached(&p.cgroup).ok() } else { None };
+                let meter = p.meter();
+                let spec = ClientSpec { addr, workload: w.clone(), cgroup: Some(p.cgroup.clone()), cpu: client_cpu };
+                let r = match run_client(&spec) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("   {:<12} client failed: {e:#}", p.info.id);
+                        continue;
+                    }
+                };
+                let usage = meter.map(|m| m.stop());
+                if let (Some(before), Ok(after)) = (bpf_before, bpfstats::attached(&p.cgroup).map_err(|e| eprintln!("warning: bpftool: {e:#}"))) {
+                    for a in &after {
+                        if let Some(b) = before.iter().find(|b| b.id == a.id) {
+                            let d = a.since(b);
+                            let t = bpf_totals.entry(a.attach_type.clone()).or_insert_with(|| ProgStats { run_cnt: 0, run_time_ns: 0, ..d.clone() });
+                            t.run_cnt += d.run_cnt;
+                            t.run_time_ns += d.run_time_ns;
+                        }
+                    }
+                }
+                let shown = if *bulk { format!("{:.2} Gbit/s", r.gbit_s) } else { format!("{:.0} {unit}, p99 {:.0} µs", r.rate, r.p99_us) };
+                let errs = if r.errors > 0 { format!("  {} errors ({})", r.errors, r.first_error.as_deref().unwrap_or("")) } else { String::new() };
+                eprintln!("   {:<12} {shown}{errs}", p.info.id);
+                per_path.entry(p.info.id.clone()).or_default().push((r, usage));
+            }
+        }
+        let mut runs = BTreeMap::new();
+        for (path, mut rs) in per_path {
+            let round_rates: Vec<f64> = rs.iter().map(|(r, _)| r.rate).collect();
+            rs.sort_by(|a, b| a.0.rate.total_cmp(&b.0.rate));
+            let (client, proxy) = rs.swap_remove(rs.len() / 2);
+            let cpu = client.cpu_user_s + client.cpu_sys_s + proxy.as_ref().map_or(0.0, |u| u.cpu_s);
+            let ops = if *bulk { client.bytes as f64 / 65536.0 } else { client.ops as f64 };
+            let cpu_us_per_op = if ops > 0.0 { cpu * 1e6 / ops } else { 0.0 };
+            if id == &format!("crr_c{c}") {
+                if let (Some(f), Some(u)) = (footprint.iter_mut().find(|f| f.path == path), &proxy) {
+                    f.load = Some(u.clone());
+                }
+            }
+            runs.insert(path, Measurement { client, round_rates, proxy, cpu_us_per_op });
+        }
+        results.push(WorkloadResult { id: id.clone(), title: title.clone(), unit: unit.clone(), runs });
+    }
+    drop(stats_guard);
+    let infos = paths.iter().map(|p| p.info.clone()).collect();
+    // Failover starts fresh instances of each path: stop these first so two
+    // agents never attach to the same cgroup.
+    drop(paths);
+
+    let (failover, failover_note) = if opts.failover {
+        match failover_all(opts, dir, &addrs, &hosts, &mut backends, &nllb_bin, envoy_bin.as_deref(), &nllb_cg.path, &plain_cg.path, client_cpu, proxy_cpu) {
+            Ok(r) => r,
+            Err(e) => (Vec::new(), Some(format!("failover run failed: {e:#}"))),
+        }
+    } else {
+        (Vec::new(), Some("skipped (--quick or --no-failover)".into()))
+    };
+
+    Ok(Results {
+        generated_at: SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
+        quick: opts.quick,
+        machine: machine(),
+        settings: Settings {
+            run_ms,
+            rounds,
+            high_concurrency: c,
+            client_cpu,
+            proxy_cpu,
+            backend_cpu,
+            backends: addrs.iter().map(|a| a.to_string()).collect(),
+        },
+        paths: infos,
+        workloads: results,
+        bpf: bpf_totals.values().map(BpfCost::from).collect(),
+        footprint,
+        failover,
+        failover_note,
+    })
+}
+
+/// Client and proxy share core 0 (the "worker node"), backends get core 1
+/// (the "controllers"): a proxy's cost then shows up where it would in a
+/// cluster, as CPU taken from the node's own workload.
+fn pins(pin: bool) -> (Option<usize>, Option<usize>, Option<usize>) {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if !pin || n < 2 { (None, None, None) } else { (Some(0), Some(0), Some(1)) }
+}
+
+fn run_client(spec: &ClientSpec) -> anyhow::Result<ClientResult> {
+    let exe = std::env::current_exe()?;
+    let out = Command::new(exe).arg("client").arg("--spec").arg(serde_json::to_string(spec)?).output()?;
+    if !out.status.success() {
+        bail!("client exited with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    serde_json::from_slice(&out.stdout).context("parsing client output")
+}
+
+/// `--nllb-bin`, env NLLB_BIN, or the workspace's release build (built now
+/// if missing or stale).
+fn find_nllb(explicit: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("NLLB_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new(".")).to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    eprintln!("== building the nllb binary (cargo build --release -p nllb-userspace --bin nllb)");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let st = Command::new(cargo)
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "nllb-userspace", "--bin", "nllb"])
+        .status()
+        .map_err(|e| format!("running cargo: {e}"))?;
+    if !st.success() {
+        return Err("cargo build of the nllb binary failed (is bpf-linker on PATH? run `cargo xtask setup`)".into());
+    }
+    Ok(target.join("release/nllb"))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_nllb_ebpf(
+    nllb: &Result<PathBuf, String>,
+    dir: &Path,
+    tag: &str,
+    addrs: &[Ipv4Addr],
+    cgroup: &Path,
+    api: SocketAddr,
+    bulk: SocketAddr,
+    cpu: Option<usize>,
+) -> PathUnderTest {
+    let label = "nllb (eBPF)";
+    let r = (|| {
+        let bin = nllb.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+        paths::agent_supports(bin, "--cgroup")?;
+        let o = AgentOpts { nllb: bin, dir, tag, backends: addrs, cgroup, api, bulk, extra_config: "mode: ebpf\n", cpu, ebpf: true };
+        paths::nllb_agent(&o, "nllb", label, Some(format!("real `nllb agent`, default settings, virtual address {api}")))
+    })();
+    r.unwrap_or_else(|e| PathUnderTest::unavailable("nllb", label, format!("{e:#}")))
+}
+
+/// nllb's Envoy mode when the agent has it; otherwise a static Envoy with
+/// nllb's default health settings, labelled as a stand-in.
+fn start_envoy_mode(
+    nllb: &Result<PathBuf, String>,
+    envoy: Option<&Path>,
+    dir: &Path,
+    addrs: &[Ipv4Addr],
+    cgroup: &Path,
+    cpu: Option<usize>,
+    health: Option<&str>,
+) -> PathUnderTest {
+    let Some(envoy) = envoy else {
+        return PathUnderTest::unavailable("envoy", "Envoy", "no Envoy binary (venv ~/.cache/nllb/envoy-venv, PATH, --envoy-bin)".into());
+    };
+    let via_agent = (|| {
+        let bin = nllb.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+        paths::agent_supports(bin, "--cgroup")?;
+        let (api, bulk) = (SocketAddr::from(([127, 0, 0, 1], proxies::free_port()?)), SocketAddr::from(([127, 0, 0, 1], proxies::free_port()?)));
+        let extra = format!("mode: envoy\nenvoy:\n  binary: \"{}\"\n{}", envoy.display(), health.unwrap_or(""));
+        let o = AgentOpts { nllb: bin, dir, tag: "envoy-mode", backends: addrs, cgroup, api, bulk, extra_config: &extra, cpu, ebpf: false };
+        paths::nllb_agent(&o, "nllb-envoy", "nllb (Envoy mode)", Some("real `nllb agent` in Envoy mode, default settings; CPU/RSS are agent + Envoy".into()))
+    })();
+    match via_agent {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("   nllb Envoy mode unavailable ({e:#}); using a static Envoy as a stand-in");
+            paths::envoy_static(
+                "envoy",
+                "Envoy (static stand-in)",
+                &format!("stand-in for nllb's Envoy mode (not available in this build: {e}): Envoy 1 worker, static tcp_proxy, RANDOM, nllb default TCP checks"),
+                envoy,
+                dir,
+                addrs,
+                Some(&NLLB_DEFAULT_HEALTH),
+                cgroup,
+                cpu,
+            )
+            .unwrap_or_else(|e| PathUnderTest::unavailable("envoy", "Envoy", format!("{e:#}")))
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn failover_all(
+    opts: &Options,
+    dir: &Path,
+    addrs: &[Ipv4Addr],
+    hosts: &Hosts,
+    backends: &mut Backends,
+    nllb: &Result<PathBuf, String>,
+    envoy: Option<&Path>,
+    nllb_cg: &Path,
+    plain_cg: &Path,
+    client_cpu: Option<usize>,
+    proxy_cpu: Option<usize>,
+) -> anyhow::Result<(Vec<FailoverResult>, Option<String>)> {
+    let mut out = Vec::new();
+    let mut notes = Vec::new();
+    // Configurations: (which, post-fault window).
+    let configs: [(&str, u64); 3] = [("nllb", 8000), ("nllb-envoy", 8000), ("envoy-k0s", 32000)];
+    for (which, window) in configs {
+        if let Some(only) = &opts.only {
+            if !only.iter().any(|o| which.starts_with(o.as_str())) {
+                continue;
+            }
+        }
+        for fault in ["rst", "blackhole"] {
+            let tag = format!("fo-{which}-{fault}");
+            let path = match which {
+                "nllb" => start_nllb_ebpf(nllb, dir, &tag, addrs, nllb_cg, SocketAddr::from(([127, 0, 0, 1], 7443)), SocketAddr::from(([127, 0, 0, 1], 7444)), proxy_cpu),
+                "nllb-envoy" => start_envoy_mode(nllb, envoy, dir, addrs, plain_cg, proxy_cpu, None),
+                _ => match envoy {
+                    Some(e) => paths::envoy_static(
+                        "envoy-k0s",
+                        "Envoy, k0s settings",
+                        "static Envoy as k0s configures it: RANDOM, connect_timeout 0.25 s, TCP check 5 s / 1 s / 3 / 5",
+                        e,
+                        dir,
+                        addrs,
+                        Some(&K0S_HEALTH),
+                        plain_cg,
+                        proxy_cpu,
+                    )
+                    .unwrap_or_else(|e| PathUnderTest::unavailable("envoy-k0s", "Envoy, k0s settings", format!("{e:#}"))),
+                    None => PathUnderTest::unavailable("envoy-k0s", "Envoy, k0s settings", "no Envoy binary".into()),
+                },
+            };
+            if !path.info.available {
+                notes.push(format!("{which}: {}", path.info.note.clone().unwrap_or_default()));
+                break;
+            }
+            eprintln!("== failover: {} / {fault}", path.info.label);
+            let r = failover_one(&path, fault, window, hosts, backends, client_cpu);
+            // Heal before the next scenario whatever happened.
+            match fault {
+                "rst" => backends.start_one(1)?,
+                _ => hosts.hosts[1].unblackhole()?,
+            }
+            drop(path);
+            let r = r?;
+            eprintln!(
+                "   {} failed after the fault, last failure at {} ms{}",
+                r.failed_after_fault,
+                r.last_failure_ms.map_or("-".into(), |v| format!("{v:.0}")),
+                if r.recovered { "" } else { " (NOT recovered within the window)" }
+            );
+            out.push(r);
+        }
+    }
+    let note = (!notes.is_empty()).then(|| notes.join("; "));
+    Ok((out, note))
+}
+
+const FAILOVER_RATE: u32 = 200;
+const FAILOVER_TIMEOUT_MS: u64 = 1000;
+const FAILOVER_PRE_MS: u64 = 2000;
+
+fn failover_one(
+    p: &PathUnderTest,
+    fault: &str,
+    window_ms: u64,
+    hosts: &Hosts,
+    backends: &mut Backends,
+    client_cpu: Option<usize>,
+) -> anyhow::Result<FailoverResult> {
+    let spec = ClientSpec {
+        addr: p.api,
+        workload: Workload::OpenLoop { rate: FAILOVER_RATE, duration_ms: FAILOVER_PRE_MS + window_ms, timeout_ms: FAILOVER_TIMEOUT_MS },
+        cgroup: Some(p.cgroup.clone()),
+        cpu: client_cpu,
+    };
+    let client = std::thread::spawn(move || run_client(&spec));
+    std::thread::sleep(Duration::from_millis(FAILOVER_PRE_MS));
+    let fault_at_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64() * 1000.0;
+    match fault {
+        "rst" => backends.stop_one(1),
+        _ => hosts.hosts[1].blackhole()?,
+    }
+    let r = client.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    Ok(summarize_failover(p, fault, window_ms, fault_at_ms, &r))
+}
+
+fn summarize_failover(p: &PathUnderTest, fault: &str, window_ms: u64, fault_at_ms: f64, r: &ClientResult) -> FailoverResult {
+    let start = r.attempts.first().map_or(fault_at_ms, |a| a.t_ms);
+    let end = r.attempts.last().map_or(fault_at_ms, |a| a.t_ms);
+    let mut buckets = vec![0u32; ((end - start) / 500.0) as usize + 1];
+    let (mut before, mut after, mut last) = (0, 0, None);
+    for a in r.attempts.iter().filter(|a| !a.ok) {
+        buckets[((a.t_ms - start) / 500.0) as usize] += 1;
+        if a.t_ms < fault_at_ms {
+            before += 1;
+        } else {
+            after += 1;
+            last = Some(a.t_ms - fault_at_ms);
+        }
+    }
+    FailoverResult {
+        path: p.info.id.clone(),
+        label: p.info.label.clone(),
+        fault: fault.into(),
+        rate: FAILOVER_RATE,
+        timeout_ms: FAILOVER_TIMEOUT_MS,
+        attempts: r.attempts.len() as u64,
+        failed_before_fault: before,
+        failed_after_fault: after,
+        last_failure_ms: last,
+        recovered: last.is_none_or(|l| l + fault_at_ms < end - 1000.0),
+        window_ms,
+        failures_per_500ms: buckets,
+        fault_at_ms: fault_at_ms - start,
+    }
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    Machine {
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
+        nproc: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu_model: cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()).unwrap_or_default(),
+        mem_gib: meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0 / 1024.0),
+    }
+}
