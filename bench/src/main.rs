@@ -41,6 +41,10 @@ struct Cli {
     /// Only these paths (comma separated: direct, nllb, envoy, haproxy); direct is the baseline, keep it.
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
+    /// Nice value for the benchmark and everything it starts (inherited), so
+    /// that builds running beside it disturb the figures less; 0 to leave it.
+    #[arg(long, default_value_t = -10, allow_hyphen_values = true)]
+    nice: i32,
     /// Concurrency of the "high" closed-loop runs.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
@@ -84,6 +88,13 @@ fn main() -> anyhow::Result<()> {
             write_docs(&root, &r)
         }
         None => {
+            if cli.nice != 0 {
+                // Before any thread exists: threads and children inherit it.
+                // SAFETY: setpriority has no memory-safety preconditions.
+                if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, cli.nice) } != 0 {
+                    eprintln!("warning: could not set nice {}: {}", cli.nice, std::io::Error::last_os_error());
+                }
+            }
             let opts = run::Options {
                 quick: cli.quick,
                 nllb_bin: cli.nllb_bin,

@@ -96,7 +96,7 @@ pub fn free_port() -> anyhow::Result<u16> {
 /// configuration a user reaching for "a TCP load balancer" writes first.
 pub fn haproxy_config(api_port: u16, bulk_port: u16, backends: &[Ipv4Addr]) -> String {
     let mut c = String::from(
-        "global\n  maxconn 50000\n  nbthread 1\n\
+        "global\n  maxconn 8000\n  nbthread 1\n\
          defaults\n  mode tcp\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n",
     );
     for (name, listen, port) in [("api", api_port, ECHO_PORT), ("bulk", bulk_port, BULK_PORT)] {
