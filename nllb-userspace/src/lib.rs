@@ -1,11 +1,15 @@
 //! The nllb agent as a library; `main.rs` is the CLI edge.
 
+pub mod agent;
 pub mod config;
 pub mod datapath;
 pub mod discovery;
 pub mod envoy;
 pub mod health;
+pub mod logging;
 pub mod model;
+pub mod status;
+pub mod sys;
 
 /// The eBPF object built from `nllb-ebpf` by build.rs (aya-build).
 pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nllb"));

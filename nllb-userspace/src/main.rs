@@ -1,1 +1,116 @@
-fn main() { println!("{}", nllb::EBPF_OBJECT.len()); }
+//! The `nllb` command line: the agent and the tools around it.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 bad flag or config (nothing
+//! was changed on the machine).
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand};
+use nllb::{
+    agent::{self, AgentOptions},
+    datapath::ebpf::remove_pins,
+    logging::{self, LogFormat},
+    status,
+};
+
+#[derive(Parser)]
+#[command(name = "nllb", version, about = "In-kernel node-local load balancer for Kubernetes workers")]
+struct Cli {
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct Locations {
+    /// bpffs directory holding this agent's maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/nllb")]
+    pin_path: PathBuf,
+    /// Directory for the agent's status file.
+    #[arg(long, default_value = "/run/nllb")]
+    run_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: install the datapath and keep it current.
+    Agent {
+        #[arg(long)]
+        config: PathBuf,
+        /// cgroup v2 directory to attach to (default: the cgroup2 mount's root).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[command(flatten)]
+        loc: Locations,
+        /// Where the last good controller set is cached.
+        #[arg(long, default_value = "/var/lib/nllb")]
+        state_dir: PathBuf,
+    },
+    /// Show services, backends and counters from the pinned maps.
+    Status {
+        #[command(flatten)]
+        loc: Locations,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove programs, links and pins left under the pin path.
+    Uninstall {
+        #[command(flatten)]
+        loc: Locations,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let code = match cli.command {
+        Command::Agent { config, cgroup, loc, state_dir } => {
+            let opts = AgentOptions { config_path: config, cgroup, pin_path: loc.pin_path, run_dir: loc.run_dir, state_dir };
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+            match rt.block_on(agent::run(opts)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("nllb agent: {}", error_chain(&e));
+                    e.exit_code()
+                }
+            }
+        }
+        Command::Status { loc, json } => {
+            let report = status::report(&loc.pin_path, &loc.run_dir);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("status JSON"));
+            } else {
+                print!("{}", status::render(&report));
+            }
+            if report.agent_running && report.datapath_installed { 0 } else { 1 }
+        }
+        Command::Uninstall { loc } => match remove_pins(&loc.pin_path) {
+            Ok(n) => {
+                println!("removed {n} pins under {}", loc.pin_path.display());
+                let _ = std::fs::remove_file(loc.run_dir.join(status::STATUS_FILE));
+                0
+            }
+            Err(e) => {
+                eprintln!("nllb uninstall: {}", error_chain(&e));
+                1
+            }
+        },
+    };
+    ExitCode::from(code as u8)
+}
+
+/// An error and its causes on one line ("a: b: c").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}

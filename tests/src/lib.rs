@@ -1,1 +1,94 @@
+//! Test harness for nllb's end-to-end tests: controller hosts in network
+//! namespaces, child cgroups, a client process placed in a cgroup, and the
+//! real `nllb` binary. Every kernel object gets a unique name and is removed
+//! on drop, also when a test fails.
 
+mod agent;
+mod cgroup;
+mod client;
+mod net;
+mod server;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub use agent::{Agent, AgentOpts, nllb_bin};
+pub use cgroup::{TestCgroup, cgroup2_mount};
+pub use client::{ClientOpts, ClientReport, ConnectResult, run_client, testclient_bin, wait_client};
+pub use net::{Netns, TestHost, TestNet};
+pub use server::Server;
+
+/// Whether privileged tests can run. Without root they skip with a message,
+/// except under CI (`CI` set), where skipping would hide a failure.
+pub fn privileged() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("CI is set but the tests are not running as root: privileged tests must run in CI");
+    }
+    eprintln!("SKIPPED: this test needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)");
+    false
+}
+
+/// A name no other test (in this or another process) uses at the same time.
+pub fn unique_name(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Run a command, panicking with its output when it fails.
+pub fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd} {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Wait until `f` returns Some, polling every 20 ms, for at most `timeout`.
+pub fn wait_for<T>(timeout: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A YAML config for one service `apiserver` on `listen` → `backend_port`.
+pub fn one_service_config(listen: &[&str], backend_port: u16, backends: &[std::net::IpAddr], extra: &str) -> String {
+    let listen: Vec<String> = listen.iter().map(|l| format!("\"{l}\"")).collect();
+    let backends: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    format!(
+        "services:\n  - name: apiserver\n    listen: [{}]\n    backendPort: {backend_port}\nbackends: [{}]\n{extra}",
+        listen.join(", "),
+        backends.join(", ")
+    )
+}
+
+/// A loopback port nobody on this machine listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// What `bpftool cgroup show` lists for a cgroup (one line per program).
+pub fn attached_programs(cgroup: &std::path::Path) -> Vec<String> {
+    let out = std::process::Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("run bpftool (cargo xtask setup installs it)");
+    String::from_utf8_lossy(&out.stdout).lines().skip(1).filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
+}

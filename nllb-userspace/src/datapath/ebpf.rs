@@ -1,1 +1,229 @@
-//! (in progress)
+//! The in-kernel datapath: loads the programs, pins maps and links under
+//! the pin path, attaches to the target cgroup, and publishes plans.
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
+};
+use nllb_common::{
+    CONFIG_FLAG_ALL_NETNS, CONFIG_FLAG_PASSIVE, DatapathConfig, LAYOUT_VERSION, PassiveMark, maps, programs,
+};
+
+use super::{
+    Datapath, DatapathError, DatapathKind, PassiveFailure, ServiceCounters, backend_table::Tables,
+    encoding::{backend_key, key_addr},
+    pinned::Maps,
+};
+use crate::{model::Plan, sys};
+
+#[derive(Clone, Debug)]
+pub struct EbpfOptions {
+    pub cgroup: PathBuf,
+    pub pin_path: PathBuf,
+    pub host_network_only: bool,
+    pub passive: bool,
+    pub eject_hold: Duration,
+}
+
+/// Programs in attach order: the rewrite hooks are required, the others
+/// degrade the datapath (with a warning) when the kernel lacks them.
+const PROGRAMS: [(&str, bool); 5] = [
+    (programs::CONNECT4, true),
+    (programs::CONNECT6, true),
+    (programs::GETPEERNAME4, false),
+    (programs::GETPEERNAME6, false),
+    (programs::SOCK_OPS, false),
+];
+
+pub struct EbpfDatapath {
+    _ebpf: Ebpf,
+    maps: Maps,
+    tables: Tables,
+    opts: EbpfOptions,
+    /// Pinned link files, so the attachment can outlive this process.
+    links: Vec<PathBuf>,
+    /// Names of optional programs the kernel refused.
+    pub missing: Vec<&'static str>,
+    created_pin_dir: bool,
+}
+
+fn link_pin(pin_path: &Path, prog: &str) -> PathBuf {
+    pin_path.join(format!("link_{prog}"))
+}
+
+impl EbpfDatapath {
+    /// Load, publish `plan`, then attach: no connect ever sees the programs
+    /// before the maps are filled.
+    pub fn install(opts: EbpfOptions, plan: &Plan) -> Result<EbpfDatapath, DatapathError> {
+        if !sys::is_cgroup2_dir(&opts.cgroup) {
+            return Err(DatapathError::Cgroup {
+                path: opts.cgroup.display().to_string(),
+                source: std::io::Error::other("not a directory on a cgroup2 filesystem"),
+            });
+        }
+        sys::raise_memlock();
+        sys::ensure_bpffs(&opts.pin_path)?;
+        let created_pin_dir = !opts.pin_path.exists();
+        fs::create_dir_all(&opts.pin_path)?;
+        // Whoever can write the backend map can redirect the node's API
+        // traffic: root only.
+        fs::set_permissions(&opts.pin_path, fs::Permissions::from_mode(0o700))?;
+
+        let result = Self::load_and_attach(opts.clone(), plan, created_pin_dir);
+        if result.is_err() && created_pin_dir {
+            let _ = remove_pins(&opts.pin_path);
+        }
+        result
+    }
+
+    fn load_and_attach(opts: EbpfOptions, plan: &Plan, created_pin_dir: bool) -> Result<EbpfDatapath, DatapathError> {
+        let mut loader = EbpfLoader::new();
+        for name in maps::ALL {
+            loader.map_pin_path(name, opts.pin_path.join(name));
+        }
+        let mut ebpf = loader.load(crate::EBPF_OBJECT).map_err(DatapathError::Load)?;
+        crate::logging::bridge_ebpf_logs(&mut ebpf);
+        let mut maps = Maps::take(&mut ebpf)?;
+        let config = DatapathConfig {
+            host_netns_cookie: sys::netns_cookie().unwrap_or(0),
+            flags: if opts.host_network_only { 0 } else { CONFIG_FLAG_ALL_NETNS }
+                | if opts.passive { CONFIG_FLAG_PASSIVE } else { 0 },
+            eject_hold_ms: opts.eject_hold.as_millis().min(u128::from(u32::MAX)) as u32,
+            layout_version: LAYOUT_VERSION,
+            _pad: 0,
+        };
+        maps.config.set(0, config, 0).map_err(|source| DatapathError::Map { name: maps::CONFIG, source })?;
+        let mut tables = Tables::default();
+        tables.apply(&mut maps, plan)?;
+
+        let cgroup = fs::File::open(&opts.cgroup)
+            .map_err(|source| DatapathError::Cgroup { path: opts.cgroup.display().to_string(), source })?;
+        let mut links = Vec::new();
+        let mut missing = Vec::new();
+        let mut dp_links = Vec::new();
+        for (name, required) in PROGRAMS {
+            match attach(&mut ebpf, name, &cgroup) {
+                Ok(link) => dp_links.push((name, link)),
+                Err(e) if !required => {
+                    tracing::warn!(program = name, error = %e, "kernel refused an optional program; continuing without it");
+                    missing.push(name);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for (name, link) in dp_links {
+            let path = link_pin(&opts.pin_path, name);
+            let _ = fs::remove_file(&path);
+            link.pin(&path).map_err(|source| DatapathError::Pin { path: path.display().to_string(), source })?;
+            links.push(path);
+        }
+        tracing::info!(
+            cgroup = %opts.cgroup.display(),
+            pin_path = %opts.pin_path.display(),
+            "eBPF datapath attached"
+        );
+        Ok(EbpfDatapath { _ebpf: ebpf, maps, tables, opts, links, missing, created_pin_dir })
+    }
+
+}
+
+// bpf_link-based cgroup attachments always coexist with other programs
+// (the kernel rejects any attach flag on them), so `Single` here still lets
+// other agents' programs run in the same cgroup.
+fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &fs::File) -> Result<FdLink, DatapathError> {
+    let perr = |source| DatapathError::Program { name, source };
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| DatapathError::Other(format!("eBPF object has no program {name}")))?;
+    if name == programs::SOCK_OPS {
+        let p: &mut SockOps = prog.try_into().map_err(perr)?;
+        p.load().map_err(perr)?;
+        let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
+        let link = p.take_link(id).map_err(perr)?;
+        FdLink::try_from(link).map_err(|e| DatapathError::Other(format!("{name}: no bpf_link: {e}")))
+    } else {
+        let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
+        p.load().map_err(perr)?;
+        let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
+        let link = p.take_link(id).map_err(perr)?;
+        FdLink::try_from(link).map_err(|e| DatapathError::Other(format!("{name}: no bpf_link: {e}")))
+    }
+}
+
+/// Detach every pinned link and remove every pin under `pin_path`.
+/// Removing the last reference to a bpf_link detaches its program.
+pub fn remove_pins(pin_path: &Path) -> Result<usize, DatapathError> {
+    let mut removed = 0;
+    let Ok(entries) = fs::read_dir(pin_path) else { return Ok(0) };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = name.starts_with("link_") || maps::ALL.contains(&name.as_str());
+        if ours {
+            fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    match fs::remove_dir(pin_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %pin_path.display(), error = %e, "pin directory not removed (not empty?)");
+        }
+    }
+    Ok(removed)
+}
+
+impl Datapath for EbpfDatapath {
+    fn kind(&self) -> DatapathKind {
+        DatapathKind::Ebpf
+    }
+
+    fn apply(&mut self, plan: &Plan) -> Result<(), DatapathError> {
+        self.tables.apply(&mut self.maps, plan)
+    }
+
+    fn passive_failures(&self) -> Vec<PassiveFailure> {
+        self.maps
+            .passive
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, mark)| mark.failed_ns != 0)
+            .map(|(key, mark)| PassiveFailure { backend: key_addr(&key), failed_ns: mark.failed_ns, failures: mark.failures })
+            .collect()
+    }
+
+    fn clear_passive(&mut self, backend: std::net::SocketAddr) -> Result<(), DatapathError> {
+        let key = backend_key(backend);
+        if let Ok(mark) = self.maps.passive.get(&key, 0)
+            && mark.failed_ns != 0
+        {
+            let cleared = PassiveMark { failed_ns: 0, ..mark };
+            self.maps.passive.insert(key, cleared, 0).map_err(|source| DatapathError::Map { name: maps::PASSIVE, source })?;
+        }
+        Ok(())
+    }
+
+    fn service_ids(&self) -> std::collections::BTreeMap<String, u32> {
+        self.tables.ids().into_iter().collect()
+    }
+
+    fn counters(&self) -> Vec<ServiceCounters> {
+        self.tables.counters(&self.maps)
+    }
+
+    fn shutdown(&mut self) -> Result<(), DatapathError> {
+        for link in self.links.drain(..) {
+            let _ = fs::remove_file(&link);
+        }
+        let removed = remove_pins(&self.opts.pin_path)?;
+        tracing::info!(pins = removed, created_dir = self.created_pin_dir, "eBPF datapath detached and unpinned");
+        Ok(())
+    }
+}

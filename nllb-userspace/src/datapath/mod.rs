@@ -4,6 +4,7 @@
 //! the Envoy fallback) live behind it.
 
 pub mod backend_table;
+pub mod encoding;
 pub mod ebpf;
 pub mod pinned;
 
@@ -87,6 +88,10 @@ pub trait Datapath: Send {
     }
     fn counters(&self) -> Vec<ServiceCounters> {
         Vec::new()
+    }
+    /// Kernel service ids by name (eBPF only), to match the pinned maps.
+    fn service_ids(&self) -> std::collections::BTreeMap<String, u32> {
+        Default::default()
     }
     /// Detach and remove everything this datapath installed.
     fn shutdown(&mut self) -> Result<(), DatapathError>;

@@ -1,0 +1,46 @@
+//! tracing set-up, and the bridge that brings the eBPF programs' aya-log
+//! records into it.
+
+use tracing_subscriber::{EnvFilter, fmt};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Logs go to stderr; `RUST_LOG` overrides the default `info` level.
+/// aya-log speaks the `log` crate; tracing-subscriber's log bridge
+/// (installed by `init`) turns those records into tracing events.
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Forward records of the programs' ring buffer to the log. Without a tokio
+/// runtime (e.g. `nllb detect`) the records are simply not read.
+pub fn bridge_ebpf_logs(ebpf: &mut aya::Ebpf) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+    match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => {
+            handle.spawn(async move {
+                // SAFETY: the AsyncFd owns the logger, which owns the ring
+                // buffer's fd, so the fd stays open while it is registered.
+                let Ok(mut fd) = (unsafe { tokio::io::unix::AsyncFd::register(logger) }) else {
+                    return;
+                };
+                loop {
+                    let Ok(mut guard) = fd.readable_mut().await else { return };
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "eBPF log records will not be shown"),
+    }
+}

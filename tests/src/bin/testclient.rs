@@ -1,0 +1,99 @@
+//! Makes TCP connects from inside a cgroup (and optionally a network
+//! namespace), like a kubelet would, and prints what each one saw as JSON.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    os::fd::AsFd as _,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use clap::Parser;
+use nllb_tests::{ClientReport, ConnectResult};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    addr: SocketAddr,
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    #[arg(long)]
+    netns: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    interval_ms: u64,
+    #[arg(long, default_value_t = 3000)]
+    timeout_ms: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(cg) = &args.cgroup {
+        std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())?;
+    }
+    if let Some(ns) = &args.netns {
+        let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+    }
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let start = Instant::now();
+    let mut report = ClientReport::default();
+    for i in 0..args.count {
+        // Open loop: connect i starts at i * interval, whatever earlier ones did.
+        let due = Duration::from_millis(args.interval_ms * u64::from(i));
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        report.results.push(one(args.addr, timeout, start));
+    }
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn one(addr: SocketAddr, timeout: Duration, start: Instant) -> ConnectResult {
+    let t0 = Instant::now();
+    let mut r = ConnectResult {
+        t_ms: start.elapsed().as_millis() as u64,
+        ok: false,
+        errno: None,
+        error: None,
+        body: None,
+        peer: None,
+        elapsed_us: 0,
+    };
+    match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(mut s) => {
+            r.peer = s.peer_addr().ok().map(|p| p.to_string());
+            let _ = s.set_read_timeout(Some(timeout));
+            let _ = s.set_write_timeout(Some(timeout));
+            let mut resp = Vec::new();
+            let io = s
+                .write_all(b"GET / HTTP/1.1\r\nHost: nllb\r\nConnection: close\r\n\r\n")
+                .and_then(|_| s.read_to_end(&mut resp));
+            match io {
+                Ok(_) => {
+                    let text = String::from_utf8_lossy(&resp);
+                    match text.split_once("\r\n\r\n") {
+                        Some((_, body)) if text.starts_with("HTTP/1.1 200") => {
+                            r.ok = true;
+                            r.body = Some(body.trim().to_string());
+                        }
+                        _ => r.error = Some(format!("bad response: {text:?}")),
+                    }
+                }
+                Err(e) => {
+                    r.errno = e.raw_os_error();
+                    r.error = Some(e.to_string());
+                }
+            }
+        }
+        Err(e) => {
+            r.errno = e.raw_os_error();
+            r.error = Some(e.to_string());
+        }
+    }
+    r.elapsed_us = t0.elapsed().as_micros() as u64;
+    r
+}

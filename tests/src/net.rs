@@ -1,0 +1,180 @@
+//! Controller hosts: one network namespace each, joined to the root
+//! namespace by a veth pair, with addresses from the benchmarking ranges
+//! (198.18.0.0/15 and 2001:2::/48).
+
+use std::{
+    fs::{self, OpenOptions},
+    io::Write as _,
+    net::IpAddr,
+    os::fd::AsFd as _,
+    path::PathBuf,
+};
+
+use crate::{server::Server, sh, unique_name};
+
+/// A network namespace created by a test; deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Netns {
+        let name = unique_name(prefix);
+        sh("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.exec("ip", &["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Run a command inside the namespace.
+    pub fn exec(&self, cmd: &str, args: &[&str]) -> String {
+        let mut full = vec!["netns", "exec", &self.name, cmd];
+        full.extend_from_slice(args);
+        sh("ip", &full)
+    }
+
+    /// Serve HTTP on `port` inside this namespace (e.g. a pod's own
+    /// loopback listener), answering with `name`.
+    pub fn serve(&self, port: u16, name: &str) -> Server {
+        Server::start(self, port, name)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// Move the calling thread into this namespace (threads have their own
+    /// network namespace, so only this thread is affected).
+    pub fn enter_current_thread(&self) -> std::io::Result<()> {
+        let f = fs::File::open(self.path())?;
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// One simulated controller.
+#[derive(Debug)]
+pub struct TestHost {
+    pub netns: Netns,
+    pub v4: IpAddr,
+    pub v6: IpAddr,
+    /// The root-namespace end of the veth pair.
+    pub veth: String,
+    pub subnet: u32,
+}
+
+impl TestHost {
+    /// Serve HTTP on `port` (both address families) answering with `name`.
+    pub fn serve(&self, port: u16, name: &str) -> Server {
+        Server::start(&self.netns, port, name)
+    }
+
+    /// Drop every packet to and from this host (a blackholed controller:
+    /// SYNs time out instead of being refused).
+    pub fn blackhole(&self) {
+        self.netns.exec("nft", &["add", "table", "inet", "nllbtest"]);
+        self.netns.exec(
+            "nft",
+            &["add", "chain", "inet", "nllbtest", "in", "{ type filter hook input priority 0 ; policy drop ; }"],
+        );
+    }
+
+    pub fn unblackhole(&self) {
+        self.netns.exec("nft", &["delete", "table", "inet", "nllbtest"]);
+    }
+}
+
+/// A set of controller hosts.
+#[derive(Debug)]
+pub struct TestNet {
+    hosts: Vec<TestHost>,
+    _leases: Vec<SubnetLease>,
+}
+
+impl TestNet {
+    pub fn new(n: usize) -> TestNet {
+        let mut hosts = Vec::new();
+        let mut leases = Vec::new();
+        for _ in 0..n {
+            let lease = SubnetLease::take();
+            let s = lease.index;
+            let netns = Netns::new("nllbh");
+            let veth = format!("nv{}", unique_name("").replace('x', "_"));
+            let veth = veth.chars().take(13).collect::<String>();
+            let peer = format!("{veth}p");
+            sh("ip", &["link", "add", &veth, "type", "veth", "peer", "name", &peer]);
+            sh("ip", &["link", "set", &peer, "netns", &netns.name]);
+            let (second, third) = (18 + s / 256, s % 256);
+            let v4_root = format!("198.{second}.{third}.1/24");
+            let v4_host = format!("198.{second}.{third}.2/24");
+            let v6_root = format!("2001:2:0:{s:x}::1/64");
+            let v6_host = format!("2001:2:0:{s:x}::2/64");
+            sh("ip", &["addr", "add", &v4_root, "dev", &veth]);
+            sh("ip", &["-6", "addr", "add", &v6_root, "dev", &veth, "nodad"]);
+            sh("ip", &["link", "set", &veth, "up"]);
+            netns.exec("ip", &["addr", "add", &v4_host, "dev", &peer]);
+            netns.exec("ip", &["-6", "addr", "add", &v6_host, "dev", &peer, "nodad"]);
+            netns.exec("ip", &["link", "set", &peer, "up"]);
+            let v4: IpAddr = v4_host.trim_end_matches("/24").parse().unwrap();
+            let v6: IpAddr = v6_host.trim_end_matches("/64").parse().unwrap();
+            hosts.push(TestHost { netns, v4, v6, veth, subnet: s });
+            leases.push(lease);
+        }
+        TestNet { hosts, _leases: leases }
+    }
+
+    pub fn hosts(&self) -> &[TestHost] {
+        &self.hosts
+    }
+}
+
+/// Exclusive use of one /24 of 198.18.0.0/15 (and the matching IPv6 /64)
+/// across every test process on the machine: a lock file per subnet, taken
+/// over when the process that held it is gone.
+#[derive(Debug)]
+struct SubnetLease {
+    index: u32,
+    path: PathBuf,
+}
+
+const LEASE_DIR: &str = "/run/nllb-tests/subnets";
+
+impl SubnetLease {
+    fn take() -> SubnetLease {
+        fs::create_dir_all(LEASE_DIR).expect("create subnet lease dir");
+        let me = std::process::id();
+        // Skip 198.18.0.x and the first few so the demo's 198.18.{1,2,3} stay free.
+        for index in 10..500u32 {
+            let path = PathBuf::from(format!("{LEASE_DIR}/{index}"));
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    let _ = write!(f, "{me}");
+                    return SubnetLease { index, path };
+                }
+                Err(_) => {
+                    let holder: Option<i32> = fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok());
+                    let alive = holder.is_some_and(|pid| PathBuf::from(format!("/proc/{pid}")).exists());
+                    if !alive && fs::remove_file(&path).is_ok() {
+                        if let Ok(mut f) = OpenOptions::new().write(true).create_new(true).open(&path) {
+                            let _ = write!(f, "{me}");
+                            return SubnetLease { index, path };
+                        }
+                    }
+                }
+            }
+        }
+        panic!("no free test subnet in 198.18.0.0/15");
+    }
+}
+
+impl Drop for SubnetLease {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
