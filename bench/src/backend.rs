@@ -16,7 +16,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::netns::Host;
+use nllb_tests::TestHost;
 
 pub const ECHO_PORT: u16 = 6443;
 pub const BULK_PORT: u16 = 6444;
@@ -29,7 +29,7 @@ pub struct Backends {
 }
 
 impl Backends {
-    pub fn start(hosts: &[Host], cpu: Option<usize>) -> anyhow::Result<Backends> {
+    pub fn start(hosts: &[TestHost], cpu: Option<usize>) -> anyhow::Result<Backends> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -42,7 +42,7 @@ impl Backends {
         let mut b = Backends {
             rt,
             servers: Vec::new(),
-            netns: hosts.iter().map(|h| h.netns.clone()).collect(),
+            netns: hosts.iter().map(|h| h.netns.name.clone()).collect(),
             names: (1..=hosts.len()).map(|i| format!("controller-{i}")).collect(),
         };
         for i in 0..hosts.len() {

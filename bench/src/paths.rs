@@ -34,6 +34,17 @@ pub struct PathUnderTest {
     /// The cgroup the client joins.
     pub cgroup: PathBuf,
     pub proc: Option<Proc>,
+    /// Runs after the process is stopped (removing pins it left).
+    pub cleanup: Option<Box<dyn FnOnce()>>,
+}
+
+impl Drop for PathUnderTest {
+    fn drop(&mut self) {
+        drop(self.proc.take());
+        if let Some(c) = self.cleanup.take() {
+            c();
+        }
+    }
 }
 
 impl PathUnderTest {
@@ -44,6 +55,7 @@ impl PathUnderTest {
             bulk: SocketAddr::from(([127, 0, 0, 1], 0)),
             cgroup: PathBuf::new(),
             proc: None,
+            cleanup: None,
         }
     }
 
@@ -66,6 +78,7 @@ pub fn direct(host: Ipv4Addr, cgroup: &Path) -> PathUnderTest {
         bulk: SocketAddr::from((host, BULK_PORT)),
         cgroup: cgroup.to_path_buf(),
         proc: None,
+        cleanup: None,
     }
 }
 
@@ -91,6 +104,7 @@ pub fn haproxy(dir: &Path, backends: &[Ipv4Addr], cgroup: &Path, cpu: Option<usi
         bulk: SocketAddr::from(([127, 0, 0, 1], bulk)),
         cgroup: cgroup.to_path_buf(),
         proc: Some(p),
+        cleanup: None,
     })
 }
 
@@ -122,6 +136,7 @@ pub fn envoy_static(
         bulk: SocketAddr::from(([127, 0, 0, 1], bulk)),
         cgroup: cgroup.to_path_buf(),
         proc: Some(p),
+        cleanup: None,
     })
 }
 
@@ -148,40 +163,64 @@ pub fn nllb_agent(o: &AgentOpts<'_>, id: &str, label: &str, note: Option<String>
     let log = o.dir.join(format!("{}.log", o.tag));
     let pin = PathBuf::from(format!("/sys/fs/bpf/nllb-bench-{}-{}", std::process::id(), o.tag));
     let run_dir = o.dir.join(format!("{}-run", o.tag));
+    let state_dir = o.dir.join(format!("{}-state", o.tag));
     let mut cmd = Command::new(o.nllb);
     cmd.arg("agent").arg("--config").arg(&cfg).arg("--cgroup").arg(o.cgroup).arg("--pin-path").arg(&pin);
-    for (flag, sub) in [("--run-dir", "run"), ("--state-dir", "state")] {
-        if agent_has_flag(o.nllb, flag) {
-            cmd.arg(flag).arg(run_dir.join(sub));
-        }
+    cmd.arg("--run-dir").arg(&run_dir).arg("--state-dir").arg(&state_dir);
+    // The agent leaves the datapath serving when it exits unless told
+    // otherwise; a benchmark must leave nothing attached.
+    if agent_has_flag(o.nllb, "--detach-on-exit") {
+        cmd.arg("--detach-on-exit");
     }
-    let mut p = Proc::spawn(id, cmd, &log, o.cpu)?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        p.check_alive(&log)?;
-        let ready = if o.ebpf {
-            bpfstats::attached(o.cgroup).map(|v| v.iter().any(|p| p.attach_type.contains("connect4"))).unwrap_or(false)
-        } else {
-            std::net::TcpStream::connect_timeout(&o.api, Duration::from_millis(200)).is_ok()
-        };
-        if ready {
-            break;
+    let uninstall = {
+        let (nllb, pin, run_dir) = (o.nllb.to_path_buf(), pin.clone(), run_dir.clone());
+        move || {
+            let _ = Command::new(&nllb).arg("uninstall").arg("--pin-path").arg(&pin).arg("--run-dir").arg(&run_dir).output();
+            let _ = std::fs::remove_dir_all(&pin);
         }
-        if Instant::now() > deadline {
-            bail!("nllb agent ({}) not ready within 20 s; see {}", o.tag, log.display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // Health checks start with every backend unknown or healthy depending on
-    // the mode; give the first rounds time to settle before measuring.
-    std::thread::sleep(Duration::from_millis(1200));
-    Ok(PathUnderTest {
+    };
+    let p = Proc::spawn(id, cmd, &log, o.cpu)?;
+    // The process goes into `path` at once: on an early return, its Drop
+    // stops the agent first and only then removes what it left.
+    let mut path = PathUnderTest {
         info: PathInfo { id: id.into(), label: label.into(), available: true, note },
         api: o.api,
         bulk: o.bulk,
         cgroup: o.cgroup.to_path_buf(),
         proc: Some(p),
-    })
+        cleanup: Some(Box::new(uninstall)),
+    };
+    let p = path.proc.as_mut().expect("set above");
+    let status_file = run_dir.join("status.json");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status: serde_json::Value = loop {
+        p.check_alive(&log)?;
+        if let Some(v) = std::fs::read(&status_file).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+            break v;
+        }
+        if Instant::now() > deadline {
+            bail!("nllb agent ({}) wrote no {} within 20 s; see {}", o.tag, status_file.display(), log.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mode = status["mode"].as_str().unwrap_or("").to_string();
+    let want = if o.ebpf { "ebpf" } else { "envoy" };
+    if mode != want {
+        bail!("asked for mode {want}, the agent runs mode {mode:?} (not supported in this build?)");
+    }
+    if o.ebpf {
+        if !bpfstats::attached(o.cgroup)?.iter().any(|p| p.attach_type.contains("connect4")) {
+            bail!("agent is ready but no connect4 program is attached to {}", o.cgroup.display());
+        }
+    } else {
+        p.wait_listening(o.api, &log)?;
+        if !bpfstats::attached(o.cgroup)?.is_empty() {
+            bail!("agent in Envoy mode attached BPF programs to {}: clients would bypass Envoy", o.cgroup.display());
+        }
+    }
+    // Health checks settle in a round or two; measure after that.
+    std::thread::sleep(Duration::from_millis(1200));
+    Ok(path)
 }
 
 fn agent_has_flag(nllb: &Path, flag: &str) -> bool {

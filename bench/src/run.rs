@@ -11,12 +11,12 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use nllb_tests::{TestCgroup, TestNet};
 
 use crate::{
     backend::Backends,
     bpfstats::{self, ProgStats},
     loadgen::{ClientResult, ClientSpec, Workload},
-    netns::{Cgroup, Hosts},
     paths::{self, AgentOpts, PathUnderTest},
     proxies::{self, EnvoyHealth, K0S_HEALTH},
     results::*,
@@ -54,11 +54,21 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
     let dir = tmp.0.as_path();
 
     eprintln!("== setting up 3 controllers in network namespaces");
-    let hosts = Hosts::new(3)?;
-    let addrs: Vec<Ipv4Addr> = hosts.hosts.iter().map(|h| h.addr).collect();
-    let mut backends = Backends::start(&hosts.hosts, backend_cpu)?;
-    let plain_cg = Cgroup::new("plain")?;
-    let nllb_cg = Cgroup::new("nllb")?;
+    let hosts = TestNet::new(3);
+    let addrs: Vec<Ipv4Addr> = hosts
+        .hosts()
+        .iter()
+        .map(|h| match h.v4 {
+            std::net::IpAddr::V4(a) => a,
+            other => unreachable!("TestHost::v4 is IPv4, got {other}"),
+        })
+        .collect();
+    let mut backends = Backends::start(hosts.hosts(), backend_cpu)?;
+    let plain_cg = TestCgroup::new();
+    let nllb_cg = TestCgroup::new();
+    // nllb in Envoy mode gets a cgroup of its own: if a build wrongly
+    // attached eBPF programs there, no other path's clients would be affected.
+    let envoy_cg = TestCgroup::new();
     let nllb_bin = find_nllb(opts.nllb_bin.as_deref());
     let envoy_bin = proxies::find_envoy(opts.envoy_bin.as_deref());
     let vip_api = SocketAddr::from(([127, 0, 0, 1], 7443));
@@ -66,11 +76,11 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
 
     eprintln!("== starting paths");
     let mut paths: Vec<PathUnderTest> = Vec::new();
-    paths.push(paths::direct(addrs[0], &plain_cg.path));
-    paths.push(start_nllb_ebpf(&nllb_bin, dir, "ebpf", &addrs, &nllb_cg.path, vip_api, vip_bulk, proxy_cpu));
-    paths.push(start_envoy_mode(&nllb_bin, envoy_bin.as_deref(), dir, &addrs, &plain_cg.path, proxy_cpu, None));
+    paths.push(paths::direct(addrs[0], plain_cg.path()));
+    paths.push(start_nllb_ebpf(&nllb_bin, dir, "ebpf", &addrs, nllb_cg.path(), vip_api, vip_bulk, proxy_cpu));
+    paths.push(start_envoy_mode(&nllb_bin, envoy_bin.as_deref(), dir, &addrs, envoy_cg.path(), proxy_cpu, None));
     paths.push(
-        paths::haproxy(dir, &addrs, &plain_cg.path, proxy_cpu)
+        paths::haproxy(dir, &addrs, plain_cg.path(), proxy_cpu)
             .unwrap_or_else(|e| PathUnderTest::unavailable("haproxy", "HAProxy", format!("{e:#}"))),
     );
     if let Some(only) = &opts.only {
@@ -167,7 +177,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
     drop(paths);
 
     let (failover, failover_note) = if opts.failover {
-        match failover_all(opts, dir, &addrs, &hosts, &mut backends, &nllb_bin, envoy_bin.as_deref(), &nllb_cg.path, &plain_cg.path, client_cpu, proxy_cpu) {
+        match failover_all(opts, dir, &addrs, &hosts, &mut backends, &nllb_bin, envoy_bin.as_deref(), nllb_cg.path(), envoy_cg.path(), client_cpu, proxy_cpu) {
             Ok(r) => r,
             Err(e) => (Vec::new(), Some(format!("failover run failed: {e:#}"))),
         }
@@ -306,12 +316,12 @@ fn failover_all(
     opts: &Options,
     dir: &Path,
     addrs: &[Ipv4Addr],
-    hosts: &Hosts,
+    hosts: &TestNet,
     backends: &mut Backends,
     nllb: &Result<PathBuf, String>,
     envoy: Option<&Path>,
     nllb_cg: &Path,
-    plain_cg: &Path,
+    envoy_cg: &Path,
     client_cpu: Option<usize>,
     proxy_cpu: Option<usize>,
 ) -> anyhow::Result<(Vec<FailoverResult>, Option<String>)> {
@@ -329,7 +339,7 @@ fn failover_all(
             let tag = format!("fo-{which}-{fault}");
             let path = match which {
                 "nllb" => start_nllb_ebpf(nllb, dir, &tag, addrs, nllb_cg, SocketAddr::from(([127, 0, 0, 1], 7443)), SocketAddr::from(([127, 0, 0, 1], 7444)), proxy_cpu),
-                "nllb-envoy" => start_envoy_mode(nllb, envoy, dir, addrs, plain_cg, proxy_cpu, None),
+                "nllb-envoy" => start_envoy_mode(nllb, envoy, dir, addrs, envoy_cg, proxy_cpu, None),
                 _ => match envoy {
                     Some(e) => paths::envoy_static(
                         "envoy-k0s",
@@ -339,7 +349,7 @@ fn failover_all(
                         dir,
                         addrs,
                         Some(&K0S_HEALTH),
-                        plain_cg,
+                        envoy_cg,
                         proxy_cpu,
                     )
                     .unwrap_or_else(|e| PathUnderTest::unavailable("envoy-k0s", "Envoy, k0s settings", format!("{e:#}"))),
@@ -355,7 +365,7 @@ fn failover_all(
             // Heal before the next scenario whatever happened.
             match fault {
                 "rst" => backends.start_one(1)?,
-                _ => hosts.hosts[1].unblackhole()?,
+                _ => hosts.hosts()[1].unblackhole(),
             }
             drop(path);
             let r = r?;
@@ -380,7 +390,7 @@ fn failover_one(
     p: &PathUnderTest,
     fault: &str,
     window_ms: u64,
-    hosts: &Hosts,
+    hosts: &TestNet,
     backends: &mut Backends,
     client_cpu: Option<usize>,
 ) -> anyhow::Result<FailoverResult> {
@@ -395,7 +405,7 @@ fn failover_one(
     let fault_at_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64() * 1000.0;
     match fault {
         "rst" => backends.stop_one(1),
-        _ => hosts.hosts[1].blackhole()?,
+        _ => hosts.hosts()[1].blackhole(),
     }
     let r = client.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??;
     Ok(summarize_failover(p, fault, window_ms, fault_at_ms, &r))
