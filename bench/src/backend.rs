@@ -152,3 +152,44 @@ async fn serve_source(mut s: TcpStream) {
     let data = vec![0x5au8; 128 * 1024];
     while s.write_all(&data).await.is_ok() {}
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, SocketAddr};
+
+    use super::*;
+    use crate::loadgen::{Workload, run_workload_for_test};
+
+    /// The load generator against real backends in a namespace: every
+    /// workload completes without errors, and stopping a backend turns
+    /// open-loop attempts into recorded failures.
+    #[test]
+    fn workloads_run_against_backends_and_see_a_killed_one() {
+        if !nllb_tests::privileged() {
+            return;
+        }
+        let net = nllb_tests::TestNet::new(1);
+        let mut b = Backends::start(net.hosts(), None).unwrap();
+        let IpAddr::V4(ip) = net.hosts()[0].v4 else { unreachable!() };
+        let echo = SocketAddr::from((ip, ECHO_PORT));
+        for w in [
+            Workload::Crr { concurrency: 4, duration_ms: 300 },
+            Workload::Rr { concurrency: 4, duration_ms: 300 },
+        ] {
+            let r = run_workload_for_test(echo, &w);
+            assert!(r.ops > 50, "{w:?}: only {} ops", r.ops);
+            assert_eq!(r.errors, 0, "{w:?}: {:?}", r.first_error);
+            assert!(r.p50_us > 0.0 && r.p99_us >= r.p50_us);
+        }
+        let r = run_workload_for_test(SocketAddr::from((ip, BULK_PORT)), &Workload::Bulk { duration_ms: 300 });
+        assert!(r.bytes > 1_000_000, "bulk moved only {} bytes", r.bytes);
+
+        b.stop_one(0);
+        let r = run_workload_for_test(echo, &Workload::OpenLoop { rate: 100, duration_ms: 300, timeout_ms: 500 });
+        assert_eq!(r.attempts.len(), 30);
+        assert!(r.attempts.iter().all(|a| !a.ok), "connects to a stopped backend must fail");
+        b.start_one(0).unwrap();
+        let r = run_workload_for_test(echo, &Workload::OpenLoop { rate: 100, duration_ms: 300, timeout_ms: 500 });
+        assert!(r.attempts.iter().all(|a| a.ok), "restarted backend must answer: {:?}", r.first_error);
+    }
+}

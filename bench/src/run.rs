@@ -47,7 +47,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
         bail!("the benchmark creates network namespaces and cgroups: run it as root");
     }
     let (client_cpu, proxy_cpu, backend_cpu) = pins(opts.pin);
-    let run_ms = if opts.quick { 1000 } else { 2500 };
+    let run_ms = if opts.quick { 1000 } else { 2000 };
     let rounds = if opts.quick { 1 } else { 3 };
     let tmp = TempDir(std::env::temp_dir().join(format!("nllb-bench-{}", std::process::id())));
     std::fs::create_dir_all(&tmp.0)?;
