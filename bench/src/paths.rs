@@ -82,11 +82,12 @@ pub fn direct(host: Ipv4Addr, cgroup: &Path) -> PathUnderTest {
     }
 }
 
-pub fn haproxy(dir: &Path, backends: &[Ipv4Addr], cgroup: &Path, cpu: Option<usize>) -> anyhow::Result<PathUnderTest> {
+pub fn haproxy(dir: &Path, backends: &[Ipv4Addr], cgroup: &Path, cpu: Option<usize>, checks: bool) -> anyhow::Result<PathUnderTest> {
     let (api, bulk) = (proxies::free_port()?, proxies::free_port()?);
-    let cfg = dir.join("haproxy.cfg");
-    std::fs::write(&cfg, proxies::haproxy_config(api, bulk, backends))?;
-    let log = dir.join("haproxy.log");
+    let id = if checks { "haproxy-checks" } else { "haproxy" };
+    let cfg = dir.join(format!("{id}.cfg"));
+    std::fs::write(&cfg, proxies::haproxy_config(api, bulk, backends, checks))?;
+    let log = dir.join(format!("{id}.log"));
     let mut cmd = Command::new("haproxy");
     cmd.arg("-db").arg("-f").arg(&cfg);
     let mut p = Proc::spawn("haproxy", cmd, &log, cpu)?;
@@ -95,10 +96,14 @@ pub fn haproxy(dir: &Path, backends: &[Ipv4Addr], cgroup: &Path, cpu: Option<usi
     let version = Command::new("haproxy").arg("-v").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string());
     Ok(PathUnderTest {
         info: PathInfo {
-            id: "haproxy".into(),
-            label: "HAProxy".into(),
+            id: id.into(),
+            label: if checks { "HAProxy, checks + redispatch" } else { "HAProxy" }.into(),
             available: true,
-            note: Some(format!("{}; mode tcp, roundrobin, 1 thread, no checks", version.unwrap_or_default().trim())),
+            note: Some(format!(
+                "{}; mode tcp, roundrobin, 1 thread, {}",
+                version.unwrap_or_default().trim(),
+                if checks { "TCP checks 500 ms / 250 ms / rise 2 / fall 2, redispatch" } else { "no checks" }
+            )),
         },
         api,
         bulk: SocketAddr::from(([127, 0, 0, 1], bulk)),

@@ -29,7 +29,12 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
          Raw numbers: `bench/results/latest.json`.\n"
     );
     let _ = writeln!(s, "## Machine and method\n");
-    let _ = writeln!(s, "- Kernel `{}`, {} cores ({}), {:.0} GiB memory.", m.kernel, m.nproc, m.cpu_model, m.mem_gib);
+    let _ = writeln!(
+        s,
+        "- Kernel `{}`, {} cores ({}), {:.0} GiB memory. Load average (1 min) {:.1} at the start, {:.1} at the end: \
+         other work shared the machine, so absolute figures are noisy; ratios within the run are what to compare.",
+        m.kernel, m.nproc, m.cpu_model, m.mem_gib, m.load_start, m.load_end
+    );
     let st = &r.settings;
     let pin = match (st.client_cpu, st.proxy_cpu, st.backend_cpu) {
         (Some(c), Some(p), Some(b)) => format!("client on CPU {c}, proxy/agent on CPU {p} (the \"worker node\"), backends on CPU {b} (the \"controllers\")"),
@@ -163,6 +168,14 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
                 f.last_failure_ms.map_or("none failed".into(), |v| format!("{:.2} s", v / 1000.0)),
                 if f.recovered { format!("yes ({:.0} s window)", f.window_ms as f64 / 1000.0) } else { format!("**no** ({:.0} s window)", f.window_ms as f64 / 1000.0) }
             );
+        }
+        let _ = writeln!(s);
+        let mut seen = Vec::new();
+        for f in &r.failover {
+            if !seen.contains(&&f.label) {
+                seen.push(&f.label);
+                let _ = writeln!(s, "- **{}**: {}", f.label, f.note.as_deref().unwrap_or("").replace('\n', " "));
+            }
         }
         if let Some(n) = &r.failover_note {
             let _ = writeln!(s, "\nNot measured: {n}.");

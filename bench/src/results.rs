@@ -28,6 +28,12 @@ pub struct Machine {
     pub nproc: usize,
     pub cpu_model: String,
     pub mem_gib: f64,
+    /// /proc/loadavg (1 min) when the run started and ended: other work on
+    /// the machine, which the figures cannot separate out.
+    #[serde(default)]
+    pub load_start: f64,
+    #[serde(default)]
+    pub load_end: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -96,6 +102,9 @@ pub struct Footprint {
 pub struct FailoverResult {
     pub path: String,
     pub label: String,
+    /// What the configuration is (settings, stand-in or real).
+    #[serde(default)]
+    pub note: Option<String>,
     /// "rst" (server process gone, connects refused) or "blackhole" (all packets dropped).
     pub fault: String,
     pub rate: u32,

@@ -47,6 +47,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
         bail!("the benchmark creates network namespaces and cgroups: run it as root");
     }
     let (client_cpu, proxy_cpu, backend_cpu) = pins(opts.pin);
+    let load_start = loadavg();
     let run_ms = if opts.quick { 1000 } else { 2000 };
     let rounds = if opts.quick { 1 } else { 3 };
     let tmp = TempDir(std::env::temp_dir().join(format!("nllb-bench-{}", std::process::id())));
@@ -80,7 +81,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
     paths.push(start_nllb_ebpf(&nllb_bin, dir, "ebpf", &addrs, nllb_cg.path(), vip_api, vip_bulk, proxy_cpu));
     paths.push(start_envoy_mode(&nllb_bin, envoy_bin.as_deref(), dir, &addrs, envoy_cg.path(), proxy_cpu, None));
     paths.push(
-        paths::haproxy(dir, &addrs, plain_cg.path(), proxy_cpu)
+        paths::haproxy(dir, &addrs, plain_cg.path(), proxy_cpu, false)
             .unwrap_or_else(|e| PathUnderTest::unavailable("haproxy", "HAProxy", format!("{e:#}"))),
     );
     if let Some(only) = &opts.only {
@@ -177,7 +178,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
     drop(paths);
 
     let (failover, failover_note) = if opts.failover {
-        match failover_all(opts, dir, &addrs, &hosts, &mut backends, &nllb_bin, envoy_bin.as_deref(), nllb_cg.path(), envoy_cg.path(), client_cpu, proxy_cpu) {
+        match failover_all(opts, dir, &addrs, &hosts, &mut backends, &nllb_bin, envoy_bin.as_deref(), nllb_cg.path(), envoy_cg.path(), plain_cg.path(), client_cpu, proxy_cpu) {
             Ok(r) => r,
             Err(e) => (Vec::new(), Some(format!("failover run failed: {e:#}"))),
         }
@@ -188,7 +189,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
     Ok(Results {
         generated_at: SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
         quick: opts.quick,
-        machine: machine(),
+        machine: Machine { load_start, load_end: loadavg(), ..machine() },
         settings: Settings {
             run_ms,
             rounds,
@@ -322,13 +323,14 @@ fn failover_all(
     envoy: Option<&Path>,
     nllb_cg: &Path,
     envoy_cg: &Path,
+    plain_cg: &Path,
     client_cpu: Option<usize>,
     proxy_cpu: Option<usize>,
 ) -> anyhow::Result<(Vec<FailoverResult>, Option<String>)> {
     let mut out = Vec::new();
     let mut notes = Vec::new();
     // Configurations: (which, post-fault window).
-    let configs: [(&str, u64); 3] = [("nllb", 8000), ("nllb-envoy", 8000), ("envoy-k0s", 32000)];
+    let configs: [(&str, u64); 4] = [("nllb", 8000), ("nllb-envoy", 8000), ("envoy-k0s", 32000), ("haproxy-checks", 8000)];
     for (which, window) in configs {
         if let Some(only) = &opts.only {
             if !only.iter().any(|o| which.starts_with(o.as_str())) {
@@ -340,11 +342,15 @@ fn failover_all(
             let path = match which {
                 "nllb" => start_nllb_ebpf(nllb, dir, &tag, addrs, nllb_cg, SocketAddr::from(([127, 0, 0, 1], 7443)), SocketAddr::from(([127, 0, 0, 1], 7444)), proxy_cpu),
                 "nllb-envoy" => start_envoy_mode(nllb, envoy, dir, addrs, envoy_cg, proxy_cpu, None),
+                "haproxy-checks" => paths::haproxy(dir, addrs, plain_cg, proxy_cpu, true)
+                    .unwrap_or_else(|e| PathUnderTest::unavailable("haproxy-checks", "HAProxy, checks + redispatch", format!("{e:#}"))),
                 _ => match envoy {
                     Some(e) => paths::envoy_static(
                         "envoy-k0s",
                         "Envoy, k0s settings",
-                        "static Envoy as k0s configures it: RANDOM, connect_timeout 0.25 s, TCP check 5 s / 1 s / 3 / 5",
+                        "static Envoy as k0s configures it: RANDOM, connect_timeout 0.25 s, TCP check 5 s / 1 s / 3 / 5 \
+                         (no_traffic_interval set to 5 s to measure the steady state; k0s keeps Envoy's 60 s default, \
+                         which slows detection in the first minute after Envoy starts)",
                         e,
                         dir,
                         addrs,
@@ -428,6 +434,7 @@ fn summarize_failover(p: &PathUnderTest, fault: &str, window_ms: u64, fault_at_m
     FailoverResult {
         path: p.info.id.clone(),
         label: p.info.label.clone(),
+        note: p.info.note.clone(),
         fault: fault.into(),
         rate: FAILOVER_RATE,
         timeout_ms: FAILOVER_TIMEOUT_MS,
@@ -442,6 +449,10 @@ fn summarize_failover(p: &PathUnderTest, fault: &str, window_ms: u64, fault_at_m
     }
 }
 
+fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next()?.parse().ok()).unwrap_or(0.0)
+}
+
 fn machine() -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
@@ -454,5 +465,7 @@ fn machine() -> Machine {
             .find_map(|l| l.strip_prefix("MemTotal:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
             .map_or(0.0, |kb| kb / 1024.0 / 1024.0),
+        load_start: 0.0,
+        load_end: 0.0,
     }
 }
