@@ -214,7 +214,7 @@ pub fn nllb_agent(o: &AgentOpts<'_>, id: &str, label: &str, note: Option<String>
         bail!("asked for mode {want}, the agent runs mode {mode:?} (not supported in this build?)");
     }
     if o.ebpf {
-        if !bpfstats::attached(o.cgroup)?.iter().any(|p| p.attach_type.contains("connect4")) {
+        if !bpfstats::attached(o.cgroup)?.iter().any(|p| p.attach_type.contains("inet4_connect")) {
             bail!("agent is ready but no connect4 program is attached to {}", o.cgroup.display());
         }
     } else {

@@ -76,6 +76,11 @@ pub struct BpfCost {
     pub run_cnt: u64,
     pub run_time_ns: u64,
     pub ns_per_run: f64,
+    /// ns per run within each client run that made at least 100 runs: on a
+    /// busy machine cache misses and interrupts inflate some of them, and
+    /// the spread shows by how much.
+    #[serde(default)]
+    pub per_measurement_ns: Vec<f64>,
 }
 
 impl From<&ProgStats> for BpfCost {
@@ -86,6 +91,7 @@ impl From<&ProgStats> for BpfCost {
             run_cnt: p.run_cnt,
             run_time_ns: p.run_time_ns,
             ns_per_run: p.ns_per_run(),
+            per_measurement_ns: Vec::new(),
         }
     }
 }

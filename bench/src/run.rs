@@ -48,8 +48,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
     }
     let (client_cpu, proxy_cpu, backend_cpu) = pins(opts.pin);
     let load_start = loadavg();
-    let run_ms = if opts.quick { 1000 } else { 2000 };
-    let rounds = if opts.quick { 1 } else { 3 };
+    let run_ms = if opts.quick { 1000 } else { 1500 };
+    let rounds = if opts.quick { 1 } else { 5 };
     let tmp = TempDir(std::env::temp_dir().join(format!("nllb-bench-{}", std::process::id())));
     std::fs::create_dir_all(&tmp.0)?;
     let dir = tmp.0.as_path();
@@ -120,6 +120,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
         }
     };
     let mut bpf_totals: BTreeMap<String, ProgStats> = BTreeMap::new();
+    let mut bpf_each: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut results = Vec::new();
     for (id, title, unit, w, bulk) in &workloads {
         eprintln!("== {title}");
@@ -145,6 +146,9 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
                             let t = bpf_totals.entry(a.attach_type.clone()).or_insert_with(|| ProgStats { run_cnt: 0, run_time_ns: 0, ..d.clone() });
                             t.run_cnt += d.run_cnt;
                             t.run_time_ns += d.run_time_ns;
+                            if d.run_cnt >= 100 {
+                                bpf_each.entry(a.attach_type.clone()).or_default().push(d.ns_per_run());
+                            }
                         }
                     }
                 }
@@ -201,7 +205,10 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
         },
         paths: infos,
         workloads: results,
-        bpf: bpf_totals.values().map(BpfCost::from).collect(),
+        bpf: bpf_totals
+            .iter()
+            .map(|(k, v)| BpfCost { per_measurement_ns: bpf_each.remove(k).unwrap_or_default(), ..BpfCost::from(v) })
+            .collect(),
         footprint,
         failover,
         failover_note,
