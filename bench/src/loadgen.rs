@@ -194,7 +194,7 @@ async fn crr_worker(addr: SocketAddr, deadline: Instant) -> LoopStats {
     let mut buf = Vec::with_capacity(256);
     while Instant::now() < deadline {
         let t0 = Instant::now();
-        match one_crr(addr, &mut buf).await {
+        match bounded(one_crr(addr, &mut buf)).await {
             Ok(()) => {
                 let _ = s.hist.record(t0.elapsed().as_micros().max(1) as u64);
             }
@@ -202,6 +202,17 @@ async fn crr_worker(addr: SocketAddr, deadline: Instant) -> LoopStats {
         }
     }
     s
+}
+
+/// A closed loop must not hang on one lost connect (SYN retries take two
+/// minutes): past this an operation counts as an error and the loop goes on.
+const OP_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn bounded<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    match tokio::time::timeout(OP_TIMEOUT, f).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow::anyhow!("no answer within {OP_TIMEOUT:?}")),
+    }
 }
 
 /// Connect, send one request, read the response until the server closes.
@@ -221,10 +232,10 @@ async fn rr_worker(addr: SocketAddr, deadline: Instant) -> LoopStats {
     let mut s = LoopStats::new();
     let mut buf = Vec::with_capacity(4096);
     while Instant::now() < deadline {
-        let mut c = match TcpStream::connect(addr).await {
+        let mut c = match bounded(async { TcpStream::connect(addr).await.context("connect") }).await {
             Ok(c) => c,
             Err(e) => {
-                s.error(anyhow::Error::new(e).context("connect")).await;
+                s.error(e).await;
                 continue;
             }
         };
@@ -232,10 +243,10 @@ async fn rr_worker(addr: SocketAddr, deadline: Instant) -> LoopStats {
         buf.clear();
         while Instant::now() < deadline {
             let t0 = Instant::now();
-            let r = async {
+            let r = bounded(async {
                 c.write_all(REQUEST_KEEPALIVE).await.context("write")?;
                 read_response(&mut c, &mut buf).await
-            }
+            })
             .await;
             match r {
                 Ok(()) => {

@@ -49,8 +49,9 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
     let _ = writeln!(
         s,
         "- Load generator: Rust/tokio, one client process per measurement that moves itself into the \
-         measured cgroup before its first connect. Each figure is the median of {} round(s) of {:.1} s; \
-         rounds alternate between paths so background noise hits all of them alike.",
+         measured cgroup before its first connect. Each figure is the median of that figure over {} round(s) of {:.1} s \
+         (closed loop); rounds alternate between paths so background noise hits all of them alike. On a busy machine \
+         the rate (a mean) suffers most from stalls; the median latency and CPU per operation are the steadier figures.",
         st.rounds,
         st.run_ms as f64 / 1000.0
     );

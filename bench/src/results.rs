@@ -59,14 +59,16 @@ pub struct WorkloadResult {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Measurement {
-    /// The round with the median rate.
+    /// Each figure is the median of that figure over the rounds (errors: the sum).
     pub client: ClientResult,
     /// Rate of every round, to show the spread.
     pub round_rates: Vec<f64>,
-    /// The proxy (or agent) process tree during the median round.
+    /// The proxy (or agent) process tree during the round with the median rate.
     pub proxy: Option<Usage>,
-    /// Client CPU + proxy CPU per operation, microseconds.
+    /// Client CPU + proxy CPU per operation, microseconds (median over rounds).
     pub cpu_us_per_op: f64,
+    #[serde(default)]
+    pub round_cpu_us_per_op: Vec<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
