@@ -8,8 +8,8 @@ use aya_ebpf::{
         BPF_TCP_CLOSE, BPF_TCP_SYN_SENT, bpf_sock_addr,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::{btf_map, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
@@ -25,25 +25,27 @@ const SOCK_STREAM: u32 = 1;
 const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 const MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
-#[map]
-static NLLB_VIPS4: HashMap<Vip4Key, VipValue> = HashMap::with_max_entries(MAX_VIPS, 0);
-#[map]
-static NLLB_VIPS6: HashMap<Vip6Key, VipValue> = HashMap::with_max_entries(MAX_VIPS, 0);
-#[map]
-static NLLB_SERVICES: HashMap<u32, ServiceState> = HashMap::with_max_entries(MAX_SERVICES * 2, 0);
-#[map]
-static NLLB_BACKENDS: Array<BackendSlot> = Array::with_max_entries(BACKEND_SLOTS, 0);
-#[map]
-static NLLB_CONNECT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_STATS, 0);
-#[map]
-static NLLB_NOBACKEND: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
-#[map]
-static NLLB_SOCKETS: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_SOCKETS, 0);
-#[map]
-static NLLB_PASSIVE: HashMap<BackendKey, PassiveMark> =
-    HashMap::with_max_entries(MAX_SERVICES * MAX_BACKENDS * 2, 0);
-#[map]
-static NLLB_CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+// BTF-defined maps: `bpftool map dump` prints their keys and values with
+// field names instead of hex.
+#[btf_map]
+static NLLB_VIPS4: HashMap<Vip4Key, VipValue, { MAX_VIPS as usize }> = HashMap::new();
+#[btf_map]
+static NLLB_VIPS6: HashMap<Vip6Key, VipValue, { MAX_VIPS as usize }> = HashMap::new();
+#[btf_map]
+static NLLB_SERVICES: HashMap<u32, ServiceState, { (MAX_SERVICES * 2) as usize }> = HashMap::new();
+#[btf_map]
+static NLLB_BACKENDS: Array<BackendSlot, { BACKEND_SLOTS as usize }> = Array::new();
+#[btf_map]
+static NLLB_CONNECT_STATS: PerCpuArray<u64, { MAX_STATS as usize }> = PerCpuArray::new();
+#[btf_map]
+static NLLB_NOBACKEND: PerCpuArray<u64, { MAX_SERVICES as usize }> = PerCpuArray::new();
+#[btf_map]
+static NLLB_SOCKETS: LruHashMap<u64, OrigDst, { MAX_SOCKETS as usize }> = LruHashMap::new();
+#[btf_map]
+static NLLB_PASSIVE: HashMap<BackendKey, PassiveMark, { (MAX_SERVICES * MAX_BACKENDS * 2) as usize }> =
+    HashMap::new();
+#[btf_map]
+static NLLB_CONFIG: Array<DatapathConfig, 1> = Array::new();
 
 #[cgroup_sock_addr(connect4)]
 pub fn nllb_connect4(ctx: SockAddrContext) -> i32 {

@@ -8,7 +8,12 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use tokio::signal::unix::{SignalKind, signal};
+use std::sync::Arc;
+
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 
 use crate::{
     config::{Config, ConfigError},
@@ -16,6 +21,8 @@ use crate::{
         Datapath, DatapathError,
         ebpf::{EbpfDatapath, EbpfOptions},
     },
+    health::{self, HealthError, HealthSnapshot, Monitor, Transitions},
+    metrics::{self, Metrics},
     model::Plan,
     status::{AgentStatus, ServiceStatus},
     sys,
@@ -28,6 +35,11 @@ pub struct AgentOptions {
     pub pin_path: PathBuf,
     pub run_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// Remove programs and pins on exit instead of leaving the datapath
+    /// serving the last published backends.
+    pub detach_on_exit: bool,
+    /// Overrides the config's `metricsAddr`; None there too means the default.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +50,8 @@ pub enum AgentError {
     Datapath(#[from] DatapathError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Health(#[from] HealthError),
 }
 
 impl AgentError {
@@ -45,6 +59,8 @@ impl AgentError {
     pub fn exit_code(&self) -> i32 {
         match self {
             AgentError::Config(_) => 2,
+            // Unreadable CA, kubeconfig or client certificate: operator input.
+            AgentError::Health(HealthError::Config(_) | HealthError::File { .. }) => 2,
             _ => 1,
         }
     }
@@ -70,6 +86,14 @@ pub fn validate(opts: &AgentOptions) -> Result<(Config, PathBuf), AgentError> {
     Ok((config, cgroup))
 }
 
+fn probe_observer(metrics: &Arc<Metrics>) -> health::ProbeObserver {
+    let metrics = metrics.clone();
+    Arc::new(move |target, took| {
+        let labels = metrics::AddrLabels { backend: target.to_string() };
+        metrics.probe_duration.get_or_create(&labels).observe(took.as_secs_f64());
+    })
+}
+
 struct Agent {
     config: Config,
     opts: AgentOptions,
@@ -78,11 +102,49 @@ struct Agent {
     service_ids: BTreeMap<String, u32>,
     plan: Plan,
     seen_passive: BTreeMap<SocketAddr, u32>,
+    metrics: Arc<Metrics>,
+    health: Arc<metrics::Health>,
+    metrics_addr: Option<SocketAddr>,
+    /// The config file's text as last applied, to notice edits.
+    config_text: String,
+    monitor: Monitor,
+    health_rx: watch::Receiver<HealthSnapshot>,
+    transitions: Transitions,
 }
 
 pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let (config, cgroup) = validate(&opts)?;
-    let plan = Plan::all_backends(&config.services, &config.backends);
+    if let Some(prev) = AgentStatus::read(&opts.run_dir)
+        && prev.pid != std::process::id()
+        && crate::status::pid_alive(prev.pid)
+        && prev.pin_path == opts.pin_path
+    {
+        return Err(AgentError::Datapath(DatapathError::Other(format!(
+            "another nllb agent (pid {}) serves {}; stop it first",
+            prev.pid,
+            opts.pin_path.display()
+        ))));
+    }
+    let config_text = std::fs::read_to_string(&opts.config_path).unwrap_or_default();
+    let metrics_addr = opts.metrics_addr.or(config.metrics_addr).unwrap_or_else(|| metrics::DEFAULT_ADDR.parse().expect("default address"));
+    if !metrics_addr.ip().is_loopback() {
+        tracing::warn!(%metrics_addr, "metrics and health endpoints are reachable from other hosts");
+    }
+    // Bound before the datapath is installed: a taken port changes nothing.
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(metrics::Health::default());
+    health.beat();
+    let metrics_addr = metrics::serve(metrics_addr, metrics.clone(), health.clone())
+        .await
+        .map_err(|e| AgentError::Io(std::io::Error::new(e.kind(), format!("metrics address {metrics_addr}: {e}"))))?;
+    // Before anything is attached, so unreadable TLS material exits 2 clean.
+    let monitor = Monitor::spawn(config.health.clone())?;
+    monitor.observe_probes(probe_observer(&metrics));
+    monitor.set_targets(health::targets(&config.services, &config.backends));
+    let health_rx = monitor.subscribe();
+    let mut transitions = Transitions::new();
+    // Every backend starts healthy: no black hole while the first probes run.
+    let plan = transitions.react(&config.services, &config.backends, &health_rx.borrow()).plan;
     let ebpf = EbpfDatapath::install(
         EbpfOptions {
             cgroup: cgroup.clone(),
@@ -102,12 +164,30 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         service_ids,
         plan,
         seen_passive: BTreeMap::new(),
+        metrics,
+        health,
+        metrics_addr: Some(metrics_addr),
+        config_text,
+        monitor,
+        health_rx,
+        transitions,
     };
+    agent.metrics.set_mode("ebpf");
     let result = agent.serve().await;
-    let shutdown = agent.datapath.shutdown();
-    let _ = std::fs::remove_file(agent.opts.run_dir.join(crate::status::STATUS_FILE));
-    result?;
-    shutdown?;
+    if agent.opts.detach_on_exit || agent.config.detach_on_exit {
+        let shutdown = agent.datapath.shutdown();
+        let _ = std::fs::remove_file(agent.opts.run_dir.join(crate::status::STATUS_FILE));
+        result?;
+        shutdown?;
+    } else {
+        // Worker components keep reaching the control plane while the agent
+        // restarts or upgrades: the pinned links keep the programs attached.
+        tracing::info!(
+            pin_path = %agent.opts.pin_path.display(),
+            "datapath stays attached with the last published backends; `nllb uninstall` removes it"
+        );
+        result?;
+    }
     Ok(())
 }
 
@@ -117,6 +197,7 @@ impl Agent {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sighup = signal(SignalKind::hangup())?;
         let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut ticks: u64 = 0;
         self.write_status();
         tracing::info!(services = self.plan.services.len(), "nllb agent ready");
         loop {
@@ -124,17 +205,44 @@ impl Agent {
                 _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(()) }
                 _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(()) }
                 _ = sighup.recv() => self.reload(),
-                _ = tick.tick() => self.watch_passive(),
+                _ = tick.tick() => {
+                    ticks += 1;
+                    self.watch_passive();
+                    self.health.beat();
+                    self.metrics.sync_datapath(&self.datapath.counters());
+                    // A ConfigMap update or an edit applies itself: no restart,
+                    // no SIGHUP needed (k0s needs a worker restart, #8212).
+                    if ticks % 4 == 0 {
+                        self.reload_if_changed();
+                        // Probe latencies change without verdicts changing.
+                        self.write_status();
+                    }
+                }
+                Ok(()) = self.health_rx.changed() => self.apply_health(),
             }
+        }
+    }
+
+    fn reload_if_changed(&mut self) {
+        match std::fs::read_to_string(&self.opts.config_path) {
+            Ok(text) if text != self.config_text => {
+                tracing::info!("config file changed");
+                self.reload();
+            }
+            _ => {}
         }
     }
 
     /// SIGHUP: apply a new config's services and backends; a bad config is
     /// logged and the running one stays.
     fn reload(&mut self) {
-        let config = match Config::load(&self.opts.config_path) {
+        let text = std::fs::read_to_string(&self.opts.config_path).unwrap_or_default();
+        // Remembered even when rejected, so a bad file is reported once.
+        self.config_text = text.clone();
+        let config = match Config::parse(&text) {
             Ok(c) => c,
             Err(e) => {
+                self.metrics.reloads.get_or_create(&metrics::ModeLabels { mode: "rejected".into() }).inc();
                 tracing::error!(error = %e, "reload rejected: keeping the running config");
                 return;
             }
@@ -142,14 +250,58 @@ impl Agent {
         if config.host_network_only != self.config.host_network_only || config.passive.enabled != self.config.passive.enabled {
             tracing::warn!("hostNetworkOnly and passive changes take effect after a restart");
         }
-        let plan = Plan::all_backends(&config.services, &config.backends);
-        match self.publish(plan) {
-            Ok(()) => {
-                tracing::info!("reloaded {}", self.opts.config_path.display());
-                self.config = config;
+        let health_changed =
+            serde_json::to_value(&config.health).ok() != serde_json::to_value(&self.config.health).ok();
+        if health_changed {
+            // New probe settings: a fresh monitor (backends start healthy
+            // again and the first failed probe ejects at once).
+            match Monitor::spawn(config.health.clone()) {
+                Ok(monitor) => {
+                    monitor.observe_probes(probe_observer(&self.metrics));
+                    self.health_rx = monitor.subscribe();
+                    self.monitor = monitor;
+                    tracing::info!("health settings changed: probes restarted");
+                }
+                Err(e) => {
+                    self.metrics.reloads.get_or_create(&metrics::ModeLabels { mode: "rejected".into() }).inc();
+                    tracing::error!(error = %e, "reload rejected: keeping the running config");
+                    return;
+                }
             }
-            Err(e) => tracing::error!(error = %e, "reload failed: keeping the running config"),
         }
+        self.monitor.set_targets(health::targets(&config.services, &config.backends));
+        self.config = config;
+        self.metrics.reloads.get_or_create(&metrics::ModeLabels { mode: "applied".into() }).inc();
+        tracing::info!("reloaded {}", self.opts.config_path.display());
+        self.apply_health();
+    }
+
+    /// Health or the backend set changed: publish the healthy backends (or
+    /// all of them in panic mode), clear passive marks of recovered backends,
+    /// and close nllb's sockets to backends that left.
+    fn apply_health(&mut self) {
+        let snapshot = self.health_rx.borrow_and_update().clone();
+        let reaction = self.transitions.react(&self.config.services, &self.config.backends, &snapshot);
+        reaction.log();
+        for backend in &reaction.recovered {
+            if let Err(e) = self.datapath.clear_passive(*backend) {
+                tracing::warn!(backend = %backend, error = %e, "cannot clear the passive mark");
+            }
+        }
+        if let Err(e) = self.publish(reaction.plan.clone()) {
+            tracing::error!(error = %e, "publishing the backend set failed");
+        }
+        let doomed = reaction.to_destroy(&self.config.health);
+        if !doomed.is_empty() {
+            let cookies = self.datapath.rewritten_sockets();
+            for backend in doomed {
+                match crate::sock_destroy::destroy_sockets_to(backend, Some(&cookies)) {
+                    Ok(n) => tracing::info!(backend = %backend, sockets = n, "closed established connections through nllb"),
+                    Err(e) => tracing::warn!(backend = %backend, error = %e, "cannot destroy sockets (SOCK_DESTROY)"),
+                }
+            }
+        }
+        self.write_status();
     }
 
     fn publish(&mut self, plan: Plan) -> Result<(), DatapathError> {
@@ -166,13 +318,26 @@ impl Agent {
     fn watch_passive(&mut self) {
         for f in self.datapath.passive_failures() {
             let prev = self.seen_passive.insert(f.backend, f.failures);
+            self.metrics.sync_passive(f.backend, f.failures);
             if prev != Some(f.failures) {
                 tracing::warn!(backend = %f.backend, failures = f.failures, "kernel saw a failed connect: backend passively ejected");
+                self.monitor.report_passive_failure(f.backend);
             }
         }
     }
 
     fn write_status(&mut self) {
+        for (addr, h) in &self.monitor.snapshot().backends {
+            let labels = metrics::AddrLabels { backend: addr.to_string() };
+            self.metrics.backend_healthy.get_or_create(&labels).set(i64::from(h.healthy));
+        }
+        let published: usize = self.plan.services.iter().map(|s| s.backends.len()).sum();
+        self.health.ready.store(published > 0, std::sync::atomic::Ordering::Relaxed);
+        for s in &self.plan.services {
+            let labels = metrics::ServiceLabels { service: s.name.clone() };
+            self.metrics.published.get_or_create(&labels).set(s.backends.len() as i64);
+            self.metrics.panic_mode.get_or_create(&labels).set(i64::from(s.panic));
+        }
         let services = self
             .plan
             .services
@@ -181,7 +346,13 @@ impl Agent {
                 name: s.name.clone(),
                 id: self.service_ids.get(&s.name).copied(),
                 listen: s.listen.clone(),
-                known_backends: s.backends.clone(),
+                known_backends: self
+                    .config
+                    .services
+                    .iter()
+                    .find(|c| c.name == s.name)
+                    .map(|c| self.config.backends.iter().map(|ip| SocketAddr::new(*ip, c.backend_port)).collect())
+                    .unwrap_or_default(),
                 published_backends: s.backends.clone(),
                 panic: s.panic,
             })
@@ -193,8 +364,11 @@ impl Agent {
             pin_path: self.opts.pin_path.clone(),
             cgroup: Some(self.cgroup.clone()),
             services,
-            health: serde_json::Value::Null,
-            extra: BTreeMap::new(),
+            health: serde_json::to_value(self.monitor.snapshot()).unwrap_or_default(),
+            extra: BTreeMap::from([(
+                "metrics_addr".to_string(),
+                serde_json::json!(self.metrics_addr.map(|a| a.to_string())),
+            )]),
             updated_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
         };
         if let Err(e) = status.write(&self.opts.run_dir) {

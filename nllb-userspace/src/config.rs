@@ -71,6 +71,9 @@ pub struct ConfigFile {
     pub envoy: EnvoyConfig,
     #[serde(default)]
     pub metrics_addr: Option<String>,
+    /// Remove the datapath when the agent exits (default: keep it serving).
+    #[serde(default)]
+    pub detach_on_exit: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -119,6 +122,7 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     pub envoy: EnvoyConfig,
     pub metrics_addr: Option<SocketAddr>,
+    pub detach_on_exit: bool,
 }
 
 impl Config {
@@ -226,6 +230,7 @@ impl ConfigFile {
             discovery: self.discovery,
             envoy: self.envoy,
             metrics_addr,
+            detach_on_exit: self.detach_on_exit,
         })
     }
 }

@@ -7,7 +7,9 @@ pub mod discovery;
 pub mod envoy;
 pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod model;
+pub mod sock_destroy;
 pub mod status;
 pub mod sys;
 

@@ -46,6 +46,14 @@ enum Command {
         /// Where the last good controller set is cached.
         #[arg(long, default_value = "/var/lib/nllb")]
         state_dir: PathBuf,
+        /// Remove programs and pins on exit (default: the datapath keeps
+        /// serving the last published backends until `nllb uninstall`).
+        #[arg(long)]
+        detach_on_exit: bool,
+        /// Prometheus `/metrics`, `/healthz` and `/readyz` (default
+        /// 127.0.0.1:9542, or the config's metricsAddr).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Show services, backends and counters from the pinned maps.
     Status {
@@ -65,8 +73,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let code = match cli.command {
-        Command::Agent { config, cgroup, loc, state_dir } => {
-            let opts = AgentOptions { config_path: config, cgroup, pin_path: loc.pin_path, run_dir: loc.run_dir, state_dir };
+        Command::Agent { config, cgroup, loc, state_dir, detach_on_exit, metrics_addr } => {
+            let opts = AgentOptions {
+                config_path: config,
+                cgroup,
+                pin_path: loc.pin_path,
+                run_dir: loc.run_dir,
+                state_dir,
+                detach_on_exit,
+                metrics_addr,
+            };
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
             match rt.block_on(agent::run(opts)) {
                 Ok(()) => 0,

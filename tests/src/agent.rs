@@ -42,17 +42,23 @@ pub struct Agent {
     pub log_path: PathBuf,
     pub cgroup: PathBuf,
     work: PathBuf,
+    opts: AgentOpts,
 }
 
 impl Agent {
     /// Start the agent and wait until it has published its first plan.
     pub fn start(opts: &AgentOpts) -> Agent {
-        let agent = Self::spawn(opts);
-        let ready = wait_for(Duration::from_secs(20), || agent.run_dir.join("status.json").exists().then_some(()));
-        if ready.is_none() {
-            let mut agent = agent;
-            let status = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            panic!("nllb agent did not become ready (exit: {status:?}); log:\n{}", agent.log());
+        let mut agent = Self::spawn(opts);
+        let mut exited = None;
+        let ready = wait_for(Duration::from_secs(20), || {
+            if agent.run_dir.join("status.json").exists() {
+                return Some(true);
+            }
+            exited = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            exited.is_some().then_some(false)
+        });
+        if ready != Some(true) {
+            panic!("nllb agent did not become ready (exit: {exited:?}); log:\n{}", agent.log());
         }
         agent
     }
@@ -62,35 +68,68 @@ impl Agent {
         let name = unique_name("nllb-test-");
         let work = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&work).unwrap();
-        let pin_path = PathBuf::from("/sys/fs/bpf").join(&name);
-        let run_dir = work.join("run");
-        let state_dir = work.join("state");
         let config_path = work.join("nllb.yaml");
-        let log_path = work.join("agent.log");
         std::fs::write(&config_path, &opts.config_yaml).unwrap();
-        let log = std::fs::File::create(&log_path).unwrap();
+        let mut agent = Agent {
+            child: None,
+            pin_path: PathBuf::from("/sys/fs/bpf").join(&name),
+            run_dir: work.join("run"),
+            state_dir: work.join("state"),
+            config_path,
+            log_path: work.join("agent.log"),
+            cgroup: opts.cgroup.clone(),
+            work,
+            opts: opts.clone(),
+        };
+        agent.launch(&[]);
+        agent
+    }
+
+    /// Start a new agent process on the same pins, run dir and config (after
+    /// the previous one exited or was killed) and wait until it published.
+    pub fn restart(&mut self, env: &[(&str, &str)]) {
+        if let Some(mut old) = self.child.take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        self.launch(env);
+        let pid = self.pid().unwrap();
+        let ready = wait_for(Duration::from_secs(20), || {
+            let text = std::fs::read_to_string(self.run_dir.join("status.json")).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            (v["pid"].as_u64() == Some(u64::from(pid))).then_some(())
+        });
+        assert!(ready.is_some(), "restarted agent did not become ready; log:\n{}", self.log());
+    }
+
+    fn launch(&mut self, env: &[(&str, &str)]) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
         let mut cmd = Command::new(nllb_bin());
         cmd.arg("agent")
             .arg("--config")
-            .arg(&config_path)
+            .arg(&self.config_path)
             .arg("--cgroup")
-            .arg(&opts.cgroup)
+            .arg(&self.opts.cgroup)
             .arg("--pin-path")
-            .arg(&pin_path)
+            .arg(&self.pin_path)
             .arg("--run-dir")
-            .arg(&run_dir)
+            .arg(&self.run_dir)
             .arg("--state-dir")
-            .arg(&state_dir)
-            .args(&opts.extra_args)
+            .arg(&self.state_dir)
+            // Tests run agents side by side: each gets its own metrics port.
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(&self.opts.extra_args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        for (k, v) in &opts.env {
+        for (k, v) in &self.opts.env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("spawn nllb agent");
-        Agent { child: Some(child), pin_path, run_dir, state_dir, config_path, log_path, cgroup: opts.cgroup.clone(), work }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("spawn nllb agent"));
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -111,6 +150,33 @@ impl Agent {
             .arg(&self.run_dir)
             .output()
             .expect("run nllb")
+    }
+
+    /// Where the agent's metrics and health endpoints listen.
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(self.run_dir.join("status.json")).unwrap()).unwrap();
+        v["extra"]["metrics_addr"].as_str().expect("metrics_addr in status.json").parse().unwrap()
+    }
+
+    /// GET a path on the metrics listener: (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect_timeout(&self.metrics_addr(), Duration::from_secs(3)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: nllb\r\nConnection: close\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (code, body)
+    }
+
+    /// Replace the config file (the agent notices within about a second).
+    pub fn write_config(&self, yaml: &str) {
+        let tmp = self.config_path.with_extension("tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(tmp, &self.config_path).unwrap();
     }
 
     /// `nllb status --json` parsed.

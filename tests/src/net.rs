@@ -155,7 +155,13 @@ impl SubnetLease {
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(mut f) => {
                     let _ = write!(f, "{me}");
-                    return SubnetLease { index, path };
+                    let lease = SubnetLease { index, path };
+                    // A process killed mid-test leaves its netns and veth
+                    // behind; its addresses would shadow ours.
+                    if subnet_in_use(index) {
+                        continue;
+                    }
+                    return lease;
                 }
                 Err(_) => {
                     let holder: Option<i32> = fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok());
@@ -171,6 +177,12 @@ impl SubnetLease {
         }
         panic!("no free test subnet in 198.18.0.0/15");
     }
+}
+
+fn subnet_in_use(index: u32) -> bool {
+    let subnet = format!("198.{}.{}.0/24", 18 + index / 256, index % 256);
+    let out = std::process::Command::new("ip").args(["-o", "-4", "addr", "show", "to", &subnet]).output();
+    out.map(|o| !o.stdout.is_empty()).unwrap_or(false)
 }
 
 impl Drop for SubnetLease {

@@ -227,7 +227,7 @@ fn bad_config_exits_2_and_attaches_nothing() {
 }
 
 #[test]
-fn sigint_and_sigterm_leave_nothing_attached_or_pinned() {
+fn with_detach_on_exit_sigint_and_sigterm_leave_nothing_attached_or_pinned() {
     if !privileged() {
         return;
     }
@@ -236,7 +236,13 @@ fn sigint_and_sigterm_leave_nothing_attached_or_pinned() {
     for sig in [nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGTERM] {
         let cg = TestCgroup::new();
         let port = free_port();
-        let mut agent = start(&net, &cg, &[&vip(port).to_string()], "");
+        let backends: Vec<_> = net.hosts().iter().map(|h| h.v4).collect();
+        let mut agent = Agent::start(&AgentOpts {
+            config_yaml: one_service_config(&[&vip(port).to_string()], BACKEND_PORT, &backends, ""),
+            cgroup: cg.path().to_path_buf(),
+            extra_args: vec!["--detach-on-exit".into()],
+            ..Default::default()
+        });
         assert_eq!(attached_programs(cg.path()).len(), 5, "connect4/6, getpeername4/6, sock_ops");
         assert!(agent.pin_path.join("NLLB_BACKENDS").exists());
         agent.signal(sig);

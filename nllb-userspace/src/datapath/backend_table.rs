@@ -20,7 +20,7 @@
 //! flip before it writes that bank again, orders of magnitude longer.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
     time::{Duration, Instant},
 };
@@ -198,6 +198,53 @@ impl Tables {
             }
         }
         Ok(())
+    }
+
+    /// Rebuild the record of what an earlier agent published into adopted
+    /// maps, so the next publish writes the bank that is not live and
+    /// counters keep their indices. Services are matched to `plan` by their
+    /// virtual addresses; ids matching no planned service get a name no
+    /// config can use, so the next `apply` removes them.
+    pub fn recover(maps: &Maps, plan: &Plan) -> Tables {
+        let mut listen_by_id: BTreeMap<u32, Vec<SocketAddr>> = BTreeMap::new();
+        for (k, v) in maps.vips4.iter().filter_map(Result::ok) {
+            listen_by_id.entry(v.svc_id).or_default().push(super::encoding::vip4_addr(&k));
+        }
+        for (k, v) in maps.vips6.iter().filter_map(Result::ok) {
+            listen_by_id.entry(v.svc_id).or_default().push(super::encoding::vip6_addr(&k));
+        }
+        let mut tables = Tables::default();
+        for (id, listen) in listen_by_id {
+            let planned = plan
+                .services
+                .iter()
+                .find(|s| s.listen.iter().any(|l| listen.contains(l)) && !tables.services.contains_key(&s.name));
+            let name = planned.map(|s| s.name.clone()).unwrap_or_else(|| format!("~stale-{id}"));
+            let mut stat_ids = HashMap::new();
+            let families = [FAM_IDX_V4, FAM_IDX_V6].map(|fam| match maps.services.get(&service_key(id, fam), 0) {
+                Ok(state) => {
+                    let bank = state.bank & 1;
+                    let published: Vec<SocketAddr> = (0..state.count.min(MAX_BACKENDS))
+                        .filter_map(|slot| maps.backends.get(&backend_index(id, fam, bank, slot), 0).ok())
+                        .map(|b| {
+                            let addr = super::encoding::slot_addr(&b);
+                            stat_ids.insert(addr, b.stat_id);
+                            addr
+                        })
+                        .collect();
+                    FamilyState {
+                        bank,
+                        generation: state.generation,
+                        published,
+                        panic: state.flags & SERVICE_FLAG_PANIC != 0,
+                        flipped_at: Some(Instant::now()),
+                    }
+                }
+                Err(_) => FamilyState { bank: 0, generation: 0, published: Vec::new(), panic: false, flipped_at: None },
+            });
+            tables.services.insert(name, ServiceEntry { id, listen, families, stat_ids });
+        }
+        tables
     }
 
     pub fn counters(&self, maps: &Maps) -> Vec<ServiceCounters> {

@@ -3,6 +3,7 @@
 
 use std::{
     fs,
+    os::fd::AsFd as _,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     time::Duration,
@@ -13,11 +14,12 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
 };
 use nllb_common::{
-    CONFIG_FLAG_ALL_NETNS, CONFIG_FLAG_PASSIVE, DatapathConfig, LAYOUT_VERSION, PassiveMark, maps, programs,
+    CONFIG_FLAG_ALL_NETNS, CONFIG_FLAG_PASSIVE, DatapathConfig, PassiveMark, maps, programs,
 };
 
 use super::{
-    Datapath, DatapathError, DatapathKind, PassiveFailure, ServiceCounters, backend_table::Tables,
+    Datapath, DatapathError, DatapathKind, PassiveFailure, ServiceCounters, backend_table::Tables, bpf_sys,
+    pins::{self, PinnedMaps},
     encoding::{backend_key, key_addr},
     pinned::Maps,
 };
@@ -60,7 +62,11 @@ fn link_pin(pin_path: &Path, prog: &str) -> PathBuf {
 
 impl EbpfDatapath {
     /// Load, publish `plan`, then attach: no connect ever sees the programs
-    /// before the maps are filled.
+    /// before the maps are filled. A datapath an earlier agent left pinned is
+    /// taken over without a moment when the hooks run no program: same map
+    /// layout, its maps are adopted as they are; another layout, new maps are
+    /// filled beside them; either way the running links are switched to the
+    /// new programs with BPF_LINK_UPDATE.
     pub fn install(opts: EbpfOptions, plan: &Plan) -> Result<EbpfDatapath, DatapathError> {
         if !sys::is_cgroup2_dir(&opts.cgroup) {
             return Err(DatapathError::Cgroup {
@@ -76,19 +82,45 @@ impl EbpfDatapath {
         // traffic: root only.
         fs::set_permissions(&opts.pin_path, fs::Permissions::from_mode(0o700))?;
 
-        let result = Self::load_and_attach(opts.clone(), plan, created_pin_dir);
+        let pinned = pins::inspect(&opts.pin_path);
+        match &pinned {
+            PinnedMaps::Absent => {}
+            PinnedMaps::Compatible => tracing::info!(pin_path = %opts.pin_path.display(), "adopting the pinned datapath"),
+            PinnedMaps::Incompatible(why) => {
+                tracing::warn!(pin_path = %opts.pin_path.display(), reason = %why, "replacing a pinned datapath of another layout")
+            }
+        }
+        let result = Self::load_and_attach(opts.clone(), plan, &pinned, created_pin_dir);
         if result.is_err() && created_pin_dir {
             let _ = remove_pins(&opts.pin_path);
         }
         result
     }
 
-    fn load_and_attach(opts: EbpfOptions, plan: &Plan, created_pin_dir: bool) -> Result<EbpfDatapath, DatapathError> {
+    fn load_and_attach(
+        opts: EbpfOptions,
+        plan: &Plan,
+        pinned: &PinnedMaps,
+        created_pin_dir: bool,
+    ) -> Result<EbpfDatapath, DatapathError> {
+        let replacing = matches!(pinned, PinnedMaps::Incompatible(_));
         let mut loader = EbpfLoader::new();
-        for name in maps::ALL {
-            loader.map_pin_path(name, opts.pin_path.join(name));
+        if !replacing {
+            for name in maps::ALL {
+                loader.map_pin_path(name, opts.pin_path.join(name));
+            }
         }
         let mut ebpf = loader.load(crate::EBPF_OBJECT).map_err(DatapathError::Load)?;
+        if replacing {
+            // Pinned beside the old maps now, renamed over them once the
+            // programs that use them are live.
+            for name in maps::ALL {
+                let map = ebpf.map(name).ok_or_else(|| DatapathError::Other(format!("eBPF object has no map {name}")))?;
+                let staged = staged_pin(&opts.pin_path, name);
+                let _ = fs::remove_file(&staged);
+                map.pin(&staged).map_err(|source| DatapathError::Pin { path: staged.display().to_string(), source })?;
+            }
+        }
         crate::logging::bridge_ebpf_logs(&mut ebpf);
         let mut maps = Maps::take(&mut ebpf)?;
         let config = DatapathConfig {
@@ -96,33 +128,38 @@ impl EbpfDatapath {
             flags: if opts.host_network_only { 0 } else { CONFIG_FLAG_ALL_NETNS }
                 | if opts.passive { CONFIG_FLAG_PASSIVE } else { 0 },
             eject_hold_ms: opts.eject_hold.as_millis().min(u128::from(u32::MAX)) as u32,
-            layout_version: LAYOUT_VERSION,
+            layout_version: pins::layout_version(),
             _pad: 0,
         };
         maps.config.set(0, config, 0).map_err(|source| DatapathError::Map { name: maps::CONFIG, source })?;
-        let mut tables = Tables::default();
+        let mut tables =
+            if *pinned == PinnedMaps::Compatible { Tables::recover(&maps, plan) } else { Tables::default() };
         tables.apply(&mut maps, plan)?;
 
         let cgroup = fs::File::open(&opts.cgroup)
             .map_err(|source| DatapathError::Cgroup { path: opts.cgroup.display().to_string(), source })?;
+        let cgroup_id = bpf_sys::cgroup_id(&opts.cgroup)?;
         let mut links = Vec::new();
         let mut missing = Vec::new();
-        let mut dp_links = Vec::new();
         for (name, required) in PROGRAMS {
-            match attach(&mut ebpf, name, &cgroup) {
-                Ok(link) => dp_links.push((name, link)),
+            let pin = link_pin(&opts.pin_path, name);
+            match install_program(&mut ebpf, name, &cgroup, cgroup_id, &pin) {
+                Ok(how) => {
+                    tracing::debug!(program = name, how, "program installed");
+                    links.push(pin);
+                }
                 Err(e) if !required => {
                     tracing::warn!(program = name, error = %e, "kernel refused an optional program; continuing without it");
+                    let _ = fs::remove_file(&pin);
                     missing.push(name);
                 }
                 Err(e) => return Err(e),
             }
         }
-        for (name, link) in dp_links {
-            let path = link_pin(&opts.pin_path, name);
-            let _ = fs::remove_file(&path);
-            link.pin(&path).map_err(|source| DatapathError::Pin { path: path.display().to_string(), source })?;
-            links.push(path);
+        if replacing {
+            for name in maps::ALL {
+                fs::rename(staged_pin(&opts.pin_path, name), opts.pin_path.join(name))?;
+            }
         }
         tracing::info!(
             cgroup = %opts.cgroup.display(),
@@ -131,7 +168,62 @@ impl EbpfDatapath {
         );
         Ok(EbpfDatapath { _ebpf: ebpf, maps, tables, opts, links, missing, created_pin_dir })
     }
+}
 
+fn staged_pin(pin_path: &Path, name: &str) -> PathBuf {
+    pin_path.join(format!("staged_{name}"))
+}
+
+/// Make `name` run on the cgroup behind the link pinned at `pin`: switch an
+/// existing link on that cgroup to the new program in place, or attach a
+/// new link and pin it (replacing a link on another cgroup).
+fn install_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &fs::File,
+    cgroup_id: u64,
+    pin: &Path,
+) -> Result<&'static str, DatapathError> {
+    load(ebpf, name)?;
+    if let Ok(link) = bpf_sys::obj_get(pin) {
+        if bpf_sys::link_cgroup_id(link.as_fd()).ok() == Some(cgroup_id) {
+            let prog_fd = program_fd(ebpf, name)?;
+            match bpf_sys::link_update(link.as_fd(), prog_fd) {
+                Ok(()) => return Ok("link updated in place"),
+                Err(e) => tracing::warn!(program = name, error = %e, "link update failed; attaching a new link"),
+            }
+        }
+    }
+    // A new link runs beside the old one until the old pin is replaced;
+    // both rewrite identically and a rewritten connect is no longer to a
+    // virtual address, so the overlap is harmless.
+    let link = attach(ebpf, name, cgroup)?;
+    // bpffs does not allow dots in names.
+    let staged = pin.with_file_name(format!("staged_{name}"));
+    let _ = fs::remove_file(&staged);
+    link.pin(&staged).map_err(|source| DatapathError::Pin { path: staged.display().to_string(), source })?;
+    fs::rename(&staged, pin)?;
+    Ok("attached")
+}
+
+fn load(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {
+    let perr = |source| DatapathError::Program { name, source };
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| DatapathError::Other(format!("eBPF object has no program {name}")))?;
+    if name == programs::SOCK_OPS {
+        let p: &mut SockOps = prog.try_into().map_err(perr)?;
+        p.load().map_err(perr)
+    } else {
+        let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
+        p.load().map_err(perr)
+    }
+}
+
+fn program_fd<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<std::os::fd::BorrowedFd<'a>, DatapathError> {
+    let perr = |source| DatapathError::Program { name, source };
+    let prog = ebpf.program(name).ok_or_else(|| DatapathError::Other(format!("eBPF object has no program {name}")))?;
+    Ok(prog.fd().map_err(perr)?.as_fd())
 }
 
 // bpf_link-based cgroup attachments always coexist with other programs
@@ -144,13 +236,11 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &fs::File) -> Result<FdLi
         .ok_or_else(|| DatapathError::Other(format!("eBPF object has no program {name}")))?;
     if name == programs::SOCK_OPS {
         let p: &mut SockOps = prog.try_into().map_err(perr)?;
-        p.load().map_err(perr)?;
         let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
         let link = p.take_link(id).map_err(perr)?;
         FdLink::try_from(link).map_err(|e| DatapathError::Other(format!("{name}: no bpf_link: {e}")))
     } else {
         let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
-        p.load().map_err(perr)?;
         let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
         let link = p.take_link(id).map_err(perr)?;
         FdLink::try_from(link).map_err(|e| DatapathError::Other(format!("{name}: no bpf_link: {e}")))
@@ -164,7 +254,7 @@ pub fn remove_pins(pin_path: &Path) -> Result<usize, DatapathError> {
     let Ok(entries) = fs::read_dir(pin_path) else { return Ok(0) };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let ours = name.starts_with("link_") || maps::ALL.contains(&name.as_str());
+        let ours = name.starts_with("link_") || name.starts_with("staged_") || maps::ALL.contains(&name.as_str());
         if ours {
             fs::remove_file(entry.path())?;
             removed += 1;
@@ -208,6 +298,10 @@ impl Datapath for EbpfDatapath {
             self.maps.passive.insert(key, cleared, 0).map_err(|source| DatapathError::Map { name: maps::PASSIVE, source })?;
         }
         Ok(())
+    }
+
+    fn rewritten_sockets(&self) -> std::collections::HashSet<u64> {
+        self.maps.sockets.keys().filter_map(Result::ok).collect()
     }
 
     fn service_ids(&self) -> std::collections::BTreeMap<String, u32> {

@@ -4,9 +4,11 @@
 //! the Envoy fallback) live behind it.
 
 pub mod backend_table;
+pub mod bpf_sys;
 pub mod encoding;
 pub mod ebpf;
 pub mod pinned;
+pub mod pins;
 
 use std::net::SocketAddr;
 
@@ -85,6 +87,11 @@ pub trait Datapath: Send {
     /// Forget a backend's passive mark once probes say it is back.
     fn clear_passive(&mut self, _backend: SocketAddr) -> Result<(), DatapathError> {
         Ok(())
+    }
+    /// Cookies of the sockets whose connect this datapath rewrote (so socket
+    /// destroy never touches a connection made without nllb).
+    fn rewritten_sockets(&self) -> std::collections::HashSet<u64> {
+        Default::default()
     }
     fn counters(&self) -> Vec<ServiceCounters> {
         Vec::new()

@@ -43,7 +43,9 @@ pub struct HealthConfig {
     /// PEM CA bundle that signs the controllers' serving certificates.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
-    /// Take the CA from this kubeconfig's cluster entry instead.
+    /// Take the CA from this kubeconfig's cluster entry instead (the cluster
+    /// of its current-context, else its first cluster). `caFile` wins when
+    /// both are set.
     #[serde(default)]
     pub kubeconfig: Option<PathBuf>,
     #[serde(default)]
@@ -59,7 +61,12 @@ pub struct HealthConfig {
     /// Close established sockets to a backend removed from the set.
     #[serde(default = "yes")]
     pub destroy_on_remove: bool,
-    /// Close established sockets to a backend that probes eject.
+    /// Close established sockets to a backend that probes eject. Off by
+    /// default: probes can be wrong while established streams still work
+    /// (a slow `/readyz`, a probe path blocked by a firewall), and cutting
+    /// every watch of every node at once on a false verdict would cause a
+    /// reconnect storm against the remaining controllers. A controller that
+    /// is really gone resets or times those streams out anyway.
     #[serde(default)]
     pub destroy_on_eject: bool,
 }
@@ -94,6 +101,17 @@ impl HealthConfig {
             return Err(ConfigError::new(
                 "health.clientCertFile",
                 "clientCertFile and clientKeyFile go together; set both or neither",
+            ));
+        }
+        if self.probe == ProbeKind::Https
+            && self.ca_file.is_none()
+            && self.kubeconfig.is_none()
+            && !self.insecure_skip_verify
+        {
+            return Err(ConfigError::new(
+                "health.caFile",
+                "probe: https needs the CA of the API servers' certificates: set caFile or \
+                 kubeconfig (e.g. kubelet's), or insecureSkipVerify: true",
             ));
         }
         Ok(())

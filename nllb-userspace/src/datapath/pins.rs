@@ -1,0 +1,93 @@
+//! What an earlier agent left under the pin path, and whether this build
+//! can adopt it.
+
+use std::{mem::size_of, path::Path};
+
+use aya::maps::{MapData, MapType};
+use nllb_common::{
+    BACKEND_SLOTS, BackendKey, BackendSlot, DatapathConfig, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES, MAX_SOCKETS,
+    MAX_STATS, MAX_VIPS, OrigDst, PassiveMark, ServiceState, Vip4Key, Vip6Key, VipValue, maps,
+};
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum PinnedMaps {
+    /// Nothing pinned: a fresh install.
+    Absent,
+    /// Same layout: adopt the maps and keep counters and socket records.
+    Compatible,
+    /// Another layout (older or newer build): load new maps and swap the
+    /// programs over atomically.
+    Incompatible(String),
+}
+
+struct Expected {
+    name: &'static str,
+    map_type: MapType,
+    key: usize,
+    value: usize,
+    entries: u32,
+}
+
+fn expected() -> [Expected; 9] {
+    use MapType::*;
+    let e = |name, map_type, key, value, entries| Expected { name, map_type, key, value, entries };
+    [
+        e(maps::VIPS4, Hash, size_of::<Vip4Key>(), size_of::<VipValue>(), MAX_VIPS),
+        e(maps::VIPS6, Hash, size_of::<Vip6Key>(), size_of::<VipValue>(), MAX_VIPS),
+        e(maps::SERVICES, Hash, size_of::<u32>(), size_of::<ServiceState>(), MAX_SERVICES * 2),
+        e(maps::BACKENDS, Array, size_of::<u32>(), size_of::<BackendSlot>(), BACKEND_SLOTS),
+        e(maps::CONNECT_STATS, PerCpuArray, size_of::<u32>(), size_of::<u64>(), MAX_STATS),
+        e(maps::NO_BACKEND_STATS, PerCpuArray, size_of::<u32>(), size_of::<u64>(), MAX_SERVICES),
+        e(maps::SOCKETS, LruHash, size_of::<u64>(), size_of::<OrigDst>(), MAX_SOCKETS),
+        e(maps::PASSIVE, Hash, size_of::<BackendKey>(), size_of::<PassiveMark>(), MAX_SERVICES * MAX_BACKENDS * 2),
+        e(maps::CONFIG, Array, size_of::<u32>(), size_of::<DatapathConfig>(), 1),
+    ]
+}
+
+/// Layout this build writes; `NLLB_LAYOUT_VERSION` overrides it so tests
+/// can stand in for a build with another map format.
+pub fn layout_version() -> u32 {
+    std::env::var("NLLB_LAYOUT_VERSION").ok().and_then(|v| v.parse().ok()).unwrap_or(LAYOUT_VERSION)
+}
+
+pub fn inspect(pin_path: &Path) -> PinnedMaps {
+    let all = expected();
+    let present: Vec<&Expected> = all.iter().filter(|e| pin_path.join(e.name).exists()).collect();
+    if present.is_empty() {
+        return PinnedMaps::Absent;
+    }
+    if present.len() != all.len() {
+        return PinnedMaps::Incompatible(format!("only {} of {} maps are pinned", present.len(), all.len()));
+    }
+    for e in &all {
+        let info = match MapData::from_pin(pin_path.join(e.name)).and_then(|m| m.info()) {
+            Ok(i) => i,
+            Err(err) => return PinnedMaps::Incompatible(format!("{}: {err}", e.name)),
+        };
+        let same = info.map_type().ok() == Some(e.map_type)
+            && info.key_size() as usize == e.key
+            && info.value_size() as usize == e.value
+            && info.max_entries() == e.entries;
+        if !same {
+            return PinnedMaps::Incompatible(format!(
+                "{}: pinned key/value/entries {}/{}/{}, this build uses {}/{}/{}",
+                e.name,
+                info.key_size(),
+                info.value_size(),
+                info.max_entries(),
+                e.key,
+                e.value,
+                e.entries
+            ));
+        }
+    }
+    let version = crate::datapath::pinned::Maps::open(pin_path)
+        .ok()
+        .and_then(|m| m.config.get(&0, 0).ok())
+        .map(|c| c.layout_version);
+    match version {
+        Some(v) if v == layout_version() => PinnedMaps::Compatible,
+        Some(v) => PinnedMaps::Incompatible(format!("pinned layout version {v}, this build writes {}", layout_version())),
+        None => PinnedMaps::Incompatible("cannot read the pinned config map".into()),
+    }
+}

@@ -1,0 +1,237 @@
+//! Prometheus metrics and the agent's HTTP endpoints (`/metrics`,
+//! `/healthz`, `/readyz`) on a loopback address by default.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::datapath::ServiceCounters;
+
+pub const DEFAULT_ADDR: &str = "127.0.0.1:9542";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub service: String,
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AddrLabels {
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabels {
+    pub mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: String,
+}
+
+type HistogramFamily = Family<AddrLabels, Histogram, fn() -> Histogram>;
+
+fn probe_histogram() -> Histogram {
+    // 0.5 ms .. ~1 s: in-cluster probes are fast, blackholes hit the timeout.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 12))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub backend_healthy: Family<AddrLabels, Gauge>,
+    pub probe_duration: HistogramFamily,
+    pub connects: Family<BackendLabels, Counter>,
+    pub refused: Family<ServiceLabels, Counter>,
+    pub passive_ejections: Family<AddrLabels, Counter>,
+    pub panic_mode: Family<ServiceLabels, Gauge>,
+    pub published: Family<ServiceLabels, Gauge>,
+    pub mode: Family<ModeLabels, Gauge>,
+    pub envoy_restarts: Counter,
+    pub reloads: Family<ModeLabels, Counter>,
+    /// Last absolute value seen per kernel counter, to feed monotonic deltas.
+    last: Mutex<HashMap<String, u64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("nllb");
+        let m = Metrics {
+            backend_healthy: Family::default(),
+            probe_duration: Family::new_with_constructor(probe_histogram),
+            connects: Family::default(),
+            refused: Family::default(),
+            passive_ejections: Family::default(),
+            panic_mode: Family::default(),
+            published: Family::default(),
+            mode: Family::default(),
+            envoy_restarts: Counter::default(),
+            reloads: Family::default(),
+            last: Mutex::new(HashMap::new()),
+            registry: Registry::default(),
+        };
+        registry.register("backend_healthy", "1 when active probes say the backend is healthy", m.backend_healthy.clone());
+        registry.register("probe_duration_seconds", "Duration of active health probes", m.probe_duration.clone());
+        registry.register("connects", "Connects steered to a backend by the datapath", m.connects.clone());
+        registry.register(
+            "connects_refused_no_backend",
+            "Connects refused because the service had no backend",
+            m.refused.clone(),
+        );
+        registry.register("passive_ejections", "Backends ejected by the kernel after a failed connect", m.passive_ejections.clone());
+        registry.register("panic_mode", "1 when every backend is unhealthy and all are used", m.panic_mode.clone());
+        registry.register("backends_published", "Backends taking new connects", m.published.clone());
+        registry.register("datapath_mode", "The datapath serving the virtual addresses", m.mode.clone());
+        registry.register("envoy_restarts", "Times the supervised Envoy was restarted", m.envoy_restarts.clone());
+        registry.register("config_reloads", "Config reloads by result", m.reloads.clone());
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
+        registry.register("build_info", "Agent build", build);
+        Metrics { registry, ..m }
+    }
+
+    /// Feed an absolute kernel counter into a monotonic Prometheus counter.
+    fn sync_counter(&self, counter: &Counter, key: String, absolute: u64) {
+        let mut last = self.last.lock().expect("metrics lock");
+        let prev = last.insert(key, absolute).unwrap_or(0);
+        // A smaller value means the kernel counter was reset (slot reused).
+        counter.inc_by(if absolute >= prev { absolute - prev } else { absolute });
+    }
+
+    pub fn sync_datapath(&self, counters: &[ServiceCounters]) {
+        for s in counters {
+            for (backend, n) in &s.per_backend {
+                let labels = BackendLabels { service: s.name.clone(), backend: backend.to_string() };
+                let c = self.connects.get_or_create(&labels).clone();
+                self.sync_counter(&c, format!("c/{}/{}", s.name, backend), *n);
+            }
+            let c = self.refused.get_or_create(&ServiceLabels { service: s.name.clone() }).clone();
+            self.sync_counter(&c, format!("r/{}", s.name), s.no_backend);
+        }
+    }
+
+    pub fn sync_passive(&self, backend: SocketAddr, failures: u32) {
+        let c = self.passive_ejections.get_or_create(&AddrLabels { backend: backend.to_string() }).clone();
+        self.sync_counter(&c, format!("p/{backend}"), u64::from(failures));
+    }
+
+    pub fn set_mode(&self, mode: &str) {
+        self.mode.clear();
+        self.mode.get_or_create(&ModeLabels { mode: mode.into() }).set(1);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encoding to a String");
+        out
+    }
+}
+
+/// What `/healthz` and `/readyz` answer from.
+#[derive(Default)]
+pub struct Health {
+    /// Datapath installed and at least one backend published.
+    pub ready: AtomicBool,
+    /// Last time the agent loop ran (unix ms): a stuck loop is unhealthy.
+    pub heartbeat_ms: AtomicU64,
+}
+
+impl Health {
+    pub fn beat(&self) {
+        self.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+/// Bind first (so a taken port is an error at start-up), then serve.
+/// Returns the bound address (port 0 picks a free one).
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "metrics and health endpoints listening");
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(AppState { metrics, health });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(addr)
+}
+
+async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        s.metrics.render(),
+    )
+}
+
+async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
+    let age = now_ms().saturating_sub(s.health.heartbeat_ms.load(Ordering::Relaxed));
+    if age < Duration::from_secs(10).as_millis() as u64 {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "agent loop stalled\n")
+    }
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    if s.health.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "no backend published\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_counters_become_monotonic_counters() {
+        let m = Metrics::new();
+        let s = |n| ServiceCounters { name: "apiserver".into(), per_backend: vec![("198.18.1.2:6443".parse().unwrap(), n)], no_backend: 2 };
+        m.sync_datapath(&[s(5)]);
+        m.sync_datapath(&[s(9)]);
+        let text = m.render();
+        assert!(text.contains(r#"nllb_connects_total{service="apiserver",backend="198.18.1.2:6443"} 9"#), "{text}");
+        assert!(text.contains(r#"nllb_connects_refused_no_backend_total{service="apiserver"} 2"#), "{text}");
+        assert!(text.contains(r#"nllb_build_info{version="#), "{text}");
+    }
+}

@@ -1,0 +1,167 @@
+//! What an operator touches: live reload, metrics and health endpoints,
+//! and the pinned maps as bpftool shows them.
+
+use std::{net::SocketAddr, process::Command, time::Duration};
+
+use nix::sys::signal::Signal;
+use nllb_tests::{
+    Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, free_port, one_service_config, privileged, run_client,
+    wait_client, wait_for,
+};
+
+const BACKEND_PORT: u16 = 6443;
+
+fn vip(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+#[test]
+fn config_changes_apply_live_and_bad_ones_are_rejected() {
+    if !privileged() {
+        return;
+    }
+    let net = TestNet::new(3);
+    let _s: Vec<_> = net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("c{i}"))).collect();
+    let h: Vec<_> = net.hosts().iter().map(|h| h.v4).collect();
+    let cg = TestCgroup::new();
+    let port = free_port();
+    let agent = Agent::start(&AgentOpts {
+        config_yaml: one_service_config(&[&vip(port).to_string()], BACKEND_PORT, &h[..1], ""),
+        cgroup: cg.path().to_path_buf(),
+        ..Default::default()
+    });
+    let mut opts = ClientOpts::new(vip(port), 800, Some(cg.path()));
+    opts.interval = Duration::from_millis(5);
+    let client = opts.spawn();
+
+    std::thread::sleep(Duration::from_millis(600));
+    // File edit (like a ConfigMap update): new backends and a second service.
+    let port2 = free_port();
+    let two_services = format!(
+        "{}  - name: konnectivity\n    listen: [\"{}\"]\n    backendPort: {BACKEND_PORT}\n",
+        one_service_config(&[&vip(port).to_string()], BACKEND_PORT, &h[1..], "").replace("backends:", "backends_:"),
+        vip(port2)
+    )
+    .replace("backends_:", "backends:");
+    // Services come first in the generated YAML; keep `backends` after them.
+    let yaml = reorder_backends_last(&two_services);
+    agent.write_config(&yaml);
+    let applied = wait_for(Duration::from_secs(5), || agent.log().contains("reloaded").then_some(()));
+    assert!(applied.is_some(), "{}", agent.log());
+    let k = run_client(&ClientOpts::new(vip(port2), 10, Some(cg.path())));
+    assert_eq!(k.ok_count(), 10, "the added service works at once: {:?}", k.failed());
+
+    // A bad edit is rejected and the running config stays.
+    std::thread::sleep(Duration::from_millis(300));
+    agent.write_config("services: [ {name: BAD} ]\n");
+    let rejected = wait_for(Duration::from_secs(5), || agent.log().contains("reload rejected").then_some(()));
+    assert!(rejected.is_some(), "{}", agent.log());
+
+    let report = wait_client(client);
+    assert!(report.failed().is_empty(), "{} connects failed during reloads: {:?}", report.failed().len(), report.failed());
+    let early: Vec<_> = report.results.iter().filter(|r| r.t_ms < 500).collect();
+    let late: Vec<_> = report.results.iter().filter(|r| r.t_ms > 2500).collect();
+    assert!(early.iter().all(|r| r.body.as_deref() == Some("c0")));
+    assert!(!late.is_empty());
+    assert!(late.iter().all(|r| matches!(r.body.as_deref(), Some("c1" | "c2"))), "traffic moved to the new backends");
+
+    // SIGHUP reloads too.
+    agent.write_config(&one_service_config(&[&vip(port).to_string()], BACKEND_PORT, &h[2..], ""));
+    agent.signal(Signal::SIGHUP);
+    let moved = wait_for(Duration::from_secs(5), || {
+        let r = run_client(&ClientOpts::new(vip(port), 5, Some(cg.path())));
+        (r.by_body().get("c2") == Some(&5)).then_some(())
+    });
+    assert!(moved.is_some(), "{}", agent.log());
+}
+
+fn reorder_backends_last(yaml: &str) -> String {
+    let (mut head, mut tail) = (String::new(), String::new());
+    for line in yaml.lines() {
+        if line.starts_with("backends:") {
+            tail.push_str(line);
+            tail.push('\n');
+        } else {
+            head.push_str(line);
+            head.push('\n');
+        }
+    }
+    head + &tail
+}
+
+#[test]
+fn metrics_healthz_and_readyz() {
+    if !privileged() {
+        return;
+    }
+    let net = TestNet::new(2);
+    let _s: Vec<_> = net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("c{i}"))).collect();
+    let h: Vec<_> = net.hosts().iter().map(|h| h.v4).collect();
+    let cg = TestCgroup::new();
+    let port = free_port();
+    let agent = Agent::start(&AgentOpts {
+        config_yaml: one_service_config(&[&vip(port).to_string()], BACKEND_PORT, &h, ""),
+        cgroup: cg.path().to_path_buf(),
+        ..Default::default()
+    });
+    assert!(agent.metrics_addr().ip().is_loopback());
+    let report = run_client(&ClientOpts::new(vip(port), 40, Some(cg.path())));
+    assert_eq!(report.ok_count(), 40);
+    assert_eq!(agent.http_get("/healthz").0, 200);
+    assert_eq!(agent.http_get("/readyz").0, 200);
+    let counted = wait_for(Duration::from_secs(3), || {
+        let (code, text) = agent.http_get("/metrics");
+        assert_eq!(code, 200);
+        let total: u64 = text
+            .lines()
+            .filter(|l| l.starts_with("nllb_connects_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        (total == 40).then_some(text)
+    });
+    let text = counted.expect("nllb_connects_total must reach 40");
+    for name in ["nllb_backends_published", "nllb_datapath_mode{mode=\"ebpf\"} 1", "nllb_build_info", "nllb_panic_mode"] {
+        assert!(text.contains(name), "missing {name}:\n{text}");
+    }
+
+    // No backend published: not ready.
+    let cg2 = TestCgroup::new();
+    let empty = Agent::start(&AgentOpts {
+        config_yaml: one_service_config(&[&vip(free_port()).to_string()], BACKEND_PORT, &[], ""),
+        cgroup: cg2.path().to_path_buf(),
+        ..Default::default()
+    });
+    assert_eq!(empty.http_get("/readyz").0, 503);
+    assert_eq!(empty.http_get("/healthz").0, 200);
+}
+
+#[test]
+fn bpftool_dumps_maps_with_field_names() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new();
+    let agent = Agent::start(&AgentOpts {
+        config_yaml: one_service_config(&["127.0.0.1:7443"], BACKEND_PORT, &["198.18.1.2".parse().unwrap()], ""),
+        cgroup: cg.path().to_path_buf(),
+        ..Default::default()
+    });
+    let dump = |map: &str| {
+        let out = Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(agent.pin_path.join(map)).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let backends = dump("NLLB_BACKENDS");
+    let first = &backends[0]["formatted"]["value"];
+    assert_eq!(first["family"], 2, "{backends}");
+    assert_eq!(first["addr"][0], u32::from_ne_bytes([198, 18, 1, 2]));
+    assert_eq!(first["port"], 6443u16.to_be());
+    let vips = dump("NLLB_VIPS4");
+    assert_eq!(vips[0]["formatted"]["value"]["svc_id"], 0, "{vips}");
+    let services = dump("NLLB_SERVICES");
+    assert!(services[0]["formatted"]["value"].get("count").is_some(), "{services}");
+    // Root only: the pin directory and its maps.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&agent.pin_path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+}
