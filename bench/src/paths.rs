@@ -177,6 +177,10 @@ pub fn nllb_agent(o: &AgentOpts<'_>, id: &str, label: &str, note: Option<String>
     if agent_has_flag(o.nllb, "--detach-on-exit") {
         cmd.arg("--detach-on-exit");
     }
+    // Agents run side by side (ours and tests'): each its own metrics port.
+    if agent_has_flag(o.nllb, "--metrics-addr") {
+        cmd.args(["--metrics-addr", "127.0.0.1:0"]);
+    }
     let uninstall = {
         let (nllb, pin, run_dir) = (o.nllb.to_path_buf(), pin.clone(), run_dir.clone());
         move || {

