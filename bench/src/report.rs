@@ -46,6 +46,18 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
          other work shared the machine, so absolute figures are noisy; ratios within the run are what to compare.",
         m.kernel, m.nproc, m.cpu_model, m.mem_gib, m.load_start, m.load_end
     );
+    let [w50, w99, wmax] = m.wakeup_late_ms;
+    let _ = writeln!(
+        s,
+        "- Machine noise measured just before the run: a 1 ms sleep on the client core woke up late by {w50:.2} ms (median), \
+         {w99:.1} ms (p99), {wmax:.1} ms (worst) — on an idle machine all three are well under 1 ms.{}",
+        if w99 > 2.0 {
+            " **This run's machine was busy: every latency tail and every rate below is inflated by other work; \
+             compare median latencies and CPU per operation, and ratios, not absolute rates.**"
+        } else {
+            ""
+        }
+    );
     let st = &r.settings;
     let pin = match (st.client_cpu, st.proxy_cpu, st.backend_cpu) {
         (Some(c), Some(p), Some(b)) => format!("client on CPU {c}, proxy/agent on CPU {p} (the \"worker node\"), backends on CPU {b} (the \"controllers\")"),
@@ -109,11 +121,18 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
             "| path | {unit} | vs direct | p50 µs | p99 µs | vs direct | p99.9 µs | CPU µs/{op} | vs direct | errors |\n\
              |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
+        let mut flagged = false;
         for (id, x) in ordered(r, w) {
             let c = &x.client;
+            let mark = if unsteady(x) {
+                flagged = true;
+                " †"
+            } else {
+                ""
+            };
             let _ = writeln!(
                 s,
-                "| {} | {:.0} | {} | {:.0} | {:.0} | {} | {:.0} | {:.1} | {} | {} |",
+                "| {} | {:.0}{mark} | {} | {:.0} | {:.0} | {} | {:.0} | {:.1} | {} | {} |",
                 label(r, id),
                 c.rate,
                 ratio(c.rate, base.client.rate),
@@ -125,6 +144,9 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
                 ratio(x.cpu_us_per_op, base.cpu_us_per_op),
                 c.errors
             );
+        }
+        if flagged {
+            let _ = writeln!(s, "\n† the rounds' rates differed by more than 2× (min to max): this rate says more about the machine than about the path.");
         }
     }
 
@@ -220,6 +242,13 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
         let _ = writeln!(s, "- {n}");
     }
     s
+}
+
+/// Rounds whose rates differ by more than 2×: other work dominated the figure.
+fn unsteady(m: &Measurement) -> bool {
+    let min = m.round_rates.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = m.round_rates.iter().copied().fold(0.0, f64::max);
+    m.round_rates.len() > 1 && max > 2.0 * min
 }
 
 fn capitalize(t: &str) -> String {

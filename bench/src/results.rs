@@ -34,6 +34,10 @@ pub struct Machine {
     pub load_start: f64,
     #[serde(default)]
     pub load_end: f64,
+    /// How late a 1 ms sleep on the client core woke up (p50, p99, max, in
+    /// ms) just before the run: how much other work delayed ours.
+    #[serde(default)]
+    pub wakeup_late_ms: [f64; 3],
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
