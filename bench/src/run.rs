@@ -144,8 +144,12 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
     for (id, title, unit, w, bulk) in &workloads {
         eprintln!("== {title}");
         let mut per_path: BTreeMap<String, Vec<(ClientResult, Option<crate::procstat::Usage>)>> = BTreeMap::new();
-        for _round in 0..rounds {
-            for p in paths.iter().filter(|p| p.info.available) {
+        let live: Vec<&PathUnderTest> = paths.iter().filter(|p| p.info.available).collect();
+        for round in 0..rounds {
+            // Each round starts with a different path, so periodic
+            // interference cannot keep landing on the same one.
+            for k in 0..live.len() {
+                let p = live[(round + k) % live.len()];
                 let addr = if *bulk { p.bulk } else { p.api };
                 let bpf_before = if p.info.id == "nllb" { bpfstats::attached(&p.cgroup).ok() } else { None };
                 let meter = p.meter();
