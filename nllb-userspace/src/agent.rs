@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -21,6 +21,7 @@ use crate::{
         Datapath, DatapathError,
         ebpf::{EbpfDatapath, EbpfOptions},
     },
+    discovery::DiscoveredSet,
     health::{self, HealthError, HealthSnapshot, Monitor, Transitions},
     metrics::{self, Metrics},
     model::Plan,
@@ -31,6 +32,7 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
     pub config_path: PathBuf,
+    pub k0s_config: Option<PathBuf>,
     pub cgroup: Option<PathBuf>,
     pub pin_path: PathBuf,
     pub run_dir: PathBuf,
@@ -68,7 +70,7 @@ impl AgentError {
 
 /// Check everything the operator gave us before touching the machine.
 pub fn validate(opts: &AgentOptions) -> Result<(Config, PathBuf), AgentError> {
-    let config = Config::load(&opts.config_path)?;
+    let config = Config::load_with(&opts.config_path, opts.k0s_config.as_deref())?;
     let cgroup = match &opts.cgroup {
         Some(c) => c.clone(),
         None => sys::cgroup2_mount().map_err(|e| ConfigError::new("--cgroup", format!("{e}; pass --cgroup DIR")))?,
@@ -84,6 +86,17 @@ pub fn validate(opts: &AgentOptions) -> Result<(Config, PathBuf), AgentError> {
         return Err(ConfigError::new("--pin-path", "must be an absolute path under a bpffs mount, e.g. /sys/fs/bpf/nllb").into());
     }
     Ok((config, cgroup))
+}
+
+/// The next discovered set; never resolves without discovery.
+async fn next_discovered(rx: &mut Option<watch::Receiver<DiscoveredSet>>) -> Option<DiscoveredSet> {
+    match rx {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(rx.borrow_and_update().clone()),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 fn probe_observer(metrics: &Arc<Metrics>) -> health::ProbeObserver {
@@ -110,6 +123,10 @@ struct Agent {
     monitor: Monitor,
     health_rx: watch::Receiver<HealthSnapshot>,
     transitions: Transitions,
+    /// Controllers from the API (`discovery.kubernetes`); None: static `backends`.
+    discovered: Option<watch::Receiver<DiscoveredSet>>,
+    /// The controller set in force: discovered, cached, or the seed.
+    backends: Vec<IpAddr>,
 }
 
 pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
@@ -137,14 +154,22 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let metrics_addr = metrics::serve(metrics_addr, metrics.clone(), health.clone())
         .await
         .map_err(|e| AgentError::Io(std::io::Error::new(e.kind(), format!("metrics address {metrics_addr}: {e}"))))?;
+    // Starts with the cache or the seed, so the first plan never waits for the API.
+    let discovered = config.discovery.kubernetes.clone().map(|k| {
+        crate::discovery::spawn(k, config.services.clone(), opts.state_dir.clone(), config.backends.clone())
+    });
+    let backends = match &discovered {
+        Some(rx) => rx.borrow().controllers.clone(),
+        None => config.backends.clone(),
+    };
     // Before anything is attached, so unreadable TLS material exits 2 clean.
     let monitor = Monitor::spawn(config.health.clone())?;
     monitor.observe_probes(probe_observer(&metrics));
-    monitor.set_targets(health::targets(&config.services, &config.backends));
+    monitor.set_targets(health::targets(&config.services, &backends));
     let health_rx = monitor.subscribe();
     let mut transitions = Transitions::new();
     // Every backend starts healthy: no black hole while the first probes run.
-    let plan = transitions.react(&config.services, &config.backends, &health_rx.borrow()).plan;
+    let plan = transitions.react(&config.services, &backends, &health_rx.borrow()).plan;
     let ebpf = EbpfDatapath::install(
         EbpfOptions {
             cgroup: cgroup.clone(),
@@ -171,6 +196,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         monitor,
         health_rx,
         transitions,
+        discovered,
+        backends,
     };
     agent.metrics.set_mode("ebpf");
     let result = agent.serve().await;
@@ -205,6 +232,12 @@ impl Agent {
                 _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(()) }
                 _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(()) }
                 _ = sighup.recv() => self.reload(),
+                Some(set) = next_discovered(&mut self.discovered) => {
+                    tracing::info!(controllers = ?set.controllers, source = ?set.source, "controller set changed");
+                    self.backends = set.controllers;
+                    self.monitor.set_targets(health::targets(&self.config.services, &self.backends));
+                    self.apply_health();
+                }
                 _ = tick.tick() => {
                     ticks += 1;
                     self.watch_passive();
@@ -239,7 +272,15 @@ impl Agent {
         let text = std::fs::read_to_string(&self.opts.config_path).unwrap_or_default();
         // Remembered even when rejected, so a bad file is reported once.
         self.config_text = text.clone();
-        let config = match Config::parse(&text) {
+        let derived = match self.opts.k0s_config.as_deref().map(crate::k0s::services_from_k0s).transpose() {
+            Ok(d) => d.unwrap_or_default(),
+            Err(e) => {
+                self.metrics.reloads.get_or_create(&metrics::ModeLabels { mode: "rejected".into() }).inc();
+                tracing::error!(error = %e, "reload rejected: keeping the running config");
+                return;
+            }
+        };
+        let config = match Config::parse_with(&text, derived) {
             Ok(c) => c,
             Err(e) => {
                 self.metrics.reloads.get_or_create(&metrics::ModeLabels { mode: "rejected".into() }).inc();
@@ -269,7 +310,11 @@ impl Agent {
                 }
             }
         }
-        self.monitor.set_targets(health::targets(&config.services, &config.backends));
+        self.backends = match &self.discovered {
+            Some(rx) => rx.borrow().controllers.clone(),
+            None => config.backends.clone(),
+        };
+        self.monitor.set_targets(health::targets(&config.services, &self.backends));
         self.config = config;
         self.metrics.reloads.get_or_create(&metrics::ModeLabels { mode: "applied".into() }).inc();
         tracing::info!("reloaded {}", self.opts.config_path.display());
@@ -281,7 +326,7 @@ impl Agent {
     /// and close nllb's sockets to backends that left.
     fn apply_health(&mut self) {
         let snapshot = self.health_rx.borrow_and_update().clone();
-        let reaction = self.transitions.react(&self.config.services, &self.config.backends, &snapshot);
+        let reaction = self.transitions.react(&self.config.services, &self.backends, &snapshot);
         reaction.log();
         for backend in &reaction.recovered {
             if let Err(e) = self.datapath.clear_passive(*backend) {
@@ -326,6 +371,23 @@ impl Agent {
         }
     }
 
+    fn status_extra(&self) -> BTreeMap<String, serde_json::Value> {
+        let mut extra = BTreeMap::new();
+        extra.insert("metrics_addr".into(), serde_json::json!(self.metrics_addr.map(|a| a.to_string())));
+        if let Some(rx) = &self.discovered {
+            let set = rx.borrow();
+            extra.insert(
+                "discovery".into(),
+                serde_json::json!({
+                    "source": format!("{:?}", set.source).to_lowercase(),
+                    "generation": set.generation,
+                    "controllers": set.controllers,
+                }),
+            );
+        }
+        extra
+    }
+
     fn write_status(&mut self) {
         for (addr, h) in &self.monitor.snapshot().backends {
             let labels = metrics::AddrLabels { backend: addr.to_string() };
@@ -351,7 +413,7 @@ impl Agent {
                     .services
                     .iter()
                     .find(|c| c.name == s.name)
-                    .map(|c| self.config.backends.iter().map(|ip| SocketAddr::new(*ip, c.backend_port)).collect())
+                    .map(|c| self.backends.iter().map(|ip| SocketAddr::new(*ip, c.backend_port)).collect())
                     .unwrap_or_default(),
                 published_backends: s.backends.clone(),
                 panic: s.panic,
@@ -365,10 +427,7 @@ impl Agent {
             cgroup: Some(self.cgroup.clone()),
             services,
             health: serde_json::to_value(self.monitor.snapshot()).unwrap_or_default(),
-            extra: BTreeMap::from([(
-                "metrics_addr".to_string(),
-                serde_json::json!(self.metrics_addr.map(|a| a.to_string())),
-            )]),
+            extra: self.status_extra(),
             updated_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
         };
         if let Err(e) = status.write(&self.opts.run_dir) {

@@ -54,6 +54,8 @@ impl fmt::Display for Mode {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ConfigFile {
+    /// May be empty when `--k0s-config` derives the services.
+    #[serde(default)]
     pub services: Vec<ServiceConfig>,
     #[serde(default)]
     pub backends: Vec<String>,
@@ -127,15 +129,29 @@ pub struct Config {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with(path, None)
+    }
+
+    /// The config file, plus the services a k0s cluster config derives
+    /// (`--k0s-config`), which come first.
+    pub fn load_with(path: &Path, k0s_config: Option<&Path>) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
         })?;
-        Self::parse(&text)
+        let derived = match k0s_config {
+            Some(k) => crate::k0s::services_from_k0s(k)?,
+            None => Vec::new(),
+        };
+        Self::parse_with(&text, derived)
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        Self::parse_with(text, Vec::new())
+    }
+
+    pub fn parse_with(text: &str, derived: Vec<Service>) -> Result<Config, ConfigError> {
         let file: ConfigFile = serde_yaml::from_str(text).map_err(yaml_error)?;
-        file.validate()
+        file.validate_with(derived)
     }
 }
 
@@ -151,12 +167,20 @@ fn yaml_error(e: serde_yaml::Error) -> ConfigError {
 
 impl ConfigFile {
     pub fn validate(self) -> Result<Config, ConfigError> {
-        if self.services.is_empty() {
-            return Err(ConfigError::new("services", "at least one service is needed"));
+        self.validate_with(Vec::new())
+    }
+
+    /// `derived`: already valid services from elsewhere (a k0s config).
+    pub fn validate_with(self, derived: Vec<Service>) -> Result<Config, ConfigError> {
+        if self.services.is_empty() && derived.is_empty() {
+            return Err(ConfigError::new(
+                "services",
+                "at least one service is needed (or pass --k0s-config to derive them)",
+            ));
         }
-        let mut names = HashSet::new();
-        let mut vips: HashSet<SocketAddr> = HashSet::new();
-        let mut services = Vec::new();
+        let mut names: HashSet<String> = derived.iter().map(|s| s.name.clone()).collect();
+        let mut vips: HashSet<SocketAddr> = derived.iter().flat_map(|s| s.listen.iter().copied()).collect();
+        let mut services = derived;
         for (i, s) in self.services.iter().enumerate() {
             let field = format!("services[{i}]");
             if !valid_name(&s.name) {
@@ -168,7 +192,7 @@ impl ConfigFile {
             if !names.insert(s.name.clone()) {
                 return Err(ConfigError::new(
                     format!("{field}.name"),
-                    format!("service {:?} is defined twice; names must be unique", s.name),
+                    format!("service {:?} is defined twice (or also derived from --k0s-config); names must be unique", s.name),
                 ));
             }
             if s.listen.is_empty() {

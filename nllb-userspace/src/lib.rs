@@ -6,6 +6,8 @@ pub mod datapath;
 pub mod discovery;
 pub mod envoy;
 pub mod health;
+pub mod k0s;
+pub mod kubeconfig;
 pub mod logging;
 pub mod metrics;
 pub mod model;

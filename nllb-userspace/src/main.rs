@@ -38,6 +38,10 @@ enum Command {
     Agent {
         #[arg(long)]
         config: PathBuf,
+        /// Derive the `apiserver` and `konnectivity` services from a k0s
+        /// cluster config (k0s's node-local load balancing ports).
+        #[arg(long, value_name = "FILE")]
+        k0s_config: Option<PathBuf>,
         /// cgroup v2 directory to attach to (default: the cgroup2 mount's root).
         #[arg(long)]
         cgroup: Option<PathBuf>,
@@ -67,15 +71,19 @@ enum Command {
         #[command(flatten)]
         loc: Locations,
     },
+    /// Write a copy of a component kubeconfig whose server is a service's
+    /// virtual address; prints the original server.
+    Kubeconfig(nllb::kubeconfig::KubeconfigArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let code = match cli.command {
-        Command::Agent { config, cgroup, loc, state_dir, detach_on_exit, metrics_addr } => {
+        Command::Agent { config, k0s_config, cgroup, loc, state_dir, detach_on_exit, metrics_addr } => {
             let opts = AgentOptions {
                 config_path: config,
+                k0s_config,
                 cgroup,
                 pin_path: loc.pin_path,
                 run_dir: loc.run_dir,
@@ -101,6 +109,14 @@ fn main() -> ExitCode {
             }
             if report.agent_running && report.datapath_installed { 0 } else { 1 }
         }
+        Command::Kubeconfig(args) => match nllb::kubeconfig::run(&args) {
+            Ok(_) => 0,
+            Err(e) => {
+                eprintln!("nllb kubeconfig: {}", error_chain(&e));
+                // Bad input (config, kubeconfig) is the operator's to fix.
+                if matches!(e, nllb::kubeconfig::KubeconfigError::Write { .. }) { 1 } else { 2 }
+            }
+        },
         Command::Uninstall { loc } => match remove_pins(&loc.pin_path) {
             Ok(n) => {
                 println!("removed {n} pins under {}", loc.pin_path.display());

@@ -24,12 +24,20 @@ pub fn nllb_bin() -> PathBuf {
     bin
 }
 
+/// The capabilities the agent is documented to need (deploy/daemonset.yaml,
+/// deploy/nllb.service, docs/deploy.md), as Kubernetes spells them
+/// (systemd adds `CAP_`, setpriv wants lower case).
+pub const AGENT_CAPABILITIES: [&str; 4] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"];
+
 #[derive(Clone, Debug, Default)]
 pub struct AgentOpts {
     pub config_yaml: String,
     pub cgroup: PathBuf,
     pub extra_args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// A command prefix the agent runs under (e.g. `setpriv --bounding-set=...`);
+    /// it must exec the binary it is given so the pid stays the agent's.
+    pub wrapper: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -104,7 +112,14 @@ impl Agent {
 
     fn launch(&mut self, env: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
-        let mut cmd = Command::new(nllb_bin());
+        let mut cmd = match self.opts.wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(nllb_bin());
+                c
+            }
+            None => Command::new(nllb_bin()),
+        };
         cmd.arg("agent")
             .arg("--config")
             .arg(&self.config_path)

@@ -4,6 +4,7 @@
 //! on drop, also when a test fails.
 
 mod agent;
+pub mod fake_apiserver;
 mod cgroup;
 mod client;
 mod net;
@@ -11,7 +12,7 @@ mod server;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-pub use agent::{Agent, AgentOpts, nllb_bin};
+pub use agent::{AGENT_CAPABILITIES, Agent, AgentOpts, nllb_bin};
 pub use cgroup::{TestCgroup, cgroup2_mount};
 pub use client::{ClientOpts, ClientReport, ConnectResult, run_client, testclient_bin, wait_client};
 pub use net::{Netns, TestHost, TestNet};
@@ -53,9 +54,17 @@ pub fn sh(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Wait until `f` returns Some, polling every 20 ms, for at most `timeout`.
+/// `d` stretched by `NLLB_TIMEOUT_SCALE` (set in slow guests such as the
+/// TCG kernel matrix, where loading the programs alone takes seconds).
+pub fn scaled(d: std::time::Duration) -> std::time::Duration {
+    let scale: f64 = std::env::var("NLLB_TIMEOUT_SCALE").ok().and_then(|v| v.parse().ok()).unwrap_or(1.0);
+    d.mul_f64(scale.max(1.0))
+}
+
+/// Wait until `f` returns Some, polling every 20 ms, for at most `timeout`
+/// (scaled, see [`scaled`]).
 pub fn wait_for<T>(timeout: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = std::time::Instant::now() + timeout;
+    let deadline = std::time::Instant::now() + scaled(timeout);
     loop {
         if let Some(v) = f() {
             return Some(v);
@@ -83,8 +92,51 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// What `bpftool cgroup show` lists for a cgroup (one line per program).
+/// Programs attached to a cgroup at nllb's hooks, one entry per program
+/// (`"<hook> prog <id>"`). Asks the kernel directly (BPF_PROG_QUERY per
+/// attach type): bpftool's listing gives up on kernels that lack attach
+/// types it knows (5.10).
 pub fn attached_programs(cgroup: &std::path::Path) -> Vec<String> {
+    const HOOKS: [(u32, &str); 5] =
+        [(10, "connect4"), (11, "connect6"), (29, "getpeername4"), (30, "getpeername6"), (3, "sock_ops")];
+    #[repr(C)]
+    struct Query {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+    }
+    let dir = std::fs::File::open(cgroup).expect("open cgroup");
+    let mut out = Vec::new();
+    for (attach_type, hook) in HOOKS {
+        let mut ids = [0u32; 64];
+        let mut q = Query {
+            target_fd: std::os::fd::AsRawFd::as_raw_fd(&dir) as u32,
+            attach_type,
+            query_flags: 0,
+            attach_flags: 0,
+            prog_ids: ids.as_mut_ptr() as u64,
+            prog_cnt: ids.len() as u32,
+            _pad: 0,
+        };
+        const BPF_PROG_QUERY: libc::c_long = 16;
+        // SAFETY: q is a valid prefix of bpf_attr and ids outlives the call.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, &mut q as *mut Query, std::mem::size_of::<Query>() as u32)
+        };
+        if rc == 0 {
+            out.extend(ids[..q.prog_cnt as usize].iter().map(|id| format!("{hook} prog {id}")));
+        }
+    }
+    out
+}
+
+/// `bpftool cgroup show` lines (attach type and program name), for tests
+/// that check what an operator sees.
+pub fn bpftool_cgroup_show(cgroup: &std::path::Path) -> Vec<String> {
     let out = std::process::Command::new("bpftool")
         .args(["cgroup", "show"])
         .arg(cgroup)

@@ -165,7 +165,14 @@ impl SubnetLease {
                 }
                 Err(_) => {
                     let holder: Option<i32> = fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok());
-                    let alive = holder.is_some_and(|pid| PathBuf::from(format!("/proc/{pid}")).exists());
+                    // No pid yet: its taker is between create and write (another
+                    // thread or process); only a file left empty for long is stale.
+                    let alive = match holder {
+                        Some(pid) => PathBuf::from(format!("/proc/{pid}")).exists(),
+                        None => fs::metadata(&path)
+                            .and_then(|m| m.modified())
+                            .is_ok_and(|t| t.elapsed().map_or(true, |age| age < std::time::Duration::from_secs(10))),
+                    };
                     if !alive && fs::remove_file(&path).is_ok() {
                         if let Ok(mut f) = OpenOptions::new().write(true).create_new(true).open(&path) {
                             let _ = write!(f, "{me}");

