@@ -43,7 +43,9 @@ impl Backends {
             rt,
             servers: Vec::new(),
             netns: hosts.iter().map(|h| h.netns.name.clone()).collect(),
-            names: (1..=hosts.len()).map(|i| format!("controller-{i}")).collect(),
+            names: (1..=hosts.len())
+                .map(|i| format!("controller-{i}"))
+                .collect(),
         };
         for i in 0..hosts.len() {
             b.servers.push(None);
@@ -60,8 +62,15 @@ impl Backends {
         let _guard = self.rt.enter();
         let echo = TcpListener::from_std(echo)?;
         let bulk = TcpListener::from_std(bulk)?;
-        let body: &'static [u8] = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{name}", name.len()).leak().as_bytes();
-        let h1 = self.rt.spawn(accept_loop(echo, move |s| serve_echo(s, body)));
+        let body: &'static [u8] = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{name}",
+            name.len()
+        )
+        .leak()
+        .as_bytes();
+        let h1 = self
+            .rt
+            .spawn(accept_loop(echo, move |s| serve_echo(s, body)));
         let h2 = self.rt.spawn(accept_loop(bulk, serve_source));
         self.servers[i] = Some(vec![h1, h2]);
         Ok(())
@@ -145,7 +154,8 @@ async fn serve_echo(mut s: TcpStream, response: &'static [u8]) {
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
+    hay.windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 async fn serve_source(mut s: TcpStream) {
@@ -170,26 +180,58 @@ mod tests {
         }
         let net = nllb_tests::TestNet::new(1);
         let mut b = Backends::start(net.hosts(), None).unwrap();
-        let IpAddr::V4(ip) = net.hosts()[0].v4 else { unreachable!() };
+        let IpAddr::V4(ip) = net.hosts()[0].v4 else {
+            unreachable!()
+        };
         let echo = SocketAddr::from((ip, ECHO_PORT));
         for w in [
-            Workload::Crr { concurrency: 4, duration_ms: 300 },
-            Workload::Rr { concurrency: 4, duration_ms: 300 },
+            Workload::Crr {
+                concurrency: 4,
+                duration_ms: 300,
+            },
+            Workload::Rr {
+                concurrency: 4,
+                duration_ms: 300,
+            },
         ] {
             let r = run_workload_for_test(echo, &w);
             assert!(r.ops > 50, "{w:?}: only {} ops", r.ops);
             assert_eq!(r.errors, 0, "{w:?}: {:?}", r.first_error);
             assert!(r.p50_us > 0.0 && r.p99_us >= r.p50_us);
         }
-        let r = run_workload_for_test(SocketAddr::from((ip, BULK_PORT)), &Workload::Bulk { duration_ms: 300 });
+        let r = run_workload_for_test(
+            SocketAddr::from((ip, BULK_PORT)),
+            &Workload::Bulk { duration_ms: 300 },
+        );
         assert!(r.bytes > 1_000_000, "bulk moved only {} bytes", r.bytes);
 
         b.stop_one(0);
-        let r = run_workload_for_test(echo, &Workload::OpenLoop { rate: 100, duration_ms: 300, timeout_ms: 500 });
+        let r = run_workload_for_test(
+            echo,
+            &Workload::OpenLoop {
+                rate: 100,
+                duration_ms: 300,
+                timeout_ms: 500,
+            },
+        );
         assert_eq!(r.attempts.len(), 30);
-        assert!(r.attempts.iter().all(|a| !a.ok), "connects to a stopped backend must fail");
+        assert!(
+            r.attempts.iter().all(|a| !a.ok),
+            "connects to a stopped backend must fail"
+        );
         b.start_one(0).unwrap();
-        let r = run_workload_for_test(echo, &Workload::OpenLoop { rate: 100, duration_ms: 300, timeout_ms: 500 });
-        assert!(r.attempts.iter().all(|a| a.ok), "restarted backend must answer: {:?}", r.first_error);
+        let r = run_workload_for_test(
+            echo,
+            &Workload::OpenLoop {
+                rate: 100,
+                duration_ms: 300,
+                timeout_ms: 500,
+            },
+        );
+        assert!(
+            r.attempts.iter().all(|a| a.ok),
+            "restarted backend must answer: {:?}",
+            r.first_error
+        );
     }
 }

@@ -20,7 +20,9 @@ impl StatsEnabled {
     pub fn new() -> anyhow::Result<StatsEnabled> {
         let prev = std::fs::read_to_string(SYSCTL).with_context(|| format!("reading {SYSCTL}"))?;
         std::fs::write(SYSCTL, "1").with_context(|| format!("writing {SYSCTL}: run as root"))?;
-        Ok(StatsEnabled { prev: prev.trim().to_string() })
+        Ok(StatsEnabled {
+            prev: prev.trim().to_string(),
+        })
     }
 }
 
@@ -43,7 +45,11 @@ pub struct ProgStats {
 
 impl ProgStats {
     pub fn ns_per_run(&self) -> f64 {
-        if self.run_cnt == 0 { 0.0 } else { self.run_time_ns as f64 / self.run_cnt as f64 }
+        if self.run_cnt == 0 {
+            0.0
+        } else {
+            self.run_time_ns as f64 / self.run_cnt as f64
+        }
     }
 
     /// What happened between `before` and `self`.
@@ -60,12 +66,24 @@ impl ProgStats {
 /// attachment rather than by name keeps other nllb agents on the machine
 /// (tests running in parallel) out of the figures.
 pub fn attached(cgroup: &Path) -> anyhow::Result<Vec<ProgStats>> {
-    let out = run("bpftool", &["cgroup", "show", &cgroup.to_string_lossy(), "--json"])?;
-    let list: Vec<serde_json::Value> = if out.trim().is_empty() { Vec::new() } else { serde_json::from_str(&out)? };
+    let out = run(
+        "bpftool",
+        &["cgroup", "show", &cgroup.to_string_lossy(), "--json"],
+    )?;
+    let list: Vec<serde_json::Value> = if out.trim().is_empty() {
+        Vec::new()
+    } else {
+        serde_json::from_str(&out)?
+    };
     let mut progs = Vec::new();
     for p in list {
-        let id = p["id"].as_u64().context("bpftool cgroup show: entry without id")?;
-        let info: serde_json::Value = serde_json::from_str(&run("bpftool", &["prog", "show", "id", &id.to_string(), "--json"])?)?;
+        let id = p["id"]
+            .as_u64()
+            .context("bpftool cgroup show: entry without id")?;
+        let info: serde_json::Value = serde_json::from_str(&run(
+            "bpftool",
+            &["prog", "show", "id", &id.to_string(), "--json"],
+        )?)?;
         progs.push(ProgStats {
             id,
             name: p["name"].as_str().unwrap_or_default().to_string(),

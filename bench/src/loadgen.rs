@@ -25,14 +25,24 @@ pub const REQUEST_KEEPALIVE: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Workload {
     /// Closed loop: connect, request, response, close; `concurrency` loops in parallel.
-    Crr { concurrency: usize, duration_ms: u64 },
+    Crr {
+        concurrency: usize,
+        duration_ms: u64,
+    },
     /// Closed loop: request/response over `concurrency` persistent connections.
-    Rr { concurrency: usize, duration_ms: u64 },
+    Rr {
+        concurrency: usize,
+        duration_ms: u64,
+    },
     /// One connection reading from a source backend as fast as it can.
     Bulk { duration_ms: u64 },
     /// Open loop: a new connect–request–response every 1/rate s, whatever the
     /// previous ones are doing, each bounded by `timeout_ms`.
-    OpenLoop { rate: u32, duration_ms: u64, timeout_ms: u64 },
+    OpenLoop {
+        rate: u32,
+        duration_ms: u64,
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -84,13 +94,19 @@ pub struct Attempt {
 pub fn run_client(spec: &ClientSpec) -> anyhow::Result<ClientResult> {
     if let Some(cg) = &spec.cgroup {
         let procs = cg.join("cgroup.procs");
-        std::fs::write(&procs, std::process::id().to_string())
-            .with_context(|| format!("joining cgroup {}: is it a cgroup v2 directory and are we root?", procs.display()))?;
+        std::fs::write(&procs, std::process::id().to_string()).with_context(|| {
+            format!(
+                "joining cgroup {}: is it a cgroup v2 directory and are we root?",
+                procs.display()
+            )
+        })?;
     }
     if let Some(cpu) = spec.cpu {
         pin_current(cpu)?;
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let before = rusage();
     let mut res = rt.block_on(run_workload(spec.addr, &spec.workload))?;
     let after = rusage();
@@ -101,7 +117,8 @@ pub fn run_client(spec: &ClientSpec) -> anyhow::Result<ClientResult> {
 
 pub fn pin_current(cpu: usize) -> anyhow::Result<()> {
     let mut set = nix::sched::CpuSet::new();
-    set.set(cpu).with_context(|| format!("cpu {cpu} out of range"))?;
+    set.set(cpu)
+        .with_context(|| format!("cpu {cpu} out of range"))?;
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
         .with_context(|| format!("pinning to cpu {cpu}"))?;
     Ok(())
@@ -125,10 +142,20 @@ fn new_hist() -> Histogram<u64> {
 
 async fn run_workload(addr: SocketAddr, w: &Workload) -> anyhow::Result<ClientResult> {
     match *w {
-        Workload::Crr { concurrency, duration_ms } => closed_loop(addr, concurrency, duration_ms, true).await,
-        Workload::Rr { concurrency, duration_ms } => closed_loop(addr, concurrency, duration_ms, false).await,
+        Workload::Crr {
+            concurrency,
+            duration_ms,
+        } => closed_loop(addr, concurrency, duration_ms, true).await,
+        Workload::Rr {
+            concurrency,
+            duration_ms,
+        } => closed_loop(addr, concurrency, duration_ms, false).await,
         Workload::Bulk { duration_ms } => bulk(addr, duration_ms).await,
-        Workload::OpenLoop { rate, duration_ms, timeout_ms } => open_loop(addr, rate, duration_ms, timeout_ms).await,
+        Workload::OpenLoop {
+            rate,
+            duration_ms,
+            timeout_ms,
+        } => open_loop(addr, rate, duration_ms, timeout_ms).await,
     }
 }
 
@@ -138,13 +165,22 @@ struct LoopStats {
     first_error: Option<String>,
 }
 
-async fn closed_loop(addr: SocketAddr, concurrency: usize, duration_ms: u64, crr: bool) -> anyhow::Result<ClientResult> {
+async fn closed_loop(
+    addr: SocketAddr,
+    concurrency: usize,
+    duration_ms: u64,
+    crr: bool,
+) -> anyhow::Result<ClientResult> {
     let start = Instant::now();
     let deadline = start + Duration::from_millis(duration_ms);
     let mut tasks = Vec::new();
     for _ in 0..concurrency.max(1) {
         tasks.push(tokio::spawn(async move {
-            if crr { crr_worker(addr, deadline).await } else { rr_worker(addr, deadline).await }
+            if crr {
+                crr_worker(addr, deadline).await
+            } else {
+                rr_worker(addr, deadline).await
+            }
         }));
     }
     let mut hist = new_hist();
@@ -159,7 +195,12 @@ async fn closed_loop(addr: SocketAddr, concurrency: usize, duration_ms: u64, crr
     Ok(summarize(&hist, errors, first_error, elapsed))
 }
 
-fn summarize(hist: &Histogram<u64>, errors: u64, first_error: Option<String>, elapsed: f64) -> ClientResult {
+fn summarize(
+    hist: &Histogram<u64>,
+    errors: u64,
+    first_error: Option<String>,
+    elapsed: f64,
+) -> ClientResult {
     ClientResult {
         ops: hist.len(),
         errors,
@@ -176,7 +217,11 @@ fn summarize(hist: &Histogram<u64>, errors: u64, first_error: Option<String>, el
 
 impl LoopStats {
     fn new() -> Self {
-        Self { hist: new_hist(), errors: 0, first_error: None }
+        Self {
+            hist: new_hist(),
+            errors: 0,
+            first_error: None,
+        }
     }
     async fn error(&mut self, e: anyhow::Error) {
         self.errors += 1;
@@ -232,7 +277,8 @@ async fn rr_worker(addr: SocketAddr, deadline: Instant) -> LoopStats {
     let mut s = LoopStats::new();
     let mut buf = Vec::with_capacity(4096);
     while Instant::now() < deadline {
-        let mut c = match bounded(async { TcpStream::connect(addr).await.context("connect") }).await {
+        let mut c = match bounded(async { TcpStream::connect(addr).await.context("connect") }).await
+        {
             Ok(c) => c,
             Err(e) => {
                 s.error(e).await;
@@ -280,7 +326,9 @@ async fn read_response(c: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<(
 
 /// Length of the first complete response in `buf`, if it is all there.
 fn complete_response(buf: &[u8]) -> anyhow::Result<Option<usize>> {
-    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { return Ok(None) };
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(None);
+    };
     let head = std::str::from_utf8(&buf[..end]).context("response head is not UTF-8")?;
     if !head.starts_with("HTTP/1.1 200") {
         anyhow::bail!("bad status line: {:?}", head.lines().next());
@@ -320,7 +368,12 @@ async fn bulk(addr: SocketAddr, duration_ms: u64) -> anyhow::Result<ClientResult
     })
 }
 
-async fn open_loop(addr: SocketAddr, rate: u32, duration_ms: u64, timeout_ms: u64) -> anyhow::Result<ClientResult> {
+async fn open_loop(
+    addr: SocketAddr,
+    rate: u32,
+    duration_ms: u64,
+    timeout_ms: u64,
+) -> anyhow::Result<ClientResult> {
     let n = (rate as u64 * duration_ms / 1000).max(1);
     let period = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let timeout = Duration::from_millis(timeout_ms);
@@ -333,7 +386,11 @@ async fn open_loop(addr: SocketAddr, rate: u32, duration_ms: u64, timeout_ms: u6
     for _ in 0..n {
         tick.tick().await;
         tasks.push(tokio::spawn(async move {
-            let t_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64() * 1000.0;
+            let t_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1000.0;
             let t0 = Instant::now();
             let mut buf = Vec::with_capacity(256);
             let r = match tokio::time::timeout(timeout, one_crr(addr, &mut buf)).await {
@@ -376,13 +433,19 @@ mod tests {
         let two = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nb1HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nb";
         assert_eq!(complete_response(two).unwrap(), Some(40));
         assert_eq!(complete_response(&two[40..]).unwrap(), None);
-        assert_eq!(complete_response(b"HTTP/1.1 200 OK\r\nContent-Len").unwrap(), None);
+        assert_eq!(
+            complete_response(b"HTTP/1.1 200 OK\r\nContent-Len").unwrap(),
+            None
+        );
         assert!(complete_response(b"HTTP/1.1 503 No\r\nContent-Length: 0\r\n\r\n").is_err());
     }
 }
 
 #[cfg(test)]
 pub fn run_workload_for_test(addr: SocketAddr, w: &Workload) -> ClientResult {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(run_workload(addr, w)).unwrap()
 }

@@ -73,18 +73,28 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?.to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_path_buf();
     match cli.cmd {
         Some(Cmd::Client { spec }) => {
-            let spec: loadgen::ClientSpec = serde_json::from_str(&spec).context("parsing --spec")?;
+            let spec: loadgen::ClientSpec =
+                serde_json::from_str(&spec).context("parsing --spec")?;
             let r = loadgen::run_client(&spec)?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
         Some(Cmd::Report { results }) => {
-            let path = if results.is_absolute() { results } else { root.join(results) };
-            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-            let r: results::Results = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+            let path = if results.is_absolute() {
+                results
+            } else {
+                root.join(results)
+            };
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let r: results::Results = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", path.display()))?;
             write_docs(&root, &r)
         }
         None => {
@@ -92,7 +102,11 @@ fn main() -> anyhow::Result<()> {
                 // Before any thread exists: threads and children inherit it.
                 // SAFETY: setpriority has no memory-safety preconditions.
                 if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, cli.nice) } != 0 {
-                    eprintln!("warning: could not set nice {}: {}", cli.nice, std::io::Error::last_os_error());
+                    eprintln!(
+                        "warning: could not set nice {}: {}",
+                        cli.nice,
+                        std::io::Error::last_os_error()
+                    );
                 }
             }
             let opts = run::Options {
@@ -105,7 +119,13 @@ fn main() -> anyhow::Result<()> {
                 high_concurrency: cli.concurrency,
             };
             let results = run::run(&opts)?;
-            let out = cli.out.unwrap_or_else(|| root.join(if cli.quick { "bench/results/quick.json" } else { "bench/results/latest.json" }));
+            let out = cli.out.unwrap_or_else(|| {
+                root.join(if cli.quick {
+                    "bench/results/quick.json"
+                } else {
+                    "bench/results/latest.json"
+                })
+            });
             if let Some(dir) = out.parent() {
                 std::fs::create_dir_all(dir)?;
             }
@@ -128,7 +148,14 @@ fn main() -> anyhow::Result<()> {
 fn write_docs(root: &Path, r: &results::Results) -> anyhow::Result<()> {
     std::fs::create_dir_all(root.join("docs"))?;
     std::fs::write(root.join("docs/bench-chart.svg"), report::svg(r))?;
-    std::fs::write(root.join("BENCHMARKS.md"), report::markdown(r, Some("docs/bench-chart.svg")))?;
-    eprintln!("== wrote {} and {}", root.join("BENCHMARKS.md").display(), root.join("docs/bench-chart.svg").display());
+    std::fs::write(
+        root.join("BENCHMARKS.md"),
+        report::markdown(r, Some("docs/bench-chart.svg")),
+    )?;
+    eprintln!(
+        "== wrote {} and {}",
+        root.join("BENCHMARKS.md").display(),
+        root.join("docs/bench-chart.svg").display()
+    );
     Ok(())
 }

@@ -50,7 +50,12 @@ impl Drop for PathUnderTest {
 impl PathUnderTest {
     pub fn unavailable(id: &str, label: &str, why: String) -> PathUnderTest {
         PathUnderTest {
-            info: PathInfo { id: id.into(), label: label.into(), available: false, note: Some(why) },
+            info: PathInfo {
+                id: id.into(),
+                label: label.into(),
+                available: false,
+                note: Some(why),
+            },
             api: SocketAddr::from(([127, 0, 0, 1], 0)),
             bulk: SocketAddr::from(([127, 0, 0, 1], 0)),
             cgroup: PathBuf::new(),
@@ -72,7 +77,9 @@ pub fn direct(host: Ipv4Addr, cgroup: &Path) -> PathUnderTest {
             id: "direct".into(),
             label: "direct".into(),
             available: true,
-            note: Some(format!("straight to one controller ({host}:{ECHO_PORT}): the physical limit")),
+            note: Some(format!(
+                "straight to one controller ({host}:{ECHO_PORT}): the physical limit"
+            )),
         },
         api: SocketAddr::from((host, ECHO_PORT)),
         bulk: SocketAddr::from((host, BULK_PORT)),
@@ -82,7 +89,13 @@ pub fn direct(host: Ipv4Addr, cgroup: &Path) -> PathUnderTest {
     }
 }
 
-pub fn haproxy(dir: &Path, backends: &[Ipv4Addr], cgroup: &Path, cpu: Option<usize>, checks: bool) -> anyhow::Result<PathUnderTest> {
+pub fn haproxy(
+    dir: &Path,
+    backends: &[Ipv4Addr],
+    cgroup: &Path,
+    cpu: Option<usize>,
+    checks: bool,
+) -> anyhow::Result<PathUnderTest> {
     let (api, bulk) = (proxies::free_port()?, proxies::free_port()?);
     let id = if checks { "haproxy-checks" } else { "haproxy" };
     let cfg = dir.join(format!("{id}.cfg"));
@@ -93,16 +106,31 @@ pub fn haproxy(dir: &Path, backends: &[Ipv4Addr], cgroup: &Path, cpu: Option<usi
     let mut p = Proc::spawn("haproxy", cmd, &log, cpu)?;
     let api = SocketAddr::from(([127, 0, 0, 1], api));
     p.wait_listening(api, &log)?;
-    let version = Command::new("haproxy").arg("-v").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string());
+    let version = Command::new("haproxy").arg("-v").output().ok().map(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    });
     Ok(PathUnderTest {
         info: PathInfo {
             id: id.into(),
-            label: if checks { "HAProxy, checks + redispatch" } else { "HAProxy" }.into(),
+            label: if checks {
+                "HAProxy, checks + redispatch"
+            } else {
+                "HAProxy"
+            }
+            .into(),
             available: true,
             note: Some(format!(
                 "{}; mode tcp, roundrobin, 1 thread, {}",
                 version.unwrap_or_default().trim(),
-                if checks { "TCP checks 500 ms / 250 ms / rise 2 / fall 2, redispatch" } else { "no checks" }
+                if checks {
+                    "TCP checks 500 ms / 250 ms / rise 2 / fall 2, redispatch"
+                } else {
+                    "no checks"
+                }
             )),
         },
         api,
@@ -131,12 +159,23 @@ pub fn envoy_static(
     std::fs::write(&cfg, proxies::envoy_config(api, bulk, backends, health))?;
     let log = dir.join(format!("{id}.log"));
     let mut cmd = Command::new(envoy);
-    cmd.arg("-c").arg(&cfg).args(["--concurrency", "1", "--disable-hot-restart", "--log-level", "warn"]);
+    cmd.arg("-c").arg(&cfg).args([
+        "--concurrency",
+        "1",
+        "--disable-hot-restart",
+        "--log-level",
+        "warn",
+    ]);
     let mut p = Proc::spawn(id, cmd, &log, cpu)?;
     let api = SocketAddr::from(([127, 0, 0, 1], api));
     p.wait_listening(api, &log)?;
     Ok(PathUnderTest {
-        info: PathInfo { id: id.into(), label: label.into(), available: true, note: Some(note.into()) },
+        info: PathInfo {
+            id: id.into(),
+            label: label.into(),
+            available: true,
+            note: Some(note.into()),
+        },
         api,
         bulk: SocketAddr::from(([127, 0, 0, 1], bulk)),
         cgroup: cgroup.to_path_buf(),
@@ -162,16 +201,37 @@ pub struct AgentOpts<'a> {
 }
 
 /// The real `nllb agent`, with its own pin path and directories.
-pub fn nllb_agent(o: &AgentOpts<'_>, id: &str, label: &str, note: Option<String>) -> anyhow::Result<PathUnderTest> {
+pub fn nllb_agent(
+    o: &AgentOpts<'_>,
+    id: &str,
+    label: &str,
+    note: Option<String>,
+) -> anyhow::Result<PathUnderTest> {
     let cfg = o.dir.join(format!("{}.yaml", o.tag));
-    std::fs::write(&cfg, proxies::nllb_config(o.api, o.bulk, o.backends, o.extra_config))?;
+    std::fs::write(
+        &cfg,
+        proxies::nllb_config(o.api, o.bulk, o.backends, o.extra_config),
+    )?;
     let log = o.dir.join(format!("{}.log", o.tag));
-    let pin = PathBuf::from(format!("/sys/fs/bpf/nllb-bench-{}-{}", std::process::id(), o.tag));
+    let pin = PathBuf::from(format!(
+        "/sys/fs/bpf/nllb-bench-{}-{}",
+        std::process::id(),
+        o.tag
+    ));
     let run_dir = o.dir.join(format!("{}-run", o.tag));
     let state_dir = o.dir.join(format!("{}-state", o.tag));
     let mut cmd = Command::new(o.nllb);
-    cmd.arg("agent").arg("--config").arg(&cfg).arg("--cgroup").arg(o.cgroup).arg("--pin-path").arg(&pin);
-    cmd.arg("--run-dir").arg(&run_dir).arg("--state-dir").arg(&state_dir);
+    cmd.arg("agent")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--cgroup")
+        .arg(o.cgroup)
+        .arg("--pin-path")
+        .arg(&pin);
+    cmd.arg("--run-dir")
+        .arg(&run_dir)
+        .arg("--state-dir")
+        .arg(&state_dir);
     // The agent leaves the datapath serving when it exits unless told
     // otherwise; a benchmark must leave nothing attached.
     if agent_has_flag(o.nllb, "--detach-on-exit") {
@@ -184,7 +244,13 @@ pub fn nllb_agent(o: &AgentOpts<'_>, id: &str, label: &str, note: Option<String>
     let uninstall = {
         let (nllb, pin, run_dir) = (o.nllb.to_path_buf(), pin.clone(), run_dir.clone());
         move || {
-            let _ = Command::new(&nllb).arg("uninstall").arg("--pin-path").arg(&pin).arg("--run-dir").arg(&run_dir).output();
+            let _ = Command::new(&nllb)
+                .arg("uninstall")
+                .arg("--pin-path")
+                .arg(&pin)
+                .arg("--run-dir")
+                .arg(&run_dir)
+                .output();
             let _ = std::fs::remove_dir_all(&pin);
         }
     };
@@ -192,7 +258,12 @@ pub fn nllb_agent(o: &AgentOpts<'_>, id: &str, label: &str, note: Option<String>
     // The process goes into `path` at once: on an early return, its Drop
     // stops the agent first and only then removes what it left.
     let mut path = PathUnderTest {
-        info: PathInfo { id: id.into(), label: label.into(), available: true, note },
+        info: PathInfo {
+            id: id.into(),
+            label: label.into(),
+            available: true,
+            note,
+        },
         api: o.api,
         bulk: o.bulk,
         cgroup: o.cgroup.to_path_buf(),
@@ -204,11 +275,19 @@ pub fn nllb_agent(o: &AgentOpts<'_>, id: &str, label: &str, note: Option<String>
     let deadline = Instant::now() + Duration::from_secs(20);
     let status: serde_json::Value = loop {
         p.check_alive(&log)?;
-        if let Some(v) = std::fs::read(&status_file).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+        if let Some(v) = std::fs::read(&status_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+        {
             break v;
         }
         if Instant::now() > deadline {
-            bail!("nllb agent ({}) wrote no {} within 20 s; see {}", o.tag, status_file.display(), log.display());
+            bail!(
+                "nllb agent ({}) wrote no {} within 20 s; see {}",
+                o.tag,
+                status_file.display(),
+                log.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -218,13 +297,22 @@ pub fn nllb_agent(o: &AgentOpts<'_>, id: &str, label: &str, note: Option<String>
         bail!("asked for mode {want}, the agent runs mode {mode:?} (not supported in this build?)");
     }
     if o.ebpf {
-        if !bpfstats::attached(o.cgroup)?.iter().any(|p| p.attach_type.contains("inet4_connect")) {
-            bail!("agent is ready but no connect4 program is attached to {}", o.cgroup.display());
+        if !bpfstats::attached(o.cgroup)?
+            .iter()
+            .any(|p| p.attach_type.contains("inet4_connect"))
+        {
+            bail!(
+                "agent is ready but no connect4 program is attached to {}",
+                o.cgroup.display()
+            );
         }
     } else {
         p.wait_listening(o.api, &log)?;
         if !bpfstats::attached(o.cgroup)?.is_empty() {
-            bail!("agent in Envoy mode attached BPF programs to {}: clients would bypass Envoy", o.cgroup.display());
+            bail!(
+                "agent in Envoy mode attached BPF programs to {}: clients would bypass Envoy",
+                o.cgroup.display()
+            );
         }
     }
     // Health checks settle in a round or two; measure after that.
@@ -242,10 +330,18 @@ fn agent_has_flag(nllb: &Path, flag: &str) -> bool {
 
 /// Whether `nllb agent` exists in this build and accepts `mode`.
 pub fn agent_supports(nllb: &Path, needle: &str) -> anyhow::Result<()> {
-    let out = Command::new(nllb).args(["agent", "--help"]).output().with_context(|| format!("running {}", nllb.display()))?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let out = Command::new(nllb)
+        .args(["agent", "--help"])
+        .output()
+        .with_context(|| format!("running {}", nllb.display()))?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        bail!("`{} agent --help` failed: {}", nllb.display(), text.lines().next().unwrap_or(""));
+        bail!(
+            "`{} agent --help` failed: {}",
+            nllb.display(),
+            text.lines().next().unwrap_or("")
+        );
     }
     if !needle.is_empty() && !text.contains(needle) {
         bail!("`nllb agent` in this build does not mention {needle:?}");
@@ -287,11 +383,19 @@ pub fn tree_rss(pid: u32) -> u64 {
 
 impl TreeMeter {
     pub fn start(pid: u32) -> TreeMeter {
-        TreeMeter { pid, cpu0: tree_cpu(pid), t0: Instant::now() }
+        TreeMeter {
+            pid,
+            cpu0: tree_cpu(pid),
+            t0: Instant::now(),
+        }
     }
     pub fn stop(&self) -> Usage {
         let cpu = (tree_cpu(self.pid) - self.cpu0).max(0.0);
         let wall = self.t0.elapsed().as_secs_f64().max(1e-9);
-        Usage { cpu_s: cpu, cpu_pct: 100.0 * cpu / wall, rss_kib: tree_rss(self.pid) }
+        Usage {
+            cpu_s: cpu,
+            cpu_pct: 100.0 * cpu / wall,
+            rss_kib: tree_rss(self.pid),
+        }
     }
 }

@@ -20,14 +20,24 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn spawn(name: &str, mut cmd: Command, log: &Path, cpu: Option<usize>) -> anyhow::Result<Proc> {
+    pub fn spawn(
+        name: &str,
+        mut cmd: Command,
+        log: &Path,
+        cpu: Option<usize>,
+    ) -> anyhow::Result<Proc> {
         let log_file = std::fs::File::create(log)?;
-        cmd.stdout(log_file.try_clone()?).stderr(log_file).stdin(Stdio::null());
+        cmd.stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .stdin(Stdio::null());
         if let Some(cpu) = cpu {
             // taskset keeps the program's own pid (it execs), so /proc
             // figures below are the program's, not a wrapper's.
             let mut t = Command::new("taskset");
-            t.arg("-c").arg(cpu.to_string()).arg(cmd.get_program()).args(cmd.get_args());
+            t.arg("-c")
+                .arg(cpu.to_string())
+                .arg(cmd.get_program())
+                .args(cmd.get_args());
             for (k, v) in cmd.get_envs() {
                 match v {
                     Some(v) => t.env(k, v),
@@ -35,11 +45,21 @@ impl Proc {
                 };
             }
             let log_file = std::fs::OpenOptions::new().append(true).open(log)?;
-            t.stdout(log_file.try_clone()?).stderr(log_file).stdin(Stdio::null());
+            t.stdout(log_file.try_clone()?)
+                .stderr(log_file)
+                .stdin(Stdio::null());
             cmd = t;
         }
-        let child = cmd.spawn().with_context(|| format!("starting {name} ({:?}): is it installed?", cmd.get_program()))?;
-        Ok(Proc { name: name.to_string(), child })
+        let child = cmd.spawn().with_context(|| {
+            format!(
+                "starting {name} ({:?}): is it installed?",
+                cmd.get_program()
+            )
+        })?;
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -50,8 +70,20 @@ impl Proc {
     pub fn check_alive(&mut self, log: &Path) -> anyhow::Result<()> {
         if let Some(st) = self.child.try_wait()? {
             let tail = std::fs::read_to_string(log).unwrap_or_default();
-            let tail: String = tail.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-            bail!("{} exited with {st}; last log lines from {}:\n{tail}", self.name, log.display());
+            let tail: String = tail
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            bail!(
+                "{} exited with {st}; last log lines from {}:\n{tail}",
+                self.name,
+                log.display()
+            );
         }
         Ok(())
     }
@@ -66,7 +98,11 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("{} did not listen on {addr} within 15 s; see {}", self.name, log.display())
+        bail!(
+            "{} did not listen on {addr} within 15 s; see {}",
+            self.name,
+            log.display()
+        )
     }
 }
 
@@ -89,14 +125,21 @@ impl Drop for Proc {
 /// A free loopback port (bound and released; the window for a race is small
 /// and a lost race shows up as a clear "did not listen" error).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
 }
 
 /// A plain `mode tcp` HAProxy, round robin: the configuration a user
 /// reaching for "a TCP load balancer" writes first. With `checks`, TCP checks
 /// at nllb's default pace (500 ms, fall 2, rise 2) and a redispatch of a
 /// failed connect to another server, as a careful user would add.
-pub fn haproxy_config(api_port: u16, bulk_port: u16, backends: &[Ipv4Addr], checks: bool) -> String {
+pub fn haproxy_config(
+    api_port: u16,
+    bulk_port: u16,
+    backends: &[Ipv4Addr],
+    checks: bool,
+) -> String {
     let mut c = String::from(
         "global\n  maxconn 8000\n  nbthread 1\n\
          defaults\n  mode tcp\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n",
@@ -108,7 +151,10 @@ pub fn haproxy_config(api_port: u16, bulk_port: u16, backends: &[Ipv4Addr], chec
         ""
     };
     for (name, listen, port) in [("api", api_port, ECHO_PORT), ("bulk", bulk_port, BULK_PORT)] {
-        let _ = writeln!(c, "listen {name}\n  bind 127.0.0.1:{listen}\n  balance roundrobin");
+        let _ = writeln!(
+            c,
+            "listen {name}\n  bind 127.0.0.1:{listen}\n  balance roundrobin"
+        );
         for (i, b) in backends.iter().enumerate() {
             let _ = writeln!(c, "  server c{i} {b}:{port}{check}");
         }
@@ -131,11 +177,21 @@ pub struct EnvoyHealth {
     pub unhealthy: u32,
 }
 
-pub const K0S_HEALTH: EnvoyHealth = EnvoyHealth { interval_ms: 5000, timeout_ms: 1000, healthy: 3, unhealthy: 5 };
+pub const K0S_HEALTH: EnvoyHealth = EnvoyHealth {
+    interval_ms: 5000,
+    timeout_ms: 1000,
+    healthy: 3,
+    unhealthy: 5,
+};
 
 /// A static Envoy `tcp_proxy` shaped like k0s's node-local load balancer
 /// (RANDOM, connect_timeout 0.25 s, one worker thread).
-pub fn envoy_config(api_port: u16, bulk_port: u16, backends: &[Ipv4Addr], health: Option<&EnvoyHealth>) -> String {
+pub fn envoy_config(
+    api_port: u16,
+    bulk_port: u16,
+    backends: &[Ipv4Addr],
+    health: Option<&EnvoyHealth>,
+) -> String {
     let mut c = String::from("static_resources:\n  listeners:\n");
     for (name, listen) in [("api", api_port), ("bulk", bulk_port)] {
         let _ = write!(
@@ -148,7 +204,10 @@ pub fn envoy_config(api_port: u16, bulk_port: u16, backends: &[Ipv4Addr], health
     }
     c.push_str("  clusters:\n");
     for (name, port) in [("api", ECHO_PORT), ("bulk", BULK_PORT)] {
-        let _ = write!(c, "  - name: {name}\n    type: STATIC\n    connect_timeout: 0.25s\n    lb_policy: RANDOM\n");
+        let _ = write!(
+            c,
+            "  - name: {name}\n    type: STATIC\n    connect_timeout: 0.25s\n    lb_policy: RANDOM\n"
+        );
         if let Some(h) = health {
             let _ = write!(
                 c,
@@ -161,9 +220,15 @@ pub fn envoy_config(api_port: u16, bulk_port: u16, backends: &[Ipv4Addr], health
                 h.unhealthy
             );
         }
-        let _ = write!(c, "    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n");
+        let _ = write!(
+            c,
+            "    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n"
+        );
         for b in backends {
-            let _ = writeln!(c, "        - endpoint: {{address: {{socket_address: {{address: {b}, port_value: {port}}}}}}}");
+            let _ = writeln!(
+                c,
+                "        - endpoint: {{address: {{socket_address: {{address: {b}, port_value: {port}}}}}}}"
+            );
         }
     }
     c
@@ -185,12 +250,21 @@ pub fn find_envoy(explicit: Option<&Path>) -> Option<PathBuf> {
             }
         }
     }
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join("envoy")).find(|p| p.is_file())
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join("envoy"))
+        .find(|p| p.is_file())
 }
 
 /// nllb agent config for the bench: the echo and bulk services, our hosts as
 /// controllers. `extra` is appended verbatim (mode, health settings).
-pub fn nllb_config(api: SocketAddr, bulk: SocketAddr, backends: &[Ipv4Addr], extra: &str) -> String {
+pub fn nllb_config(
+    api: SocketAddr,
+    bulk: SocketAddr,
+    backends: &[Ipv4Addr],
+    extra: &str,
+) -> String {
     let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
     format!(
         "services:\n  - name: apiserver\n    listen: [\"{api}\"]\n    backendPort: {ECHO_PORT}\n  \
@@ -206,7 +280,15 @@ mod tests {
 
     #[test]
     fn haproxy_config_lists_every_backend_per_service() {
-        let c = haproxy_config(1000, 1001, &[Ipv4Addr::new(198, 19, 200, 2), Ipv4Addr::new(198, 19, 201, 2)], false);
+        let c = haproxy_config(
+            1000,
+            1001,
+            &[
+                Ipv4Addr::new(198, 19, 200, 2),
+                Ipv4Addr::new(198, 19, 201, 2),
+            ],
+            false,
+        );
         assert!(c.contains("bind 127.0.0.1:1000"));
         assert!(c.contains("server c1 198.19.201.2:6443"));
         assert!(c.contains("server c0 198.19.200.2:6444"));
@@ -214,13 +296,22 @@ mod tests {
 
     #[test]
     fn envoy_config_is_yaml_with_k0s_health() {
-        let c = envoy_config(1000, 1001, &[Ipv4Addr::new(198, 19, 200, 2)], Some(&K0S_HEALTH));
+        let c = envoy_config(
+            1000,
+            1001,
+            &[Ipv4Addr::new(198, 19, 200, 2)],
+            Some(&K0S_HEALTH),
+        );
         let v: serde_json::Value = serde_yaml_compat(&c);
         let cl = &v["static_resources"]["clusters"][0];
         assert_eq!(cl["health_checks"][0]["unhealthy_threshold"], 5);
         assert_eq!(cl["health_checks"][0]["interval"], "5s");
         assert_eq!(cl["health_checks"][0]["no_traffic_interval"], "5s");
-        assert_eq!(cl["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"], 6443);
+        assert_eq!(
+            cl["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+                ["port_value"],
+            6443
+        );
     }
 
     fn serde_yaml_compat(s: &str) -> serde_json::Value {

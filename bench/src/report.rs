@@ -6,16 +6,26 @@ use std::fmt::Write as _;
 use crate::results::{Measurement, Results, WorkloadResult};
 
 fn ratio(v: f64, base: f64) -> String {
-    if base > 0.0 && v.is_finite() { format!("{:.2}×", v / base) } else { "–".into() }
+    if base > 0.0 && v.is_finite() {
+        format!("{:.2}×", v / base)
+    } else {
+        "–".into()
+    }
 }
 
 fn label<'a>(r: &'a Results, id: &'a str) -> &'a str {
-    r.paths.iter().find(|p| p.id == id).map_or(id, |p| p.label.as_str())
+    r.paths
+        .iter()
+        .find(|p| p.id == id)
+        .map_or(id, |p| p.label.as_str())
 }
 
 /// Paths in the order they were set up (direct first).
 fn ordered<'a>(r: &'a Results, w: &'a WorkloadResult) -> Vec<(&'a str, &'a Measurement)> {
-    r.paths.iter().filter_map(|p| w.runs.get(&p.id).map(|m| (p.id.as_str(), m))).collect()
+    r.paths
+        .iter()
+        .filter_map(|p| w.runs.get(&p.id).map(|m| (p.id.as_str(), m)))
+        .collect()
 }
 
 pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
@@ -47,20 +57,25 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
         m.kernel, m.nproc, m.cpu_model, m.mem_gib, m.load_start, m.load_end
     );
     let [w50, w99, wmax] = m.wakeup_late_ms;
-    let _ = writeln!(
-        s,
-        "- Machine noise measured just before the run: a 1 ms sleep on the client core woke up late by {w50:.2} ms (median), \
+    // Results files from before the probe existed carry zeros: say nothing then.
+    if wmax > 0.0 {
+        let _ = writeln!(
+            s,
+            "- Machine noise measured just before the run: a 1 ms sleep on the client core woke up late by {w50:.2} ms (median), \
          {w99:.1} ms (p99), {wmax:.1} ms (worst) — on an idle machine all three are well under 1 ms.{}",
-        if w99 > 2.0 {
-            " **This run's machine was busy: every latency tail and every rate below is inflated by other work; \
+            if w99 > 2.0 {
+                " **This run's machine was busy: every latency tail and every rate below is inflated by other work; \
              compare median latencies and CPU per operation, and ratios, not absolute rates.**"
-        } else {
-            ""
-        }
-    );
+            } else {
+                ""
+            }
+        );
+    }
     let st = &r.settings;
     let pin = match (st.client_cpu, st.proxy_cpu, st.backend_cpu) {
-        (Some(c), Some(p), Some(b)) => format!("client on CPU {c}, proxy/agent on CPU {p} (the \"worker node\"), backends on CPU {b} (the \"controllers\")"),
+        (Some(c), Some(p), Some(b)) => format!(
+            "client on CPU {c}, proxy/agent on CPU {p} (the \"worker node\"), backends on CPU {b} (the \"controllers\")"
+        ),
         _ => "no pinning".into(),
     };
     let _ = writeln!(
@@ -85,22 +100,46 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
          processes is not attributed to anyone, for any path alike.\n"
     );
     if r.quick {
-        let _ = writeln!(s, "> **Quick run** (`--quick`): short, single round, no failover. Use the full run for figures to quote.\n");
+        let _ = writeln!(
+            s,
+            "> **Quick run** (`--quick`): short, single round, no failover. Use the full run for figures to quote.\n"
+        );
     }
     let _ = writeln!(s, "| path | what it is |\n|---|---|");
     for p in &r.paths {
-        let state = if p.available { "" } else { "**not measured:** " };
-        let _ = writeln!(s, "| {} | {state}{} |", p.label, p.note.as_deref().unwrap_or("").replace('|', "/").replace('\n', " "));
+        let state = if p.available {
+            ""
+        } else {
+            "**not measured:** "
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {state}{} |",
+            p.label,
+            p.note
+                .as_deref()
+                .unwrap_or("")
+                .replace('|', "/")
+                .replace('\n', " ")
+        );
     }
     if let Some(c) = chart_rel {
-        let _ = writeln!(s, "\n![throughput, median latency and CPU per operation relative to direct]({c})\n");
+        let _ = writeln!(
+            s,
+            "\n![throughput, median latency and CPU per operation relative to direct]({c})\n"
+        );
     }
 
     for w in &r.workloads {
-        let Some(base) = w.runs.get("direct") else { continue };
+        let Some(base) = w.runs.get("direct") else {
+            continue;
+        };
         let _ = writeln!(s, "\n## {}\n", capitalize(&w.title));
         if w.id == "bulk" {
-            let _ = writeln!(s, "| path | Gbit/s | vs direct | CPU µs per 64 KiB | vs direct |\n|---|---:|---:|---:|---:|");
+            let _ = writeln!(
+                s,
+                "| path | Gbit/s | vs direct | CPU µs per 64 KiB | vs direct |\n|---|---:|---:|---:|---:|"
+            );
             for (id, x) in ordered(r, w) {
                 let _ = writeln!(
                     s,
@@ -115,7 +154,11 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
             continue;
         }
         let unit = &w.unit;
-        let op = if w.id.starts_with("crr") { "conn" } else { "req" };
+        let op = if w.id.starts_with("crr") {
+            "conn"
+        } else {
+            "req"
+        };
         let _ = writeln!(
             s,
             "| path | {unit} | vs direct | p50 µs | p99 µs | vs direct | p99.9 µs | CPU µs/{op} | vs direct | errors |\n\
@@ -146,13 +189,19 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
             );
         }
         if flagged {
-            let _ = writeln!(s, "\n† the rounds' rates differed by more than 2× (min to max): this rate says more about the machine than about the path.");
+            let _ = writeln!(
+                s,
+                "\n† the rounds' rates differed by more than 2× (min to max): this rate says more about the machine than about the path."
+            );
         }
     }
 
     let _ = writeln!(s, "\n## Cost of the connect program\n");
     if r.bpf.is_empty() {
-        let _ = writeln!(s, "Not measured: the nllb eBPF path did not run (see the path table).");
+        let _ = writeln!(
+            s,
+            "Not measured: the nllb eBPF path did not run (see the path table)."
+        );
     } else {
         let _ = writeln!(
             s,
@@ -164,10 +213,23 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
         for b in r.bpf.iter().filter(|b| b.run_cnt > 0) {
             let mut each = b.per_measurement_ns.clone();
             each.sort_by(f64::total_cmp);
-            let spread = if each.is_empty() { "–".into() } else { format!("{:.0} / {:.0}", each[0], each[each.len() / 2]) };
-            let _ = writeln!(s, "| `{}` | {} | {} | {} | {:.0} | {spread} |", b.name, b.attach_type, b.run_cnt, b.run_time_ns, b.ns_per_run);
+            let spread = if each.is_empty() {
+                "–".into()
+            } else {
+                format!("{:.0} / {:.0}", each[0], each[each.len() / 2])
+            };
+            let _ = writeln!(
+                s,
+                "| `{}` | {} | {} | {} | {:.0} | {spread} |",
+                b.name, b.attach_type, b.run_cnt, b.run_time_ns, b.ns_per_run
+            );
         }
-        if let (Some(c4), Some(crr)) = (r.bpf.iter().find(|b| b.attach_type.contains("inet4_connect")), r.workloads.iter().find(|w| w.id == "crr_c1")) {
+        if let (Some(c4), Some(crr)) = (
+            r.bpf
+                .iter()
+                .find(|b| b.attach_type.contains("inet4_connect")),
+            r.workloads.iter().find(|w| w.id == "crr_c1"),
+        ) {
             if let Some(n) = crr.runs.get("nllb") {
                 let _ = writeln!(
                     s,
@@ -179,7 +241,10 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
                 );
             }
         }
-        let _ = writeln!(s, "\nThe sock_ops program runs several times per connection (each state change it subscribes to).");
+        let _ = writeln!(
+            s,
+            "\nThe sock_ops program runs several times per connection (each state change it subscribes to)."
+        );
     }
 
     let _ = writeln!(s, "\n## Footprint\n");
@@ -190,13 +255,30 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
          | path | RSS idle MiB | CPU idle % of a core | RSS under load MiB | CPU under load % of a core |\n|---|---:|---:|---:|---:|"
     );
     for f in &r.footprint {
-        let (lr, lc) = f.load.as_ref().map_or(("–".into(), "–".into()), |u| (format!("{:.1}", u.rss_kib as f64 / 1024.0), format!("{:.1}", u.cpu_pct)));
-        let _ = writeln!(s, "| {} | {:.1} | {:.2} | {lr} | {lc} |", label(r, &f.path), f.idle.rss_kib as f64 / 1024.0, f.idle.cpu_pct);
+        let (lr, lc) = f.load.as_ref().map_or(("–".into(), "–".into()), |u| {
+            (
+                format!("{:.1}", u.rss_kib as f64 / 1024.0),
+                format!("{:.1}", u.cpu_pct),
+            )
+        });
+        let _ = writeln!(
+            s,
+            "| {} | {:.1} | {:.2} | {lr} | {lc} |",
+            label(r, &f.path),
+            f.idle.rss_kib as f64 / 1024.0,
+            f.idle.cpu_pct
+        );
     }
 
     let _ = writeln!(s, "\n## Failover\n");
     if r.failover.is_empty() {
-        let _ = writeln!(s, "Not measured in this run: {}.", r.failover_note.as_deref().unwrap_or("no failover configuration was available"));
+        let _ = writeln!(
+            s,
+            "Not measured in this run: {}.",
+            r.failover_note
+                .as_deref()
+                .unwrap_or("no failover configuration was available")
+        );
     } else {
         let f0 = &r.failover[0];
         let _ = writeln!(
@@ -216,8 +298,13 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
                 f.fault,
                 f.attempts,
                 f.failed_after_fault,
-                f.last_failure_ms.map_or("none failed".into(), |v| format!("{:.2} s", v / 1000.0)),
-                if f.recovered { format!("yes ({:.0} s window)", f.window_ms as f64 / 1000.0) } else { format!("**no** ({:.0} s window)", f.window_ms as f64 / 1000.0) }
+                f.last_failure_ms
+                    .map_or("none failed".into(), |v| format!("{:.2} s", v / 1000.0)),
+                if f.recovered {
+                    format!("yes ({:.0} s window)", f.window_ms as f64 / 1000.0)
+                } else {
+                    format!("**no** ({:.0} s window)", f.window_ms as f64 / 1000.0)
+                }
             );
         }
         let _ = writeln!(s);
@@ -225,7 +312,12 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
         for f in &r.failover {
             if !seen.contains(&&f.label) {
                 seen.push(&f.label);
-                let _ = writeln!(s, "- **{}**: {}", f.label, f.note.as_deref().unwrap_or("").replace('\n', " "));
+                let _ = writeln!(
+                    s,
+                    "- **{}**: {}",
+                    f.label,
+                    f.note.as_deref().unwrap_or("").replace('\n', " ")
+                );
             }
         }
         if let Some(n) = &r.failover_note {
@@ -236,7 +328,10 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
     let _ = writeln!(s, "\n## Where nllb is not ahead\n");
     let notes = honest_notes(r);
     if notes.is_empty() {
-        let _ = writeln!(s, "In this run nllb's eBPF path was at least as fast as every proxy on every workload.");
+        let _ = writeln!(
+            s,
+            "In this run nllb's eBPF path was at least as fast as every proxy on every workload."
+        );
     }
     for n in notes {
         let _ = writeln!(s, "- {n}");
@@ -253,7 +348,9 @@ fn unsteady(m: &Measurement) -> bool {
 
 fn capitalize(t: &str) -> String {
     let mut c = t.chars();
-    c.next().map(|f| f.to_uppercase().collect::<String>() + c.as_str()).unwrap_or_default()
+    c.next()
+        .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+        .unwrap_or_default()
 }
 
 /// Plain statements wherever a proxy beat nllb or nllb fell well short of direct.
@@ -266,29 +363,67 @@ fn honest_notes(r: &Results) -> Vec<String> {
     // Margins keep run-to-run noise out of the list: a difference smaller
     // than 10% (20% for p99) is not reported as nllb being behind.
     for w in &r.workloads {
-        let (Some(n), Some(d)) = (w.runs.get("nllb"), w.runs.get("direct")) else { continue };
+        let (Some(n), Some(d)) = (w.runs.get("nllb"), w.runs.get("direct")) else {
+            continue;
+        };
         let bulk = w.id == "bulk";
         let rate = |m: &Measurement| if bulk { m.client.gbit_s } else { m.client.rate };
-        let p50s = |m: &Measurement| if bulk { String::new() } else { format!(" (median latency {:.0} µs vs nllb's {:.0} µs)", m.client.p50_us, n.client.p50_us) };
+        let p50s = |m: &Measurement| {
+            if bulk {
+                String::new()
+            } else {
+                format!(
+                    " (median latency {:.0} µs vs nllb's {:.0} µs)",
+                    m.client.p50_us, n.client.p50_us
+                )
+            }
+        };
         if rate(n) < 0.9 * rate(d) {
-            notes.push(format!("{}: nllb reached {:.0}% of direct's rate{}.", w.title, 100.0 * rate(n) / rate(d), p50s(d).replace("median latency", "direct's median latency")));
+            notes.push(format!(
+                "{}: nllb reached {:.0}% of direct's rate{}.",
+                w.title,
+                100.0 * rate(n) / rate(d),
+                p50s(d).replace("median latency", "direct's median latency")
+            ));
         }
         for (id, x) in &w.runs {
             if id == "nllb" || id == "direct" {
                 continue;
             }
             if rate(x) > 1.1 * rate(n) {
-                notes.push(format!("{}: {} had {:.2}× nllb's rate{}.", w.title, label(r, id), rate(x) / rate(n), p50s(x)));
+                notes.push(format!(
+                    "{}: {} had {:.2}× nllb's rate{}.",
+                    w.title,
+                    label(r, id),
+                    rate(x) / rate(n),
+                    p50s(x)
+                ));
             }
             if !bulk && x.client.p50_us < 0.9 * n.client.p50_us {
-                notes.push(format!("{}: {} had a lower median latency than nllb ({:.0} vs {:.0} µs).", w.title, label(r, id), x.client.p50_us, n.client.p50_us));
+                notes.push(format!(
+                    "{}: {} had a lower median latency than nllb ({:.0} vs {:.0} µs).",
+                    w.title,
+                    label(r, id),
+                    x.client.p50_us,
+                    n.client.p50_us
+                ));
             }
             if !bulk && x.client.p99_us < 0.8 * n.client.p99_us {
-                notes.push(format!("{}: {} had a lower p99 than nllb ({:.0} vs {:.0} µs).", w.title, label(r, id), x.client.p99_us, n.client.p99_us));
+                notes.push(format!(
+                    "{}: {} had a lower p99 than nllb ({:.0} vs {:.0} µs).",
+                    w.title,
+                    label(r, id),
+                    x.client.p99_us,
+                    n.client.p99_us
+                ));
             }
         }
     }
-    for b in r.bpf.iter().filter(|b| b.attach_type.contains("inet4_connect")) {
+    for b in r
+        .bpf
+        .iter()
+        .filter(|b| b.attach_type.contains("inet4_connect"))
+    {
         if b.ns_per_run > 200.0 {
             notes.push(format!(
                 "The connect program averaged {:.0} ns per connect, above the ~200 ns a rewrite with one or two map lookups should cost \
@@ -308,7 +443,11 @@ fn honest_notes(r: &Results) -> Vec<String> {
             ));
         }
     }
-    if let Some(w) = r.workloads.iter().find(|w| w.id.starts_with("rr_c") && w.id != "rr_c1") {
+    if let Some(w) = r
+        .workloads
+        .iter()
+        .find(|w| w.id.starts_with("rr_c") && w.id != "rr_c1")
+    {
         if let (Some(n), Some(d)) = (w.runs.get("nllb"), w.runs.get("direct")) {
             notes.push(format!(
                 "Noise floor: over persistent connections nllb does no work after the connect, so its traffic is the same as \
@@ -338,7 +477,9 @@ fn color(id: &str) -> &'static str {
 }
 
 fn esc(t: &str) -> String {
-    t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// Three panels of grouped bars, each bar a path's figure as a percentage of
@@ -347,15 +488,35 @@ fn esc(t: &str) -> String {
 pub fn svg(r: &Results) -> String {
     type Metric = fn(&Measurement, bool) -> f64;
     let panels: [(&str, Metric, bool); 3] = [
-        ("Throughput, % of direct (higher is better)", |m, bulk| if bulk { m.client.gbit_s } else { m.client.rate }, true),
-        ("Median (p50) latency, % of direct (lower is better; p99 is in the tables)", |m, _| m.client.p50_us, false),
-        ("CPU per operation (client + proxy), % of direct (lower is better)", |m, _| m.cpu_us_per_op, true),
+        (
+            "Throughput, % of direct (higher is better)",
+            |m, bulk| if bulk { m.client.gbit_s } else { m.client.rate },
+            true,
+        ),
+        (
+            "Median (p50) latency, % of direct (lower is better; p99 is in the tables)",
+            |m, _| m.client.p50_us,
+            false,
+        ),
+        (
+            "CPU per operation (client + proxy), % of direct (lower is better)",
+            |m, _| m.cpu_us_per_op,
+            true,
+        ),
     ];
-    let paths: Vec<&str> = r.paths.iter().filter(|p| p.available).map(|p| p.id.as_str()).collect();
+    let paths: Vec<&str> = r
+        .paths
+        .iter()
+        .filter(|p| p.available)
+        .map(|p| p.id.as_str())
+        .collect();
     let (w, ph, top, left) = (980.0, 230.0, 70.0, 60.0);
     let h = top + panels.len() as f64 * (ph + 60.0) + 10.0;
     let mut s = String::new();
-    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
     let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
     let _ = writeln!(
         s,
@@ -368,7 +529,13 @@ pub fn svg(r: &Results) -> String {
     // Legend.
     let mut lx = left;
     for id in &paths {
-        let _ = writeln!(s, r#"<rect x="{lx}" y="36" width="12" height="12" fill="{}"/><text x="{}" y="46">{}</text>"#, color(id), lx + 16.0, esc(label(r, id)));
+        let _ = writeln!(
+            s,
+            r#"<rect x="{lx}" y="36" width="12" height="12" fill="{}"/><text x="{}" y="46">{}</text>"#,
+            color(id),
+            lx + 16.0,
+            esc(label(r, id))
+        );
         lx += 30.0 + 7.0 * label(r, id).chars().count() as f64;
     }
     for (pi, (title, metric, _)) in panels.iter().enumerate() {
@@ -380,12 +547,32 @@ pub fn svg(r: &Results) -> String {
             .filter_map(|wl| {
                 let bulk = wl.id == "bulk";
                 let base = metric(wl.runs.get("direct")?, bulk);
-                (base > 0.0).then(|| (wl, paths.iter().filter_map(|id| wl.runs.get(*id).map(|m| (*id, 100.0 * metric(m, bulk) / base))).collect()))
+                (base > 0.0).then(|| {
+                    (
+                        wl,
+                        paths
+                            .iter()
+                            .filter_map(|id| {
+                                wl.runs
+                                    .get(*id)
+                                    .map(|m| (*id, 100.0 * metric(m, bulk) / base))
+                            })
+                            .collect(),
+                    )
+                })
             })
             .collect();
-        let max = groups.iter().flat_map(|g| g.1.iter().map(|v| v.1)).fold(100.0f64, f64::max);
+        let max = groups
+            .iter()
+            .flat_map(|g| g.1.iter().map(|v| v.1))
+            .fold(100.0f64, f64::max);
         let scale_max = (max / 50.0).ceil() * 50.0;
-        let _ = writeln!(s, r#"<text x="{left}" y="{}" font-size="13" font-weight="bold">{}</text>"#, y0 + 14.0, esc(title));
+        let _ = writeln!(
+            s,
+            r#"<text x="{left}" y="{}" font-size="13" font-weight="bold">{}</text>"#,
+            y0 + 14.0,
+            esc(title)
+        );
         let (py, pheight) = (y0 + 24.0, ph - 24.0);
         let pw = w - left - 20.0;
         // Grid lines every 50 %.
@@ -393,7 +580,13 @@ pub fn svg(r: &Results) -> String {
         while g <= scale_max {
             let y = py + pheight - pheight * g / scale_max;
             let stroke = if g == 100.0 { "#444" } else { "#ddd" };
-            let _ = writeln!(s, r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="{stroke}"/><text x="{}" y="{:.1}" text-anchor="end" fill="#555">{g:.0}%</text>"##, left + pw, left - 4.0, y + 4.0);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="{stroke}"/><text x="{}" y="{:.1}" text-anchor="end" fill="#555">{g:.0}%</text>"##,
+                left + pw,
+                left - 4.0,
+                y + 4.0
+            );
             g += 50.0;
         }
         let gw = pw / groups.len().max(1) as f64;
@@ -404,11 +597,28 @@ pub fn svg(r: &Results) -> String {
                 let bh = pheight * v / scale_max;
                 let x = gx + 10.0 + bi as f64 * bw;
                 let y = py + pheight - bh;
-                let _ = writeln!(s, r#"<rect x="{x:.1}" y="{y:.1}" width="{:.1}" height="{bh:.1}" fill="{}"><title>{}: {v:.0}%</title></rect>"#, bw - 2.0, color(id), esc(label(r, id)));
-                let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{v:.0}</text>"#, x + (bw - 2.0) / 2.0, y - 3.0);
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{x:.1}" y="{y:.1}" width="{:.1}" height="{bh:.1}" fill="{}"><title>{}: {v:.0}%</title></rect>"#,
+                    bw - 2.0,
+                    color(id),
+                    esc(label(r, id))
+                );
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{v:.0}</text>"#,
+                    x + (bw - 2.0) / 2.0,
+                    y - 3.0
+                );
             }
             let short = short_title(&wl.id, r.settings.high_concurrency);
-            let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#, gx + gw / 2.0, py + pheight + 16.0, esc(&short));
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+                gx + gw / 2.0,
+                py + pheight + 16.0,
+                esc(&short)
+            );
         }
     }
     s.push_str("</svg>\n");

@@ -33,7 +33,12 @@ pub struct Options {
 }
 
 /// nllb's default health settings, for the Envoy stand-in of nllb's Envoy mode.
-const NLLB_DEFAULT_HEALTH: EnvoyHealth = EnvoyHealth { interval_ms: 500, timeout_ms: 250, healthy: 2, unhealthy: 2 };
+const NLLB_DEFAULT_HEALTH: EnvoyHealth = EnvoyHealth {
+    interval_ms: 500,
+    timeout_ms: 250,
+    healthy: 2,
+    unhealthy: 2,
+};
 
 pub struct TempDir(pub PathBuf);
 impl Drop for TempDir {
@@ -79,30 +84,74 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
     eprintln!("== starting paths");
     let mut paths: Vec<PathUnderTest> = Vec::new();
     paths.push(paths::direct(addrs[0], plain_cg.path()));
-    paths.push(start_nllb_ebpf(&nllb_bin, dir, "ebpf", &addrs, nllb_cg.path(), vip_api, vip_bulk, proxy_cpu));
-    paths.push(start_envoy_mode(&nllb_bin, envoy_bin.as_deref(), dir, &addrs, envoy_cg.path(), proxy_cpu, None));
+    paths.push(start_nllb_ebpf(
+        &nllb_bin,
+        dir,
+        "ebpf",
+        &addrs,
+        nllb_cg.path(),
+        vip_api,
+        vip_bulk,
+        proxy_cpu,
+    ));
+    paths.push(start_envoy_mode(
+        &nllb_bin,
+        envoy_bin.as_deref(),
+        dir,
+        &addrs,
+        envoy_cg.path(),
+        proxy_cpu,
+        None,
+    ));
     paths.push(
         paths::haproxy(dir, &addrs, plain_cg.path(), proxy_cpu, false)
             .unwrap_or_else(|e| PathUnderTest::unavailable("haproxy", "HAProxy", format!("{e:#}"))),
     );
     if let Some(only) = &opts.only {
-        paths.retain(|p| only.iter().any(|o| o == &p.info.id || (o == "envoy" && p.info.id.starts_with("envoy")) || (o == "nllb" && p.info.id.starts_with("nllb"))));
+        paths.retain(|p| {
+            only.iter().any(|o| {
+                o == &p.info.id
+                    || (o == "envoy" && p.info.id.starts_with("envoy"))
+                    || (o == "nllb" && p.info.id.starts_with("nllb"))
+            })
+        });
     }
     for p in &paths {
-        let state = if p.info.available { "ok" } else { "UNAVAILABLE" };
-        eprintln!("   {:<12} {state}  {}", p.info.id, p.info.note.as_deref().unwrap_or(""));
+        let state = if p.info.available {
+            "ok"
+        } else {
+            "UNAVAILABLE"
+        };
+        eprintln!(
+            "   {:<12} {state}  {}",
+            p.info.id,
+            p.info.note.as_deref().unwrap_or("")
+        );
     }
 
     // One short burst through every path before measuring: resolves ARP,
     // warms caches and turns a broken path into a clear message now rather
     // than zeros in the tables.
     for p in paths.iter_mut().filter(|p| p.info.available) {
-        let spec = ClientSpec { addr: p.api, workload: Workload::Crr { concurrency: 1, duration_ms: 200 }, cgroup: Some(p.cgroup.clone()), cpu: client_cpu };
+        let spec = ClientSpec {
+            addr: p.api,
+            workload: Workload::Crr {
+                concurrency: 1,
+                duration_ms: 200,
+            },
+            cgroup: Some(p.cgroup.clone()),
+            cpu: client_cpu,
+        };
         match run_client(&spec) {
             Ok(r) if r.ops > 0 => {}
             Ok(r) => {
                 p.info.available = false;
-                p.info.note = Some(format!("warm-up failed: {} ok, {} errors ({})", r.ops, r.errors, r.first_error.unwrap_or_default()));
+                p.info.note = Some(format!(
+                    "warm-up failed: {} ok, {} errors ({})",
+                    r.ops,
+                    r.errors,
+                    r.first_error.unwrap_or_default()
+                ));
             }
             Err(e) => {
                 p.info.available = false;
@@ -117,16 +166,66 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
     let mut footprint: Vec<Footprint> = paths
         .iter()
         .zip(&meters)
-        .filter_map(|(p, m)| m.as_ref().map(|m| Footprint { path: p.info.id.clone(), idle: m.stop(), load: None }))
+        .filter_map(|(p, m)| {
+            m.as_ref().map(|m| Footprint {
+                path: p.info.id.clone(),
+                idle: m.stop(),
+                load: None,
+            })
+        })
         .collect();
 
     let c = opts.high_concurrency;
     let workloads: Vec<(String, String, String, Workload, bool)> = vec![
-        ("crr_c1".into(), "connect–request–response–close, concurrency 1".into(), "conn/s".into(), Workload::Crr { concurrency: 1, duration_ms: run_ms }, false),
-        (format!("crr_c{c}"), format!("connect–request–response–close, concurrency {c}"), "conn/s".into(), Workload::Crr { concurrency: c, duration_ms: run_ms }, false),
-        ("rr_c1".into(), "request–response, 1 persistent connection".into(), "req/s".into(), Workload::Rr { concurrency: 1, duration_ms: run_ms }, false),
-        (format!("rr_c{c}"), format!("request–response, {c} persistent connections"), "req/s".into(), Workload::Rr { concurrency: c, duration_ms: run_ms }, false),
-        ("bulk".into(), "bulk download, 1 connection".into(), "B/s".into(), Workload::Bulk { duration_ms: run_ms }, true),
+        (
+            "crr_c1".into(),
+            "connect–request–response–close, concurrency 1".into(),
+            "conn/s".into(),
+            Workload::Crr {
+                concurrency: 1,
+                duration_ms: run_ms,
+            },
+            false,
+        ),
+        (
+            format!("crr_c{c}"),
+            format!("connect–request–response–close, concurrency {c}"),
+            "conn/s".into(),
+            Workload::Crr {
+                concurrency: c,
+                duration_ms: run_ms,
+            },
+            false,
+        ),
+        (
+            "rr_c1".into(),
+            "request–response, 1 persistent connection".into(),
+            "req/s".into(),
+            Workload::Rr {
+                concurrency: 1,
+                duration_ms: run_ms,
+            },
+            false,
+        ),
+        (
+            format!("rr_c{c}"),
+            format!("request–response, {c} persistent connections"),
+            "req/s".into(),
+            Workload::Rr {
+                concurrency: c,
+                duration_ms: run_ms,
+            },
+            false,
+        ),
+        (
+            "bulk".into(),
+            "bulk download, 1 connection".into(),
+            "B/s".into(),
+            Workload::Bulk {
+                duration_ms: run_ms,
+            },
+            true,
+        ),
     ];
 
     // Run time accounting only while we measure (it costs every BPF program
@@ -143,7 +242,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
     let mut results = Vec::new();
     for (id, title, unit, w, bulk) in &workloads {
         eprintln!("== {title}");
-        let mut per_path: BTreeMap<String, Vec<(ClientResult, Option<crate::procstat::Usage>)>> = BTreeMap::new();
+        let mut per_path: BTreeMap<String, Vec<(ClientResult, Option<crate::procstat::Usage>)>> =
+            BTreeMap::new();
         let live: Vec<&PathUnderTest> = paths.iter().filter(|p| p.info.available).collect();
         for round in 0..rounds {
             // Each round starts with a different path, so periodic
@@ -151,9 +251,18 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
             for k in 0..live.len() {
                 let p = live[(round + k) % live.len()];
                 let addr = if *bulk { p.bulk } else { p.api };
-                let bpf_before = if p.info.id == "nllb" { bpfstats::attached(&p.cgroup).ok() } else { None };
+                let bpf_before = if p.info.id == "nllb" {
+                    bpfstats::attached(&p.cgroup).ok()
+                } else {
+                    None
+                };
                 let meter = p.meter();
-                let spec = ClientSpec { addr, workload: w.clone(), cgroup: Some(p.cgroup.clone()), cpu: client_cpu };
+                let spec = ClientSpec {
+                    addr,
+                    workload: w.clone(),
+                    cgroup: Some(p.cgroup.clone()),
+                    cpu: client_cpu,
+                };
                 let r = match run_client(&spec) {
                     Ok(r) => r,
                     Err(e) => {
@@ -162,30 +271,61 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
                     }
                 };
                 let usage = meter.map(|m| m.stop());
-                if let (Some(before), Ok(after)) = (bpf_before, bpfstats::attached(&p.cgroup).map_err(|e| eprintln!("warning: bpftool: {e:#}"))) {
+                if let (Some(before), Ok(after)) = (
+                    bpf_before,
+                    bpfstats::attached(&p.cgroup).map_err(|e| eprintln!("warning: bpftool: {e:#}")),
+                ) {
                     for a in &after {
                         if let Some(b) = before.iter().find(|b| b.id == a.id) {
                             let d = a.since(b);
-                            let t = bpf_totals.entry(a.attach_type.clone()).or_insert_with(|| ProgStats { run_cnt: 0, run_time_ns: 0, ..d.clone() });
+                            let t = bpf_totals.entry(a.attach_type.clone()).or_insert_with(|| {
+                                ProgStats {
+                                    run_cnt: 0,
+                                    run_time_ns: 0,
+                                    ..d.clone()
+                                }
+                            });
                             t.run_cnt += d.run_cnt;
                             t.run_time_ns += d.run_time_ns;
                             if d.run_cnt >= 100 {
-                                bpf_each.entry(a.attach_type.clone()).or_default().push(d.ns_per_run());
+                                bpf_each
+                                    .entry(a.attach_type.clone())
+                                    .or_default()
+                                    .push(d.ns_per_run());
                             }
                         }
                     }
                 }
-                let shown = if *bulk { format!("{:.2} Gbit/s", r.gbit_s) } else { format!("{:.0} {unit}, p99 {:.0} µs", r.rate, r.p99_us) };
-                let errs = if r.errors > 0 { format!("  {} errors ({})", r.errors, r.first_error.as_deref().unwrap_or("")) } else { String::new() };
+                let shown = if *bulk {
+                    format!("{:.2} Gbit/s", r.gbit_s)
+                } else {
+                    format!("{:.0} {unit}, p99 {:.0} µs", r.rate, r.p99_us)
+                };
+                let errs = if r.errors > 0 {
+                    format!(
+                        "  {} errors ({})",
+                        r.errors,
+                        r.first_error.as_deref().unwrap_or("")
+                    )
+                } else {
+                    String::new()
+                };
                 eprintln!("   {:<12} {shown}{errs}", p.info.id);
-                per_path.entry(p.info.id.clone()).or_default().push((r, usage));
+                per_path
+                    .entry(p.info.id.clone())
+                    .or_default()
+                    .push((r, usage));
             }
         }
         let mut runs = BTreeMap::new();
         for (path, rs) in per_path {
             let cpu_per_op = |(r, u): &(ClientResult, Option<crate::procstat::Usage>)| {
                 let cpu = r.cpu_user_s + r.cpu_sys_s + u.as_ref().map_or(0.0, |u| u.cpu_s);
-                let ops = if *bulk { r.bytes as f64 / 65536.0 } else { r.ops as f64 };
+                let ops = if *bulk {
+                    r.bytes as f64 / 65536.0
+                } else {
+                    r.ops as f64
+                };
                 if ops > 0.0 { cpu * 1e6 / ops } else { 0.0 }
             };
             let round_rates: Vec<f64> = rs.iter().map(|(r, _)| r.rate).collect();
@@ -196,13 +336,28 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
             by_rate.sort_by(|a, b| a.0.rate.total_cmp(&b.0.rate));
             let proxy = by_rate[by_rate.len() / 2].1.clone();
             if id == &format!("crr_c{c}") {
-                if let (Some(f), Some(u)) = (footprint.iter_mut().find(|f| f.path == path), &proxy) {
+                if let (Some(f), Some(u)) = (footprint.iter_mut().find(|f| f.path == path), &proxy)
+                {
                     f.load = Some(u.clone());
                 }
             }
-            runs.insert(path, Measurement { client, cpu_us_per_op: median(&round_cpu), round_rates, round_cpu_us_per_op: round_cpu, proxy });
+            runs.insert(
+                path,
+                Measurement {
+                    client,
+                    cpu_us_per_op: median(&round_cpu),
+                    round_rates,
+                    round_cpu_us_per_op: round_cpu,
+                    proxy,
+                },
+            );
         }
-        results.push(WorkloadResult { id: id.clone(), title: title.clone(), unit: unit.clone(), runs });
+        results.push(WorkloadResult {
+            id: id.clone(),
+            title: title.clone(),
+            unit: unit.clone(),
+            runs,
+        });
     }
     drop(stats_guard);
     let infos = paths.iter().map(|p| p.info.clone()).collect();
@@ -211,18 +366,39 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
     drop(paths);
 
     let (failover, failover_note) = if opts.failover {
-        match failover_all(opts, dir, &addrs, &hosts, &mut backends, &nllb_bin, envoy_bin.as_deref(), nllb_cg.path(), envoy_cg.path(), plain_cg.path(), client_cpu, proxy_cpu) {
+        match failover_all(
+            opts,
+            dir,
+            &addrs,
+            &hosts,
+            &mut backends,
+            &nllb_bin,
+            envoy_bin.as_deref(),
+            nllb_cg.path(),
+            envoy_cg.path(),
+            plain_cg.path(),
+            client_cpu,
+            proxy_cpu,
+        ) {
             Ok(r) => r,
             Err(e) => (Vec::new(), Some(format!("failover run failed: {e:#}"))),
         }
     } else {
-        (Vec::new(), Some("skipped (--quick or --no-failover)".into()))
+        (
+            Vec::new(),
+            Some("skipped (--quick or --no-failover)".into()),
+        )
     };
 
     Ok(Results {
         generated_at: SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
         quick: opts.quick,
-        machine: Machine { load_start, load_end: loadavg(), wakeup_late_ms, ..machine() },
+        machine: Machine {
+            load_start,
+            load_end: loadavg(),
+            wakeup_late_ms,
+            ..machine()
+        },
         settings: Settings {
             run_ms,
             rounds,
@@ -236,7 +412,10 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
         workloads: results,
         bpf: bpf_totals
             .iter()
-            .map(|(k, v)| BpfCost { per_measurement_ns: bpf_each.remove(k).unwrap_or_default(), ..BpfCost::from(v) })
+            .map(|(k, v)| BpfCost {
+                per_measurement_ns: bpf_each.remove(k).unwrap_or_default(),
+                ..BpfCost::from(v)
+            })
             .collect(),
         footprint,
         failover,
@@ -278,14 +457,26 @@ fn median_result<'a>(rs: impl Iterator<Item = &'a ClientResult> + Clone) -> Clie
 /// cluster, as CPU taken from the node's own workload.
 fn pins(pin: bool) -> (Option<usize>, Option<usize>, Option<usize>) {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if !pin || n < 2 { (None, None, None) } else { (Some(0), Some(0), Some(1)) }
+    if !pin || n < 2 {
+        (None, None, None)
+    } else {
+        (Some(0), Some(0), Some(1))
+    }
 }
 
 fn run_client(spec: &ClientSpec) -> anyhow::Result<ClientResult> {
     let exe = std::env::current_exe()?;
-    let out = Command::new(exe).arg("client").arg("--spec").arg(serde_json::to_string(spec)?).output()?;
+    let out = Command::new(exe)
+        .arg("client")
+        .arg("--spec")
+        .arg(serde_json::to_string(spec)?)
+        .output()?;
     if !out.status.success() {
-        bail!("client exited with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "client exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     serde_json::from_slice(&out.stdout).context("parsing client output")
 }
@@ -299,13 +490,25 @@ fn find_nllb(explicit: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("NLLB_BIN") {
         return Ok(PathBuf::from(p));
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new(".")).to_path_buf();
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
     eprintln!("== building the nllb binary (cargo build --release -p nllb-userspace --bin nllb)");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let st = Command::new(cargo)
         .current_dir(&root)
-        .args(["build", "--release", "-p", "nllb-userspace", "--bin", "nllb"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "nllb-userspace",
+            "--bin",
+            "nllb",
+        ])
         .status()
         .map_err(|e| format!("running cargo: {e}"))?;
     if !st.success() {
@@ -329,8 +532,26 @@ fn start_nllb_ebpf(
     let r = (|| {
         let bin = nllb.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
         paths::agent_supports(bin, "--cgroup")?;
-        let o = AgentOpts { nllb: bin, dir, tag, backends: addrs, cgroup, api, bulk, extra_config: "mode: ebpf\n", cpu, ebpf: true };
-        paths::nllb_agent(&o, "nllb", label, Some(format!("real `nllb agent`, default settings, virtual address {api}")))
+        let o = AgentOpts {
+            nllb: bin,
+            dir,
+            tag,
+            backends: addrs,
+            cgroup,
+            api,
+            bulk,
+            extra_config: "mode: ebpf\n",
+            cpu,
+            ebpf: true,
+        };
+        paths::nllb_agent(
+            &o,
+            "nllb",
+            label,
+            Some(format!(
+                "real `nllb agent`, default settings, virtual address {api}"
+            )),
+        )
     })();
     r.unwrap_or_else(|e| PathUnderTest::unavailable("nllb", label, format!("{e:#}")))
 }
@@ -347,15 +568,45 @@ fn start_envoy_mode(
     health: Option<&str>,
 ) -> PathUnderTest {
     let Some(envoy) = envoy else {
-        return PathUnderTest::unavailable("envoy", "Envoy", "no Envoy binary (venv ~/.cache/nllb/envoy-venv, PATH, --envoy-bin)".into());
+        return PathUnderTest::unavailable(
+            "envoy",
+            "Envoy",
+            "no Envoy binary (venv ~/.cache/nllb/envoy-venv, PATH, --envoy-bin)".into(),
+        );
     };
     let via_agent = (|| {
         let bin = nllb.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
         paths::agent_supports(bin, "--cgroup")?;
-        let (api, bulk) = (SocketAddr::from(([127, 0, 0, 1], proxies::free_port()?)), SocketAddr::from(([127, 0, 0, 1], proxies::free_port()?)));
-        let extra = format!("mode: envoy\nenvoy:\n  binary: \"{}\"\n{}", envoy.display(), health.unwrap_or(""));
-        let o = AgentOpts { nllb: bin, dir, tag: "envoy-mode", backends: addrs, cgroup, api, bulk, extra_config: &extra, cpu, ebpf: false };
-        paths::nllb_agent(&o, "nllb-envoy", "nllb (Envoy mode)", Some("real `nllb agent` in Envoy mode, default settings; CPU/RSS are agent + Envoy".into()))
+        let (api, bulk) = (
+            SocketAddr::from(([127, 0, 0, 1], proxies::free_port()?)),
+            SocketAddr::from(([127, 0, 0, 1], proxies::free_port()?)),
+        );
+        let extra = format!(
+            "mode: envoy\nenvoy:\n  binary: \"{}\"\n{}",
+            envoy.display(),
+            health.unwrap_or("")
+        );
+        let o = AgentOpts {
+            nllb: bin,
+            dir,
+            tag: "envoy-mode",
+            backends: addrs,
+            cgroup,
+            api,
+            bulk,
+            extra_config: &extra,
+            cpu,
+            ebpf: false,
+        };
+        paths::nllb_agent(
+            &o,
+            "nllb-envoy",
+            "nllb (Envoy mode)",
+            Some(
+                "real `nllb agent` in Envoy mode, default settings; CPU/RSS are agent + Envoy"
+                    .into(),
+            ),
+        )
     })();
     match via_agent {
         Ok(p) => p,
@@ -397,7 +648,12 @@ fn failover_all(
     // Configurations: (which, post-fault window).
     // Windows: nllb's defaults and HAProxy's checks settle within ~2 s, k0s's
     // Envoy checks need up to 5 × 5 s + the 1 s timeout.
-    let configs: [(&str, u64); 4] = [("nllb", 6000), ("nllb-envoy", 6000), ("envoy-k0s", 30000), ("haproxy-checks", 6000)];
+    let configs: [(&str, u64); 4] = [
+        ("nllb", 6000),
+        ("nllb-envoy", 6000),
+        ("envoy-k0s", 30000),
+        ("haproxy-checks", 6000),
+    ];
     for (which, window) in configs {
         if let Some(only) = &opts.only {
             if !only.iter().any(|o| which.starts_with(o.as_str())) {
@@ -430,7 +686,10 @@ fn failover_all(
                 },
             };
             if !path.info.available {
-                notes.push(format!("{which}: {}", path.info.note.clone().unwrap_or_default()));
+                notes.push(format!(
+                    "{which}: {}",
+                    path.info.note.clone().unwrap_or_default()
+                ));
                 break;
             }
             eprintln!("== failover: {} / {fault}", path.info.label);
@@ -446,7 +705,11 @@ fn failover_all(
                 "   {} failed after the fault, last failure at {} ms{}",
                 r.failed_after_fault,
                 r.last_failure_ms.map_or("-".into(), |v| format!("{v:.0}")),
-                if r.recovered { "" } else { " (NOT recovered within the window)" }
+                if r.recovered {
+                    ""
+                } else {
+                    " (NOT recovered within the window)"
+                }
             );
             out.push(r);
         }
@@ -469,7 +732,11 @@ fn failover_one(
 ) -> anyhow::Result<FailoverResult> {
     let spec = ClientSpec {
         addr: p.api,
-        workload: Workload::OpenLoop { rate: FAILOVER_RATE, duration_ms: FAILOVER_PRE_MS + window_ms, timeout_ms: FAILOVER_TIMEOUT_MS },
+        workload: Workload::OpenLoop {
+            rate: FAILOVER_RATE,
+            duration_ms: FAILOVER_PRE_MS + window_ms,
+            timeout_ms: FAILOVER_TIMEOUT_MS,
+        },
         cgroup: Some(p.cgroup.clone()),
         cpu: client_cpu,
     };
@@ -480,11 +747,19 @@ fn failover_one(
         "rst" => backends.stop_one(1),
         _ => hosts.hosts()[1].blackhole(),
     }
-    let r = client.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    let r = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
     Ok(summarize_failover(p, fault, window_ms, fault_at_ms, &r))
 }
 
-fn summarize_failover(p: &PathUnderTest, fault: &str, window_ms: u64, fault_at_ms: f64, r: &ClientResult) -> FailoverResult {
+fn summarize_failover(
+    p: &PathUnderTest,
+    fault: &str,
+    window_ms: u64,
+    fault_at_ms: f64,
+    r: &ClientResult,
+) -> FailoverResult {
     let start = r.attempts.first().map_or(fault_at_ms, |a| a.t_ms);
     let end = r.attempts.last().map_or(fault_at_ms, |a| a.t_ms);
     let mut buckets = vec![0u32; ((end - start) / 500.0) as usize + 1];
@@ -539,16 +814,26 @@ fn wakeup_lateness(cpu: Option<usize>) -> [f64; 3] {
 }
 
 fn loadavg() -> f64 {
-    std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next()?.parse().ok()).unwrap_or(0.0)
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 fn machine() -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     Machine {
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
         nproc: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        cpu_model: cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()).unwrap_or_default(),
+        cpu_model: cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            .unwrap_or_default(),
         mem_gib: meminfo
             .lines()
             .find_map(|l| l.strip_prefix("MemTotal:"))
