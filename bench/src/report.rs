@@ -1,0 +1,637 @@
+//! BENCHMARKS.md and the SVG chart, both generated from `Results` so that the
+//! document never disagrees with the numbers next to it.
+
+use std::fmt::Write as _;
+
+use crate::results::{Measurement, Results, WorkloadResult};
+
+fn ratio(v: f64, base: f64) -> String {
+    if base > 0.0 && v.is_finite() {
+        format!("{:.2}×", v / base)
+    } else {
+        "–".into()
+    }
+}
+
+fn label<'a>(r: &'a Results, id: &'a str) -> &'a str {
+    r.paths
+        .iter()
+        .find(|p| p.id == id)
+        .map_or(id, |p| p.label.as_str())
+}
+
+/// Paths in the order they were set up (direct first).
+fn ordered<'a>(r: &'a Results, w: &'a WorkloadResult) -> Vec<(&'a str, &'a Measurement)> {
+    r.paths
+        .iter()
+        .filter_map(|p| w.runs.get(&p.id).map(|m| (p.id.as_str(), m)))
+        .collect()
+}
+
+pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
+    let mut s = String::new();
+    let m = &r.machine;
+    let _ = writeln!(s, "# Benchmarks\n");
+    let _ = writeln!(
+        s,
+        "nllb against a direct connection, Envoy and HAProxy, measured side by side in one run \
+         by `cargo xtask bench` (crate `bench/`, binary `nllb-bench`; `--quick` for a run under a minute). \
+         Raw numbers: `bench/results/latest.json`.\n"
+    );
+    let _ = writeln!(
+        s,
+        "## Run it\n\n\
+         ```sh\n\
+         cargo xtask bench            # full run (about 5 minutes on 2 cores): rewrites this file, the chart and bench/results/latest.json\n\
+         cargo xtask bench --quick    # under a minute: bench/results/quick.json, prints the tables, leaves this file alone\n\
+         cargo run --release -p nllb-bench -- --help   # the same binary directly (as root): --only, --no-failover, --nllb-bin, ...\n\
+         ```\n\n\
+         It needs root (network namespaces, cgroups, BPF), `haproxy`, `nft`, `bpftool` and Envoy from the project's venv \
+         (`cargo xtask setup`). Without a path's binary the path is listed as not measured, with the reason.\n"
+    );
+    let _ = writeln!(s, "## Machine and method\n");
+    let _ = writeln!(
+        s,
+        "- Kernel `{}`, {} cores ({}), {:.0} GiB memory. Load average (1 min) {:.1} at the start, {:.1} at the end: \
+         other work shared the machine, so absolute figures are noisy; ratios within the run are what to compare.",
+        m.kernel, m.nproc, m.cpu_model, m.mem_gib, m.load_start, m.load_end
+    );
+    let [w50, w99, wmax] = m.wakeup_late_ms;
+    // Results files from before the probe existed carry zeros: say nothing then.
+    if wmax > 0.0 {
+        let _ = writeln!(
+            s,
+            "- Machine noise measured just before the run: a 1 ms sleep on the client core woke up late by {w50:.2} ms (median), \
+         {w99:.1} ms (p99), {wmax:.1} ms (worst) — on an idle machine all three are well under 1 ms.{}",
+            if w99 > 2.0 {
+                " **This run's machine was busy: every latency tail and every rate below is inflated by other work; \
+             compare median latencies and CPU per operation, and ratios, not absolute rates.**"
+            } else {
+                ""
+            }
+        );
+    }
+    let st = &r.settings;
+    let pin = match (st.client_cpu, st.proxy_cpu, st.backend_cpu) {
+        (Some(c), Some(p), Some(b)) => format!(
+            "client on CPU {c}, proxy/agent on CPU {p} (the \"worker node\"), backends on CPU {b} (the \"controllers\")"
+        ),
+        _ => "no pinning".into(),
+    };
+    let _ = writeln!(
+        s,
+        "- Backends: 3 simulated controllers ({}) in their own network namespaces behind veth pairs, \
+         each an HTTP echo server on :6443 and a bulk source on :6444. {pin}.",
+        st.backends.join(", ")
+    );
+    let _ = writeln!(
+        s,
+        "- Load generator: Rust/tokio, one client process per measurement that moves itself into the \
+         measured cgroup before its first connect. Each figure is the median of that figure over {} round(s) of {:.1} s \
+         (closed loop); rounds alternate between paths so background noise hits all of them alike. On a busy machine \
+         the rate (a mean) suffers most from stalls; the median latency and CPU per operation are the steadier figures.",
+        st.rounds,
+        st.run_ms as f64 / 1000.0
+    );
+    let _ = writeln!(
+        s,
+        "- CPU per operation = client CPU (getrusage) + proxy/agent CPU (/proc/<pid>/stat, including children) \
+         during the run, divided by operations. Kernel work done in softirq context on behalf of other \
+         processes is not attributed to anyone, for any path alike.\n"
+    );
+    if r.quick {
+        let _ = writeln!(
+            s,
+            "> **Quick run** (`--quick`): short, single round, no failover. Use the full run for figures to quote.\n"
+        );
+    }
+    let _ = writeln!(s, "| path | what it is |\n|---|---|");
+    for p in &r.paths {
+        let state = if p.available {
+            ""
+        } else {
+            "**not measured:** "
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {state}{} |",
+            p.label,
+            p.note
+                .as_deref()
+                .unwrap_or("")
+                .replace('|', "/")
+                .replace('\n', " ")
+        );
+    }
+    if let Some(c) = chart_rel {
+        let _ = writeln!(
+            s,
+            "\n![throughput, median latency and CPU per operation relative to direct]({c})\n"
+        );
+    }
+
+    for w in &r.workloads {
+        let Some(base) = w.runs.get("direct") else {
+            continue;
+        };
+        let _ = writeln!(s, "\n## {}\n", capitalize(&w.title));
+        if w.id == "bulk" {
+            let _ = writeln!(
+                s,
+                "| path | Gbit/s | vs direct | CPU µs per 64 KiB | vs direct |\n|---|---:|---:|---:|---:|"
+            );
+            for (id, x) in ordered(r, w) {
+                let _ = writeln!(
+                    s,
+                    "| {} | {:.2} | {} | {:.1} | {} |",
+                    label(r, id),
+                    x.client.gbit_s,
+                    ratio(x.client.gbit_s, base.client.gbit_s),
+                    x.cpu_us_per_op,
+                    ratio(x.cpu_us_per_op, base.cpu_us_per_op)
+                );
+            }
+            continue;
+        }
+        let unit = &w.unit;
+        let op = if w.id.starts_with("crr") {
+            "conn"
+        } else {
+            "req"
+        };
+        let _ = writeln!(
+            s,
+            "| path | {unit} | vs direct | p50 µs | p99 µs | vs direct | p99.9 µs | CPU µs/{op} | vs direct | errors |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        let mut flagged = false;
+        for (id, x) in ordered(r, w) {
+            let c = &x.client;
+            let mark = if unsteady(x) {
+                flagged = true;
+                " †"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {:.0}{mark} | {} | {:.0} | {:.0} | {} | {:.0} | {:.1} | {} | {} |",
+                label(r, id),
+                c.rate,
+                ratio(c.rate, base.client.rate),
+                c.p50_us,
+                c.p99_us,
+                ratio(c.p99_us, base.client.p99_us),
+                c.p999_us,
+                x.cpu_us_per_op,
+                ratio(x.cpu_us_per_op, base.cpu_us_per_op),
+                c.errors
+            );
+        }
+        if flagged {
+            let _ = writeln!(
+                s,
+                "\n† the rounds' rates differed by more than 2× (min to max): this rate says more about the machine than about the path."
+            );
+        }
+    }
+
+    let _ = writeln!(s, "\n## Cost of the connect program\n");
+    if r.bpf.is_empty() {
+        let _ = writeln!(
+            s,
+            "Not measured: the nllb eBPF path did not run (see the path table)."
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "From the kernel's own accounting (`kernel.bpf_stats_enabled=1` during the nllb runs, restored after), \
+             summed over every nllb eBPF run of this benchmark. \"Best / median measurement\" is ns per run within single \
+             client runs (those with at least 100 program runs): on a busy machine cache misses and interrupts inflate some.\n\n\
+             | program | attach type | runs | total ns | ns per run | best / median measurement |\n|---|---|---:|---:|---:|---:|"
+        );
+        for b in r.bpf.iter().filter(|b| b.run_cnt > 0) {
+            let mut each = b.per_measurement_ns.clone();
+            each.sort_by(f64::total_cmp);
+            let spread = if each.is_empty() {
+                "–".into()
+            } else {
+                format!("{:.0} / {:.0}", each[0], each[each.len() / 2])
+            };
+            let _ = writeln!(
+                s,
+                "| `{}` | {} | {} | {} | {:.0} | {spread} |",
+                b.name, b.attach_type, b.run_cnt, b.run_time_ns, b.ns_per_run
+            );
+        }
+        if let (Some(c4), Some(crr)) = (
+            r.bpf
+                .iter()
+                .find(|b| b.attach_type.contains("inet4_connect")),
+            r.workloads.iter().find(|w| w.id == "crr_c1"),
+        ) {
+            if let Some(n) = crr.runs.get("nllb") {
+                let _ = writeln!(
+                    s,
+                    "\nPer connect, `nllb_connect4` costs {:.0} ns, {:.2}% of the {:.0} µs median connect–request–response–close at concurrency 1. \
+                     Programs that did not run (IPv6, getpeername: the load generator does not call it) are left out.",
+                    c4.ns_per_run,
+                    c4.ns_per_run / 10.0 / n.client.p50_us.max(1.0),
+                    n.client.p50_us
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\nThe sock_ops program runs several times per connection (each state change it subscribes to)."
+        );
+    }
+
+    let _ = writeln!(s, "\n## Footprint\n");
+    let _ = writeln!(
+        s,
+        "Process tree of each path (agent, agent + Envoy, Envoy, HAProxy). Idle: nothing connecting; \
+         load: during the highest-concurrency connect–request–response–close run.\n\n\
+         | path | RSS idle MiB | CPU idle % of a core | RSS under load MiB | CPU under load % of a core |\n|---|---:|---:|---:|---:|"
+    );
+    for f in &r.footprint {
+        let (lr, lc) = f.load.as_ref().map_or(("–".into(), "–".into()), |u| {
+            (
+                format!("{:.1}", u.rss_kib as f64 / 1024.0),
+                format!("{:.1}", u.cpu_pct),
+            )
+        });
+        let _ = writeln!(
+            s,
+            "| {} | {:.1} | {:.2} | {lr} | {lc} |",
+            label(r, &f.path),
+            f.idle.rss_kib as f64 / 1024.0,
+            f.idle.cpu_pct
+        );
+    }
+
+    let _ = writeln!(s, "\n## Failover\n");
+    if r.failover.is_empty() {
+        let _ = writeln!(
+            s,
+            "Not measured in this run: {}.",
+            r.failover_note
+                .as_deref()
+                .unwrap_or("no failover configuration was available")
+        );
+    } else {
+        let f0 = &r.failover[0];
+        let _ = writeln!(
+            s,
+            "Open-loop client at {} connects/s (each connect–request–response–close, timeout {} ms) through the path; \
+             after 2 s one of the three controllers is killed (`rst`: its server closes, connects are refused) or \
+             blackholed (`blackhole`: nftables drops everything inside its namespace). \"Last failure\" is when the \
+             last failed attempt started, counted from the fault: the time until connects stop failing.\n\n\
+             | path | fault | attempts | failed | last failure after fault | recovered in window |\n|---|---|---:|---:|---:|---|",
+            f0.rate, f0.timeout_ms
+        );
+        for f in &r.failover {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} |",
+                f.label,
+                f.fault,
+                f.attempts,
+                f.failed_after_fault,
+                f.last_failure_ms
+                    .map_or("none failed".into(), |v| format!("{:.2} s", v / 1000.0)),
+                if f.recovered {
+                    format!("yes ({:.0} s window)", f.window_ms as f64 / 1000.0)
+                } else {
+                    format!("**no** ({:.0} s window)", f.window_ms as f64 / 1000.0)
+                }
+            );
+        }
+        let _ = writeln!(s);
+        let mut seen = Vec::new();
+        for f in &r.failover {
+            if !seen.contains(&&f.label) {
+                seen.push(&f.label);
+                let _ = writeln!(
+                    s,
+                    "- **{}**: {}",
+                    f.label,
+                    f.note.as_deref().unwrap_or("").replace('\n', " ")
+                );
+            }
+        }
+        if let Some(n) = &r.failover_note {
+            let _ = writeln!(s, "\nNot measured: {n}.");
+        }
+    }
+
+    let _ = writeln!(s, "\n## Where nllb is not ahead\n");
+    let notes = honest_notes(r);
+    if notes.is_empty() {
+        let _ = writeln!(
+            s,
+            "In this run nllb's eBPF path was at least as fast as every proxy on every workload."
+        );
+    }
+    for n in notes {
+        let _ = writeln!(s, "- {n}");
+    }
+    s
+}
+
+/// Rounds whose rates differ by more than 2×: other work dominated the figure.
+fn unsteady(m: &Measurement) -> bool {
+    let min = m.round_rates.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = m.round_rates.iter().copied().fold(0.0, f64::max);
+    m.round_rates.len() > 1 && max > 2.0 * min
+}
+
+fn capitalize(t: &str) -> String {
+    let mut c = t.chars();
+    c.next()
+        .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+        .unwrap_or_default()
+}
+
+/// Plain statements wherever a proxy beat nllb or nllb fell well short of direct.
+fn honest_notes(r: &Results) -> Vec<String> {
+    let mut notes = Vec::new();
+    if !r.paths.iter().any(|p| p.id == "nllb" && p.available) {
+        notes.push("nllb's eBPF path was not measured in this run, so nothing here supports a claim about it.".into());
+        return notes;
+    }
+    // Margins keep run-to-run noise out of the list: a difference smaller
+    // than 10% (20% for p99) is not reported as nllb being behind.
+    for w in &r.workloads {
+        let (Some(n), Some(d)) = (w.runs.get("nllb"), w.runs.get("direct")) else {
+            continue;
+        };
+        let bulk = w.id == "bulk";
+        let rate = |m: &Measurement| if bulk { m.client.gbit_s } else { m.client.rate };
+        let p50s = |m: &Measurement| {
+            if bulk {
+                String::new()
+            } else {
+                format!(
+                    " (median latency {:.0} µs vs nllb's {:.0} µs)",
+                    m.client.p50_us, n.client.p50_us
+                )
+            }
+        };
+        if rate(n) < 0.9 * rate(d) {
+            notes.push(format!(
+                "{}: nllb reached {:.0}% of direct's rate{}.",
+                w.title,
+                100.0 * rate(n) / rate(d),
+                p50s(d).replace("median latency", "direct's median latency")
+            ));
+        }
+        for (id, x) in &w.runs {
+            if id == "nllb" || id == "direct" {
+                continue;
+            }
+            if rate(x) > 1.1 * rate(n) {
+                notes.push(format!(
+                    "{}: {} had {:.2}× nllb's rate{}.",
+                    w.title,
+                    label(r, id),
+                    rate(x) / rate(n),
+                    p50s(x)
+                ));
+            }
+            if !bulk && x.client.p50_us < 0.9 * n.client.p50_us {
+                notes.push(format!(
+                    "{}: {} had a lower median latency than nllb ({:.0} vs {:.0} µs).",
+                    w.title,
+                    label(r, id),
+                    x.client.p50_us,
+                    n.client.p50_us
+                ));
+            }
+            if !bulk && x.client.p99_us < 0.8 * n.client.p99_us {
+                notes.push(format!(
+                    "{}: {} had a lower p99 than nllb ({:.0} vs {:.0} µs).",
+                    w.title,
+                    label(r, id),
+                    x.client.p99_us,
+                    n.client.p99_us
+                ));
+            }
+        }
+    }
+    for b in r
+        .bpf
+        .iter()
+        .filter(|b| b.attach_type.contains("inet4_connect"))
+    {
+        if b.ns_per_run > 200.0 {
+            notes.push(format!(
+                "The connect program averaged {:.0} ns per connect, above the ~200 ns a rewrite with one or two map lookups should cost \
+                 (ANCHORS.md); the best single measurement was {:.0} ns.",
+                b.ns_per_run,
+                b.per_measurement_ns.iter().copied().fold(f64::INFINITY, f64::min)
+            ));
+        }
+    }
+    for f in &r.failover {
+        if f.path == "nllb" && f.failed_after_fault > 0 {
+            notes.push(format!(
+                "Failover ({}): {} connects failed through nllb before the dead controller was ejected (last at {:.2} s).",
+                f.fault,
+                f.failed_after_fault,
+                f.last_failure_ms.unwrap_or(0.0) / 1000.0
+            ));
+        }
+    }
+    if let Some(w) = r
+        .workloads
+        .iter()
+        .find(|w| w.id.starts_with("rr_c") && w.id != "rr_c1")
+    {
+        if let (Some(n), Some(d)) = (w.runs.get("nllb"), w.runs.get("direct")) {
+            notes.push(format!(
+                "Noise floor: over persistent connections nllb does no work after the connect, so its traffic is the same as \
+                 direct's; the gap between the two on \"{}\" ({:.2}× in rate) is what chance alone did in this run. \
+                 Differences smaller than that mean nothing.",
+                w.title,
+                n.client.rate / d.client.rate.max(1e-9)
+            ));
+        }
+    }
+    notes.push(
+        "Everything runs on one 2-core machine shared with other work: backends, client and proxies compete \
+         for the same cores, and veth stands in for a real NIC, so absolute numbers are low and noisy; compare ratios within a run."
+            .into(),
+    );
+    notes
+}
+
+fn color(id: &str) -> &'static str {
+    match id {
+        "direct" => "#8c8c8c",
+        "nllb" => "#2ca02c",
+        "nllb-envoy" | "envoy" => "#ff7f0e",
+        "haproxy" => "#1f77b4",
+        _ => "#9467bd",
+    }
+}
+
+fn esc(t: &str) -> String {
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Three panels of grouped bars, each bar a path's figure as a percentage of
+/// direct: throughput (higher is better), p99 latency and CPU per operation
+/// (lower is better).
+pub fn svg(r: &Results) -> String {
+    type Metric = fn(&Measurement, bool) -> f64;
+    let panels: [(&str, Metric, bool); 3] = [
+        (
+            "Throughput, % of direct (higher is better)",
+            |m, bulk| if bulk { m.client.gbit_s } else { m.client.rate },
+            true,
+        ),
+        (
+            "Median (p50) latency, % of direct (lower is better; p99 is in the tables)",
+            |m, _| m.client.p50_us,
+            false,
+        ),
+        (
+            "CPU per operation (client + proxy), % of direct (lower is better)",
+            |m, _| m.cpu_us_per_op,
+            true,
+        ),
+    ];
+    let paths: Vec<&str> = r
+        .paths
+        .iter()
+        .filter(|p| p.available)
+        .map(|p| p.id.as_str())
+        .collect();
+    let (w, ph, top, left) = (980.0, 230.0, 70.0, 60.0);
+    let h = top + panels.len() as f64 * (ph + 60.0) + 10.0;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="22" font-size="16" font-weight="bold" text-anchor="middle">nllb vs direct, Envoy, HAProxy — kernel {}, {} cores{}</text>"#,
+        w / 2.0,
+        esc(&r.machine.kernel),
+        r.machine.nproc,
+        if r.quick { " (quick run)" } else { "" }
+    );
+    // Legend.
+    let mut lx = left;
+    for id in &paths {
+        let _ = writeln!(
+            s,
+            r#"<rect x="{lx}" y="36" width="12" height="12" fill="{}"/><text x="{}" y="46">{}</text>"#,
+            color(id),
+            lx + 16.0,
+            esc(label(r, id))
+        );
+        lx += 30.0 + 7.0 * label(r, id).chars().count() as f64;
+    }
+    for (pi, (title, metric, _)) in panels.iter().enumerate() {
+        let y0 = top + pi as f64 * (ph + 60.0);
+        let groups: Vec<(&WorkloadResult, Vec<(&str, f64)>)> = r
+            .workloads
+            .iter()
+            .filter(|wl| !(pi == 1 && wl.id == "bulk"))
+            .filter_map(|wl| {
+                let bulk = wl.id == "bulk";
+                let base = metric(wl.runs.get("direct")?, bulk);
+                (base > 0.0).then(|| {
+                    (
+                        wl,
+                        paths
+                            .iter()
+                            .filter_map(|id| {
+                                wl.runs
+                                    .get(*id)
+                                    .map(|m| (*id, 100.0 * metric(m, bulk) / base))
+                            })
+                            .collect(),
+                    )
+                })
+            })
+            .collect();
+        let max = groups
+            .iter()
+            .flat_map(|g| g.1.iter().map(|v| v.1))
+            .fold(100.0f64, f64::max);
+        let scale_max = (max / 50.0).ceil() * 50.0;
+        let _ = writeln!(
+            s,
+            r#"<text x="{left}" y="{}" font-size="13" font-weight="bold">{}</text>"#,
+            y0 + 14.0,
+            esc(title)
+        );
+        let (py, pheight) = (y0 + 24.0, ph - 24.0);
+        let pw = w - left - 20.0;
+        // Grid lines every 50 %.
+        let mut g = 0.0;
+        while g <= scale_max {
+            let y = py + pheight - pheight * g / scale_max;
+            let stroke = if g == 100.0 { "#444" } else { "#ddd" };
+            let _ = writeln!(
+                s,
+                r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="{stroke}"/><text x="{}" y="{:.1}" text-anchor="end" fill="#555">{g:.0}%</text>"##,
+                left + pw,
+                left - 4.0,
+                y + 4.0
+            );
+            g += 50.0;
+        }
+        let gw = pw / groups.len().max(1) as f64;
+        for (gi, (wl, bars)) in groups.iter().enumerate() {
+            let gx = left + gi as f64 * gw;
+            let bw = (gw - 20.0) / bars.len().max(1) as f64;
+            for (bi, (id, v)) in bars.iter().enumerate() {
+                let bh = pheight * v / scale_max;
+                let x = gx + 10.0 + bi as f64 * bw;
+                let y = py + pheight - bh;
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{x:.1}" y="{y:.1}" width="{:.1}" height="{bh:.1}" fill="{}"><title>{}: {v:.0}%</title></rect>"#,
+                    bw - 2.0,
+                    color(id),
+                    esc(label(r, id))
+                );
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{v:.0}</text>"#,
+                    x + (bw - 2.0) / 2.0,
+                    y - 3.0
+                );
+            }
+            let short = short_title(&wl.id, r.settings.high_concurrency);
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+                gx + gw / 2.0,
+                py + pheight + 16.0,
+                esc(&short)
+            );
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn short_title(id: &str, c: usize) -> String {
+    match id {
+        "crr_c1" => "connect+req+close ×1".into(),
+        "rr_c1" => "req/resp, 1 conn".into(),
+        "bulk" => "bulk, 1 conn".into(),
+        x if x == format!("crr_c{c}") => format!("connect+req+close ×{c}"),
+        x if x == format!("rr_c{c}") => format!("req/resp, {c} conns"),
+        x => x.into(),
+    }
+}
