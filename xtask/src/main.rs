@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: everything a person or CI runs, from a fresh machine on.
 
+mod bench;
 mod cmd;
 mod demo;
 mod paths;
@@ -34,6 +35,13 @@ enum Task {
         #[arg(long, default_value_t = 12)]
         connects: usize,
     },
+    /// Benchmark nllb against a direct connection, Envoy and HAProxy, side by
+    /// side (`--quick` for a run under a minute); writes BENCHMARKS.md.
+    Bench {
+        /// Passed on to nllb-bench (e.g. --quick, --only direct,nllb).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Boot Debian kernels under qemu and run the datapath tests in each.
     VmTest {
         /// Comma-separated kernels: 5.10, 6.1, 6.12, 7 (default: all).
@@ -46,9 +54,11 @@ enum Task {
         #[arg(long)]
         tests: Option<String>,
         /// nllb-tests binaries run in the guests (`all` for every one): the
-        /// end-to-end tests whose outcome depends on the kernel. The others
-        /// (manifests, discovery, ...) read repo files or test userspace only.
-        #[arg(long, value_delimiter = ',', default_value = "datapath,lifecycle,health,operations")]
+        /// end-to-end tests whose outcome depends on the kernel (the eBPF
+        /// half of `modes` includes passive ejection). The others (health's
+        /// probe timing, manifests, discovery, ...) test userspace and run
+        /// on the host; `--binaries all` runs them in the guests too.
+        #[arg(long, value_delimiter = ',', default_value = "datapath,lifecycle,operations,modes")]
         binaries: Vec<String>,
     },
 }
@@ -62,6 +72,10 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(code);
         }
         Task::Demo { connects } => demo::demo(connects),
+        Task::Bench { args } => {
+            let code = bench::bench(&args)?;
+            std::process::exit(code);
+        }
         Task::VmTest { kernels, jobs, tests, binaries } => {
             let code = vmtest::vm_test(&kernels, jobs, tests.as_deref().unwrap_or(""), &binaries)?;
             std::process::exit(code);

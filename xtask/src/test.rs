@@ -7,9 +7,10 @@ use anyhow::Result;
 /// Returns the exit code of `cargo test` so CI sees the tests' verdict.
 pub fn test(extra: &[String]) -> Result<i32> {
     let tools = setup::setup()?;
-    // The end-to-end tests run the real binary; build it first so they never
-    // test a stale one.
-    cmd::run(tools.apply(&mut cargo()).args(["build", "-p", "nllb-userspace", "--bin", "nllb"]))?;
+    // The end-to-end tests run the real binary. `cargo test` builds it in
+    // the same run (nllb-userspace has integration tests), with the same
+    // feature set as everything else: a separate `cargo build` would unify
+    // features differently and compile half the workspace twice.
     let nllb = target_dir()?.join("debug/nllb");
     println!("[test] NLLB_BIN={}", nllb.display());
     let mut c = cargo();
