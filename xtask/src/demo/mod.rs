@@ -172,9 +172,14 @@ pub fn demo(connects: usize) -> Result<()> {
     drop(cgroup);
     drop(controllers);
     drop(tmp);
-    let served = counts.iter().filter(|(k, _)| *k != "failed").count();
-    if counts.contains_key("failed") || served < CONTROLLERS as usize && connects >= 3 * CONTROLLERS as usize {
-        bail!("not every connection was served or not every controller got one: {counts:?}");
+    // Picks are random per connect: with 12 connects one controller gets
+    // none about 2% of the time, so only a failed connect is an error.
+    if counts.contains_key("failed") {
+        bail!("not every connection was served: {counts:?}");
+    }
+    let served = counts.len();
+    if served < CONTROLLERS as usize {
+        println!("    note: {served} of {CONTROLLERS} controllers got a connect this time (random picks; try --connects 60)");
     }
     println!("    done");
     Ok(())
