@@ -337,6 +337,9 @@ for b in $(cat /tests/list); do
     while read -r name; do
         case "$b::$name" in *"$(cat /tests/filter)"*) ;; *) continue ;; esac
         if grep -qxF "$name" /tmp/ignored; then result "$b::$name" ignored; continue; fi
+        # The guest carries no Envoy: Envoy-mode tests run on the host only
+        # (cargo xtask test) and show as not run here, never as passed.
+        case "$name" in *envoy*) result "$b::$name" ignored; continue ;; esac
         echo "NLLB-RUN $K $b::$name"
         s=$(date +%s)
         # One retry: a pass on the second run is reported as "flaky".
