@@ -132,6 +132,11 @@ impl TestNet {
     pub fn hosts(&self) -> &[TestHost] {
         &self.hosts
     }
+
+    /// Serve HTTP on every host, host i answering `"{prefix}{i}"`.
+    pub fn serve_all(&self, port: u16, prefix: &str) -> Vec<Server> {
+        self.hosts.iter().enumerate().map(|(i, h)| h.serve(port, &format!("{prefix}{i}"))).collect()
+    }
 }
 
 /// Exclusive use of one /24 of 198.18.0.0/15 (and the matching IPv6 /64)

@@ -28,7 +28,7 @@ fn connects_reach_every_backend_and_getpeername_shows_the_vip() {
     }
     let net = TestNet::new(3);
     let _servers: Vec<_> =
-        net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("controller-{i}"))).collect();
+        net.serve_all(BACKEND_PORT, "controller-");
     let cg = TestCgroup::new();
     let port = free_port();
     let agent = start(&net, &cg, &[&vip4(port).to_string()], "");
@@ -58,7 +58,7 @@ fn ipv6_vip_reaches_ipv6_backends() {
     }
     let net = TestNet::new(2);
     let _servers: Vec<_> =
-        net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("v6-controller-{i}"))).collect();
+        net.serve_all(BACKEND_PORT, "v6-controller-");
     let cg = TestCgroup::new();
     let port = free_port();
     let backends: Vec<_> = net.hosts().iter().map(|h| h.v6).collect();
@@ -98,7 +98,7 @@ fn processes_outside_the_cgroup_and_other_addresses_are_untouched() {
     }
     let net = TestNet::new(2);
     let _servers: Vec<_> =
-        net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("controller-{i}"))).collect();
+        net.serve_all(BACKEND_PORT, "controller-");
     let cg = TestCgroup::new();
     let port = free_port();
     // A real listener on the virtual address in the root namespace: what a

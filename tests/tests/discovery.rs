@@ -471,7 +471,7 @@ fn agent_discovers_controllers_and_serves_them_through_the_vip() {
     }
     const PORT: u16 = 6443;
     let net = TestNet::new(3);
-    let _servers: Vec<_> = net.hosts().iter().enumerate().map(|(i, h)| h.serve(PORT, &format!("controller-{i}"))).collect();
+    let _servers: Vec<_> = net.serve_all(PORT, "controller-");
     let addrs: Vec<String> = net.hosts().iter().map(|h| h.v4.to_string()).collect();
     let api = FakeApiServer::start();
     let eps: Vec<(&str, bool)> = addrs.iter().map(|a| (a.as_str(), true)).collect();

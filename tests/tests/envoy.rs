@@ -177,7 +177,7 @@ fn traffic_reaches_every_backend_on_ipv4_and_ipv6_virtual_addresses() {
     let Some(binary) = envoy_binary() else { return };
     let net = TestNet::new(3);
     let _servers: Vec<_> =
-        net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("controller-{i}"))).collect();
+        net.serve_all(BACKEND_PORT, "controller-");
     // IPv4 and IPv6 controllers mixed in one service.
     let backends: Vec<SocketAddr> = net
         .hosts()
@@ -261,7 +261,7 @@ fn membership_change_keeps_established_connections_and_envoy_running() {
     let Some(binary) = envoy_binary() else { return };
     let net = TestNet::new(3);
     let _servers: Vec<_> =
-        net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("controller-{i}"))).collect();
+        net.serve_all(BACKEND_PORT, "controller-");
     let b: Vec<SocketAddr> = net.hosts().iter().map(|h| SocketAddr::new(h.v4, BACKEND_PORT)).collect();
     let port = free_port();
     let vip = vips(port)[0];
@@ -294,7 +294,7 @@ fn killed_envoy_is_restarted_and_traffic_resumes() {
     let Some(binary) = envoy_binary() else { return };
     let net = TestNet::new(2);
     let _servers: Vec<_> =
-        net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("controller-{i}"))).collect();
+        net.serve_all(BACKEND_PORT, "controller-");
     let b: Vec<SocketAddr> = net.hosts().iter().map(|h| SocketAddr::new(h.v4, BACKEND_PORT)).collect();
     let port = free_port();
     let vip = vips(port)[0];
@@ -476,7 +476,7 @@ fn a_dead_or_blackholed_controller_is_retried_on_another_one_then_ejected() {
     let Some(binary) = envoy_binary() else { return };
     let net = TestNet::new(3);
     let mut servers: Vec<_> =
-        net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("controller-{i}"))).collect();
+        net.serve_all(BACKEND_PORT, "controller-");
     let b: Vec<SocketAddr> = net.hosts().iter().map(|h| SocketAddr::new(h.v4, BACKEND_PORT)).collect();
     let vip = vips(free_port())[0];
     // controller-0 refuses (RST), controller-1 drops every packet; the
@@ -579,7 +579,7 @@ fn dual_stack_backends(net: &TestNet) -> Vec<SocketAddr> {
 fn scenario_traffic_reaches_every_backend(kind: Kind) {
     let net = TestNet::new(3);
     let _servers: Vec<_> =
-        net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("controller-{i}"))).collect();
+        net.serve_all(BACKEND_PORT, "controller-");
     let port = free_port();
     let Some(f) = install(kind, &plan(&vips(port), &dual_stack_backends(&net))) else { return };
     for vip in vips(port) {
@@ -631,7 +631,7 @@ fn nc_in_cgroup(cgroup: &Path, vip: SocketAddr) -> std::process::Child {
 fn scenario_membership_change_keeps_established_connections(kind: Kind) {
     let net = TestNet::new(3);
     let _servers: Vec<_> =
-        net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("controller-{i}"))).collect();
+        net.serve_all(BACKEND_PORT, "controller-");
     let b: Vec<SocketAddr> = net.hosts().iter().map(|h| SocketAddr::new(h.v4, BACKEND_PORT)).collect();
     let vip = vips(free_port())[0];
     let Some(mut f) = install(kind, &plan(&[vip], &b[..1])) else { return };
@@ -656,7 +656,7 @@ fn scenario_membership_change_keeps_established_connections(kind: Kind) {
 fn scenario_failover_when_a_controller_dies(kind: Kind) {
     let net = TestNet::new(3);
     let mut servers: Vec<_> =
-        net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("controller-{i}"))).collect();
+        net.serve_all(BACKEND_PORT, "controller-");
     let b: Vec<SocketAddr> = net.hosts().iter().map(|h| SocketAddr::new(h.v4, BACKEND_PORT)).collect();
     let vip = vips(free_port())[0];
     let Some(mut f) = install(kind, &plan(&[vip], &b)) else { return };

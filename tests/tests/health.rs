@@ -564,7 +564,7 @@ mod e2e {
         for passive in [true, false] {
             let net = TestNet::new(3);
             let mut servers: Vec<_> =
-                net.hosts().iter().enumerate().map(|(i, h)| h.serve(PORT, &format!("c{i}"))).collect();
+                net.serve_all(PORT, "c");
             let cg = TestCgroup::new();
             let port = free_port();
             let a = agent(&net, &cg, port, &format!("health:\n  probe: tcp\npassive:\n  enabled: {passive}\n"));
@@ -591,7 +591,7 @@ mod e2e {
         for passive in [true, false] {
             let net = TestNet::new(3);
             let _servers: Vec<_> =
-                net.hosts().iter().enumerate().map(|(i, h)| h.serve(PORT, &format!("c{i}"))).collect();
+                net.serve_all(PORT, "c");
             let cg = TestCgroup::new();
             let port = free_port();
             let a = agent(&net, &cg, port, &format!("health:\n  probe: tcp\npassive:\n  enabled: {passive}\n"));
@@ -618,7 +618,7 @@ mod e2e {
             return;
         }
         let net = TestNet::new(3);
-        let _servers: Vec<_> = net.hosts().iter().enumerate().map(|(i, h)| h.serve(PORT, &format!("c{i}"))).collect();
+        let _servers: Vec<_> = net.serve_all(PORT, "c");
         let cg = TestCgroup::new();
         let port = free_port();
         // The controllers speak plain HTTP, so every https probe fails.

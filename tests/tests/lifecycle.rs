@@ -27,7 +27,7 @@ fn after_sigterm_the_datapath_keeps_serving_until_uninstall() {
         return;
     }
     let net = TestNet::new(2);
-    let _s: Vec<_> = net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("c{i}"))).collect();
+    let _s: Vec<_> = net.serve_all(BACKEND_PORT, "c");
     let cg = TestCgroup::new();
     let port = free_port();
     let mut agent = agent(&net, &cg, port);
@@ -56,7 +56,7 @@ fn kill_restart_and_upgrade_fail_no_connect() {
         return;
     }
     let net = TestNet::new(2);
-    let _s: Vec<_> = net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("c{i}"))).collect();
+    let _s: Vec<_> = net.serve_all(BACKEND_PORT, "c");
     let cg = TestCgroup::new();
     let port = free_port();
     let mut agent = agent(&net, &cg, port);

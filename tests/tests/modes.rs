@@ -42,7 +42,7 @@ struct Setup {
 
 fn setup(mode: Mode, hosts: usize, extra: &str) -> Setup {
     let net = TestNet::new(hosts);
-    let servers = net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("c{i}"))).collect();
+    let servers = net.serve_all(BACKEND_PORT, "c");
     let cg = TestCgroup::new();
     let port = free_port();
     let backends: Vec<_> = net.hosts().iter().map(|h| h.v4).collect();

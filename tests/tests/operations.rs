@@ -18,7 +18,7 @@ fn config_changes_apply_live_and_bad_ones_are_rejected() {
         return;
     }
     let net = TestNet::new(3);
-    let _s: Vec<_> = net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("c{i}"))).collect();
+    let _s: Vec<_> = net.serve_all(BACKEND_PORT, "c");
     let h: Vec<_> = net.hosts().iter().map(|h| h.v4).collect();
     let cg = TestCgroup::new();
     let port = free_port();
@@ -92,7 +92,7 @@ fn metrics_healthz_and_readyz() {
         return;
     }
     let net = TestNet::new(2);
-    let _s: Vec<_> = net.hosts().iter().enumerate().map(|(i, h)| h.serve(BACKEND_PORT, &format!("c{i}"))).collect();
+    let _s: Vec<_> = net.serve_all(BACKEND_PORT, "c");
     let h: Vec<_> = net.hosts().iter().map(|h| h.v4).collect();
     let cg = TestCgroup::new();
     let port = free_port();
