@@ -105,6 +105,15 @@ pub fn validate(opts: &AgentOptions) -> Result<(Config, PathBuf), AgentError> {
     Ok((config, cgroup))
 }
 
+/// The controller set in force: discovered (or cached) when discovery is
+/// on, else the static seed.
+fn controllers(discovered: &Option<watch::Receiver<DiscoveredSet>>, seed: &[IpAddr]) -> Vec<IpAddr> {
+    match discovered {
+        Some(rx) => rx.borrow().controllers.clone(),
+        None => seed.to_vec(),
+    }
+}
+
 /// The next discovered set; never resolves without discovery.
 async fn next_discovered(rx: &mut Option<watch::Receiver<DiscoveredSet>>) -> Option<DiscoveredSet> {
     match rx {
@@ -175,10 +184,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let discovered = config.discovery.kubernetes.clone().map(|k| {
         crate::discovery::spawn(k, config.services.clone(), opts.state_dir.clone(), config.backends.clone())
     });
-    let backends = match &discovered {
-        Some(rx) => rx.borrow().controllers.clone(),
-        None => config.backends.clone(),
-    };
+    let backends = controllers(&discovered, &config.backends);
     // Before anything is attached, so unreadable TLS material exits 2 clean.
     let monitor = Monitor::spawn(config.health.clone())?;
     monitor.observe_probes(probe_observer(&metrics));
@@ -287,6 +293,11 @@ impl Agent {
         }
     }
 
+    fn reject_reload(&self, e: &dyn std::fmt::Display) {
+        self.metrics.reloads.get_or_create(&metrics::ModeLabels { mode: "rejected".into() }).inc();
+        tracing::error!(error = %e, "reload rejected: keeping the running config");
+    }
+
     fn reload_if_changed(&mut self) {
         match std::fs::read_to_string(&self.opts.config_path) {
             Ok(text) if text != self.config_text => {
@@ -306,16 +317,14 @@ impl Agent {
         let derived = match self.opts.k0s_config.as_deref().map(crate::k0s::services_from_k0s).transpose() {
             Ok(d) => d.unwrap_or_default(),
             Err(e) => {
-                self.metrics.reloads.get_or_create(&metrics::ModeLabels { mode: "rejected".into() }).inc();
-                tracing::error!(error = %e, "reload rejected: keeping the running config");
+                self.reject_reload(&e);
                 return;
             }
         };
         let config = match Config::parse_with(&text, derived) {
             Ok(c) => c,
             Err(e) => {
-                self.metrics.reloads.get_or_create(&metrics::ModeLabels { mode: "rejected".into() }).inc();
-                tracing::error!(error = %e, "reload rejected: keeping the running config");
+                self.reject_reload(&e);
                 return;
             }
         };
@@ -335,16 +344,12 @@ impl Agent {
                     tracing::info!("health settings changed: probes restarted");
                 }
                 Err(e) => {
-                    self.metrics.reloads.get_or_create(&metrics::ModeLabels { mode: "rejected".into() }).inc();
-                    tracing::error!(error = %e, "reload rejected: keeping the running config");
+                    self.reject_reload(&e);
                     return;
                 }
             }
         }
-        self.backends = match &self.discovered {
-            Some(rx) => rx.borrow().controllers.clone(),
-            None => config.backends.clone(),
-        };
+        self.backends = controllers(&self.discovered, &config.backends);
         self.monitor.set_targets(health::targets(&config.services, &self.backends));
         self.config = config;
         self.metrics.reloads.get_or_create(&metrics::ModeLabels { mode: "applied".into() }).inc();
