@@ -63,8 +63,8 @@ fn say(msg: impl AsRef<str>) {
 
 pub fn setup() -> Result<Tools> {
     debian_packages()?;
-    nightly_toolchain()?;
-    let bpf_linker_dir = bpf_linker()?;
+    let toolchain = nightly_toolchain()?;
+    let bpf_linker_dir = bpf_linker(&toolchain)?;
     let envoy = envoy()?;
     say(format!("bpf-linker: {}", bpf_linker_dir.join("bpf-linker").display()));
     say(format!("envoy:      {}", envoy.display()));
@@ -107,29 +107,48 @@ fn debian_packages() -> Result<()> {
     )
 }
 
-fn nightly_toolchain() -> Result<()> {
+/// The nightly the Dockerfile pins (LLVM 22, which bpf-linker 0.13 supports).
+/// A bare `nightly` would be whatever day rustup fetches, and a newer LLVM
+/// than bpf-linker knows.
+pub const PINNED_NIGHTLY: &str = "nightly-2026-05-19";
+const PINNED_NIGHTLY_DATE: &str = "2026-05-19";
+
+/// The toolchain that builds the eBPF programs: the machine's `nightly` when
+/// it is the pinned day's, else the pinned one, installed. The choice is
+/// written to `$NLLB_CACHE/ebpf-toolchain`, where nllb-userspace's build
+/// script reads it, so a plain `cargo build` uses the same compiler that
+/// bpf-linker was built against.
+fn nightly_toolchain() -> Result<String> {
     let toolchains = cmd::output(Command::new("rustup").args(["toolchain", "list"]))
         .context("rustup is needed to build the eBPF programs (https://rustup.rs)")?;
-    if toolchains.lines().any(|l| l.starts_with("nightly")) {
-        say("rust nightly: already installed");
+    let has = |name: &str| toolchains.lines().any(|l| l.split_whitespace().next().is_some_and(|t| t.starts_with(&format!("{name}-")) || t == name));
+    let nightly_is_pinned = has("nightly")
+        && cmd::output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))
+            .is_ok_and(|v| v.lines().any(|l| l.starts_with("commit-date: ") && l.ends_with(PINNED_NIGHTLY_DATE)));
+    let toolchain = if nightly_is_pinned {
+        say(format!("rust nightly: already installed ({PINNED_NIGHTLY_DATE})"));
+        "nightly".to_string()
+    } else if has(PINNED_NIGHTLY) {
+        say(format!("rust {PINNED_NIGHTLY}: already installed"));
+        PINNED_NIGHTLY.to_string()
     } else {
-        say("rust nightly: installing (eBPF programs need -Z build-std)");
-        cmd::run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
-    }
-    let components = cmd::output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        "nightly",
-    ]))?;
+        say(format!("rust {PINNED_NIGHTLY}: installing (eBPF programs need -Z build-std; `nightly` here is another day's or missing)"));
+        cmd::run(Command::new("rustup").args(["toolchain", "install", PINNED_NIGHTLY, "--profile", "minimal"]))?;
+        PINNED_NIGHTLY.to_string()
+    };
+    let components = cmd::output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", &toolchain]))?;
     if components.lines().any(|l| l.starts_with("rust-src")) {
-        say("rust-src for nightly: already installed");
+        say(format!("rust-src for {toolchain}: already installed"));
     } else {
-        say("rust-src for nightly: installing");
-        cmd::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        say(format!("rust-src for {toolchain}: installing"));
+        cmd::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &toolchain]))?;
     }
-    Ok(())
+    let file = cache_dir().join("ebpf-toolchain");
+    std::fs::create_dir_all(cache_dir()).with_context(|| format!("creating {}", cache_dir().display()))?;
+    if std::fs::read_to_string(&file).ok().as_deref() != Some(toolchain.as_str()) {
+        std::fs::write(&file, &toolchain).with_context(|| format!("writing {}", file.display()))?;
+    }
+    Ok(toolchain)
 }
 
 /// bpf-linker must link with the very LLVM that emitted the eBPF bitcode, so
@@ -137,7 +156,7 @@ fn nightly_toolchain() -> Result<()> {
 /// can be fetched here). The binary keeps a RUNPATH into `$NLLB_CACHE/llvm`,
 /// whose symlinks point into the nightly sysroot; if nightly changes, the
 /// version check below fails and it is rebuilt.
-fn bpf_linker() -> Result<PathBuf> {
+fn bpf_linker(toolchain: &str) -> Result<PathBuf> {
     let root = cache_dir().join("bpf-linker");
     let bin = root.join("bin");
     let linker = bin.join("bpf-linker");
@@ -147,7 +166,7 @@ fn bpf_linker() -> Result<PathBuf> {
     }
     say(format!("bpf-linker {BPF_LINKER_VERSION}: building against nightly's libLLVM (1-3 minutes)"));
 
-    let sysroot = cmd::output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
+    let sysroot = cmd::output(Command::new("rustup").args(["run", toolchain, "rustc", "--print", "sysroot"]))?;
     let sysroot_lib = Path::new(sysroot.trim()).join("lib");
     let libllvm = std::fs::read_dir(&sysroot_lib)
         .with_context(|| format!("reading {}", sysroot_lib.display()))?
@@ -155,9 +174,9 @@ fn bpf_linker() -> Result<PathBuf> {
         .map(|e| e.path())
         .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so.")))
         .with_context(|| {
-            format!("no libLLVM.so.* in {}; reinstall nightly with `rustup toolchain install nightly`", sysroot_lib.display())
+            format!("no libLLVM.so.* in {}; reinstall it with `rustup toolchain install {toolchain}`", sysroot_lib.display())
         })?;
-    let llvm_major = llvm_major_version()?;
+    let llvm_major = llvm_major_version(toolchain)?;
 
     // LLVM_PREFIX layout that bpf-linker's build script expects: lib/libLLVM.so.
     let prefix = cache_dir().join("llvm");
@@ -182,8 +201,8 @@ fn bpf_linker() -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn llvm_major_version() -> Result<String> {
-    let vv = cmd::output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))?;
+fn llvm_major_version(toolchain: &str) -> Result<String> {
+    let vv = cmd::output(Command::new("rustup").args(["run", toolchain, "rustc", "-vV"]))?;
     vv.lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
         .and_then(|v| v.split('.').next())
