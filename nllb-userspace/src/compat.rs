@@ -7,9 +7,7 @@
 //! docs/kernel-versions.md, and the commits' merge windows).
 
 use std::{
-    fmt,
-    fs,
-    io,
+    fmt, fs, io,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -26,20 +24,35 @@ pub struct KernelVersion {
 
 impl KernelVersion {
     pub const fn new(major: u32, minor: u32) -> KernelVersion {
-        KernelVersion { major, minor, patch: 0 }
+        KernelVersion {
+            major,
+            minor,
+            patch: 0,
+        }
     }
 
     /// "6.18.0-1-amd64", "5.10.0-28-cloud-amd64", "7.3.0-rc2" ...
     pub fn parse(release: &str) -> Option<KernelVersion> {
-        let mut nums = release.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
+        let mut nums = release
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty());
         let major = nums.next()?.parse().ok()?;
         let minor = nums.next()?.parse().ok()?;
         // "7.3-rc2" has no patch level; the rc number must not become one.
         let patch = release
             .split_once(&format!("{major}.{minor}."))
-            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+            .and_then(|(_, rest)| {
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            })
             .unwrap_or(0);
-        Some(KernelVersion { major, minor, patch })
+        Some(KernelVersion {
+            major,
+            minor,
+            patch,
+        })
     }
 }
 
@@ -51,7 +64,9 @@ impl fmt::Display for KernelVersion {
 
 /// The running kernel's release string (uname -r).
 pub fn kernel_release() -> String {
-    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 pub fn running_kernel() -> Option<KernelVersion> {
@@ -206,12 +221,20 @@ pub const FEATURES: &[FeatureInfo] = &[
 ];
 
 pub fn feature_info(f: Feature) -> &'static FeatureInfo {
-    FEATURES.iter().find(|i| i.feature == f).expect("every feature has a row")
+    FEATURES
+        .iter()
+        .find(|i| i.feature == f)
+        .expect("every feature has a row")
 }
 
 /// The oldest kernel the eBPF datapath can run on: the newest `Required` row.
 pub fn min_ebpf_kernel() -> KernelVersion {
-    FEATURES.iter().filter(|f| f.need == Need::Required).map(|f| f.min).max().expect("required rows")
+    FEATURES
+        .iter()
+        .filter(|f| f.need == Need::Required)
+        .map(|f| f.min)
+        .max()
+        .expect("required rows")
 }
 
 /// Whether the kernel version has the feature (before any probe).
@@ -222,7 +245,10 @@ pub fn by_version(f: Feature, v: KernelVersion) -> bool {
 /// Features the running kernel lacks by version, with the warning the agent
 /// logs for each (the eBPF loader turns those programs off).
 pub fn missing_features(v: KernelVersion) -> Vec<&'static FeatureInfo> {
-    FEATURES.iter().filter(|f| f.need != Need::Optional && v < f.min).collect()
+    FEATURES
+        .iter()
+        .filter(|f| f.need != Need::Optional && v < f.min)
+        .collect()
 }
 
 // ---------------------------------------------------------------------
@@ -266,9 +292,11 @@ impl Privileges {
             cap_bpf: has(CAP_BPF),
             cap_perfmon: has(CAP_PERFMON),
             cap_eff,
-            unprivileged_bpf_disabled: fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled")
-                .ok()
-                .and_then(|s| s.trim().parse().ok()),
+            unprivileged_bpf_disabled: fs::read_to_string(
+                "/proc/sys/kernel/unprivileged_bpf_disabled",
+            )
+            .ok()
+            .and_then(|s| s.trim().parse().ok()),
         }
     }
 
@@ -290,17 +318,29 @@ pub fn probe_bpf_syscall() -> Result<(), String> {
     }
     const BPF_MAP_CREATE: libc::c_long = 0;
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    let attr = MapCreate { map_type: BPF_MAP_TYPE_ARRAY, key_size: 4, value_size: 4, max_entries: 1 };
+    let attr = MapCreate {
+        map_type: BPF_MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+    };
     // SAFETY: bpf(BPF_MAP_CREATE) reads `size` bytes of a valid attr; the
     // kernel zero-fills the rest of its union.
     let fd = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, &attr as *const MapCreate, size_of::<MapCreate>() as u32)
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &attr as *const MapCreate,
+            size_of::<MapCreate>() as u32,
+        )
     };
     if fd < 0 {
         let e = io::Error::last_os_error();
         return Err(match e.raw_os_error() {
             Some(libc::ENOSYS) => "the kernel has no bpf() syscall (CONFIG_BPF_SYSCALL off)".into(),
-            Some(libc::EPERM) => format!("bpf() denied ({e}): run as root or with CAP_BPF/CAP_SYS_ADMIN"),
+            Some(libc::EPERM) => {
+                format!("bpf() denied ({e}): run as root or with CAP_BPF/CAP_SYS_ADMIN")
+            }
             _ => format!("bpf(BPF_MAP_CREATE) failed: {e}"),
         });
     }
@@ -317,7 +357,10 @@ pub fn vmlinux_btf() -> bool {
 /// /boot/config-<release> is, and Debian ships it. None when unknown.
 pub fn kernel_config(option: &str) -> Option<bool> {
     let text = fs::read_to_string(format!("/boot/config-{}", kernel_release())).ok()?;
-    Some(text.lines().any(|l| l == format!("{option}=y") || l == format!("{option}=m")))
+    Some(
+        text.lines()
+            .any(|l| l == format!("{option}=y") || l == format!("{option}=m")),
+    )
 }
 
 /// One program of the real eBPF object, loaded and attached (or not).
@@ -341,7 +384,9 @@ pub struct AttachProbe {
 
 impl AttachProbe {
     pub fn attached(&self, program: &str) -> bool {
-        self.programs.iter().any(|p| p.program == program && p.attached && p.bpf_link)
+        self.programs
+            .iter()
+            .any(|p| p.program == program && p.attached && p.bpf_link)
     }
 
     /// The agent's requirement: both rewrite hooks, through bpf_links.
@@ -353,9 +398,18 @@ impl AttachProbe {
 
     pub fn first_error(&self) -> Option<String> {
         self.load_error.clone().or_else(|| {
-            self.programs.iter().find(|p| !p.attached || !p.bpf_link).map(|p| {
-                format!("{}: {}", p.program, p.error.clone().unwrap_or_else(|| "attached without a bpf_link".into()))
-            })
+            self.programs
+                .iter()
+                .find(|p| !p.attached || !p.bpf_link)
+                .map(|p| {
+                    format!(
+                        "{}: {}",
+                        p.program,
+                        p.error
+                            .clone()
+                            .unwrap_or_else(|| "attached without a bpf_link".into())
+                    )
+                })
         })
     }
 }
@@ -366,7 +420,11 @@ struct ProbeCgroup(PathBuf);
 impl ProbeCgroup {
     fn create(parent: &Path) -> io::Result<ProbeCgroup> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let p = parent.join(format!("nllb-probe-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+        let p = parent.join(format!(
+            "nllb-probe-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         fs::create_dir(&p)?;
         Ok(ProbeCgroup(p))
     }
@@ -406,8 +464,15 @@ pub fn probe_attach(parent: &Path) -> Result<AttachProbe, String> {
             None
         }
     };
-    let target = cg.as_ref().map(|c| c.0.clone()).unwrap_or_else(|| parent.to_path_buf());
-    let mut report = AttachProbe { cgroup: target.clone(), load_error: None, programs: Vec::new() };
+    let target = cg
+        .as_ref()
+        .map(|c| c.0.clone())
+        .unwrap_or_else(|| parent.to_path_buf());
+    let mut report = AttachProbe {
+        cgroup: target.clone(),
+        load_error: None,
+        programs: Vec::new(),
+    };
     crate::sys::raise_memlock();
     let mut ebpf = match EbpfLoader::new().load(crate::EBPF_OBJECT) {
         Ok(e) => e,
@@ -419,7 +484,13 @@ pub fn probe_attach(parent: &Path) -> Result<AttachProbe, String> {
     let cgroup_fd = fs::File::open(&target).map_err(|e| format!("{}: {e}", target.display()))?;
     // Links live until the end of this function: dropping them detaches.
     let mut links: Vec<FdLink> = Vec::new();
-    for name in [p::CONNECT4, p::CONNECT6, p::GETPEERNAME4, p::GETPEERNAME6, p::SOCK_OPS] {
+    for name in [
+        p::CONNECT4,
+        p::CONNECT6,
+        p::GETPEERNAME4,
+        p::GETPEERNAME6,
+        p::SOCK_OPS,
+    ] {
         let Some(prog) = ebpf.program_mut(name) else {
             report.programs.push(ProgramProbe {
                 program: name,
@@ -429,28 +500,44 @@ pub fn probe_attach(parent: &Path) -> Result<AttachProbe, String> {
             });
             continue;
         };
-        let result: Result<Result<FdLink, String>, aya::programs::ProgramError> = if name == p::SOCK_OPS {
-            (|| {
-                let prog: &mut SockOps = prog.try_into()?;
-                prog.load()?;
-                let id = prog.attach(&cgroup_fd, CgroupAttachMode::Single)?;
-                Ok(FdLink::try_from(prog.take_link(id)?).map_err(|e| e.to_string()))
-            })()
-        } else {
-            (|| {
-                let prog: &mut CgroupSockAddr = prog.try_into()?;
-                prog.load()?;
-                let id = prog.attach(&cgroup_fd, CgroupAttachMode::Single)?;
-                Ok(FdLink::try_from(prog.take_link(id)?).map_err(|e| e.to_string()))
-            })()
-        };
+        let result: Result<Result<FdLink, String>, aya::programs::ProgramError> =
+            if name == p::SOCK_OPS {
+                (|| {
+                    let prog: &mut SockOps = prog.try_into()?;
+                    prog.load()?;
+                    let id = prog.attach(&cgroup_fd, CgroupAttachMode::Single)?;
+                    Ok(FdLink::try_from(prog.take_link(id)?).map_err(|e| e.to_string()))
+                })()
+            } else {
+                (|| {
+                    let prog: &mut CgroupSockAddr = prog.try_into()?;
+                    prog.load()?;
+                    let id = prog.attach(&cgroup_fd, CgroupAttachMode::Single)?;
+                    Ok(FdLink::try_from(prog.take_link(id)?).map_err(|e| e.to_string()))
+                })()
+            };
         report.programs.push(match result {
             Ok(Ok(link)) => {
                 links.push(link);
-                ProgramProbe { program: name, attached: true, bpf_link: true, error: None }
+                ProgramProbe {
+                    program: name,
+                    attached: true,
+                    bpf_link: true,
+                    error: None,
+                }
             }
-            Ok(Err(e)) => ProgramProbe { program: name, attached: true, bpf_link: false, error: Some(e) },
-            Err(e) => ProgramProbe { program: name, attached: false, bpf_link: false, error: Some(crate::errors::chain(&e)) },
+            Ok(Err(e)) => ProgramProbe {
+                program: name,
+                attached: true,
+                bpf_link: false,
+                error: Some(e),
+            },
+            Err(e) => ProgramProbe {
+                program: name,
+                attached: false,
+                bpf_link: false,
+                error: Some(crate::errors::chain(&e)),
+            },
         });
     }
     drop(links);
@@ -459,16 +546,36 @@ pub fn probe_attach(parent: &Path) -> Result<AttachProbe, String> {
     Ok(report)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn kernel_releases_parse() {
-        assert_eq!(KernelVersion::parse("6.18.0-1-amd64"), Some(KernelVersion { major: 6, minor: 18, patch: 0 }));
-        assert_eq!(KernelVersion::parse("5.10.209-1"), Some(KernelVersion { major: 5, minor: 10, patch: 209 }));
-        assert_eq!(KernelVersion::parse("7.3-rc2"), Some(KernelVersion { major: 7, minor: 3, patch: 0 }));
+        assert_eq!(
+            KernelVersion::parse("6.18.0-1-amd64"),
+            Some(KernelVersion {
+                major: 6,
+                minor: 18,
+                patch: 0
+            })
+        );
+        assert_eq!(
+            KernelVersion::parse("5.10.209-1"),
+            Some(KernelVersion {
+                major: 5,
+                minor: 10,
+                patch: 209
+            })
+        );
+        assert_eq!(
+            KernelVersion::parse("7.3-rc2"),
+            Some(KernelVersion {
+                major: 7,
+                minor: 3,
+                patch: 0
+            })
+        );
         assert_eq!(KernelVersion::parse("garbage"), None);
     }
 
@@ -479,10 +586,16 @@ mod tests {
         assert!(!by_version(Feature::CgroupGetpeername, v5_4));
         assert!(by_version(Feature::CgroupGetpeername, v5_10));
         assert!(!by_version(Feature::BpfSockDestroy, v5_10));
-        assert!(by_version(Feature::BpfSockDestroy, KernelVersion::new(6, 12)));
+        assert!(by_version(
+            Feature::BpfSockDestroy,
+            KernelVersion::new(6, 12)
+        ));
         assert_eq!(min_ebpf_kernel(), KernelVersion::new(5, 8));
         assert!(missing_features(v5_10).is_empty());
         let old: Vec<_> = missing_features(v5_4).iter().map(|f| f.feature).collect();
-        assert!(old.contains(&Feature::CgroupBpfLink) && old.contains(&Feature::RingBuf), "{old:?}");
+        assert!(
+            old.contains(&Feature::CgroupBpfLink) && old.contains(&Feature::RingBuf),
+            "{old:?}"
+        );
     }
 }

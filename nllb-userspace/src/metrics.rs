@@ -18,7 +18,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::datapath::ServiceCounters;
+use crate::datapath::DatapathSnapshot;
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9542";
 
@@ -52,7 +52,9 @@ type HistogramFamily = Family<AddrLabels, Histogram, fn() -> Histogram>;
 
 fn probe_histogram() -> Histogram {
     // 0.5 ms .. ~1 s: in-cluster probes are fast, blackholes hit the timeout.
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 12))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0005, 2.0, 12,
+    ))
 }
 
 pub struct Metrics {
@@ -62,6 +64,11 @@ pub struct Metrics {
     pub connects: Family<BackendLabels, Counter>,
     pub refused: Family<ServiceLabels, Counter>,
     pub passive_ejections: Family<AddrLabels, Counter>,
+    pub passive_refused: Family<BackendLabels, Counter>,
+    pub passive_syn_timeouts: Family<BackendLabels, Counter>,
+    pub syn_sent_aborted: Family<AddrLabels, Counter>,
+    pub syn_timeout: Family<AddrLabels, Gauge<f64, AtomicU64>>,
+    pub handshake_worst: Family<AddrLabels, Gauge<f64, AtomicU64>>,
     pub panic_mode: Family<ServiceLabels, Gauge>,
     pub published: Family<ServiceLabels, Gauge>,
     pub mode: Family<ModeLabels, Gauge>,
@@ -86,6 +93,11 @@ impl Metrics {
             connects: Family::default(),
             refused: Family::default(),
             passive_ejections: Family::default(),
+            passive_refused: Family::default(),
+            passive_syn_timeouts: Family::default(),
+            syn_sent_aborted: Family::default(),
+            syn_timeout: Family::default(),
+            handshake_worst: Family::default(),
             panic_mode: Family::default(),
             published: Family::default(),
             mode: Family::default(),
@@ -94,22 +106,87 @@ impl Metrics {
             last: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
-        registry.register("backend_healthy", "1 when active probes say the backend is healthy", m.backend_healthy.clone());
-        registry.register("probe_duration_seconds", "Duration of active health probes", m.probe_duration.clone());
-        registry.register("connects", "Connects steered to a backend by the datapath", m.connects.clone());
+        registry.register(
+            "backend_healthy",
+            "1 when active probes say the backend is healthy",
+            m.backend_healthy.clone(),
+        );
+        registry.register(
+            "probe_duration_seconds",
+            "Duration of active health probes",
+            m.probe_duration.clone(),
+        );
+        registry.register(
+            "connects",
+            "Connects steered to a backend by the datapath",
+            m.connects.clone(),
+        );
         registry.register(
             "connects_refused_no_backend",
             "Connects refused because the service had no backend",
             m.refused.clone(),
         );
-        registry.register("passive_ejections", "Backends ejected by the kernel after a failed connect", m.passive_ejections.clone());
-        registry.register("panic_mode", "1 when every backend is unhealthy and all are used", m.panic_mode.clone());
-        registry.register("backends_published", "Backends taking new connects", m.published.clone());
-        registry.register("datapath_mode", "The datapath serving the virtual addresses", m.mode.clone());
-        registry.register("envoy_restarts", "Times the supervised Envoy was restarted", m.envoy_restarts.clone());
-        registry.register("config_reloads", "Config reloads by result", m.reloads.clone());
+        registry.register(
+            "passive_ejections",
+            "Backends ejected by the kernel after a failed connect",
+            m.passive_ejections.clone(),
+        );
+        registry.register(
+            "passive_refused",
+            "Steered connects refused, given up or aborted before they connected",
+            m.passive_refused.clone(),
+        );
+        registry.register(
+            "passive_syn_timeouts",
+            "Steered connects whose first SYN went unanswered within the SYN timeout",
+            m.passive_syn_timeouts.clone(),
+        );
+        registry.register(
+            "syn_sent_aborted",
+            "Steered connects still waiting for a SYN-ACK that the agent aborted when their backend was marked",
+            m.syn_sent_aborted.clone(),
+        );
+        registry.register(
+            "syn_timeout_seconds",
+            "SYN retransmission timeout in force for steered connects",
+            m.syn_timeout.clone(),
+        );
+        registry.register(
+            "handshake_worst_seconds",
+            "Longest recent probe TCP handshake (what synTimeout auto is derived from)",
+            m.handshake_worst.clone(),
+        );
+        registry.register(
+            "panic_mode",
+            "1 when every backend is unhealthy and all are used",
+            m.panic_mode.clone(),
+        );
+        registry.register(
+            "backends_published",
+            "Backends taking new connects",
+            m.published.clone(),
+        );
+        registry.register(
+            "datapath_mode",
+            "The datapath serving the virtual addresses",
+            m.mode.clone(),
+        );
+        registry.register(
+            "envoy_restarts",
+            "Times the supervised Envoy was restarted",
+            m.envoy_restarts.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads by result",
+            m.reloads.clone(),
+        );
         let build: Family<BuildLabels, Gauge> = Family::default();
-        build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
         registry.register("build_info", "Agent build", build);
         Metrics { registry, ..m }
     }
@@ -119,24 +196,61 @@ impl Metrics {
         let mut last = self.last.lock().expect("metrics lock");
         let prev = last.insert(key, absolute).unwrap_or(0);
         // A smaller value means the kernel counter was reset (slot reused).
-        counter.inc_by(if absolute >= prev { absolute - prev } else { absolute });
+        counter.inc_by(if absolute >= prev {
+            absolute - prev
+        } else {
+            absolute
+        });
     }
 
-    pub fn sync_datapath(&self, counters: &[ServiceCounters]) {
-        for s in counters {
-            for (backend, n) in &s.per_backend {
-                let labels = BackendLabels { service: s.name.clone(), backend: backend.to_string() };
+    pub fn sync_datapath(&self, snapshot: &DatapathSnapshot) {
+        for s in &snapshot.services {
+            for (backend, n) in &s.backends {
+                let labels = BackendLabels {
+                    service: s.name.clone(),
+                    backend: backend.to_string(),
+                };
                 let c = self.connects.get_or_create(&labels).clone();
-                self.sync_counter(&c, format!("c/{}/{}", s.name, backend), *n);
+                self.sync_counter(&c, format!("c/{}/{}", s.name, backend), n.connects);
+                let c = self.passive_refused.get_or_create(&labels).clone();
+                self.sync_counter(&c, format!("pr/{}/{}", s.name, backend), n.refused);
+                let c = self.passive_syn_timeouts.get_or_create(&labels).clone();
+                self.sync_counter(&c, format!("ps/{}/{}", s.name, backend), n.syn_timeouts);
             }
-            let c = self.refused.get_or_create(&ServiceLabels { service: s.name.clone() }).clone();
+            let c = self
+                .refused
+                .get_or_create(&ServiceLabels {
+                    service: s.name.clone(),
+                })
+                .clone();
             self.sync_counter(&c, format!("r/{}", s.name), s.no_backend);
         }
     }
 
-    pub fn sync_passive(&self, backend: SocketAddr, failures: u32) {
-        let c = self.passive_ejections.get_or_create(&AddrLabels { backend: backend.to_string() }).clone();
-        self.sync_counter(&c, format!("p/{backend}"), u64::from(failures));
+    /// The kernel marked `backend`: one more passive ejection.
+    pub fn passive_ejection(&self, backend: SocketAddr) {
+        self.passive_ejections
+            .get_or_create(&AddrLabels {
+                backend: backend.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn set_syn_timing(
+        &self,
+        backend: SocketAddr,
+        syn_timeout: Option<Duration>,
+        handshake_worst: Option<Duration>,
+    ) {
+        let labels = AddrLabels {
+            backend: backend.to_string(),
+        };
+        self.syn_timeout
+            .get_or_create(&labels)
+            .set(syn_timeout.map_or(0.0, |d| d.as_secs_f64()));
+        self.handshake_worst
+            .get_or_create(&labels)
+            .set(handshake_worst.map_or(0.0, |d| d.as_secs_f64()));
     }
 
     pub fn sync_envoy_restarts(&self, restarts: u64) {
@@ -145,12 +259,15 @@ impl Metrics {
 
     pub fn set_mode(&self, mode: &str) {
         self.mode.clear();
-        self.mode.get_or_create(&ModeLabels { mode: mode.into() }).set(1);
+        self.mode
+            .get_or_create(&ModeLabels { mode: mode.into() })
+            .set(1);
     }
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encoding to a String");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("encoding to a String");
         out
     }
 }
@@ -171,7 +288,10 @@ impl Health {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[derive(Clone)]
@@ -182,7 +302,11 @@ struct AppState {
 
 /// Bind first (so a taken port is an error at start-up), then serve.
 /// Returns the bound address (port 0 picks a free one).
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>) -> std::io::Result<SocketAddr> {
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "metrics and health endpoints listening");
@@ -201,7 +325,10 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>)
 
 async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         s.metrics.render(),
     )
 }
@@ -230,12 +357,24 @@ mod tests {
     #[test]
     fn kernel_counters_become_monotonic_counters() {
         let m = Metrics::new();
-        let s = |n| ServiceCounters { name: "apiserver".into(), per_backend: vec![("198.18.1.2:6443".parse().unwrap(), n)], no_backend: 2 };
+        let s = |n| ServiceCounters {
+            name: "apiserver".into(),
+            per_backend: vec![("198.18.1.2:6443".parse().unwrap(), n)],
+            no_backend: 2,
+        };
         m.sync_datapath(&[s(5)]);
         m.sync_datapath(&[s(9)]);
         let text = m.render();
-        assert!(text.contains(r#"nllb_connects_total{service="apiserver",backend="198.18.1.2:6443"} 9"#), "{text}");
-        assert!(text.contains(r#"nllb_connects_refused_no_backend_total{service="apiserver"} 2"#), "{text}");
+        assert!(
+            text.contains(
+                r#"nllb_connects_total{service="apiserver",backend="198.18.1.2:6443"} 9"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"nllb_connects_refused_no_backend_total{service="apiserver"} 2"#),
+            "{text}"
+        );
         assert!(text.contains(r#"nllb_build_info{version="#), "{text}");
     }
 }

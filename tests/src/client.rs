@@ -77,8 +77,10 @@ impl ClientOpts {
         let mut cmd = Command::new(testclient_bin());
         cmd.arg("--addr").arg(self.addr.to_string());
         cmd.arg("--count").arg(self.count.to_string());
-        cmd.arg("--interval-ms").arg(self.interval.as_millis().to_string());
-        cmd.arg("--timeout-ms").arg(self.timeout.as_millis().to_string());
+        cmd.arg("--interval-ms")
+            .arg(self.interval.as_millis().to_string());
+        cmd.arg("--timeout-ms")
+            .arg(self.timeout.as_millis().to_string());
         if let Some(c) = &self.cgroup {
             cmd.arg("--cgroup").arg(c);
         }

@@ -13,9 +13,10 @@ use std::{
     time::Duration,
 };
 
-use nllb_tests::{vip4, 
-    AGENT_CAPABILITIES, Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, attached_programs, bpftool_cgroup_show,
-    free_port, nllb_bin, one_service_config, privileged, run_client, unique_name,
+use nllb_tests::{
+    AGENT_CAPABILITIES, Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, attached_programs,
+    bpftool_cgroup_show, free_port, nllb_bin, one_service_config, privileged, run_client,
+    unique_name, vip4,
 };
 
 const BACKEND_PORT: u16 = 6443;
@@ -29,7 +30,6 @@ const PROGRAMS: [(&str, &str); 5] = [
     ("nllb_sock_ops", "cgroup_sock_ops"),
 ];
 const NOBODY: &str = "65534";
-
 
 /// Capability numbers from linux/capability.h.
 fn cap_bit(name: &str) -> u32 {
@@ -515,7 +515,10 @@ fn without_bpf_or_net_admin_the_agent_fails_cleanly() {
             log.contains("Operation not permitted") || log.contains("missing privileges"),
             "without {drop}: the error must say what was refused: {log}"
         );
-        assert!(log.contains("CAP_BPF"), "without {drop}: the error must name the capabilities: {log}");
+        assert!(
+            log.contains("CAP_BPF"),
+            "without {drop}: the error must name the capabilities: {log}"
+        );
         assert!(
             attached_programs(cg.path()).is_empty(),
             "without {drop}: nothing may stay attached"

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 pub use config::{HealthConfig, ProbeKind};
 pub use monitor::{Monitor, ProbeObserver};
 pub use plan::{plan, targets};
-pub use probe::Prober;
+pub use probe::{Handshake, Prober};
 pub use select::select;
 pub use state::{BackendHealth, HealthSnapshot};
 pub use transitions::{Reaction, Transitions};
@@ -34,13 +34,21 @@ pub enum HealthError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("config field `{field}`: {}: {message}", path.display())]
-    File { field: &'static str, path: PathBuf, message: String },
+    File {
+        field: &'static str,
+        path: PathBuf,
+        message: String,
+    },
     #[error("health probe TLS setup: {0}")]
     Tls(String),
 }
 
 impl HealthError {
     fn file(field: &'static str, path: &Path, message: String) -> Self {
-        HealthError::File { field, path: path.to_owned(), message }
+        HealthError::File {
+            field,
+            path: path.to_owned(),
+            message,
+        }
     }
 }

