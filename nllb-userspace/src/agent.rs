@@ -191,6 +191,8 @@ struct Agent {
     reaper: Option<Arc<Reaper>>,
     /// The plan last handed to the datapath thread.
     plan: Plan,
+    /// A reload was accepted; it is reported once its plan is live.
+    reload_pending: bool,
     /// Backends whose connections close once the plan that dropped them is
     /// live (closing them earlier would send the reconnects to them again).
     destroy_after_apply: BTreeSet<SocketAddr>,
@@ -309,6 +311,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         events,
         reaper,
         plan,
+        reload_pending: false,
         destroy_after_apply: BTreeSet::new(),
         facts: BTreeMap::new(),
         aborted: BTreeMap::new(),
@@ -513,18 +516,29 @@ impl Agent {
             self.datapath.apply(plan.clone());
             self.plan = plan;
         } else {
-            self.destroy_now();
+            self.plan_live();
         }
         self.write_status();
     }
 
     fn on_applied(&mut self, applied: Applied) {
         match &applied.result {
-            Ok(()) if applied.plan == self.plan => self.destroy_now(),
+            Ok(()) if applied.plan == self.plan => self.plan_live(),
             Ok(()) => {}
             Err(e) => tracing::error!(error = %e, "publishing the backend set failed"),
         }
         self.write_status();
+    }
+
+    /// The datapath serves the current plan.
+    fn plan_live(&mut self) {
+        if std::mem::take(&mut self.reload_pending) {
+            tracing::info!(
+                "reloaded {}: the new config is live",
+                self.opts.config_path.display()
+            );
+        }
+        self.destroy_now();
     }
 
     /// Closes nllb's connections to the backends waiting for it, on a

@@ -110,17 +110,22 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Programs the agent attaches to its cgroup: connect4/6, getpeername4/6,
+/// sock_ops and sock_release.
+pub const NLLB_PROGRAMS: usize = 6;
+
 /// Programs attached to a cgroup at nllb's hooks, one entry per program
 /// (`"<hook> prog <id>"`). Asks the kernel directly (BPF_PROG_QUERY per
 /// attach type): bpftool's listing gives up on kernels that lack attach
 /// types it knows (5.10).
 pub fn attached_programs(cgroup: &std::path::Path) -> Vec<String> {
-    const HOOKS: [(u32, &str); 5] = [
+    const HOOKS: [(u32, &str); 6] = [
         (10, "connect4"),
         (11, "connect6"),
         (29, "getpeername4"),
         (30, "getpeername6"),
         (3, "sock_ops"),
+        (34, "sock_release"),
     ];
     #[repr(C)]
     struct Query {

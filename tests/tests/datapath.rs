@@ -5,8 +5,8 @@
 use std::{net::SocketAddr, time::Duration};
 
 use nllb_tests::{
-    Agent, AgentOpts, ClientOpts, Netns, TestCgroup, TestNet, attached_programs, free_port,
-    one_service_config, privileged, run_client, vip4,
+    Agent, AgentOpts, ClientOpts, NLLB_PROGRAMS, Netns, TestCgroup, TestNet, attached_programs,
+    free_port, one_service_config, privileged, run_client, vip4,
 };
 
 const BACKEND_PORT: u16 = 6443;
@@ -347,10 +347,11 @@ fn with_detach_on_exit_sigint_and_sigterm_leave_nothing_attached_or_pinned() {
         });
         assert_eq!(
             attached_programs(cg.path()).len(),
-            5,
-            "connect4/6, getpeername4/6, sock_ops"
+            NLLB_PROGRAMS,
+            "connect4/6, getpeername4/6, sock_ops, sock_release: {:?}",
+            attached_programs(cg.path())
         );
-        assert!(agent.pin_path.join("NLLB_BACKENDS").exists());
+        assert!(agent.pin_path.join("NLLB_VIPS4").exists());
         agent.signal(sig);
         let status = agent
             .wait_exit(Duration::from_secs(10))

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nllb_tests::{
-    Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, attached_programs, free_port,
+    Agent, AgentOpts, ClientOpts, NLLB_PROGRAMS, TestCgroup, TestNet, attached_programs, free_port,
     one_service_config, privileged, run_client, vip4, wait_client,
 };
 
@@ -37,7 +37,7 @@ fn after_sigterm_the_datapath_keeps_serving_until_uninstall() {
     assert_eq!(status.code(), Some(0));
     assert_eq!(
         attached_programs(cg.path()).len(),
-        5,
+        NLLB_PROGRAMS,
         "programs must stay attached"
     );
     let report = run_client(&ClientOpts::new(vip4(port), 20, Some(cg.path())));
@@ -102,7 +102,7 @@ fn kill_restart_and_upgrade_fail_no_connect() {
     // (keeping the datapath), the new one swaps programs and maps in place.
     agent.signal(Signal::SIGTERM);
     assert!(agent.wait_exit(Duration::from_secs(5)).is_some());
-    agent.restart(&[("NLLB_LAYOUT_VERSION", "2")]);
+    agent.restart(&[("NLLB_LAYOUT_VERSION", "999")]);
     assert!(
         agent
             .log()
@@ -122,7 +122,7 @@ fn kill_restart_and_upgrade_fail_no_connect() {
     assert_eq!(report.by_body().len(), 2);
     assert_eq!(
         attached_programs(cg.path()).len(),
-        5,
+        NLLB_PROGRAMS,
         "exactly one set of programs after the upgrade"
     );
     // The new maps are the pinned ones: status reads counters from them.
