@@ -24,20 +24,21 @@ pub use events::{Event, EventKind, MarkCause};
 /// from a different layout and swaps the programs over instead.
 pub const LAYOUT_VERSION: u32 = 2;
 
-/// Services the agent can publish (counter ids are per service).
-pub const MAX_SERVICES: u32 = 32;
+/// Services the agent can publish.
+pub const MAX_SERVICES: u32 = 256;
 /// Backend slots a service table holds per address family. A backend may
 /// fill several slots: that is how a weighted pick is published.
-pub const MAX_BACKENDS: u32 = 16;
-/// Per-(service, backend) counter slots.
-pub const MAX_STATS: u32 = MAX_SERVICES * MAX_BACKENDS * 2;
+pub const MAX_BACKENDS: u32 = 64;
+/// Per-(service, backend) counter slots, a pool shared by all services
+/// (per CPU: 4096 × 32 bytes).
+pub const MAX_STATS: u32 = 4096;
 /// Live sockets nllb steered and remembers at once (getpeername, passive
 /// health, socket destroy). A socket beyond this is still steered; it only
 /// loses those extras (counted in `DatapathCounters::sockets_full`).
 pub const MAX_SOCKETS: u32 = 65536;
-pub const MAX_VIPS: u32 = 128;
+pub const MAX_VIPS: u32 = 1024;
 /// Backends the kernel can hold a passive mark for.
-pub const MAX_MARKS: u32 = MAX_SERVICES * MAX_BACKENDS * 2;
+pub const MAX_MARKS: u32 = MAX_STATS;
 /// Bytes of each event ring (a power of two, a multiple of the page size).
 pub const EVENT_RING_BYTES: u32 = 64 * 1024;
 pub const TRACE_RING_BYTES: u32 = 1024 * 1024;
@@ -247,7 +248,9 @@ pub struct DatapathCounters {
     pub events_lost: u64,
     /// Marks not recorded because `NLLB_MARKS` was full.
     pub marks_full: u64,
-    pub _pad: u64,
+    /// Steered connects whose `TCP_SYNCNT` the kernel refused from BPF
+    /// (older kernels): their SYN retries are the system's.
+    pub syncnt_refused: u64,
 }
 
 pub const CONFIG_FLAG_ALL_NETNS: u32 = 1;

@@ -86,6 +86,10 @@ pub enum Feature {
     VmlinuxBtf,
     SockDiagDestroy,
     BpfSockDestroy,
+    SockRelease,
+    MapInMapGracePeriod,
+    SockOpsTimeoutInit,
+    SetsockoptSyncnt,
 }
 
 /// What happens without a feature.
@@ -178,15 +182,58 @@ pub const FEATURES: &[FeatureInfo] = &[
     },
     // 457f44363a88 "bpf: Implement BPF ring buffer and verifier support for
     // it" (Andrii Nakryiko; BPF_MAP_TYPE_RINGBUF 5.8 in the BCC table).
-    // aya-log-ebpf 0.2 declares AYA_LOGS as a ring buffer, so the object
-    // does not load without it.
     FeatureInfo {
         feature: Feature::RingBuf,
-        name: "BPF ring buffer (aya-log)",
+        name: "BPF ring buffer",
         min: KernelVersion::new(5, 8),
         need: Need::Required,
-        used_for: "log records from the eBPF programs; the object declares the map",
+        used_for: "the kernel tells the agent of a passive mark at once (and `nllb trace` every decision); the object declares the rings",
         commit: "457f44363a88",
+    },
+    // f5836749c9c0 "bpf: Add BPF_CGROUP_INET_SOCK_RELEASE hook" (Stanislav
+    // Fomichev, July 2020, merged for 5.9).
+    FeatureInfo {
+        feature: Feature::SockRelease,
+        name: "cgroup/sock_release",
+        min: KernelVersion::new(5, 9),
+        need: Need::Required,
+        used_for: "forgets a steered socket when it closes, so per-socket state lives exactly as long as the socket",
+        commit: "f5836749c9c0",
+    },
+    // 1ae80cf31938 "bpf: wait for running BPF programs when updating
+    // map-in-map" (Daniel Colascione, 4.20): a map-of-maps update returns
+    // after an RCU grace period. Inner maps are freed after one by
+    // themselves only from 6.8 (Hou Tao's "bpf: Defer the free of inner map
+    // when necessary"); the agent holds the old table until the update
+    // returned, so both are covered.
+    FeatureInfo {
+        feature: Feature::MapInMapGracePeriod,
+        name: "map-of-maps updates wait for a grace period",
+        min: KernelVersion::new(4, 20),
+        need: Need::Required,
+        used_for: "a service's backends are swapped whole: no connect ever reads a half-published or removed set",
+        commit: "1ae80cf31938",
+    },
+    // 8550f328f45d "bpf: Support for per connection SYN/SYN-ACK RTOs"
+    // (Lawrence Brakmo, 4.13, with sock_ops itself).
+    FeatureInfo {
+        feature: Feature::SockOpsTimeoutInit,
+        name: "sock_ops TIMEOUT_INIT",
+        min: KernelVersion::new(4, 13),
+        need: Need::Degrades,
+        used_for: "a steered connect's first SYN is retransmitted after a few handshake times, not 1 s",
+        commit: "8550f328f45d",
+    },
+    // The kernel refuses options bpf_setsockopt does not know at run time,
+    // not at load time: the datapath counts refusals (`nllb status`,
+    // syncnt_refused), so the matrix shows which kernels take it.
+    FeatureInfo {
+        feature: Feature::SetsockoptSyncnt,
+        name: "bpf_setsockopt(TCP_SYNCNT) in connect4/6",
+        min: KernelVersion::new(5, 10),
+        need: Need::Degrades,
+        used_for: "the kernel gives up on a silent controller within a few SYN timeouts by itself, agent or not",
+        commit: "run-time check",
     },
     // 341dfcf8d78e "btf: expose BTF info through sysfs" (/sys/kernel/btf,
     // August 2019, merged for 5.4); needs CONFIG_DEBUG_INFO_BTF, so probed.
@@ -389,11 +436,13 @@ impl AttachProbe {
             .any(|p| p.program == program && p.attached && p.bpf_link)
     }
 
-    /// The agent's requirement: both rewrite hooks, through bpf_links.
+    /// The agent's requirement: every required program, through bpf_links.
     pub fn rewrite_works(&self) -> bool {
         self.load_error.is_none()
-            && self.attached(nllb_common::programs::CONNECT4)
-            && self.attached(nllb_common::programs::CONNECT6)
+            && crate::datapath::ebpf::PROGRAMS
+                .iter()
+                .filter(|(_, required)| *required)
+                .all(|(name, _)| self.attached(name))
     }
 
     pub fn first_error(&self) -> Option<String> {
@@ -445,11 +494,7 @@ impl Drop for ProbeCgroup {
 /// affected. Where no child can be made, the probe attaches to `parent`
 /// itself for a moment, with empty maps (no connect is rewritten).
 pub fn probe_attach(parent: &Path) -> Result<AttachProbe, String> {
-    use aya::{
-        EbpfLoader,
-        programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
-    };
-    use nllb_common::programs as p;
+    use aya::{EbpfLoader, programs::links::FdLink};
 
     if !crate::sys::is_cgroup2_dir(parent) {
         return Err(format!("{} is not a cgroup v2 directory", parent.display()));
@@ -484,61 +529,34 @@ pub fn probe_attach(parent: &Path) -> Result<AttachProbe, String> {
     let cgroup_fd = fs::File::open(&target).map_err(|e| format!("{}: {e}", target.display()))?;
     // Links live until the end of this function: dropping them detaches.
     let mut links: Vec<FdLink> = Vec::new();
-    for name in [
-        p::CONNECT4,
-        p::CONNECT6,
-        p::GETPEERNAME4,
-        p::GETPEERNAME6,
-        p::SOCK_OPS,
-    ] {
-        let Some(prog) = ebpf.program_mut(name) else {
-            report.programs.push(ProgramProbe {
-                program: name,
-                attached: false,
-                bpf_link: false,
-                error: Some("not in the eBPF object".into()),
-            });
-            continue;
-        };
-        let result: Result<Result<FdLink, String>, aya::programs::ProgramError> =
-            if name == p::SOCK_OPS {
-                (|| {
-                    let prog: &mut SockOps = prog.try_into()?;
-                    prog.load()?;
-                    let id = prog.attach(&cgroup_fd, CgroupAttachMode::Single)?;
-                    Ok(FdLink::try_from(prog.take_link(id)?).map_err(|e| e.to_string()))
-                })()
-            } else {
-                (|| {
-                    let prog: &mut CgroupSockAddr = prog.try_into()?;
-                    prog.load()?;
-                    let id = prog.attach(&cgroup_fd, CgroupAttachMode::Single)?;
-                    Ok(FdLink::try_from(prog.take_link(id)?).map_err(|e| e.to_string()))
-                })()
-            };
-        report.programs.push(match result {
-            Ok(Ok(link)) => {
-                links.push(link);
-                ProgramProbe {
-                    program: name,
-                    attached: true,
-                    bpf_link: true,
-                    error: None,
+    for (name, _) in crate::datapath::ebpf::PROGRAMS {
+        report.programs.push(
+            match crate::datapath::ebpf::load_and_attach(&mut ebpf, name, &cgroup_fd) {
+                Ok(link) => {
+                    links.push(link);
+                    ProgramProbe {
+                        program: name,
+                        attached: true,
+                        bpf_link: true,
+                        error: None,
+                    }
                 }
-            }
-            Ok(Err(e)) => ProgramProbe {
-                program: name,
-                attached: true,
-                bpf_link: false,
-                error: Some(e),
+                Err(crate::datapath::DatapathError::Other(e)) if e.contains("no bpf_link") => {
+                    ProgramProbe {
+                        program: name,
+                        attached: true,
+                        bpf_link: false,
+                        error: Some(e),
+                    }
+                }
+                Err(e) => ProgramProbe {
+                    program: name,
+                    attached: false,
+                    bpf_link: false,
+                    error: Some(crate::errors::chain(&e)),
+                },
             },
-            Err(e) => ProgramProbe {
-                program: name,
-                attached: false,
-                bpf_link: false,
-                error: Some(crate::errors::chain(&e)),
-            },
-        });
+        );
     }
     drop(links);
     drop(ebpf);

@@ -257,7 +257,10 @@ fn feature_statuses(
                 Feature::CgroupGetpeername => {
                     (probed(&[p::GETPEERNAME4, p::GETPEERNAME6]), "probe")
                 }
-                Feature::SockOps | Feature::SockOpsCallbacks => (probed(&[p::SOCK_OPS]), "probe"),
+                Feature::SockOps | Feature::SockOpsCallbacks | Feature::SockOpsTimeoutInit => {
+                    (probed(&[p::SOCK_OPS]), "probe")
+                }
+                Feature::SockRelease => (probed(&[p::SOCK_RELEASE]), "probe"),
                 Feature::CgroupBpfLink => (
                     attach
                         .filter(|a| a.load_error.is_none())

@@ -357,13 +357,24 @@ mod tests {
     #[test]
     fn kernel_counters_become_monotonic_counters() {
         let m = Metrics::new();
-        let s = |n| ServiceCounters {
-            name: "apiserver".into(),
-            per_backend: vec![("198.18.1.2:6443".parse().unwrap(), n)],
-            no_backend: 2,
+        let s = |n| crate::datapath::DatapathSnapshot {
+            services: vec![crate::datapath::ServiceSnapshot {
+                name: "apiserver".into(),
+                backends: [(
+                    "198.18.1.2:6443".parse().unwrap(),
+                    crate::datapath::BackendCounters {
+                        connects: n,
+                        ..Default::default()
+                    },
+                )]
+                .into(),
+                no_backend: 2,
+                ..Default::default()
+            }],
+            ..Default::default()
         };
-        m.sync_datapath(&[s(5)]);
-        m.sync_datapath(&[s(9)]);
+        m.sync_datapath(&s(5));
+        m.sync_datapath(&s(9));
         let text = m.render();
         assert!(
             text.contains(

@@ -23,6 +23,9 @@ pub struct ConnectResult {
     /// What getpeername() returned for the connected socket.
     pub peer: Option<String>,
     pub elapsed_us: u64,
+    /// This attempt retried a failed one at once (`ClientOpts::retry`).
+    #[serde(default)]
+    pub retry: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -37,6 +40,11 @@ impl ClientReport {
 
     pub fn failed(&self) -> Vec<&ConnectResult> {
         self.results.iter().filter(|r| !r.ok).collect()
+    }
+
+    /// The longest any single connect attempt took.
+    pub fn longest(&self) -> Duration {
+        Duration::from_micros(self.results.iter().map(|r| r.elapsed_us).max().unwrap_or(0))
     }
 
     /// How many connects each server (by body) answered.
@@ -59,6 +67,9 @@ pub struct ClientOpts {
     pub netns: Option<String>,
     pub interval: Duration,
     pub timeout: Duration,
+    /// After a failed connect, try once more at once (what client-go and
+    /// most clients do on a connection error).
+    pub retry: bool,
 }
 
 impl ClientOpts {
@@ -70,6 +81,7 @@ impl ClientOpts {
             netns: None,
             interval: Duration::ZERO,
             timeout: Duration::from_secs(3),
+            retry: false,
         }
     }
 
@@ -86,6 +98,9 @@ impl ClientOpts {
         }
         if let Some(n) = &self.netns {
             cmd.arg("--netns").arg(n);
+        }
+        if self.retry {
+            cmd.arg("--retry");
         }
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd

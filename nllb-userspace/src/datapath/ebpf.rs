@@ -43,7 +43,7 @@ pub struct EbpfOptions {
 /// connect4 must be forgotten when it closes, so the forgetting has to be in
 /// place before anything is remembered. The rewrite hooks are required;
 /// without the others the datapath still steers (with a warning).
-const PROGRAMS: [(&str, bool); 6] = [
+pub const PROGRAMS: [(&str, bool); 6] = [
     (programs::SOCK_RELEASE, true),
     (programs::SOCK_OPS, false),
     (programs::GETPEERNAME4, false),
@@ -268,6 +268,17 @@ fn install_program(
     Ok("attached")
 }
 
+/// Loads `name` and attaches it to `cgroup` through a bpf_link (what the
+/// agent pins, and what `nllb detect` probes with).
+pub(crate) fn load_and_attach(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &fs::File,
+) -> Result<FdLink, DatapathError> {
+    load(ebpf, name)?;
+    attach(ebpf, name, cgroup)
+}
+
 fn program_mut<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
@@ -423,6 +434,7 @@ impl Datapath for EbpfDatapath {
                 sockets_full: c.sockets_full,
                 events_lost: c.events_lost,
                 marks_full: c.marks_full,
+                syncnt_refused: c.syncnt_refused,
                 missing_programs: self.missing.clone(),
             }),
             envoy: None,

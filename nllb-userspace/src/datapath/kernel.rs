@@ -282,6 +282,7 @@ impl KernelMaps {
             a.sockets_full += b.sockets_full;
             a.events_lost += b.events_lost;
             a.marks_full += b.marks_full;
+            a.syncnt_refused += b.syncnt_refused;
         })
     }
 

@@ -120,6 +120,8 @@ pub struct KernelCounters {
     pub sockets_full: u64,
     pub events_lost: u64,
     pub marks_full: u64,
+    /// Steered connects whose SYN retry cap the kernel refused.
+    pub syncnt_refused: u64,
     /// Optional programs the kernel refused (the datapath runs without).
     pub missing_programs: Vec<&'static str>,
 }

@@ -14,7 +14,7 @@ use std::{
     net::SocketAddr,
 };
 
-use nllb_common::{MAX_BACKENDS, MAX_SERVICES, ServiceTable, TABLE_FLAG_PANIC};
+use nllb_common::{MAX_BACKENDS, MAX_SERVICES, MAX_STATS, ServiceTable, TABLE_FLAG_PANIC};
 
 use super::{
     DatapathError,
@@ -23,8 +23,9 @@ use super::{
 };
 use crate::model::{BackendFacts, Plan, ServicePlan};
 
-/// Counter slots reserved per service (both families).
-const STATS_PER_SERVICE: u32 = MAX_BACKENDS * 2;
+/// Counter slots a service keeps at most (both families): those of its
+/// published backends and of backends it may publish again soon.
+const STATS_PER_SERVICE: usize = MAX_BACKENDS as usize * 2;
 
 #[derive(Debug, Clone)]
 struct ServiceEntry {
@@ -54,6 +55,7 @@ impl Tables {
             .collect();
         for name in gone {
             let entry = self.services.remove(&name).expect("listed above");
+            // Its id and counter slots are free once this returned.
             kernel.unpublish(&entry.listen)?;
             tracing::info!(service = %name, "service removed from the datapath");
         }
@@ -94,6 +96,11 @@ impl Tables {
             );
         }
         let generation = self.generation;
+        let mut used_stats: BTreeSet<u32> = self
+            .services
+            .values()
+            .flat_map(|e| e.stat_ids.values().map(|(id, _)| *id))
+            .collect();
         let entry = self.services.get_mut(&sp.name).expect("inserted above");
         // Before any slot is taken back: backends in this plan are in use.
         for b in &sp.backends {
@@ -107,7 +114,7 @@ impl Tables {
             ..Default::default()
         };
         for b in &sp.backends {
-            let stat_id = stat_id(kernel, entry, *b, generation)?;
+            let stat_id = stat_id(kernel, &mut used_stats, entry, *b, generation)?;
             let f = facts.get(b).cloned().unwrap_or_default();
             let mut slot = backend_slot(*b, stat_id);
             slot.syn_rto_ms = f
@@ -211,10 +218,12 @@ impl Tables {
     }
 }
 
-/// The backend's counter slot in this service, taking a new one (or the
-/// one unused longest) when it has none.
+/// The backend's counter slot in this service: its own, a free one from the
+/// pool, or, when the service already holds as many as it may, the one it
+/// published least recently (never one in the table being built).
 fn stat_id(
     kernel: &mut KernelMaps,
+    used: &mut BTreeSet<u32>,
     entry: &mut ServiceEntry,
     backend: SocketAddr,
     generation: u64,
@@ -222,21 +231,28 @@ fn stat_id(
     if let Some((id, _)) = entry.stat_ids.get(&backend) {
         return Ok(*id);
     }
-    let base = entry.id * STATS_PER_SERVICE;
-    let used: BTreeSet<u32> = entry.stat_ids.values().map(|(id, _)| *id).collect();
-    let id = match (base..base + STATS_PER_SERVICE).find(|i| !used.contains(i)) {
-        Some(id) => id,
-        None => {
-            // Published tables never hold more than STATS_PER_SERVICE
-            // backends, so the least recently published one is not in the
-            // table about to be built.
-            let (addr, (id, _)) = entry
+    let reuse = (entry.stat_ids.len() >= STATS_PER_SERVICE)
+        .then(|| {
+            entry
                 .stat_ids
                 .iter()
+                .filter(|(_, (_, seen))| *seen < generation)
                 .min_by_key(|(_, (_, seen))| *seen)
-                .map(|(a, v)| (*a, *v))
-                .expect("all slots used");
+        })
+        .flatten()
+        .map(|(a, (id, _))| (*a, *id));
+    let id = match reuse {
+        Some((addr, id)) => {
             entry.stat_ids.remove(&addr);
+            id
+        }
+        None => {
+            let id = (0..MAX_STATS).find(|i| !used.contains(i)).ok_or_else(|| {
+                DatapathError::Other(format!(
+                    "more than {MAX_STATS} (service, backend) counters in use"
+                ))
+            })?;
+            used.insert(id);
             id
         }
     };

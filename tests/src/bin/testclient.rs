@@ -26,6 +26,9 @@ struct Args {
     interval_ms: u64,
     #[arg(long, default_value_t = 3000)]
     timeout_ms: u64,
+    /// After a failed connect, try once more at once.
+    #[arg(long)]
+    retry: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,7 +49,15 @@ fn main() -> anyhow::Result<()> {
         if let Some(wait) = due.checked_sub(start.elapsed()) {
             std::thread::sleep(wait);
         }
-        report.results.push(one(args.addr, timeout, start));
+        let first = one(args.addr, timeout, start);
+        let failed = !first.ok;
+        report.results.push(first);
+        if failed && args.retry {
+            report.results.push(ConnectResult {
+                retry: true,
+                ..one(args.addr, timeout, start)
+            });
+        }
     }
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
@@ -62,6 +73,7 @@ fn one(addr: SocketAddr, timeout: Duration, start: Instant) -> ConnectResult {
         body: None,
         peer: None,
         elapsed_us: 0,
+        retry: false,
     };
     match TcpStream::connect_timeout(&addr, timeout) {
         Ok(mut s) => {
