@@ -9,11 +9,7 @@ fn main() -> anyhow::Result<()> {
     add_cached_bpf_linker_to_path();
     let toolchain = ebpf_toolchain();
     aya_build::build_ebpf(
-        [Package {
-            name: "nllb-ebpf",
-            root_dir: &root_dir,
-            ..Default::default()
-        }],
+        [Package { name: "nllb-ebpf", root_dir: &root_dir, ..Default::default() }],
         Toolchain::Custom(&toolchain),
     )
     .context("building the eBPF programs; run `cargo xtask setup` first if bpf-linker is missing")
@@ -31,10 +27,7 @@ fn cache_dir() -> Option<PathBuf> {
 /// to `$NLLB_CACHE/ebpf-toolchain`, else plain `nightly`.
 fn ebpf_toolchain() -> String {
     println!("cargo:rerun-if-env-changed=NLLB_EBPF_TOOLCHAIN");
-    if let Some(t) = std::env::var("NLLB_EBPF_TOOLCHAIN")
-        .ok()
-        .filter(|t| !t.is_empty())
-    {
+    if let Some(t) = std::env::var("NLLB_EBPF_TOOLCHAIN").ok().filter(|t| !t.is_empty()) {
         return t;
     }
     let chosen = cache_dir().map(|c| c.join("ebpf-toolchain"));
@@ -54,16 +47,12 @@ fn ebpf_toolchain() -> String {
 /// (default `~/.cache/nllb`); find it there so a plain `cargo build` works.
 fn add_cached_bpf_linker_to_path() {
     println!("cargo:rerun-if-env-changed=NLLB_CACHE");
-    let Some(bin) = cache_dir().map(|c| c.join("bpf-linker/bin")) else {
-        return;
-    };
+    let Some(bin) = cache_dir().map(|c| c.join("bpf-linker/bin")) else { return };
     if !bin.join("bpf-linker").exists() {
         return;
     }
     let mut paths = vec![bin];
-    paths.extend(std::env::split_paths(
-        &std::env::var_os("PATH").unwrap_or_default(),
-    ));
+    paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
     if let Ok(joined) = std::env::join_paths(paths) {
         // SAFETY: build scripts are single-threaded at this point; aya-build
         // passes PATH on to the cargo it spawns.

@@ -14,8 +14,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use nllb_common::{
-    BackendKey, BackendSlot, CONFIG_FLAG_ALL_NETNS, CONFIG_FLAG_PASSIVE, DatapathConfig, FAMILY_V4,
-    FAMILY_V6, MAX_BACKENDS, Vip4Key, Vip6Key,
+    BackendKey, BackendSlot, CONFIG_FLAG_ALL_NETNS, CONFIG_FLAG_PASSIVE, DatapathConfig, FAMILY_V4, FAMILY_V6,
+    MAX_BACKENDS, Vip4Key, Vip6Key,
     events::{STEER_ALL_MARKED, STEER_FIRST_PICK, STEER_SKIPPED_MARKED},
 };
 
@@ -64,22 +64,11 @@ pub fn sock4_connect(ctx: &SockAddrContext) {
     if sa.type_ != SOCK_STREAM {
         return;
     }
-    let dialed = Dialed {
-        addr: [sa.user_ip4, 0, 0, 0],
-        port: sa.user_port as u16,
-        family: FAMILY_V4,
-    };
+    let dialed = Dialed { addr: [sa.user_ip4, 0, 0, 0], port: sa.user_port as u16, family: FAMILY_V4 };
     // SAFETY: only the inner map pointer is read from the outer element.
-    let Some(table) = (unsafe {
-        NLLB_VIPS4.get_value(
-            &Vip4Key {
-                addr: dialed.addr[0],
-                port: dialed.port,
-                _pad: 0,
-            },
-            &0,
-        )
-    }) else {
+    let Some(table) =
+        (unsafe { NLLB_VIPS4.get_value(&Vip4Key { addr: dialed.addr[0], port: dialed.port, _pad: 0 }, &0) })
+    else {
         return;
     };
     match xlate_fwd(ctx, table, Family::V4, &dialed) {
@@ -102,39 +91,17 @@ pub fn sock6_connect(ctx: &SockAddrContext) {
         return;
     }
     let ip6 = sa.user_ip6;
-    let dialed = Dialed {
-        addr: ip6,
-        port: sa.user_port as u16,
-        family: FAMILY_V6,
-    };
+    let dialed = Dialed { addr: ip6, port: sa.user_port as u16, family: FAMILY_V6 };
     let mapped = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == MAPPED_PREFIX;
     let verdict = if mapped {
         // SAFETY: as in sock4_connect.
-        match unsafe {
-            NLLB_VIPS4.get_value(
-                &Vip4Key {
-                    addr: ip6[3],
-                    port: dialed.port,
-                    _pad: 0,
-                },
-                &0,
-            )
-        } {
+        match unsafe { NLLB_VIPS4.get_value(&Vip4Key { addr: ip6[3], port: dialed.port, _pad: 0 }, &0) } {
             Some(table) => xlate_fwd(ctx, table, Family::V4Mapped, &dialed),
             None => return,
         }
     } else {
         // SAFETY: as in sock4_connect.
-        match unsafe {
-            NLLB_VIPS6.get_value(
-                &Vip6Key {
-                    addr: ip6,
-                    port: dialed.port,
-                    _pad: 0,
-                },
-                &0,
-            )
-        } {
+        match unsafe { NLLB_VIPS6.get_value(&Vip6Key { addr: ip6, port: dialed.port, _pad: 0 }, &0) } {
             // A native IPv6 virtual address prefers IPv6 backends; a
             // dual-stack socket can still reach IPv4 ones, mapped.
             Some(table) if table.count6 > 0 => xlate_fwd(ctx, table, Family::V6, &dialed),
@@ -148,11 +115,8 @@ pub fn sock6_connect(ctx: &SockAddrContext) {
             sa.user_port = u32::from(port);
         }
         Verdict::Refuse => {
-            let lo = if mapped {
-                [0, 0, MAPPED_PREFIX, LOOPBACK4]
-            } else {
-                [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
-            };
+            let lo =
+                if mapped { [0, 0, MAPPED_PREFIX, LOOPBACK4] } else { [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])] };
             write_ip6(sa, lo);
             sa.user_port = 0;
         }
@@ -171,12 +135,7 @@ enum Family {
 }
 
 #[inline(always)]
-fn xlate_fwd(
-    ctx: &SockAddrContext,
-    table: &nllb_common::ServiceTable,
-    fam: Family,
-    dialed: &Dialed,
-) -> Verdict {
+fn xlate_fwd(ctx: &SockAddrContext, table: &nllb_common::ServiceTable, fam: Family, dialed: &Dialed) -> Verdict {
     let Some(cfg) = NLLB_CONFIG.get(0) else {
         return Verdict::Pass;
     };
@@ -194,11 +153,7 @@ fn xlate_fwd(
     }
     let pick = pick(slots, count, cfg);
     let slot = &slots[slot_index(pick.idx)];
-    let backend = if fam == Family::V4Mapped {
-        [0, 0, MAPPED_PREFIX, slot.addr[0]]
-    } else {
-        slot.addr
-    };
+    let backend = if fam == Family::V4Mapped { [0, 0, MAPPED_PREFIX, slot.addr[0]] } else { slot.addr };
     bump_backend(slot.stat_id, |c| c.connects += 1);
     if pick.cause == STEER_ALL_MARKED {
         bump_service(table.svc_id, |c| c.all_marked += 1);
@@ -210,12 +165,7 @@ fn xlate_fwd(
             ctx,
             table.svc_id,
             dialed,
-            Decision::Steer {
-                slot,
-                backend,
-                cause: pick.cause,
-                skipped,
-            },
+            Decision::Steer { slot, backend, cause: pick.cause, skipped },
         );
     }
     Verdict::Steer(backend, slot.port)
@@ -238,11 +188,7 @@ fn pick(slots: &[BackendSlot; MAX_BACKENDS as usize], count: u32, cfg: &Datapath
     // SAFETY: plain helper call.
     let start = unsafe { bpf_get_prandom_u32() } % count;
     if cfg.flags & CONFIG_FLAG_PASSIVE == 0 {
-        return Pick {
-            idx: start,
-            cause: STEER_FIRST_PICK,
-            skipped: BackendKey::default(),
-        };
+        return Pick { idx: start, cause: STEER_FIRST_PICK, skipped: BackendKey::default() };
     }
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -250,11 +196,7 @@ fn pick(slots: &[BackendSlot; MAX_BACKENDS as usize], count: u32, cfg: &Datapath
     let mut oldest = start;
     let mut oldest_ns = u64::MAX;
     let first = &slots[slot_index(start)];
-    let skipped = BackendKey {
-        addr: first.addr,
-        port: first.port,
-        family: first.family,
-    };
+    let skipped = BackendKey { addr: first.addr, port: first.port, family: first.family };
     let mut i = 0;
     while i < MAX_BACKENDS {
         if i >= count {
@@ -266,16 +208,8 @@ fn pick(slots: &[BackendSlot; MAX_BACKENDS as usize], count: u32, cfg: &Datapath
         }
         match marks::marked(&slots[slot_index(idx)], now, hold_ns) {
             None => {
-                let cause = if i == 0 {
-                    STEER_FIRST_PICK
-                } else {
-                    STEER_SKIPPED_MARKED
-                };
-                return Pick {
-                    idx,
-                    cause,
-                    skipped,
-                };
+                let cause = if i == 0 { STEER_FIRST_PICK } else { STEER_SKIPPED_MARKED };
+                return Pick { idx, cause, skipped };
             }
             Some(failed_ns) if failed_ns < oldest_ns => {
                 oldest_ns = failed_ns;
@@ -285,11 +219,7 @@ fn pick(slots: &[BackendSlot; MAX_BACKENDS as usize], count: u32, cfg: &Datapath
         }
         i += 1;
     }
-    Pick {
-        idx: oldest,
-        cause: STEER_ALL_MARKED,
-        skipped,
-    }
+    Pick { idx: oldest, cause: STEER_ALL_MARKED, skipped }
 }
 
 /// hostNetworkOnly: rewrite only sockets of the agent's network namespace
@@ -300,11 +230,8 @@ fn in_scope(ctx: &SockAddrContext, cfg: &DatapathConfig) -> bool {
         return true;
     }
     // SAFETY: a NULL context asks for the initial namespace's cookie.
-    let host = if cfg.host_netns_cookie != 0 {
-        cfg.host_netns_cookie
-    } else {
-        unsafe { bpf_get_netns_cookie(null_mut()) }
-    };
+    let host =
+        if cfg.host_netns_cookie != 0 { cfg.host_netns_cookie } else { unsafe { bpf_get_netns_cookie(null_mut()) } };
     // SAFETY: the context pointer is valid for the helper.
     unsafe { bpf_get_netns_cookie(ctx.as_ptr()) == host }
 }

@@ -30,14 +30,7 @@ pub fn tracing() -> bool {
 
 /// A mark or a recovery of `key`: to the agent, and to a tracer if any.
 #[inline(always)]
-pub fn backend_event(
-    kind: EventKind,
-    cause: u32,
-    key: &BackendKey,
-    cookie: u64,
-    svc_id: u32,
-    now: u64,
-) {
+pub fn backend_event(kind: EventKind, cause: u32, key: &BackendKey, cookie: u64, svc_id: u32, now: u64) {
     let fill = |e: &mut Event| {
         e.ts_ns = now;
         e.kind = kind as u32;
@@ -55,12 +48,7 @@ pub fn backend_event(
 }
 
 pub enum Decision<'a> {
-    Steer {
-        slot: &'a BackendSlot,
-        backend: [u32; 4],
-        cause: u32,
-        skipped: Option<&'a BackendKey>,
-    },
+    Steer { slot: &'a BackendSlot, backend: [u32; 4], cause: u32, skipped: Option<&'a BackendKey> },
     Refuse,
 }
 
@@ -87,12 +75,7 @@ pub fn trace_decision(ctx: &SockAddrContext, svc_id: u32, dialed: &Dialed, decis
         e.vip = dialed.addr;
         e.vip_port = dialed.port;
         match decision {
-            Decision::Steer {
-                slot,
-                backend,
-                cause,
-                skipped,
-            } => {
+            Decision::Steer { slot, backend, cause, skipped } => {
                 e.kind = EventKind::Steer as u32;
                 e.cause = cause;
                 e.backend = backend;

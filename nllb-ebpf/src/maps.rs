@@ -7,9 +7,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use nllb_common::{
-    BackendCounters, BackendKey, DatapathConfig, DatapathCounters, EVENT_RING_BYTES, Event,
-    MAX_MARKS, MAX_SERVICES, MAX_SOCKETS, MAX_STATS, MAX_VIPS, PassiveMark, ServiceCounters,
-    ServiceTable, SockState, TRACE_RING_BYTES, TraceControl, Vip4Key, Vip6Key,
+    BackendCounters, BackendKey, DatapathConfig, DatapathCounters, EVENT_RING_BYTES, Event, MAX_MARKS, MAX_SERVICES,
+    MAX_SOCKETS, MAX_STATS, MAX_VIPS, PassiveMark, ServiceCounters, ServiceTable, SockState, TRACE_RING_BYTES,
+    TraceControl, Vip4Key, Vip6Key,
 };
 
 /// The table of one service: an array of one element, swapped whole.
@@ -27,11 +27,9 @@ pub static NLLB_MARKS: HashMap<BackendKey, PassiveMark, { MAX_MARKS as usize }> 
 #[btf_map]
 pub static NLLB_SOCKETS: HashMap<u64, SockState, { MAX_SOCKETS as usize }> = HashMap::new();
 #[btf_map]
-pub static NLLB_BACKEND_STATS: PerCpuArray<BackendCounters, { MAX_STATS as usize }> =
-    PerCpuArray::new();
+pub static NLLB_BACKEND_STATS: PerCpuArray<BackendCounters, { MAX_STATS as usize }> = PerCpuArray::new();
 #[btf_map]
-pub static NLLB_SERVICE_STATS: PerCpuArray<ServiceCounters, { MAX_SERVICES as usize }> =
-    PerCpuArray::new();
+pub static NLLB_SERVICE_STATS: PerCpuArray<ServiceCounters, { MAX_SERVICES as usize }> = PerCpuArray::new();
 #[btf_map]
 pub static NLLB_DATAPATH_STATS: PerCpuArray<DatapathCounters, 1> = PerCpuArray::new();
 #[btf_map]

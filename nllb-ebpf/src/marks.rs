@@ -23,18 +23,10 @@ const EVENT_INTERVAL_NS: u64 = 100_000_000;
 /// When the backend's mark is in force, the time it was set.
 #[inline(always)]
 pub fn marked(slot: &BackendSlot, now: u64, hold_ns: u64) -> Option<u64> {
-    let key = BackendKey {
-        addr: slot.addr,
-        port: slot.port,
-        family: slot.family,
-    };
+    let key = BackendKey { addr: slot.addr, port: slot.port, family: slot.family };
     // SAFETY: the value is copied out at once (see the module comment).
     let m = unsafe { NLLB_MARKS.get(&key) }.copied()?;
-    let fence = if slot.cleared_ns > m.recovered_ns {
-        slot.cleared_ns
-    } else {
-        m.recovered_ns
-    };
+    let fence = if slot.cleared_ns > m.recovered_ns { slot.cleared_ns } else { m.recovered_ns };
     (m.failed_ns > fence && now.wrapping_sub(m.failed_ns) < hold_ns).then_some(m.failed_ns)
 }
 
@@ -45,12 +37,7 @@ pub fn mark(key: &BackendKey, cause: MarkCause, cookie: u64, svc_id: u32) {
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: copied out at once.
     let prev = unsafe { NLLB_MARKS.get(key) }.copied().unwrap_or_default();
-    let next = PassiveMark {
-        failed_ns: now,
-        recovered_ns: prev.recovered_ns,
-        cause: cause as u32,
-        _pad: 0,
-    };
+    let next = PassiveMark { failed_ns: now, recovered_ns: prev.recovered_ns, cause: cause as u32, _pad: 0 };
     if NLLB_MARKS.insert(key, &next, 0).is_err() {
         bump_datapath(|c| c.marks_full += 1);
     }
@@ -72,10 +59,7 @@ pub fn recover(key: &BackendKey, cookie: impl FnOnce() -> u64) -> bool {
     }
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    let next = PassiveMark {
-        recovered_ns: now,
-        ..prev
-    };
+    let next = PassiveMark { recovered_ns: now, ..prev };
     let _ = NLLB_MARKS.insert(key, &next, 0);
     events::backend_event(EventKind::Recover, 0, key, cookie(), 0, now);
     true

@@ -20,9 +20,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TIMEOUT_INIT,
-        BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TIMEOUT_INIT, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
     },
     programs::SockOpsContext,
 };
@@ -64,9 +63,7 @@ pub fn on_sock_ops(ctx: &SockOpsContext) {
 
 #[inline(always)]
 fn passive_on() -> bool {
-    NLLB_CONFIG
-        .get(0)
-        .is_some_and(|c| c.flags & CONFIG_FLAG_PASSIVE != 0)
+    NLLB_CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_FLAG_PASSIVE != 0)
 }
 
 #[inline(always)]
@@ -89,9 +86,7 @@ fn timeout_init(ctx: &SockOpsContext) {
 fn established(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags((ctx.cb_flags() & !OUR_FLAGS) as i32);
     // Cheap for an unmarked backend: one hash lookup that misses.
-    marks::recover(&remote_key(ctx), || {
-        sockets::of_sock_ops(ctx).map(|s| s.cookie).unwrap_or(0)
-    });
+    marks::recover(&remote_key(ctx), || sockets::of_sock_ops(ctx).map(|s| s.cookie).unwrap_or(0));
 }
 
 #[inline(always)]
@@ -104,12 +99,7 @@ fn closed_in_syn_sent(ctx: &SockOpsContext) {
         return;
     };
     bump_backend(state.stat_id, |c| c.refused += 1);
-    marks::mark(
-        &remote_key(ctx),
-        MarkCause::Refused,
-        state.cookie,
-        state.svc_id,
-    );
+    marks::mark(&remote_key(ctx), MarkCause::Refused, state.cookie, state.svc_id);
 }
 
 #[inline(always)]
@@ -118,12 +108,7 @@ fn syn_rto(ctx: &SockOpsContext) {
         return;
     };
     bump_backend(state.stat_id, |c| c.syn_timeouts += 1);
-    marks::mark(
-        &remote_key(ctx),
-        MarkCause::SynTimeout,
-        state.cookie,
-        state.svc_id,
-    );
+    marks::mark(&remote_key(ctx), MarkCause::SynTimeout, state.cookie, state.svc_id);
 }
 
 /// The remote end of a sock_ops socket as a backend key; IPv4-mapped IPv6
@@ -134,30 +119,14 @@ fn remote_key(ctx: &SockOpsContext) -> BackendKey {
     // little-endian kernels (a quirk of the sock_ops context); port 0 is never
     // a backend, so the lower half being 0 tells which layout this is.
     let raw = ctx.remote_port();
-    let port = if raw & 0xffff == 0 {
-        (raw >> 16) as u16
-    } else {
-        raw as u16
-    };
+    let port = if raw & 0xffff == 0 { (raw >> 16) as u16 } else { raw as u16 };
     if ctx.family() == u32::from(FAMILY_V6) {
         let ip6 = ctx.remote_ip6();
         if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == MAPPED_PREFIX {
-            return BackendKey {
-                addr: [ip6[3], 0, 0, 0],
-                port,
-                family: FAMILY_V4,
-            };
+            return BackendKey { addr: [ip6[3], 0, 0, 0], port, family: FAMILY_V4 };
         }
-        BackendKey {
-            addr: ip6,
-            port,
-            family: FAMILY_V6,
-        }
+        BackendKey { addr: ip6, port, family: FAMILY_V6 }
     } else {
-        BackendKey {
-            addr: [ctx.remote_ip4(), 0, 0, 0],
-            port,
-            family: FAMILY_V4,
-        }
+        BackendKey { addr: [ctx.remote_ip4(), 0, 0, 0], port, family: FAMILY_V4 }
     }
 }

@@ -49,11 +49,7 @@ pub fn remember(
         _pad: 0,
         svc_id,
         stat_id: slot.stat_id,
-        syn_rto_jiffies: if passive {
-            ms_to_jiffies(slot.syn_rto_ms, cfg.hz)
-        } else {
-            0
-        },
+        syn_rto_jiffies: if passive { ms_to_jiffies(slot.syn_rto_ms, cfg.hz) } else { 0 },
     };
     if NLLB_SOCKETS.insert(&cookie, &state, 0).is_err() {
         bump_datapath(|c| c.sockets_full += 1);
@@ -63,13 +59,7 @@ pub fn remember(
         // SAFETY: optval points at an i32 on the stack for the call. A
         // kernel that refuses the option keeps its own tcp_syn_retries.
         unsafe {
-            bpf_setsockopt(
-                ctx.as_ptr(),
-                SOL_TCP,
-                TCP_SYNCNT,
-                (&mut n as *mut i32).cast::<c_void>(),
-                4,
-            );
+            bpf_setsockopt(ctx.as_ptr(), SOL_TCP, TCP_SYNCNT, (&mut n as *mut i32).cast::<c_void>(), 4);
         }
     }
 }
@@ -81,11 +71,7 @@ fn ms_to_jiffies(ms: u32, hz: u32) -> u32 {
         return 0;
     }
     let j = (u64::from(ms) * u64::from(hz)).div_ceil(1000);
-    if j > u64::from(u32::MAX) {
-        u32::MAX
-    } else {
-        j as u32
-    }
+    if j > u64::from(u32::MAX) { u32::MAX } else { j as u32 }
 }
 
 #[inline(always)]

@@ -88,16 +88,12 @@ pub fn validate(opts: &AgentOptions) -> Result<(Config, PathBuf), AgentError> {
     let config = Config::load_with(&opts.config_path, opts.k0s_config.as_deref())?;
     let cgroup = match &opts.cgroup {
         Some(c) => c.clone(),
-        None => sys::cgroup2_mount()
-            .map_err(|e| ConfigError::new("--cgroup", format!("{e}; pass --cgroup DIR")))?,
+        None => sys::cgroup2_mount().map_err(|e| ConfigError::new("--cgroup", format!("{e}; pass --cgroup DIR")))?,
     };
     if !cgroup.is_dir() {
         return Err(ConfigError::new(
             "--cgroup",
-            format!(
-                "{} is not a directory; pass a directory under the cgroup2 mount",
-                cgroup.display()
-            ),
+            format!("{} is not a directory; pass a directory under the cgroup2 mount", cgroup.display()),
         )
         .into());
     }
@@ -107,10 +103,7 @@ pub fn validate(opts: &AgentOptions) -> Result<(Config, PathBuf), AgentError> {
     if requested == Mode::Ebpf && !sys::is_cgroup2_dir(&cgroup) {
         return Err(ConfigError::new(
             "--cgroup",
-            format!(
-                "{} is not a cgroup v2 directory; pass a directory under the cgroup2 mount",
-                cgroup.display()
-            ),
+            format!("{} is not a cgroup v2 directory; pass a directory under the cgroup2 mount", cgroup.display()),
         )
         .into());
     }
@@ -126,10 +119,7 @@ pub fn validate(opts: &AgentOptions) -> Result<(Config, PathBuf), AgentError> {
 
 /// The controller set in force: discovered (or cached) when discovery is
 /// on, else the static seed.
-fn controllers(
-    discovered: &Option<watch::Receiver<DiscoveredSet>>,
-    seed: &[IpAddr],
-) -> Vec<IpAddr> {
+fn controllers(discovered: &Option<watch::Receiver<DiscoveredSet>>, seed: &[IpAddr]) -> Vec<IpAddr> {
     match discovered {
         Some(rx) => rx.borrow().controllers.clone(),
         None => seed.to_vec(),
@@ -165,13 +155,8 @@ async fn next_events(reader: &mut Option<EventReader>) -> Vec<KernelEvent> {
 fn probe_observer(metrics: &Arc<Metrics>) -> health::ProbeObserver {
     let metrics = metrics.clone();
     Arc::new(move |target, took| {
-        let labels = metrics::AddrLabels {
-            backend: target.to_string(),
-        };
-        metrics
-            .probe_duration
-            .get_or_create(&labels)
-            .observe(took.as_secs_f64());
+        let labels = metrics::AddrLabels { backend: target.to_string() };
+        metrics.probe_duration.get_or_create(&labels).observe(took.as_secs_f64());
     })
 }
 
@@ -241,21 +226,12 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     health.beat();
     let metrics_addr = metrics::serve(metrics_addr, metrics.clone(), health.clone())
         .await
-        .map_err(|e| {
-            AgentError::Io(std::io::Error::new(
-                e.kind(),
-                format!("metrics address {metrics_addr}: {e}"),
-            ))
-        })?;
+        .map_err(|e| AgentError::Io(std::io::Error::new(e.kind(), format!("metrics address {metrics_addr}: {e}"))))?;
     // Starts with the cache or the seed, so the first plan never waits for the API.
-    let discovered = config.discovery.kubernetes.clone().map(|k| {
-        crate::discovery::spawn(
-            k,
-            config.services.clone(),
-            opts.state_dir.clone(),
-            config.backends.clone(),
-        )
-    });
+    let discovered =
+        config.discovery.kubernetes.clone().map(|k| {
+            crate::discovery::spawn(k, config.services.clone(), opts.state_dir.clone(), config.backends.clone())
+        });
     let backends = controllers(&discovered, &config.backends);
     // Before anything is attached, so unreadable TLS material exits 2 clean.
     let monitor = Monitor::spawn(config.health.clone())?;
@@ -264,34 +240,24 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let health_rx = monitor.subscribe();
     let mut transitions = Transitions::new();
     // Every backend starts healthy: no black hole while the first probes run.
-    let plan = transitions
-        .react(&config.services, &backends, &health_rx.borrow())
-        .plan;
+    let plan = transitions.react(&config.services, &backends, &health_rx.borrow()).plan;
     let requested = opts.mode.or(config.mode).unwrap_or(Mode::Auto);
-    let envoy_binary = opts
-        .envoy_binary
-        .clone()
-        .or_else(|| config.envoy.binary.clone());
-    let mut datapath: Box<dyn Datapath> =
-        match crate::detect::select_mode(requested, &cgroup, envoy_binary.as_deref())? {
-            Mode::Envoy => Box::new(crate::envoy::start_datapath(
-                &config,
-                envoy_binary.as_deref(),
-                &opts.run_dir,
-                &plan,
-            )?),
-            Mode::Ebpf | Mode::Auto => Box::new(EbpfDatapath::install(
-                EbpfOptions {
-                    cgroup: cgroup.clone(),
-                    pin_path: opts.pin_path.clone(),
-                    host_network_only: config.host_network_only,
-                    passive: config.passive.enabled,
-                    eject_hold: config.passive.eject_hold,
-                    syn_retries: config.passive.syn_retries,
-                },
-                &plan,
-            )?),
-        };
+    let envoy_binary = opts.envoy_binary.clone().or_else(|| config.envoy.binary.clone());
+    let mut datapath: Box<dyn Datapath> = match crate::detect::select_mode(requested, &cgroup, envoy_binary.as_deref())?
+    {
+        Mode::Envoy => Box::new(crate::envoy::start_datapath(&config, envoy_binary.as_deref(), &opts.run_dir, &plan)?),
+        Mode::Ebpf | Mode::Auto => Box::new(EbpfDatapath::install(
+            EbpfOptions {
+                cgroup: cgroup.clone(),
+                pin_path: opts.pin_path.clone(),
+                host_network_only: config.host_network_only,
+                passive: config.passive.enabled,
+                eject_hold: config.passive.eject_hold,
+                syn_retries: config.passive.syn_retries,
+            },
+            &plan,
+        )?),
+    };
     if datapath.kind() == DatapathKind::Ebpf
         && let Some(v) = crate::compat::running_kernel()
     {
@@ -330,8 +296,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     agent.metrics.set_mode(kind.name());
     let result = agent.serve().await;
     // Envoy is the agent's child: it always goes with the agent.
-    let detach =
-        agent.opts.detach_on_exit || agent.config.detach_on_exit || kind == DatapathKind::Envoy;
+    let detach = agent.opts.detach_on_exit || agent.config.detach_on_exit || kind == DatapathKind::Envoy;
     let run_dir = agent.opts.run_dir.clone();
     let pin_path = agent.opts.pin_path.clone();
     let stopped = agent.datapath.stop(detach).await;
@@ -392,12 +357,7 @@ impl Agent {
     }
 
     fn reject_reload(&self, e: &dyn std::fmt::Display) {
-        self.metrics
-            .reloads
-            .get_or_create(&metrics::ModeLabels {
-                mode: "rejected".into(),
-            })
-            .inc();
+        self.metrics.reloads.get_or_create(&metrics::ModeLabels { mode: "rejected".into() }).inc();
         tracing::error!(error = %e, "reload rejected: keeping the running config");
     }
 
@@ -417,13 +377,7 @@ impl Agent {
         let text = std::fs::read_to_string(&self.opts.config_path).unwrap_or_default();
         // Remembered even when rejected, so a bad file is reported once.
         self.config_text = text.clone();
-        let derived = match self
-            .opts
-            .k0s_config
-            .as_deref()
-            .map(crate::k0s::services_from_k0s)
-            .transpose()
-        {
+        let derived = match self.opts.k0s_config.as_deref().map(crate::k0s::services_from_k0s).transpose() {
             Ok(d) => d.unwrap_or_default(),
             Err(e) => {
                 self.reject_reload(&e);
@@ -446,8 +400,8 @@ impl Agent {
                 "hostNetworkOnly, passive.enabled, passive.ejectHold and passive.synRetries take effect after a restart"
             );
         }
-        let health_changed = serde_json::to_value(&config.health).ok()
-            != serde_json::to_value(&self.config.health).ok();
+        let health_changed =
+            serde_json::to_value(&config.health).ok() != serde_json::to_value(&self.config.health).ok();
         if health_changed {
             // New probe settings: a fresh monitor (backends start healthy
             // again and the first failed probe ejects at once).
@@ -465,15 +419,9 @@ impl Agent {
             }
         }
         self.backends = controllers(&self.discovered, &config.backends);
-        self.monitor
-            .set_targets(health::targets(&config.services, &self.backends));
+        self.monitor.set_targets(health::targets(&config.services, &self.backends));
         self.config = config;
-        self.metrics
-            .reloads
-            .get_or_create(&metrics::ModeLabels {
-                mode: "applied".into(),
-            })
-            .inc();
+        self.metrics.reloads.get_or_create(&metrics::ModeLabels { mode: "applied".into() }).inc();
         tracing::info!("reloaded {}", self.opts.config_path.display());
         self.apply_health();
     }
@@ -483,9 +431,7 @@ impl Agent {
     /// nllb's connections to backends that left once that is live.
     fn apply_health(&mut self) {
         let snapshot = self.health_rx.borrow_and_update().clone();
-        let reaction = self
-            .transitions
-            .react(&self.config.services, &self.backends, &snapshot);
+        let reaction = self.transitions.react(&self.config.services, &self.backends, &snapshot);
         reaction.log();
         let now = sys::monotonic_ns();
         for backend in &reaction.recovered {
@@ -493,25 +439,16 @@ impl Agent {
             self.facts.entry(*backend).or_default().recovered_at_ns = now;
         }
         let mut plan = reaction.plan.clone();
-        let published: BTreeSet<SocketAddr> = plan
-            .services
-            .iter()
-            .flat_map(|s| s.backends.iter().copied())
-            .collect();
+        let published: BTreeSet<SocketAddr> = plan.services.iter().flat_map(|s| s.backends.iter().copied()).collect();
         self.facts.retain(|b, _| published.contains(b));
         for backend in &published {
             let worst = snapshot.get(backend).and_then(|h| h.handshake_worst);
             let facts = self.facts.entry(*backend).or_default();
-            facts.syn_timeout = passive::settle(
-                facts.syn_timeout,
-                self.config.passive.syn_timeout_for(worst),
-            );
-            self.metrics
-                .set_syn_timing(*backend, facts.syn_timeout, worst);
+            facts.syn_timeout = passive::settle(facts.syn_timeout, self.config.passive.syn_timeout_for(worst));
+            self.metrics.set_syn_timing(*backend, facts.syn_timeout, worst);
         }
         plan.backends = self.facts.clone();
-        self.destroy_after_apply
-            .extend(reaction.to_destroy(&self.config.health));
+        self.destroy_after_apply.extend(reaction.to_destroy(&self.config.health));
         if plan != self.plan {
             self.datapath.apply(plan.clone());
             self.plan = plan;
@@ -533,10 +470,7 @@ impl Agent {
     /// The datapath serves the current plan.
     fn plan_live(&mut self) {
         if std::mem::take(&mut self.reload_pending) {
-            tracing::info!(
-                "reloaded {}: the new config is live",
-                self.opts.config_path.display()
-            );
+            tracing::info!("reloaded {}: the new config is live", self.opts.config_path.display());
         }
         self.destroy_now();
     }
@@ -545,11 +479,7 @@ impl Agent {
     /// blocking task; the outcome comes back through `aborted_rx`.
     fn destroy_now(&mut self) {
         for backend in std::mem::take(&mut self.destroy_after_apply) {
-            self.abort(
-                backend,
-                States::ESTABLISHED.union(States::SYN_SENT),
-                "left the published set",
-            );
+            self.abort(backend, States::ESTABLISHED.union(States::SYN_SENT), "left the published set");
         }
     }
 
@@ -560,11 +490,7 @@ impl Agent {
         let tx = self.aborted_tx.clone();
         tokio::task::spawn_blocking(move || {
             let result = reaper.abort(backend, states).map_err(|e| e.to_string());
-            let _ = tx.send(Aborted {
-                backend,
-                why,
-                result,
-            });
+            let _ = tx.send(Aborted { backend, why, result });
         });
     }
 
@@ -575,13 +501,8 @@ impl Agent {
                 tracing::info!(backend = %a.backend, sockets = n, reason = a.why, "closed connections through nllb");
                 if a.why == WHY_MARKED {
                     *self.aborted.entry(a.backend).or_default() += n as u64;
-                    let labels = metrics::AddrLabels {
-                        backend: a.backend.to_string(),
-                    };
-                    self.metrics
-                        .syn_sent_aborted
-                        .get_or_create(&labels)
-                        .inc_by(n as u64);
+                    let labels = metrics::AddrLabels { backend: a.backend.to_string() };
+                    self.metrics.syn_sent_aborted.get_or_create(&labels).inc_by(n as u64);
                 }
             }
             Err(e) => {
@@ -611,10 +532,7 @@ impl Agent {
 
     fn status_extra(&self) -> BTreeMap<String, serde_json::Value> {
         let mut extra = BTreeMap::new();
-        extra.insert(
-            "metrics_addr".into(),
-            serde_json::json!(self.metrics_addr.map(|a| a.to_string())),
-        );
+        extra.insert("metrics_addr".into(), serde_json::json!(self.metrics_addr.map(|a| a.to_string())));
         let snapshot = self.datapath.snapshot();
         if let Some(envoy) = snapshot.envoy {
             if let Some(restarts) = envoy.get("restarts").and_then(|r| r.as_u64()) {
@@ -639,30 +557,15 @@ impl Agent {
     fn write_status(&mut self) {
         let health = self.monitor.snapshot();
         for (addr, h) in &health.backends {
-            let labels = metrics::AddrLabels {
-                backend: addr.to_string(),
-            };
-            self.metrics
-                .backend_healthy
-                .get_or_create(&labels)
-                .set(i64::from(h.healthy));
+            let labels = metrics::AddrLabels { backend: addr.to_string() };
+            self.metrics.backend_healthy.get_or_create(&labels).set(i64::from(h.healthy));
         }
         let published: usize = self.plan.services.iter().map(|s| s.backends.len()).sum();
-        self.health
-            .ready
-            .store(published > 0, std::sync::atomic::Ordering::Relaxed);
+        self.health.ready.store(published > 0, std::sync::atomic::Ordering::Relaxed);
         for s in &self.plan.services {
-            let labels = metrics::ServiceLabels {
-                service: s.name.clone(),
-            };
-            self.metrics
-                .published
-                .get_or_create(&labels)
-                .set(s.backends.len() as i64);
-            self.metrics
-                .panic_mode
-                .get_or_create(&labels)
-                .set(i64::from(s.panic));
+            let labels = metrics::ServiceLabels { service: s.name.clone() };
+            self.metrics.published.get_or_create(&labels).set(s.backends.len() as i64);
+            self.metrics.panic_mode.get_or_create(&labels).set(i64::from(s.panic));
         }
         let snapshot = self.datapath.snapshot();
         let services = self
@@ -671,23 +574,14 @@ impl Agent {
             .iter()
             .map(|s| ServiceStatus {
                 name: s.name.clone(),
-                id: snapshot
-                    .services
-                    .iter()
-                    .find(|k| k.name == s.name)
-                    .and_then(|k| k.id),
+                id: snapshot.services.iter().find(|k| k.name == s.name).and_then(|k| k.id),
                 listen: s.listen.clone(),
                 known_backends: self
                     .config
                     .services
                     .iter()
                     .find(|c| c.name == s.name)
-                    .map(|c| {
-                        self.backends
-                            .iter()
-                            .map(|ip| SocketAddr::new(*ip, c.backend_port))
-                            .collect()
-                    })
+                    .map(|c| self.backends.iter().map(|ip| SocketAddr::new(*ip, c.backend_port)).collect())
                     .unwrap_or_default(),
                 published_backends: s.backends.clone(),
                 panic: s.panic,
@@ -702,15 +596,8 @@ impl Agent {
             .into_iter()
             .map(|b| PassiveStatus {
                 backend: *b,
-                syn_timeout_ms: self
-                    .facts
-                    .get(b)
-                    .and_then(|f| f.syn_timeout)
-                    .map(|d| d.as_millis() as u64),
-                handshake_worst_ms: health
-                    .get(b)
-                    .and_then(|h| h.handshake_worst)
-                    .map(|d| d.as_secs_f64() * 1000.0),
+                syn_timeout_ms: self.facts.get(b).and_then(|f| f.syn_timeout).map(|d| d.as_millis() as u64),
+                handshake_worst_ms: health.get(b).and_then(|h| h.handshake_worst).map(|d| d.as_secs_f64() * 1000.0),
                 syn_sent_aborted: self.aborted.get(b).copied().unwrap_or(0),
             })
             .collect();
@@ -724,10 +611,7 @@ impl Agent {
             passive,
             health: serde_json::to_value(&health).unwrap_or_default(),
             extra: self.status_extra(),
-            updated_unix_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            updated_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
         };
         if let Err(e) = status.write(&self.opts.run_dir) {
             tracing::warn!(error = %e, dir = %self.opts.run_dir.display(), "cannot write the status file");

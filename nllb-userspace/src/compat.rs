@@ -7,7 +7,9 @@
 //! docs/kernel-versions.md, and the commits' merge windows).
 
 use std::{
-    fmt, fs, io,
+    fmt,
+    fs,
+    io,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -24,35 +26,20 @@ pub struct KernelVersion {
 
 impl KernelVersion {
     pub const fn new(major: u32, minor: u32) -> KernelVersion {
-        KernelVersion {
-            major,
-            minor,
-            patch: 0,
-        }
+        KernelVersion { major, minor, patch: 0 }
     }
 
     /// "6.18.0-1-amd64", "5.10.0-28-cloud-amd64", "7.3.0-rc2" ...
     pub fn parse(release: &str) -> Option<KernelVersion> {
-        let mut nums = release
-            .split(|c: char| !c.is_ascii_digit())
-            .filter(|s| !s.is_empty());
+        let mut nums = release.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
         let major = nums.next()?.parse().ok()?;
         let minor = nums.next()?.parse().ok()?;
         // "7.3-rc2" has no patch level; the rc number must not become one.
         let patch = release
             .split_once(&format!("{major}.{minor}."))
-            .and_then(|(_, rest)| {
-                rest.split(|c: char| !c.is_ascii_digit())
-                    .next()?
-                    .parse()
-                    .ok()
-            })
+            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
             .unwrap_or(0);
-        Some(KernelVersion {
-            major,
-            minor,
-            patch,
-        })
+        Some(KernelVersion { major, minor, patch })
     }
 }
 
@@ -64,9 +51,7 @@ impl fmt::Display for KernelVersion {
 
 /// The running kernel's release string (uname -r).
 pub fn kernel_release() -> String {
-    nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default()
+    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 pub fn running_kernel() -> Option<KernelVersion> {
@@ -268,20 +253,12 @@ pub const FEATURES: &[FeatureInfo] = &[
 ];
 
 pub fn feature_info(f: Feature) -> &'static FeatureInfo {
-    FEATURES
-        .iter()
-        .find(|i| i.feature == f)
-        .expect("every feature has a row")
+    FEATURES.iter().find(|i| i.feature == f).expect("every feature has a row")
 }
 
 /// The oldest kernel the eBPF datapath can run on: the newest `Required` row.
 pub fn min_ebpf_kernel() -> KernelVersion {
-    FEATURES
-        .iter()
-        .filter(|f| f.need == Need::Required)
-        .map(|f| f.min)
-        .max()
-        .expect("required rows")
+    FEATURES.iter().filter(|f| f.need == Need::Required).map(|f| f.min).max().expect("required rows")
 }
 
 /// Whether the kernel version has the feature (before any probe).
@@ -292,10 +269,7 @@ pub fn by_version(f: Feature, v: KernelVersion) -> bool {
 /// Features the running kernel lacks by version, with the warning the agent
 /// logs for each (the eBPF loader turns those programs off).
 pub fn missing_features(v: KernelVersion) -> Vec<&'static FeatureInfo> {
-    FEATURES
-        .iter()
-        .filter(|f| f.need != Need::Optional && v < f.min)
-        .collect()
+    FEATURES.iter().filter(|f| f.need != Need::Optional && v < f.min).collect()
 }
 
 // ---------------------------------------------------------------------
@@ -339,11 +313,9 @@ impl Privileges {
             cap_bpf: has(CAP_BPF),
             cap_perfmon: has(CAP_PERFMON),
             cap_eff,
-            unprivileged_bpf_disabled: fs::read_to_string(
-                "/proc/sys/kernel/unprivileged_bpf_disabled",
-            )
-            .ok()
-            .and_then(|s| s.trim().parse().ok()),
+            unprivileged_bpf_disabled: fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled")
+                .ok()
+                .and_then(|s| s.trim().parse().ok()),
         }
     }
 
@@ -365,21 +337,11 @@ pub fn probe_bpf_syscall() -> Result<(), String> {
     }
     const BPF_MAP_CREATE: libc::c_long = 0;
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    let attr = MapCreate {
-        map_type: BPF_MAP_TYPE_ARRAY,
-        key_size: 4,
-        value_size: 4,
-        max_entries: 1,
-    };
+    let attr = MapCreate { map_type: BPF_MAP_TYPE_ARRAY, key_size: 4, value_size: 4, max_entries: 1 };
     // SAFETY: bpf(BPF_MAP_CREATE) reads `size` bytes of a valid attr; the
     // kernel zero-fills the rest of its union.
     let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            &attr as *const MapCreate,
-            size_of::<MapCreate>() as u32,
-        )
+        libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, &attr as *const MapCreate, size_of::<MapCreate>() as u32)
     };
     if fd < 0 {
         let e = io::Error::last_os_error();
@@ -404,10 +366,7 @@ pub fn vmlinux_btf() -> bool {
 /// /boot/config-<release> is, and Debian ships it. None when unknown.
 pub fn kernel_config(option: &str) -> Option<bool> {
     let text = fs::read_to_string(format!("/boot/config-{}", kernel_release())).ok()?;
-    Some(
-        text.lines()
-            .any(|l| l == format!("{option}=y") || l == format!("{option}=m")),
-    )
+    Some(text.lines().any(|l| l == format!("{option}=y") || l == format!("{option}=m")))
 }
 
 /// One program of the real eBPF object, loaded and attached (or not).
@@ -431,9 +390,7 @@ pub struct AttachProbe {
 
 impl AttachProbe {
     pub fn attached(&self, program: &str) -> bool {
-        self.programs
-            .iter()
-            .any(|p| p.program == program && p.attached && p.bpf_link)
+        self.programs.iter().any(|p| p.program == program && p.attached && p.bpf_link)
     }
 
     /// The agent's requirement: every required program, through bpf_links.
@@ -447,18 +404,9 @@ impl AttachProbe {
 
     pub fn first_error(&self) -> Option<String> {
         self.load_error.clone().or_else(|| {
-            self.programs
-                .iter()
-                .find(|p| !p.attached || !p.bpf_link)
-                .map(|p| {
-                    format!(
-                        "{}: {}",
-                        p.program,
-                        p.error
-                            .clone()
-                            .unwrap_or_else(|| "attached without a bpf_link".into())
-                    )
-                })
+            self.programs.iter().find(|p| !p.attached || !p.bpf_link).map(|p| {
+                format!("{}: {}", p.program, p.error.clone().unwrap_or_else(|| "attached without a bpf_link".into()))
+            })
         })
     }
 }
@@ -469,11 +417,7 @@ struct ProbeCgroup(PathBuf);
 impl ProbeCgroup {
     fn create(parent: &Path) -> io::Result<ProbeCgroup> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let p = parent.join(format!(
-            "nllb-probe-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
+        let p = parent.join(format!("nllb-probe-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
         fs::create_dir(&p)?;
         Ok(ProbeCgroup(p))
     }
@@ -509,15 +453,8 @@ pub fn probe_attach(parent: &Path) -> Result<AttachProbe, String> {
             None
         }
     };
-    let target = cg
-        .as_ref()
-        .map(|c| c.0.clone())
-        .unwrap_or_else(|| parent.to_path_buf());
-    let mut report = AttachProbe {
-        cgroup: target.clone(),
-        load_error: None,
-        programs: Vec::new(),
-    };
+    let target = cg.as_ref().map(|c| c.0.clone()).unwrap_or_else(|| parent.to_path_buf());
+    let mut report = AttachProbe { cgroup: target.clone(), load_error: None, programs: Vec::new() };
     crate::sys::raise_memlock();
     let mut ebpf = match EbpfLoader::new().load(crate::EBPF_OBJECT) {
         Ok(e) => e,
@@ -530,33 +467,16 @@ pub fn probe_attach(parent: &Path) -> Result<AttachProbe, String> {
     // Links live until the end of this function: dropping them detaches.
     let mut links: Vec<FdLink> = Vec::new();
     for (name, _) in crate::datapath::ebpf::PROGRAMS {
-        report.programs.push(
-            match crate::datapath::ebpf::load_and_attach(&mut ebpf, name, &cgroup_fd) {
-                Ok(link) => {
-                    links.push(link);
-                    ProgramProbe {
-                        program: name,
-                        attached: true,
-                        bpf_link: true,
-                        error: None,
-                    }
-                }
-                Err(crate::datapath::DatapathError::Other(e)) if e.contains("no bpf_link") => {
-                    ProgramProbe {
-                        program: name,
-                        attached: true,
-                        bpf_link: false,
-                        error: Some(e),
-                    }
-                }
-                Err(e) => ProgramProbe {
-                    program: name,
-                    attached: false,
-                    bpf_link: false,
-                    error: Some(crate::errors::chain(&e)),
-                },
-            },
-        );
+        report.programs.push(match crate::datapath::ebpf::load_and_attach(&mut ebpf, name, &cgroup_fd) {
+            Ok(link) => {
+                links.push(link);
+                ProgramProbe { program: name, attached: true, bpf_link: true, error: None }
+            }
+            Err(crate::datapath::DatapathError::Other(e)) if e.contains("no bpf_link") => {
+                ProgramProbe { program: name, attached: true, bpf_link: false, error: Some(e) }
+            }
+            Err(e) => ProgramProbe { program: name, attached: false, bpf_link: false, error: Some(crate::errors::chain(&e)) },
+        });
     }
     drop(links);
     drop(ebpf);
@@ -564,36 +484,16 @@ pub fn probe_attach(parent: &Path) -> Result<AttachProbe, String> {
     Ok(report)
 }
 
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn kernel_releases_parse() {
-        assert_eq!(
-            KernelVersion::parse("6.18.0-1-amd64"),
-            Some(KernelVersion {
-                major: 6,
-                minor: 18,
-                patch: 0
-            })
-        );
-        assert_eq!(
-            KernelVersion::parse("5.10.209-1"),
-            Some(KernelVersion {
-                major: 5,
-                minor: 10,
-                patch: 209
-            })
-        );
-        assert_eq!(
-            KernelVersion::parse("7.3-rc2"),
-            Some(KernelVersion {
-                major: 7,
-                minor: 3,
-                patch: 0
-            })
-        );
+        assert_eq!(KernelVersion::parse("6.18.0-1-amd64"), Some(KernelVersion { major: 6, minor: 18, patch: 0 }));
+        assert_eq!(KernelVersion::parse("5.10.209-1"), Some(KernelVersion { major: 5, minor: 10, patch: 209 }));
+        assert_eq!(KernelVersion::parse("7.3-rc2"), Some(KernelVersion { major: 7, minor: 3, patch: 0 }));
         assert_eq!(KernelVersion::parse("garbage"), None);
     }
 
@@ -604,16 +504,10 @@ mod tests {
         assert!(!by_version(Feature::CgroupGetpeername, v5_4));
         assert!(by_version(Feature::CgroupGetpeername, v5_10));
         assert!(!by_version(Feature::BpfSockDestroy, v5_10));
-        assert!(by_version(
-            Feature::BpfSockDestroy,
-            KernelVersion::new(6, 12)
-        ));
+        assert!(by_version(Feature::BpfSockDestroy, KernelVersion::new(6, 12)));
         assert_eq!(min_ebpf_kernel(), KernelVersion::new(5, 8));
         assert!(missing_features(v5_10).is_empty());
         let old: Vec<_> = missing_features(v5_4).iter().map(|f| f.feature).collect();
-        assert!(
-            old.contains(&Feature::CgroupBpfLink) && old.contains(&Feature::RingBuf),
-            "{old:?}"
-        );
+        assert!(old.contains(&Feature::CgroupBpfLink) && old.contains(&Feature::RingBuf), "{old:?}");
     }
 }

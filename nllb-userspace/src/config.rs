@@ -12,8 +12,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    discovery::DiscoveryConfig, envoy::EnvoyConfig, health::HealthConfig, model::Service,
-    passive::PassiveConfig,
+    discovery::DiscoveryConfig, envoy::EnvoyConfig, health::HealthConfig, model::Service, passive::PassiveConfig,
 };
 
 /// A config problem: which field, and what to do about it.
@@ -26,10 +25,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
+        Self { field: field.into(), message: message.into() }
     }
 }
 
@@ -156,29 +152,20 @@ impl ConfigFile {
             ));
         }
         let mut names: HashSet<String> = derived.iter().map(|s| s.name.clone()).collect();
-        let mut vips: HashSet<SocketAddr> = derived
-            .iter()
-            .flat_map(|s| s.listen.iter().copied())
-            .collect();
+        let mut vips: HashSet<SocketAddr> = derived.iter().flat_map(|s| s.listen.iter().copied()).collect();
         let mut services = derived;
         for (i, s) in self.services.iter().enumerate() {
             let field = format!("services[{i}]");
             if !valid_name(&s.name) {
                 return Err(ConfigError::new(
                     format!("{field}.name"),
-                    format!(
-                        "{:?} is not a valid name: use 1-32 characters a-z, 0-9 and '-'",
-                        s.name
-                    ),
+                    format!("{:?} is not a valid name: use 1-32 characters a-z, 0-9 and '-'", s.name),
                 ));
             }
             if !names.insert(s.name.clone()) {
                 return Err(ConfigError::new(
                     format!("{field}.name"),
-                    format!(
-                        "service {:?} is defined twice (or also derived from --k0s-config); names must be unique",
-                        s.name
-                    ),
+                    format!("service {:?} is defined twice (or also derived from --k0s-config); names must be unique", s.name),
                 ));
             }
             if s.listen.is_empty() {
@@ -194,38 +181,23 @@ impl ConfigFile {
                 if !vips.insert(addr) {
                     return Err(ConfigError::new(
                         lf,
-                        format!(
-                            "{addr} is listed more than once; each virtual address belongs to one service"
-                        ),
+                        format!("{addr} is listed more than once; each virtual address belongs to one service"),
                     ));
                 }
                 listen.push(addr);
             }
-            let backend_port = u16::try_from(s.backend_port)
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| {
-                    ConfigError::new(
-                        format!("{field}.backendPort"),
-                        format!(
-                            "{} is not a port: use 1-65535 (the controllers' port, e.g. 6443)",
-                            s.backend_port
-                        ),
-                    )
-                })?;
-            services.push(Service {
-                name: s.name.clone(),
-                listen,
-                backend_port,
-            });
+            let backend_port = u16::try_from(s.backend_port).ok().filter(|p| *p != 0).ok_or_else(|| {
+                ConfigError::new(
+                    format!("{field}.backendPort"),
+                    format!("{} is not a port: use 1-65535 (the controllers' port, e.g. 6443)", s.backend_port),
+                )
+            })?;
+            services.push(Service { name: s.name.clone(), listen, backend_port });
         }
         if services.len() > nllb_common::MAX_SERVICES as usize {
             return Err(ConfigError::new(
                 "services",
-                format!(
-                    "at most {} services are supported",
-                    nllb_common::MAX_SERVICES
-                ),
+                format!("at most {} services are supported", nllb_common::MAX_SERVICES),
             ));
         }
         let vip_ips: HashSet<IpAddr> = vips.iter().map(|a| a.ip()).collect();
@@ -235,10 +207,7 @@ impl ConfigFile {
             .as_deref()
             .map(|a| {
                 a.parse::<SocketAddr>().map_err(|_| {
-                    ConfigError::new(
-                        "metricsAddr",
-                        format!("{a:?} is not an address:port such as 127.0.0.1:9542"),
-                    )
+                    ConfigError::new("metricsAddr", format!("{a:?} is not an address:port such as 127.0.0.1:9542"))
                 })
             })
             .transpose()?;
@@ -264,8 +233,7 @@ impl ConfigFile {
 fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 32
-        && n.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// A virtual address: loopback IP and a non-zero port. `[::ffff:127.x]`
@@ -281,9 +249,7 @@ pub fn parse_vip(text: &str) -> Result<SocketAddr, String> {
         ));
     }
     if addr.port() == 0 {
-        return Err(format!(
-            "{text:?} has port 0; use the port clients dial, e.g. 7443"
-        ));
+        return Err(format!("{text:?} has port 0; use the port clients dial, e.g. 7443"));
     }
     Ok(SocketAddr::new(ip, addr.port()))
 }
@@ -298,20 +264,13 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 
 /// Controller addresses: IPs that are neither loopback nor a virtual address
 /// nor unspecified; duplicates are dropped.
-pub fn parse_backends(
-    list: &[String],
-    field: &str,
-    vips: &HashSet<IpAddr>,
-) -> Result<Vec<IpAddr>, ConfigError> {
+pub fn parse_backends(list: &[String], field: &str, vips: &HashSet<IpAddr>) -> Result<Vec<IpAddr>, ConfigError> {
     let mut out: Vec<IpAddr> = Vec::new();
     for (i, b) in list.iter().enumerate() {
         let f = format!("{field}[{i}]");
         let ip = validate_backend(b).map_err(|m| ConfigError::new(&f, m))?;
         if vips.contains(&ip) {
-            return Err(ConfigError::new(
-                f,
-                format!("{b:?} is a virtual address; a backend must be a controller"),
-            ));
+            return Err(ConfigError::new(f, format!("{b:?} is a virtual address; a backend must be a controller")));
         }
         if !out.contains(&ip) {
             out.push(ip);
@@ -320,10 +279,7 @@ pub fn parse_backends(
     if out.len() > nllb_common::MAX_BACKENDS as usize {
         return Err(ConfigError::new(
             field,
-            format!(
-                "at most {} backends are supported",
-                nllb_common::MAX_BACKENDS
-            ),
+            format!("at most {} backends are supported", nllb_common::MAX_BACKENDS),
         ));
     }
     Ok(out)
@@ -331,19 +287,16 @@ pub fn parse_backends(
 
 /// One controller address (also used for addresses from the API server).
 pub fn validate_backend(text: &str) -> Result<IpAddr, String> {
-    let ip: IpAddr = text.trim().parse().map_err(|_| {
-        format!("{text:?} is not an IP address; write a controller IP such as 198.18.1.2")
-    })?;
+    let ip: IpAddr = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not an IP address; write a controller IP such as 198.18.1.2"))?;
     let ip = canonical_ip(ip);
     if ip.is_loopback() {
-        return Err(format!(
-            "{text:?} is loopback; a backend must be a controller's address, not a local one"
-        ));
+        return Err(format!("{text:?} is loopback; a backend must be a controller's address, not a local one"));
     }
     if ip.is_unspecified() || ip.is_multicast() {
-        return Err(format!(
-            "{text:?} cannot be a backend; use a controller's unicast address"
-        ));
+        return Err(format!("{text:?} cannot be a backend; use a controller's unicast address"));
     }
     Ok(ip)
 }
@@ -396,18 +349,14 @@ hostNetworkOnly: true
 
     #[test]
     fn non_loopback_vip_is_rejected() {
-        let e =
-            err("services:\n  - name: a\n    listen: [\"10.0.0.1:7443\"]\n    backendPort: 6443\n");
+        let e = err("services:\n  - name: a\n    listen: [\"10.0.0.1:7443\"]\n    backendPort: 6443\n");
         assert_eq!(e.field, "services[0].listen[0]");
         assert!(e.message.contains("loopback"));
     }
 
     #[test]
     fn mapped_loopback_vip_is_its_ipv4_form() {
-        assert_eq!(
-            parse_vip("[::ffff:127.0.0.1]:7443").unwrap(),
-            "127.0.0.1:7443".parse().unwrap()
-        );
+        assert_eq!(parse_vip("[::ffff:127.0.0.1]:7443").unwrap(), "127.0.0.1:7443".parse().unwrap());
     }
 
     #[test]
@@ -420,9 +369,7 @@ hostNetworkOnly: true
 
     #[test]
     fn bad_ports_are_rejected() {
-        let e = err(
-            "services:\n  - name: a\n    listen: [\"127.0.0.1:7443\"]\n    backendPort: 70000\n",
-        );
+        let e = err("services:\n  - name: a\n    listen: [\"127.0.0.1:7443\"]\n    backendPort: 70000\n");
         assert_eq!(e.field, "services[0].backendPort");
         let e = err("services:\n  - name: a\n    listen: [\"127.0.0.1:0\"]\n    backendPort: 1\n");
         assert_eq!(e.field, "services[0].listen[0]");
@@ -431,9 +378,7 @@ hostNetworkOnly: true
     #[test]
     fn loopback_or_vip_backend_is_rejected() {
         let base = "services:\n  - name: a\n    listen: [\"127.0.0.1:7443\"]\n    backendPort: 1\n";
-        let e = err(&format!(
-            "{base}backends: [\"198.18.1.2\", \"127.0.0.5\"]\n"
-        ));
+        let e = err(&format!("{base}backends: [\"198.18.1.2\", \"127.0.0.5\"]\n"));
         assert_eq!(e.field, "backends[1]");
         let e = err(&format!("{base}backends: [\"::1\"]\n"));
         assert_eq!(e.field, "backends[0]");
@@ -443,9 +388,7 @@ hostNetworkOnly: true
 
     #[test]
     fn bad_service_name_is_rejected() {
-        let e = err(
-            "services:\n  - name: Api_Server\n    listen: [\"127.0.0.1:7443\"]\n    backendPort: 1\n",
-        );
+        let e = err("services:\n  - name: Api_Server\n    listen: [\"127.0.0.1:7443\"]\n    backendPort: 1\n");
         assert_eq!(e.field, "services[0].name");
     }
 }

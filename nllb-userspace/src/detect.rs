@@ -102,11 +102,7 @@ impl DetectReport {
                 .filter(|f| f.need == Need::Required)
                 .map(|f| format!("{} ({}+)", f.name, f.min))
                 .collect();
-            return Some(format!(
-                "kernel {v} is older than {}: lacks {}",
-                compat::min_ebpf_kernel(),
-                missing.join(", ")
-            ));
+            return Some(format!("kernel {v} is older than {}: lacks {}", compat::min_ebpf_kernel(), missing.join(", ")));
         }
         if let Err(e) = &self.bpf_syscall {
             return Some(e.clone());
@@ -121,19 +117,14 @@ impl DetectReport {
             return Some("no cgroup v2 filesystem is mounted (cgroup v1 only)".into());
         }
         if !self.target_is_cgroup2 {
-            let t = self
-                .target_cgroup
-                .as_deref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default();
+            let t = self.target_cgroup.as_deref().map(|p| p.display().to_string()).unwrap_or_default();
             return Some(format!("{t} is not a cgroup v2 directory"));
         }
         match &self.attach {
             Err(e) => Some(e.clone()),
             Ok(a) => Some(format!(
                 "the kernel refused the programs: {}",
-                a.first_error()
-                    .unwrap_or_else(|| "connect4/connect6 not attached".into())
+                a.first_error().unwrap_or_else(|| "connect4/connect6 not attached".into())
             )),
         }
     }
@@ -151,9 +142,7 @@ pub fn detect_with(target_cgroup: Option<&Path>, envoy_binary: Option<&Path>) ->
     let kernel_release = compat::kernel_release();
     let kernel = KernelVersion::parse(&kernel_release);
     let cgroup2_mount = sys::cgroup2_mount().ok();
-    let target = target_cgroup
-        .map(Path::to_path_buf)
-        .or_else(|| cgroup2_mount.clone());
+    let target = target_cgroup.map(Path::to_path_buf).or_else(|| cgroup2_mount.clone());
     let target_is_cgroup2 = target.as_deref().is_some_and(sys::is_cgroup2_dir);
     let attach = match &target {
         None => Err("no cgroup v2 filesystem is mounted (cgroup v1 only)".to_string()),
@@ -187,16 +176,9 @@ fn decide(r: &DetectReport) -> (Mode, String) {
         let degraded: Vec<&str> = r
             .attach
             .as_ref()
-            .map(|a| {
-                a.programs
-                    .iter()
-                    .filter(|p| !p.attached)
-                    .map(|p| p.program)
-                    .collect()
-            })
+            .map(|a| a.programs.iter().filter(|p| !p.attached).map(|p| p.program).collect())
             .unwrap_or_default();
-        let mut why =
-            "the kernel loaded and attached connect4/connect6 to a test cgroup".to_string();
+        let mut why = "the kernel loaded and attached connect4/connect6 to a test cgroup".to_string();
         if !degraded.is_empty() {
             why.push_str(&format!(" (without {})", degraded.join(", ")));
         }
@@ -207,40 +189,21 @@ fn decide(r: &DetectReport) -> (Mode, String) {
         (Mode::Envoy, format!("eBPF datapath unavailable: {blocker}"))
     } else {
         let e = r.envoy.error.clone().unwrap_or_default();
-        (
-            Mode::Envoy,
-            format!("eBPF datapath unavailable: {blocker}; Envoy unavailable too: {e}"),
-        )
+        (Mode::Envoy, format!("eBPF datapath unavailable: {blocker}; Envoy unavailable too: {e}"))
     }
 }
 
 fn probe_envoy(explicit: Option<&Path>) -> EnvoyProbe {
     match envoy::resolve_binary(explicit) {
-        Err(e) => EnvoyProbe {
-            binary: None,
-            version: None,
-            error: Some(e.to_string()),
-        },
+        Err(e) => EnvoyProbe { binary: None, version: None, error: Some(e.to_string()) },
         Ok(b) => match envoy::binary_version(&b) {
-            Ok(v) => EnvoyProbe {
-                binary: Some(b),
-                version: Some(v),
-                error: None,
-            },
-            Err(e) => EnvoyProbe {
-                binary: Some(b),
-                version: None,
-                error: Some(e),
-            },
+            Ok(v) => EnvoyProbe { binary: Some(b), version: Some(v), error: None },
+            Err(e) => EnvoyProbe { binary: Some(b), version: None, error: Some(e) },
         },
     }
 }
 
-fn feature_statuses(
-    kernel: Option<KernelVersion>,
-    attach: Option<&AttachProbe>,
-    btf: bool,
-) -> Vec<FeatureStatus> {
+fn feature_statuses(kernel: Option<KernelVersion>, attach: Option<&AttachProbe>, btf: bool) -> Vec<FeatureStatus> {
     use nllb_common::programs as p;
     FEATURES
         .iter()
@@ -248,15 +211,11 @@ fn feature_statuses(
             let by_version = kernel.map(|v| v >= f.min);
             let probed = |progs: &[&str]| -> Option<bool> {
                 let a = attach?;
-                a.load_error
-                    .is_none()
-                    .then(|| progs.iter().all(|n| a.attached(n)))
+                a.load_error.is_none().then(|| progs.iter().all(|n| a.attached(n)))
             };
             let (available, source) = match f.feature {
                 Feature::CgroupConnect => (probed(&[p::CONNECT4, p::CONNECT6]), "probe"),
-                Feature::CgroupGetpeername => {
-                    (probed(&[p::GETPEERNAME4, p::GETPEERNAME6]), "probe")
-                }
+                Feature::CgroupGetpeername => (probed(&[p::GETPEERNAME4, p::GETPEERNAME6]), "probe"),
                 Feature::SockOps | Feature::SockOpsCallbacks | Feature::SockOpsTimeoutInit => {
                     (probed(&[p::SOCK_OPS]), "probe")
                 }
@@ -269,15 +228,11 @@ fn feature_statuses(
                 ),
                 // The object declares a ring buffer and the rewrite hooks call
                 // bpf_get_netns_cookie: a successful load and attach proves both.
-                Feature::RingBuf => (
-                    attach.map(|a| a.load_error.is_none()).filter(|ok| *ok),
-                    "probe",
-                ),
+                Feature::RingBuf => (attach.map(|a| a.load_error.is_none()).filter(|ok| *ok), "probe"),
                 Feature::NetnsCookieSockAddr => (probed(&[p::CONNECT4]).filter(|ok| *ok), "probe"),
                 Feature::VmlinuxBtf => (Some(btf), "probe"),
                 Feature::SockDiagDestroy => (
-                    compat::kernel_config("CONFIG_INET_DIAG_DESTROY")
-                        .map(|c| c && by_version.unwrap_or(true)),
+                    compat::kernel_config("CONFIG_INET_DIAG_DESTROY").map(|c| c && by_version.unwrap_or(true)),
                     "kernel config",
                 ),
                 _ => (None, "kernel version"),
@@ -305,9 +260,7 @@ pub enum ModeError {
     EbpfUnavailable(String),
     #[error("--mode envoy: {0}")]
     EnvoyUnavailable(String),
-    #[error(
-        "--mode auto: the eBPF datapath cannot run here ({ebpf}) and Envoy is not available ({envoy})"
-    )]
+    #[error("--mode auto: the eBPF datapath cannot run here ({ebpf}) and Envoy is not available ({envoy})")]
     Neither { ebpf: String, envoy: String },
 }
 
@@ -317,11 +270,7 @@ pub enum ModeError {
 /// Envoy only when that fails, logging the exact reason; `ebpf` fails
 /// instead of falling back; `envoy` only needs the binary. Returns
 /// `Mode::Ebpf` or `Mode::Envoy`, never `Mode::Auto`.
-pub fn select_mode(
-    requested: Mode,
-    cgroup: &Path,
-    envoy_binary: Option<&Path>,
-) -> Result<Mode, ModeError> {
+pub fn select_mode(requested: Mode, cgroup: &Path, envoy_binary: Option<&Path>) -> Result<Mode, ModeError> {
     if requested == Mode::Envoy {
         let e = probe_envoy(envoy_binary);
         return if e.usable() {
@@ -343,10 +292,7 @@ pub fn select_mode(
             tracing::warn!(mode = "envoy", reason = %blocker, "eBPF datapath unavailable: falling back to Envoy");
             Ok(Mode::Envoy)
         }
-        _ => Err(ModeError::Neither {
-            ebpf: blocker,
-            envoy: report.envoy.error.unwrap_or_default(),
-        }),
+        _ => Err(ModeError::Neither { ebpf: blocker, envoy: report.envoy.error.unwrap_or_default() }),
     }
 }
 
@@ -388,14 +334,7 @@ fn yes_no(b: bool) -> &'static str {
 pub fn render(r: &DetectReport) -> String {
     let mut o = String::new();
     let mut line = |k: &str, v: String| o.push_str(&format!("  {k:<14} {v}\n"));
-    line(
-        "kernel",
-        format!(
-            "{} ({})",
-            r.kernel_release,
-            r.kernel.map(|k| k.to_string()).unwrap_or("unparsed".into())
-        ),
-    );
+    line("kernel", format!("{} ({})", r.kernel_release, r.kernel.map(|k| k.to_string()).unwrap_or("unparsed".into())));
     let p = &r.privileges;
     line(
         "privileges",
@@ -408,67 +347,31 @@ pub fn render(r: &DetectReport) -> String {
             yes_no(p.cap_perfmon)
         ),
     );
-    line(
-        "cgroup v2",
-        r.cgroup2_mount.as_ref().map_or("not mounted".into(), |m| {
-            format!("mounted at {}", m.display())
-        }),
-    );
+    line("cgroup v2", r.cgroup2_mount.as_ref().map_or("not mounted".into(), |m| format!("mounted at {}", m.display())));
     line(
         "target cgroup",
         match &r.target_cgroup {
-            Some(t) => format!(
-                "{} ({})",
-                t.display(),
-                if r.target_is_cgroup2 {
-                    "cgroup v2"
-                } else {
-                    "NOT cgroup v2"
-                }
-            ),
+            Some(t) => format!("{} ({})", t.display(), if r.target_is_cgroup2 { "cgroup v2" } else { "NOT cgroup v2" }),
             None => "none".into(),
         },
     );
-    line(
-        "bpffs",
-        if r.bpffs_mounted {
-            "mounted at /sys/fs/bpf".into()
-        } else {
-            "not mounted (the agent mounts it)".into()
-        },
-    );
-    line(
-        "BPF syscall",
-        match &r.bpf_syscall {
-            Ok(()) => "ok (created an array map)".into(),
-            Err(e) => e.clone(),
-        },
-    );
-    line(
-        "BTF",
-        if r.btf {
-            "/sys/kernel/btf/vmlinux present".into()
-        } else {
-            "no /sys/kernel/btf/vmlinux".into()
-        },
-    );
+    line("bpffs", if r.bpffs_mounted { "mounted at /sys/fs/bpf".into() } else { "not mounted (the agent mounts it)".into() });
+    line("BPF syscall", match &r.bpf_syscall {
+        Ok(()) => "ok (created an array map)".into(),
+        Err(e) => e.clone(),
+    });
+    line("BTF", if r.btf { "/sys/kernel/btf/vmlinux present".into() } else { "no /sys/kernel/btf/vmlinux".into() });
     match &r.attach {
         Err(e) => line("attach probe", format!("not run: {e}")),
         Ok(a) => {
-            line(
-                "attach probe",
-                format!("temporary cgroup {} (removed)", a.cgroup.display()),
-            );
+            line("attach probe", format!("temporary cgroup {} (removed)", a.cgroup.display()));
             if let Some(e) = &a.load_error {
                 line("", format!("object load failed: {e}"));
             }
             for p in &a.programs {
                 let what = match (p.attached, p.bpf_link) {
                     (true, true) => "attached (bpf_link)".to_string(),
-                    (true, false) => format!(
-                        "attached without bpf_link: {}",
-                        p.error.clone().unwrap_or_default()
-                    ),
+                    (true, false) => format!("attached without bpf_link: {}", p.error.clone().unwrap_or_default()),
                     _ => format!("FAILED: {}", p.error.clone().unwrap_or_default()),
                 };
                 line("", format!("{:<18} {what}", p.program));
@@ -487,23 +390,14 @@ pub fn render(r: &DetectReport) -> String {
             Need::Degrades => "optional, degrades",
             Need::Optional => "not used yet",
         };
-        o.push_str(&format!(
-            "    {:<38} {:>5}+  {:<7} ({}; {})\n",
-            f.name, f.min_kernel, here, f.source, need
-        ));
+        o.push_str(&format!("    {:<38} {:>5}+  {:<7} ({}; {})\n", f.name, f.min_kernel, here, f.source, need));
     }
     let envoy = match (&r.envoy.binary, &r.envoy.version) {
         (Some(b), Some(v)) => format!("{} ({v})", b.display()),
-        _ => format!(
-            "not available: {}",
-            r.envoy.error.clone().unwrap_or_default()
-        ),
+        _ => format!("not available: {}", r.envoy.error.clone().unwrap_or_default()),
     };
     o.push_str(&format!("  {:<14} {envoy}\n", "envoy"));
-    o.push_str(&format!(
-        "  {:<14} {}: {}\n",
-        "auto mode", r.auto_mode, r.reason
-    ));
+    o.push_str(&format!("  {:<14} {}: {}\n", "auto mode", r.auto_mode, r.reason));
     o.push_str(&format!(
         "  {:<14} {}\n",
         "exit status",

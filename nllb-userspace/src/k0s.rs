@@ -18,23 +18,14 @@ const NLLB: &str = "spec.network.nodeLocalLoadBalancing";
 /// Reads a k0s ClusterConfig and returns the `apiserver` and `konnectivity`
 /// services, each on 127.0.0.1 and ::1 (k0s's Envoy binds one family only).
 pub fn services_from_k0s(path: &Path) -> Result<Vec<Service>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError::new(
-            "--k0s-config",
-            format!("cannot read {}: {e}", path.display()),
-        )
-    })?;
-    services_from_k0s_str(&text)
-        .map_err(|e| ConfigError::new(e.field, format!("{} (in {})", e.message, path.display())))
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new("--k0s-config", format!("cannot read {}: {e}", path.display())))?;
+    services_from_k0s_str(&text).map_err(|e| ConfigError::new(e.field, format!("{} (in {})", e.message, path.display())))
 }
 
 pub fn services_from_k0s_str(text: &str) -> Result<Vec<Service>, ConfigError> {
-    let doc: Value = serde_yaml::from_str(text).map_err(|e| {
-        ConfigError::new(
-            "--k0s-config",
-            format!("not a YAML k0s cluster config: {e}"),
-        )
-    })?;
+    let doc: Value = serde_yaml::from_str(text)
+        .map_err(|e| ConfigError::new("--k0s-config", format!("not a YAML k0s cluster config: {e}")))?;
     if let Some(v) = doc.get("apiVersion") {
         let v = v.as_str().unwrap_or_default();
         if !v.starts_with("k0s.k0sproject.io/") {
@@ -47,10 +38,7 @@ pub fn services_from_k0s_str(text: &str) -> Result<Vec<Service>, ConfigError> {
     if let Some(k) = doc.get("kind").and_then(Value::as_str)
         && k != "ClusterConfig"
     {
-        return Err(ConfigError::new(
-            "kind",
-            format!("{k:?} is not a k0s ClusterConfig"),
-        ));
+        return Err(ConfigError::new("kind", format!("{k:?} is not a k0s ClusterConfig")));
     }
     let api_port = port(&doc, "spec.api.port", 6443)?;
     let agent_port = port(&doc, "spec.konnectivity.agentPort", 8132)?;
@@ -59,28 +47,15 @@ pub fn services_from_k0s_str(text: &str) -> Result<Vec<Service>, ConfigError> {
     if api_bind == konn_bind {
         return Err(ConfigError::new(
             format!("{NLLB}.envoyProxy.konnectivityServerBindPort"),
-            format!(
-                "{konn_bind} is also the apiServerBindPort; the two services need different ports"
-            ),
+            format!("{konn_bind} is also the apiServerBindPort; the two services need different ports"),
         ));
     }
     let listen = |p: u16| {
-        vec![
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), p),
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), p),
-        ]
+        vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), p), SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), p)]
     };
     Ok(vec![
-        Service {
-            name: "apiserver".into(),
-            listen: listen(api_bind),
-            backend_port: api_port,
-        },
-        Service {
-            name: "konnectivity".into(),
-            listen: listen(konn_bind),
-            backend_port: agent_port,
-        },
+        Service { name: "apiserver".into(), listen: listen(api_bind), backend_port: api_port },
+        Service { name: "konnectivity".into(), listen: listen(konn_bind), backend_port: agent_port },
     ])
 }
 
@@ -95,34 +70,19 @@ fn lb_port(doc: &Value, key: &str, default: u16) -> Result<u16, ConfigError> {
 }
 
 fn lookup<'a>(doc: &'a Value, dotted: &str) -> Option<&'a Value> {
-    dotted
-        .split('.')
-        .try_fold(doc, |v, k| v.get(k))
-        .filter(|v| !v.is_null())
+    dotted.split('.').try_fold(doc, |v, k| v.get(k)).filter(|v| !v.is_null())
 }
 
 fn port(doc: &Value, dotted: &str, default: u16) -> Result<u16, ConfigError> {
-    let Some(v) = lookup(doc, dotted) else {
-        return Ok(default);
-    };
+    let Some(v) = lookup(doc, dotted) else { return Ok(default) };
     v.as_u64()
         .and_then(|n| u16::try_from(n).ok())
         .filter(|p| *p != 0)
-        .ok_or_else(|| {
-            ConfigError::new(
-                dotted,
-                format!(
-                    "{} is not a port: use 1-65535 (k0s default {default})",
-                    show(v)
-                ),
-            )
-        })
+        .ok_or_else(|| ConfigError::new(dotted, format!("{} is not a port: use 1-65535 (k0s default {default})", show(v))))
 }
 
 fn show(v: &Value) -> String {
-    serde_yaml::to_string(v)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| format!("{v:?}"))
+    serde_yaml::to_string(v).map(|s| s.trim().to_string()).unwrap_or_else(|_| format!("{v:?}"))
 }
 
 #[cfg(test)]
@@ -131,17 +91,8 @@ mod tests {
 
     #[test]
     fn defaults_give_k0s_ports_on_both_families() {
-        let s = services_from_k0s_str(
-            "apiVersion: k0s.k0sproject.io/v1beta1\nkind: ClusterConfig\nspec: {}\n",
-        )
-        .unwrap();
-        assert_eq!(
-            s[0].listen,
-            vec![
-                "127.0.0.1:7443".parse().unwrap(),
-                "[::1]:7443".parse().unwrap()
-            ]
-        );
+        let s = services_from_k0s_str("apiVersion: k0s.k0sproject.io/v1beta1\nkind: ClusterConfig\nspec: {}\n").unwrap();
+        assert_eq!(s[0].listen, vec!["127.0.0.1:7443".parse().unwrap(), "[::1]:7443".parse().unwrap()]);
         assert_eq!(s[0].backend_port, 6443);
         assert_eq!(s[1].listen[1], "[::1]:7132".parse().unwrap());
         assert_eq!(s[1].backend_port, 8132);
@@ -155,10 +106,7 @@ mod tests {
             "spec:\n  network:\n    nodeLocalLoadBalancing:\n      envoyProxy:\n        apiServerBindPort: abc\n",
         )
         .unwrap_err();
-        assert_eq!(
-            e.field,
-            "spec.network.nodeLocalLoadBalancing.envoyProxy.apiServerBindPort"
-        );
+        assert_eq!(e.field, "spec.network.nodeLocalLoadBalancing.envoyProxy.apiServerBindPort");
         let e = services_from_k0s_str("apiVersion: v1\nkind: Config\n").unwrap_err();
         assert_eq!(e.field, "apiVersion");
     }

@@ -27,22 +27,13 @@ pub const DEFAULT_CONFIG: &str = "/etc/nllb/config.yaml";
 #[derive(Debug, thiserror::Error)]
 pub enum KubeconfigError {
     #[error("cannot read kubeconfig {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("kubeconfig {path} is not YAML: {source}")]
-    Parse {
-        path: PathBuf,
-        source: serde_yaml::Error,
-    },
+    Parse { path: PathBuf, source: serde_yaml::Error },
     #[error("kubeconfig {path}: {why}")]
     Shape { path: PathBuf, why: String },
     #[error("cannot write {path}: {source} (is the directory writable?)")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Config(#[from] ConfigError),
 }
@@ -79,115 +70,62 @@ pub fn run(args: &KubeconfigArgs) -> Result<String, KubeconfigError> {
 
 /// `https://VIP` for a service: its first IPv4 virtual address, else its first.
 pub fn service_server(config: &Config, service: &str) -> Result<String, ConfigError> {
-    let svc = config
-        .services
-        .iter()
-        .find(|s| s.name == service)
-        .ok_or_else(|| {
-            let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
-            ConfigError::new(
-                "--service",
-                format!("no service {service:?} in the config; it has {names:?}"),
-            )
-        })?;
-    let addr: SocketAddr = svc
-        .listen
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or(svc.listen.first())
-        .copied()
-        .ok_or_else(|| {
-            ConfigError::new(
-                "--service",
-                format!("service {service:?} has no virtual address"),
-            )
-        })?;
+    let svc = config.services.iter().find(|s| s.name == service).ok_or_else(|| {
+        let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        ConfigError::new("--service", format!("no service {service:?} in the config; it has {names:?}"))
+    })?;
+    let addr: SocketAddr = svc.listen.iter().find(|a| a.is_ipv4()).or(svc.listen.first()).copied().ok_or_else(|| {
+        ConfigError::new("--service", format!("service {service:?} has no virtual address"))
+    })?;
     Ok(format!("https://{addr}"))
 }
 
 /// Writes `input` to `output` with the current context's cluster server set
 /// to `server`; returns the server it had.
-pub fn rewrite_kubeconfig(
-    input: &Path,
-    output: &Path,
-    server: &str,
-) -> Result<String, KubeconfigError> {
-    let text = std::fs::read_to_string(input).map_err(|source| KubeconfigError::Read {
-        path: input.into(),
-        source,
-    })?;
-    let mut doc: Value = serde_yaml::from_str(&text).map_err(|source| KubeconfigError::Parse {
-        path: input.into(),
-        source,
-    })?;
-    let original = set_current_server(&mut doc, server).map_err(|why| KubeconfigError::Shape {
-        path: input.into(),
-        why,
-    })?;
+pub fn rewrite_kubeconfig(input: &Path, output: &Path, server: &str) -> Result<String, KubeconfigError> {
+    let text = std::fs::read_to_string(input).map_err(|source| KubeconfigError::Read { path: input.into(), source })?;
+    let mut doc: Value =
+        serde_yaml::from_str(&text).map_err(|source| KubeconfigError::Parse { path: input.into(), source })?;
+    let original =
+        set_current_server(&mut doc, server).map_err(|why| KubeconfigError::Shape { path: input.into(), why })?;
     let in_dir = absolute_dir(input);
     if in_dir != absolute_dir(output) {
         anchor_relative_paths(&mut doc, &in_dir);
     }
     let body = serde_yaml::to_string(&doc).expect("a YAML tree always serializes");
-    let meta = std::fs::metadata(input).map_err(|source| KubeconfigError::Read {
-        path: input.into(),
-        source,
-    })?;
-    write_atomically(output, body.as_bytes(), &meta).map_err(|source| KubeconfigError::Write {
-        path: output.into(),
-        source,
-    })?;
+    let meta = std::fs::metadata(input).map_err(|source| KubeconfigError::Read { path: input.into(), source })?;
+    write_atomically(output, body.as_bytes(), &meta)
+        .map_err(|source| KubeconfigError::Write { path: output.into(), source })?;
     Ok(original)
 }
 
 /// Sets the server of the cluster the current context uses (or of the only
 /// cluster, when there is no current context); returns the old one.
 pub fn set_current_server(doc: &mut Value, server: &str) -> Result<String, String> {
-    let current = doc
-        .get("current-context")
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned);
-    let cluster_name =
-        match current {
-            Some(ctx) => {
-                let contexts = doc
-                    .get("contexts")
-                    .and_then(Value::as_sequence)
-                    .ok_or("has no `contexts` list")?;
-                let entry = contexts
-                    .iter()
-                    .find(|c| c.get("name").and_then(Value::as_str) == Some(ctx.as_str()))
-                    .ok_or_else(|| format!("current-context {ctx:?} is not in `contexts`"))?;
-                entry
-                    .get("context")
-                    .and_then(|c| c.get("cluster"))
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| format!("context {ctx:?} names no cluster"))?
-                    .to_owned()
+    let current = doc.get("current-context").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
+    let cluster_name = match current {
+        Some(ctx) => {
+            let contexts = doc.get("contexts").and_then(Value::as_sequence).ok_or("has no `contexts` list")?;
+            let entry = contexts
+                .iter()
+                .find(|c| c.get("name").and_then(Value::as_str) == Some(ctx.as_str()))
+                .ok_or_else(|| format!("current-context {ctx:?} is not in `contexts`"))?;
+            entry
+                .get("context")
+                .and_then(|c| c.get("cluster"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("context {ctx:?} names no cluster"))?
+                .to_owned()
+        }
+        None => {
+            let clusters = doc.get("clusters").and_then(Value::as_sequence).ok_or("has no `clusters` list")?;
+            match clusters.as_slice() {
+                [only] => only.get("name").and_then(Value::as_str).unwrap_or_default().to_owned(),
+                _ => return Err("has no current-context and not exactly one cluster; set current-context".into()),
             }
-            None => {
-                let clusters = doc
-                    .get("clusters")
-                    .and_then(Value::as_sequence)
-                    .ok_or("has no `clusters` list")?;
-                match clusters.as_slice() {
-                    [only] => only
-                        .get("name")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_owned(),
-                    _ => return Err(
-                        "has no current-context and not exactly one cluster; set current-context"
-                            .into(),
-                    ),
-                }
-            }
-        };
-    let clusters = doc
-        .get_mut("clusters")
-        .and_then(Value::as_sequence_mut)
-        .ok_or("has no `clusters` list")?;
+        }
+    };
+    let clusters = doc.get_mut("clusters").and_then(Value::as_sequence_mut).ok_or("has no `clusters` list")?;
     let cluster = clusters
         .iter_mut()
         .find(|c| c.get("name").and_then(Value::as_str).unwrap_or_default() == cluster_name)
@@ -205,23 +143,16 @@ pub fn set_current_server(doc: &mut Value, server: &str) -> Result<String, Strin
 }
 
 fn absolute_dir(file: &Path) -> PathBuf {
-    let dir = file
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf())
 }
 
 /// Makes the file paths a kubeconfig may hold absolute, relative to `dir`.
 pub fn anchor_relative_paths(doc: &mut Value, dir: &Path) {
     let fix = |section: &str, entry: &str, keys: &[&str], doc: &mut Value| {
-        let Some(list) = doc.get_mut(section).and_then(Value::as_sequence_mut) else {
-            return;
-        };
+        let Some(list) = doc.get_mut(section).and_then(Value::as_sequence_mut) else { return };
         for item in list {
-            let Some(m) = item.get_mut(entry).and_then(Value::as_mapping_mut) else {
-                continue;
-            };
+            let Some(m) = item.get_mut(entry).and_then(Value::as_mapping_mut) else { continue };
             for k in keys {
                 if let Some(v) = m.get_mut(*k)
                     && let Some(p) = v.as_str()
@@ -234,37 +165,19 @@ pub fn anchor_relative_paths(doc: &mut Value, dir: &Path) {
         }
     };
     fix("clusters", "cluster", &["certificate-authority"], doc);
-    fix(
-        "users",
-        "user",
-        &["client-certificate", "client-key", "tokenFile"],
-        doc,
-    );
+    fix("users", "user", &["client-certificate", "client-key", "tokenFile"], doc);
 }
 
 /// Temp file in the target's directory, same mode (and owner when we may)
 /// as `like`, fsync, rename, fsync the directory.
 fn write_atomically(path: &Path, body: &[u8], like: &std::fs::Metadata) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::other("output has no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.nllb-{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| std::io::Error::other("output has no file name"))?;
+    let tmp = dir.join(format!(".{}.nllb-{}.tmp", name.to_string_lossy(), std::process::id()));
     let mode = like.permissions().mode() & 0o7777;
     let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
         // Owner first, then mode: a kubeconfig holds keys, never widen early.
         let _ = std::os::unix::fs::fchown(&f, Some(like.uid()), Some(like.gid()));
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
@@ -315,28 +228,17 @@ preferences: {}
         let before = doc.clone();
         let orig = set_current_server(&mut doc, "https://127.0.0.1:7443").unwrap();
         assert_eq!(orig, "https://198.18.1.2:6443");
-        assert_eq!(
-            doc["clusters"][1]["cluster"]["server"],
-            Value::from("https://127.0.0.1:7443")
-        );
+        assert_eq!(doc["clusters"][1]["cluster"]["server"], Value::from("https://127.0.0.1:7443"));
         assert_eq!(doc["clusters"][0], before["clusters"][0]);
         assert_eq!(doc["users"], before["users"]);
-        assert_eq!(
-            doc["clusters"][1]["cluster"]["certificate-authority"],
-            before["clusters"][1]["cluster"]["certificate-authority"]
-        );
+        assert_eq!(doc["clusters"][1]["cluster"]["certificate-authority"], before["clusters"][1]["cluster"]["certificate-authority"]);
     }
 
     #[test]
     fn relative_paths_are_anchored_to_the_input_directory() {
-        let mut doc: Value =
-            serde_yaml::from_str(&KUBELET.replace("/var/lib/k0s/pki/ca.crt", "pki/ca.crt"))
-                .unwrap();
+        let mut doc: Value = serde_yaml::from_str(&KUBELET.replace("/var/lib/k0s/pki/ca.crt", "pki/ca.crt")).unwrap();
         anchor_relative_paths(&mut doc, Path::new("/var/lib/k0s"));
-        assert_eq!(
-            doc["clusters"][1]["cluster"]["certificate-authority"],
-            Value::from("/var/lib/k0s/pki/ca.crt")
-        );
+        assert_eq!(doc["clusters"][1]["cluster"]["certificate-authority"], Value::from("/var/lib/k0s/pki/ca.crt"));
         // Absolute paths are left alone.
         assert_eq!(
             doc["users"][0]["user"]["client-key"],
@@ -346,10 +248,7 @@ preferences: {}
 
     #[test]
     fn missing_context_is_an_error() {
-        let mut doc: Value = serde_yaml::from_str(
-            &KUBELET.replace("current-context: Default", "current-context: nope"),
-        )
-        .unwrap();
+        let mut doc: Value = serde_yaml::from_str(&KUBELET.replace("current-context: Default", "current-context: nope")).unwrap();
         let e = set_current_server(&mut doc, "https://127.0.0.1:7443").unwrap_err();
         assert!(e.contains("\"nope\""), "{e}");
     }

@@ -25,9 +25,7 @@ pub fn init(format: LogFormat) {
 /// Forward records of the programs' ring buffer to the log. Without a tokio
 /// runtime (e.g. `nllb detect`) the records are simply not read.
 pub fn bridge_ebpf_logs(ebpf: &mut aya::Ebpf) {
-    let Ok(handle) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
+    let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
     match aya_log::EbpfLogger::init(ebpf) {
         Ok(logger) => {
             handle.spawn(async move {
@@ -37,9 +35,7 @@ pub fn bridge_ebpf_logs(ebpf: &mut aya::Ebpf) {
                     return;
                 };
                 loop {
-                    let Ok(mut guard) = fd.readable_mut().await else {
-                        return;
-                    };
+                    let Ok(mut guard) = fd.readable_mut().await else { return };
                     guard.get_inner_mut().flush();
                     guard.clear_ready();
                 }

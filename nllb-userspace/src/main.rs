@@ -14,11 +14,7 @@ use nllb::{
 };
 
 #[derive(Parser)]
-#[command(
-    name = "nllb",
-    version,
-    about = "In-kernel node-local load balancer for Kubernetes workers"
-)]
+#[command(name = "nllb", version, about = "In-kernel node-local load balancer for Kubernetes workers")]
 struct Cli {
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -97,17 +93,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let code = match cli.command {
-        Command::Agent {
-            config,
-            k0s_config,
-            cgroup,
-            loc,
-            state_dir,
-            detach_on_exit,
-            metrics_addr,
-            mode,
-            envoy_binary,
-        } => {
+        Command::Agent { config, k0s_config, cgroup, loc, state_dir, detach_on_exit, metrics_addr, mode, envoy_binary } => {
             let opts = AgentOptions {
                 config_path: config,
                 k0s_config,
@@ -120,11 +106,7 @@ fn main() -> ExitCode {
                 mode,
                 envoy_binary,
             };
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
             match rt.block_on(agent::run(opts)) {
                 Ok(()) => 0,
                 Err(e) => {
@@ -136,18 +118,11 @@ fn main() -> ExitCode {
         Command::Status { loc, json } => {
             let report = status::report(&loc.pin_path, &loc.run_dir);
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("status JSON")
-                );
+                println!("{}", serde_json::to_string_pretty(&report).expect("status JSON"));
             } else {
                 print!("{}", status::render(&report));
             }
-            if report.agent_running && report.datapath_installed {
-                0
-            } else {
-                1
-            }
+            if report.agent_running && report.datapath_installed { 0 } else { 1 }
         }
         Command::Detect(args) => nllb::detect::run_detect(args),
         Command::EnvoyConfig(args) => nllb::envoy::run_envoy_config(args),
@@ -156,11 +131,7 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("nllb kubeconfig: {}", nllb::errors::chain(&e));
                 // Bad input (config, kubeconfig) is the operator's to fix.
-                if matches!(e, nllb::kubeconfig::KubeconfigError::Write { .. }) {
-                    1
-                } else {
-                    2
-                }
+                if matches!(e, nllb::kubeconfig::KubeconfigError::Write { .. }) { 1 } else { 2 }
             }
         },
         Command::Uninstall { loc } => match remove_pins(&loc.pin_path) {
@@ -177,3 +148,4 @@ fn main() -> ExitCode {
     };
     ExitCode::from(code as u8)
 }
+

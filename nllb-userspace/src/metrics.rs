@@ -52,9 +52,7 @@ type HistogramFamily = Family<AddrLabels, Histogram, fn() -> Histogram>;
 
 fn probe_histogram() -> Histogram {
     // 0.5 ms .. ~1 s: in-cluster probes are fast, blackholes hit the timeout.
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-        0.0005, 2.0, 12,
-    ))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 12))
 }
 
 pub struct Metrics {
@@ -106,31 +104,23 @@ impl Metrics {
             last: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
-        registry.register(
-            "backend_healthy",
-            "1 when active probes say the backend is healthy",
-            m.backend_healthy.clone(),
-        );
-        registry.register(
-            "probe_duration_seconds",
-            "Duration of active health probes",
-            m.probe_duration.clone(),
-        );
-        registry.register(
-            "connects",
-            "Connects steered to a backend by the datapath",
-            m.connects.clone(),
-        );
+        registry.register("backend_healthy", "1 when active probes say the backend is healthy", m.backend_healthy.clone());
+        registry.register("probe_duration_seconds", "Duration of active health probes", m.probe_duration.clone());
+        registry.register("connects", "Connects steered to a backend by the datapath", m.connects.clone());
         registry.register(
             "connects_refused_no_backend",
             "Connects refused because the service had no backend",
             m.refused.clone(),
         );
-        registry.register(
-            "passive_ejections",
-            "Backends ejected by the kernel after a failed connect",
-            m.passive_ejections.clone(),
-        );
+        registry.register("passive_ejections", "Backends ejected by the kernel after a failed connect", m.passive_ejections.clone());
+        registry.register("panic_mode", "1 when every backend is unhealthy and all are used", m.panic_mode.clone());
+        registry.register("backends_published", "Backends taking new connects", m.published.clone());
+        registry.register("datapath_mode", "The datapath serving the virtual addresses", m.mode.clone());
+        registry.register("envoy_restarts", "Times the supervised Envoy was restarted", m.envoy_restarts.clone());
+        registry.register("config_reloads", "Config reloads by result", m.reloads.clone());
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
+        registry.register("build_info", "Agent build", build);
         registry.register(
             "passive_refused",
             "Steered connects refused, given up or aborted before they connected",
@@ -156,38 +146,6 @@ impl Metrics {
             "Longest recent probe TCP handshake (what synTimeout auto is derived from)",
             m.handshake_worst.clone(),
         );
-        registry.register(
-            "panic_mode",
-            "1 when every backend is unhealthy and all are used",
-            m.panic_mode.clone(),
-        );
-        registry.register(
-            "backends_published",
-            "Backends taking new connects",
-            m.published.clone(),
-        );
-        registry.register(
-            "datapath_mode",
-            "The datapath serving the virtual addresses",
-            m.mode.clone(),
-        );
-        registry.register(
-            "envoy_restarts",
-            "Times the supervised Envoy was restarted",
-            m.envoy_restarts.clone(),
-        );
-        registry.register(
-            "config_reloads",
-            "Config reloads by result",
-            m.reloads.clone(),
-        );
-        let build: Family<BuildLabels, Gauge> = Family::default();
-        build
-            .get_or_create(&BuildLabels {
-                version: env!("CARGO_PKG_VERSION").into(),
-            })
-            .set(1);
-        registry.register("build_info", "Agent build", build);
         Metrics { registry, ..m }
     }
 
@@ -196,20 +154,13 @@ impl Metrics {
         let mut last = self.last.lock().expect("metrics lock");
         let prev = last.insert(key, absolute).unwrap_or(0);
         // A smaller value means the kernel counter was reset (slot reused).
-        counter.inc_by(if absolute >= prev {
-            absolute - prev
-        } else {
-            absolute
-        });
+        counter.inc_by(if absolute >= prev { absolute - prev } else { absolute });
     }
 
     pub fn sync_datapath(&self, snapshot: &DatapathSnapshot) {
         for s in &snapshot.services {
             for (backend, n) in &s.backends {
-                let labels = BackendLabels {
-                    service: s.name.clone(),
-                    backend: backend.to_string(),
-                };
+                let labels = BackendLabels { service: s.name.clone(), backend: backend.to_string() };
                 let c = self.connects.get_or_create(&labels).clone();
                 self.sync_counter(&c, format!("c/{}/{}", s.name, backend), n.connects);
                 let c = self.passive_refused.get_or_create(&labels).clone();
@@ -217,23 +168,14 @@ impl Metrics {
                 let c = self.passive_syn_timeouts.get_or_create(&labels).clone();
                 self.sync_counter(&c, format!("ps/{}/{}", s.name, backend), n.syn_timeouts);
             }
-            let c = self
-                .refused
-                .get_or_create(&ServiceLabels {
-                    service: s.name.clone(),
-                })
-                .clone();
+            let c = self.refused.get_or_create(&ServiceLabels { service: s.name.clone() }).clone();
             self.sync_counter(&c, format!("r/{}", s.name), s.no_backend);
         }
     }
 
     /// The kernel marked `backend`: one more passive ejection.
     pub fn passive_ejection(&self, backend: SocketAddr) {
-        self.passive_ejections
-            .get_or_create(&AddrLabels {
-                backend: backend.to_string(),
-            })
-            .inc();
+        self.passive_ejections.get_or_create(&AddrLabels { backend: backend.to_string() }).inc();
     }
 
     pub fn set_syn_timing(
@@ -242,15 +184,9 @@ impl Metrics {
         syn_timeout: Option<Duration>,
         handshake_worst: Option<Duration>,
     ) {
-        let labels = AddrLabels {
-            backend: backend.to_string(),
-        };
-        self.syn_timeout
-            .get_or_create(&labels)
-            .set(syn_timeout.map_or(0.0, |d| d.as_secs_f64()));
-        self.handshake_worst
-            .get_or_create(&labels)
-            .set(handshake_worst.map_or(0.0, |d| d.as_secs_f64()));
+        let labels = AddrLabels { backend: backend.to_string() };
+        self.syn_timeout.get_or_create(&labels).set(syn_timeout.map_or(0.0, |d| d.as_secs_f64()));
+        self.handshake_worst.get_or_create(&labels).set(handshake_worst.map_or(0.0, |d| d.as_secs_f64()));
     }
 
     pub fn sync_envoy_restarts(&self, restarts: u64) {
@@ -259,15 +195,12 @@ impl Metrics {
 
     pub fn set_mode(&self, mode: &str) {
         self.mode.clear();
-        self.mode
-            .get_or_create(&ModeLabels { mode: mode.into() })
-            .set(1);
+        self.mode.get_or_create(&ModeLabels { mode: mode.into() }).set(1);
     }
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("encoding to a String");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encoding to a String");
         out
     }
 }
@@ -288,10 +221,7 @@ impl Health {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[derive(Clone)]
@@ -302,11 +232,7 @@ struct AppState {
 
 /// Bind first (so a taken port is an error at start-up), then serve.
 /// Returns the bound address (port 0 picks a free one).
-pub async fn serve(
-    addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-) -> std::io::Result<SocketAddr> {
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "metrics and health endpoints listening");
@@ -325,10 +251,7 @@ pub async fn serve(
 
 async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         s.metrics.render(),
     )
 }
@@ -362,10 +285,7 @@ mod tests {
                 name: "apiserver".into(),
                 backends: [(
                     "198.18.1.2:6443".parse().unwrap(),
-                    crate::datapath::BackendCounters {
-                        connects: n,
-                        ..Default::default()
-                    },
+                    crate::datapath::BackendCounters { connects: n, ..Default::default() },
                 )]
                 .into(),
                 no_backend: 2,
@@ -376,16 +296,8 @@ mod tests {
         m.sync_datapath(&s(5));
         m.sync_datapath(&s(9));
         let text = m.render();
-        assert!(
-            text.contains(
-                r#"nllb_connects_total{service="apiserver",backend="198.18.1.2:6443"} 9"#
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"nllb_connects_refused_no_backend_total{service="apiserver"} 2"#),
-            "{text}"
-        );
+        assert!(text.contains(r#"nllb_connects_total{service="apiserver",backend="198.18.1.2:6443"} 9"#), "{text}");
+        assert!(text.contains(r#"nllb_connects_refused_no_backend_total{service="apiserver"} 2"#), "{text}");
         assert!(text.contains(r#"nllb_build_info{version="#), "{text}");
     }
 }

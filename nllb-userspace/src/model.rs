@@ -61,10 +61,7 @@ impl Plan {
                 .map(|s| ServicePlan {
                     name: s.name.clone(),
                     listen: s.listen.clone(),
-                    backends: backends
-                        .iter()
-                        .map(|ip| SocketAddr::new(*ip, s.backend_port))
-                        .collect(),
+                    backends: backends.iter().map(|ip| SocketAddr::new(*ip, s.backend_port)).collect(),
                     panic: false,
                 })
                 .collect(),

@@ -56,27 +56,18 @@ impl Default for PassiveConfig {
 impl PassiveConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.eject_hold.is_zero() {
-            return Err(ConfigError::new(
-                "passive.ejectHold",
-                "must be longer than 0s, e.g. 10s",
-            ));
+            return Err(ConfigError::new("passive.ejectHold", "must be longer than 0s, e.g. 10s"));
         }
         if let SynTimeout::Fixed(d) = self.syn_timeout
             && !(Duration::from_millis(10)..=Duration::from_secs(10)).contains(&d)
         {
             return Err(ConfigError::new(
                 "passive.synTimeout",
-                format!(
-                    "{} is out of range; use auto or a duration from 10ms to 10s",
-                    humantime::format_duration(d)
-                ),
+                format!("{} is out of range; use auto or a duration from 10ms to 10s", humantime::format_duration(d)),
             ));
         }
         if self.syn_retries > 127 {
-            return Err(ConfigError::new(
-                "passive.synRetries",
-                "must be 0 (the system's) to 127, e.g. 2",
-            ));
+            return Err(ConfigError::new("passive.synRetries", "must be 0 (the system's) to 127, e.g. 2"));
         }
         Ok(())
     }
@@ -101,11 +92,7 @@ pub fn settle(current: Option<Duration>, next: Option<Duration>) -> Option<Durat
     match (current, next) {
         (Some(c), Some(n)) => {
             let (c_ms, n_ms) = (c.as_secs_f64(), n.as_secs_f64());
-            if (n_ms - c_ms).abs() > c_ms * HYSTERESIS {
-                Some(n)
-            } else {
-                Some(c)
-            }
+            if (n_ms - c_ms).abs() > c_ms * HYSTERESIS { Some(n) } else { Some(c) }
         }
         (_, n) => n,
     }
@@ -163,22 +150,13 @@ mod tests {
     #[test]
     fn auto_is_four_times_the_worst_handshake_clamped() {
         let c = PassiveConfig::default();
-        assert_eq!(
-            c.syn_timeout_for(Some(Duration::from_micros(300))),
-            Some(AUTO_MIN)
-        );
+        assert_eq!(c.syn_timeout_for(Some(Duration::from_micros(300))), Some(AUTO_MIN));
         assert_eq!(c.syn_timeout_for(Some(ms(30))), Some(ms(120)));
         assert_eq!(c.syn_timeout_for(Some(ms(400))), Some(AUTO_MAX));
         assert_eq!(c.syn_timeout_for(None), None);
-        let fixed = PassiveConfig {
-            syn_timeout: SynTimeout::Fixed(ms(200)),
-            ..Default::default()
-        };
+        let fixed = PassiveConfig { syn_timeout: SynTimeout::Fixed(ms(200)), ..Default::default() };
         assert_eq!(fixed.syn_timeout_for(None), Some(ms(200)));
-        let off = PassiveConfig {
-            enabled: false,
-            ..Default::default()
-        };
+        let off = PassiveConfig { enabled: false, ..Default::default() };
         assert_eq!(off.syn_timeout_for(Some(ms(30))), None);
     }
 
@@ -192,24 +170,10 @@ mod tests {
 
     #[test]
     fn syn_timeout_parses_auto_and_durations() {
-        assert_eq!(
-            SynTimeout::try_from("auto".to_string()),
-            Ok(SynTimeout::Auto)
-        );
-        assert_eq!(
-            SynTimeout::try_from("200ms".to_string()),
-            Ok(SynTimeout::Fixed(ms(200)))
-        );
+        assert_eq!(SynTimeout::try_from("auto".to_string()), Ok(SynTimeout::Auto));
+        assert_eq!(SynTimeout::try_from("200ms".to_string()), Ok(SynTimeout::Fixed(ms(200))));
         assert!(SynTimeout::try_from("soon".to_string()).is_err());
-        let bad = PassiveConfig {
-            syn_timeout: SynTimeout::Fixed(ms(1)),
-            ..Default::default()
-        };
-        assert!(
-            bad.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("passive.synTimeout")
-        );
+        let bad = PassiveConfig { syn_timeout: SynTimeout::Fixed(ms(1)), ..Default::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("passive.synTimeout"));
     }
 }

@@ -77,10 +77,7 @@ struct InetDiagMsg {
 /// backend also matches IPv6 sockets connected to its `::ffff:` form.
 /// Returns how many sockets were destroyed; sockets that closed on their own
 /// meanwhile are not errors.
-pub fn destroy_sockets_to(
-    backend: SocketAddr,
-    only_cookies: Option<&HashSet<u64>>,
-) -> io::Result<usize> {
+pub fn destroy_sockets_to(backend: SocketAddr, only_cookies: Option<&HashSet<u64>>) -> io::Result<usize> {
     let nl = NetlinkDiag::open()?;
     let mut victims = Vec::new();
     let families: &[u8] = match backend.ip() {
@@ -147,31 +144,19 @@ struct NetlinkDiag {
 impl NetlinkDiag {
     fn open() -> io::Result<Self> {
         // SAFETY: plain socket(2) call; the fd is owned right away.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-                libc::NETLINK_SOCK_DIAG,
-            )
-        };
+        let fd =
+            unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd is a fresh descriptor nobody else owns.
-        Ok(NetlinkDiag {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        Ok(NetlinkDiag { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
     }
 
     fn send(&self, kind: u16, flags: u16, seq: u32, req: &InetDiagReqV2) -> io::Result<()> {
         let mut buf = Vec::with_capacity(size_of::<NlMsgHdr>() + size_of::<InetDiagReqV2>());
-        let hdr = NlMsgHdr {
-            len: (size_of::<NlMsgHdr>() + size_of::<InetDiagReqV2>()) as u32,
-            kind,
-            flags,
-            seq,
-            pid: 0,
-        };
+        let hdr =
+            NlMsgHdr { len: (size_of::<NlMsgHdr>() + size_of::<InetDiagReqV2>()) as u32, kind, flags, seq, pid: 0 };
         buf.extend_from_slice(as_bytes(&hdr));
         buf.extend_from_slice(as_bytes(req));
         // SAFETY: zeroed sockaddr_nl with the family set addresses the kernel.
@@ -198,8 +183,7 @@ impl NetlinkDiag {
     fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             // SAFETY: buf is valid for writes of buf.len() bytes.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n >= 0 {
                 return Ok(n as usize);
             }
@@ -211,19 +195,9 @@ impl NetlinkDiag {
     }
 
     fn dump_tcp(&self, family: u8) -> io::Result<Vec<InetDiagMsg>> {
-        let req = InetDiagReqV2 {
-            family,
-            protocol: libc::IPPROTO_TCP as u8,
-            states: STATES,
-            ..Default::default()
-        };
+        let req = InetDiagReqV2 { family, protocol: libc::IPPROTO_TCP as u8, states: STATES, ..Default::default() };
         let seq = 1;
-        self.send(
-            SOCK_DIAG_BY_FAMILY,
-            (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
-            seq,
-            &req,
-        )?;
+        self.send(SOCK_DIAG_BY_FAMILY, (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16, seq, &req)?;
         let mut out = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -232,13 +206,9 @@ impl NetlinkDiag {
                 match i32::from(hdr.kind) {
                     libc::NLMSG_DONE => return Ok(out),
                     libc::NLMSG_ERROR => {
-                        return Err(
-                            nl_error(payload).unwrap_or_else(|| io::Error::other("netlink error"))
-                        );
+                        return Err(nl_error(payload).unwrap_or_else(|| io::Error::other("netlink error")));
                     }
-                    _ if hdr.kind == SOCK_DIAG_BY_FAMILY
-                        && payload.len() >= size_of::<InetDiagMsg>() =>
-                    {
+                    _ if hdr.kind == SOCK_DIAG_BY_FAMILY && payload.len() >= size_of::<InetDiagMsg>() => {
                         out.push(from_bytes::<InetDiagMsg>(payload));
                     }
                     _ => {}
@@ -256,12 +226,7 @@ impl NetlinkDiag {
             ..Default::default()
         };
         let seq = 2;
-        self.send(
-            SOCK_DESTROY,
-            (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
-            seq,
-            &req,
-        )?;
+        self.send(SOCK_DESTROY, (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16, seq, &req)?;
         let mut buf = vec![0u8; 8192];
         loop {
             let n = self.recv(&mut buf)?;
@@ -370,9 +335,7 @@ pub fn sockets_to(backend: SocketAddr, states: States) -> io::Result<Vec<SocketI
             if let Some(r) = remote_of(&msg).filter(|r| same_backend(*r, backend)) {
                 let port = u16::from_be_bytes(msg.id.sport);
                 let ip = match i32::from(msg.family) {
-                    libc::AF_INET => {
-                        IpAddr::from([msg.id.src[0], msg.id.src[1], msg.id.src[2], msg.id.src[3]])
-                    }
+                    libc::AF_INET => IpAddr::from([msg.id.src[0], msg.id.src[1], msg.id.src[2], msg.id.src[3]]),
                     _ => IpAddr::V6(Ipv6Addr::from(msg.id.src)),
                 };
                 out.push(SocketInfo {

@@ -114,35 +114,20 @@ pub fn pid_alive(pid: u32) -> bool {
 }
 
 /// Read the services the kernel serves from the pinned maps.
-pub fn read_kernel(
-    pin_path: &Path,
-    agent: Option<&AgentStatus>,
-) -> Result<Vec<KernelService>, DatapathError> {
+pub fn read_kernel(pin_path: &Path, agent: Option<&AgentStatus>) -> Result<Vec<KernelService>, DatapathError> {
     let kernel = KernelMaps::open(pin_path)?;
-    let hold_ns = kernel
-        .config()
-        .map_or(0, |c| u64::from(c.eject_hold_ms) * 1_000_000);
-    let marks: BTreeMap<SocketAddr, nllb_common::PassiveMark> =
-        kernel.marks().into_iter().collect();
+    let hold_ns = kernel.config().map_or(0, |c| u64::from(c.eject_hold_ms) * 1_000_000);
+    let marks: BTreeMap<SocketAddr, nllb_common::PassiveMark> = kernel.marks().into_iter().collect();
     let now = crate::sys::monotonic_ns();
     Ok(kernel
         .services()
         .into_iter()
         .map(|p| {
             let t = &p.table;
-            let name = agent.and_then(|a| {
-                a.services
-                    .iter()
-                    .find(|s| s.id == Some(t.svc_id))
-                    .map(|s| s.name.clone())
-            });
+            let name = agent.and_then(|a| a.services.iter().find(|s| s.id == Some(t.svc_id)).map(|s| s.name.clone()));
             let counters = kernel.service_counters(t.svc_id);
             let mut backends: Vec<KernelBackend> = Vec::new();
-            let slots = t
-                .backends4
-                .iter()
-                .take(t.count4 as usize)
-                .chain(t.backends6.iter().take(t.count6 as usize));
+            let slots = t.backends4.iter().take(t.count4 as usize).chain(t.backends6.iter().take(t.count6 as usize));
             for slot in slots {
                 let addr = slot_addr(slot);
                 if let Some(b) = backends.iter_mut().find(|b| b.addr == addr) {
@@ -152,8 +137,7 @@ pub fn read_kernel(
                 let c = kernel.backend_counters(slot.stat_id);
                 let mark = marks.get(&addr);
                 let ejected = mark.is_some_and(|m| {
-                    m.failed_ns > slot.cleared_ns.max(m.recovered_ns)
-                        && now.saturating_sub(m.failed_ns) < hold_ns
+                    m.failed_ns > slot.cleared_ns.max(m.recovered_ns) && now.saturating_sub(m.failed_ns) < hold_ns
                 });
                 backends.push(KernelBackend {
                     addr,
@@ -163,9 +147,7 @@ pub fn read_kernel(
                     syn_timeouts: c.syn_timeouts,
                     syn_timeout_ms: (slot.syn_rto_ms != 0).then_some(slot.syn_rto_ms),
                     passively_ejected: ejected,
-                    last_mark_cause: mark
-                        .filter(|m| m.failed_ns != 0)
-                        .map(|m| cause_name(m.cause)),
+                    last_mark_cause: mark.filter(|m| m.failed_ns != 0).map(|m| cause_name(m.cause)),
                 });
             }
             KernelService {
@@ -183,8 +165,7 @@ pub fn read_kernel(
 }
 
 pub fn report(pin_path: &Path, run_dir: &Path) -> StatusReport {
-    let agent = AgentStatus::read(run_dir)
-        .filter(|a| a.pin_path == pin_path || a.pin_path.as_os_str().is_empty());
+    let agent = AgentStatus::read(run_dir).filter(|a| a.pin_path == pin_path || a.pin_path.as_os_str().is_empty());
     let agent_running = agent.as_ref().is_some_and(|a| pid_alive(a.pid));
     let envoy_mode = agent.as_ref().is_some_and(|a| a.mode == "envoy");
     let services = if envoy_mode && agent_running {
@@ -238,11 +219,7 @@ pub fn render(r: &StatusReport) -> String {
     let mut out = String::new();
     match (&r.agent, r.agent_running) {
         (Some(a), true) => {
-            let _ = writeln!(
-                out,
-                "agent: running (pid {}, mode {}, version {})",
-                a.pid, a.mode, a.version
-            );
+            let _ = writeln!(out, "agent: running (pid {}, mode {}, version {})", a.pid, a.mode, a.version);
         }
         (Some(a), false) => {
             let _ = writeln!(out, "agent: NOT running (last pid {} has exited)", a.pid);
@@ -252,38 +229,20 @@ pub fn render(r: &StatusReport) -> String {
         }
     }
     if r.agent.as_ref().is_some_and(|a| a.mode == "envoy") && r.agent_running {
-        let _ = writeln!(
-            out,
-            "datapath: Envoy (supervised by the agent; per-backend counters need envoy.adminPort)"
-        );
+        let _ = writeln!(out, "datapath: Envoy (supervised by the agent; per-backend counters need envoy.adminPort)");
     } else if !r.datapath_installed {
-        let _ = writeln!(
-            out,
-            "datapath: no eBPF maps pinned at {}",
-            r.pin_path.display()
-        );
+        let _ = writeln!(out, "datapath: no eBPF maps pinned at {}", r.pin_path.display());
     } else {
-        let _ = writeln!(
-            out,
-            "datapath: eBPF, maps pinned at {}",
-            r.pin_path.display()
-        );
+        let _ = writeln!(out, "datapath: eBPF, maps pinned at {}", r.pin_path.display());
     }
     for s in &r.services {
-        let name = s
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("service #{}", s.id));
+        let name = s.name.clone().unwrap_or_else(|| format!("service #{}", s.id));
         let listen: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
         let _ = writeln!(
             out,
             "\n{name}  listen {}{}\n  refused for lack of backends: {}",
             listen.join(", "),
-            if s.panic {
-                "  [PANIC MODE: all backends unhealthy, using all]"
-            } else {
-                ""
-            },
+            if s.panic { "  [PANIC MODE: all backends unhealthy, using all]" } else { "" },
             s.no_backend_refusals
         );
         let health = r.agent.as_ref().map(|a| &a.health);
@@ -299,26 +258,12 @@ pub fn render(r: &StatusReport) -> String {
                 .and_then(|v| v.as_f64())
                 .map(|ms| format!("{ms:.1}ms"))
                 .unwrap_or_else(|| "-".into());
-            let fails = h
-                .and_then(|h| h.get("consecutive_failures"))
-                .and_then(|v| v.as_u64())
-                .unwrap_or(0);
-            let passive_ejections = h
-                .and_then(|h| h.get("passive_ejections"))
-                .and_then(|v| v.as_u64())
-                .unwrap_or(0);
-            let p = r
-                .agent
-                .as_ref()
-                .and_then(|a| a.passive.iter().find(|p| p.backend == b.addr));
-            let handshake = p
-                .and_then(|p| p.handshake_worst_ms)
-                .map(|ms| format!("{ms:.1}ms"))
-                .unwrap_or_else(|| "-".into());
-            let syn = b
-                .syn_timeout_ms
-                .map(|ms| format!("{ms}ms"))
-                .unwrap_or_else(|| "kernel".into());
+            let fails = h.and_then(|h| h.get("consecutive_failures")).and_then(|v| v.as_u64()).unwrap_or(0);
+            let passive_ejections = h.and_then(|h| h.get("passive_ejections")).and_then(|v| v.as_u64()).unwrap_or(0);
+            let p = r.agent.as_ref().and_then(|a| a.passive.iter().find(|p| p.backend == b.addr));
+            let handshake =
+                p.and_then(|p| p.handshake_worst_ms).map(|ms| format!("{ms:.1}ms")).unwrap_or_else(|| "-".into());
+            let syn = b.syn_timeout_ms.map(|ms| format!("{ms}ms")).unwrap_or_else(|| "kernel".into());
             let _ = writeln!(
                 out,
                 "  {:<28} connects {:>8}  {:<9} probe {:>8}  fails {:>2}  passive ejections {}{}",
@@ -328,11 +273,7 @@ pub fn render(r: &StatusReport) -> String {
                 latency,
                 fails,
                 passive_ejections,
-                if b.passively_ejected {
-                    "  [MARKED by the kernel]"
-                } else {
-                    ""
-                },
+                if b.passively_ejected { "  [MARKED by the kernel]" } else { "" },
             );
             let _ = writeln!(
                 out,

@@ -9,10 +9,7 @@ use std::{
 /// /sys/fs/cgroup/unified, unified hosts at /sys/fs/cgroup).
 pub fn cgroup2_mount() -> io::Result<PathBuf> {
     find_mount("cgroup2")?.ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::NotFound,
-            "no cgroup2 filesystem is mounted (see /proc/self/mountinfo)",
-        )
+        io::Error::new(io::ErrorKind::NotFound, "no cgroup2 filesystem is mounted (see /proc/self/mountinfo)")
     })
 }
 
@@ -69,14 +66,8 @@ pub fn ensure_bpffs(pin_path: &Path) -> io::Result<()> {
     let default = Path::new("/sys/fs/bpf");
     if parent.starts_with(default) && !is_bpffs(default) {
         fs::create_dir_all(default)?;
-        nix::mount::mount(
-            Some("bpf"),
-            default,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(|e| io::Error::other(format!("mounting bpffs at /sys/fs/bpf: {e}")))?;
+        nix::mount::mount(Some("bpf"), default, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .map_err(|e| io::Error::other(format!("mounting bpffs at /sys/fs/bpf: {e}")))?;
         tracing::info!("mounted bpffs at /sys/fs/bpf");
         fs::create_dir_all(parent)?;
         return Ok(());
@@ -117,16 +108,10 @@ pub fn netns_cookie() -> Option<u64> {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
 pub fn raise_memlock() {
-    let lim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
+    let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: setrlimit with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
-        tracing::debug!(
-            "could not raise RLIMIT_MEMLOCK: {}",
-            io::Error::last_os_error()
-        );
+        tracing::debug!("could not raise RLIMIT_MEMLOCK: {}", io::Error::last_os_error());
     }
 }
 
@@ -143,10 +128,7 @@ mod tests {
     #[test]
     fn mountinfo_octal_escapes_are_decoded() {
         assert_eq!(unescape_mount("/a\\040b"), PathBuf::from("/a b"));
-        assert_eq!(
-            unescape_mount("/sys/fs/cgroup"),
-            PathBuf::from("/sys/fs/cgroup")
-        );
+        assert_eq!(unescape_mount("/sys/fs/cgroup"), PathBuf::from("/sys/fs/cgroup"));
     }
 }
 
@@ -181,35 +163,21 @@ const HZ_CHOICES: [u32; 4] = [100, 250, 300, 1000];
 fn nearest_hz(measured: f64) -> u32 {
     *HZ_CHOICES
         .iter()
-        .min_by(|a, b| {
-            (f64::from(**a) - measured)
-                .abs()
-                .total_cmp(&(f64::from(**b) - measured).abs())
-        })
+        .min_by(|a, b| (f64::from(**a) - measured).abs().total_cmp(&(f64::from(**b) - measured).abs()))
         .expect("choices")
 }
 
 fn hz_from_config() -> Option<u32> {
     let release = crate::compat::kernel_release();
     let text = std::fs::read_to_string(format!("/boot/config-{release}")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("CONFIG_HZ="))
-        .and_then(|v| v.trim().parse().ok())
+    text.lines().find_map(|l| l.strip_prefix("CONFIG_HZ=")).and_then(|v| v.trim().parse().ok())
 }
 
 /// (jiffies, ns) as /proc/timer_list prints them together.
 fn timer_list_sample() -> Option<(u64, u64)> {
     let text = std::fs::read_to_string("/proc/timer_list").ok()?;
-    let now = text.lines().find_map(|l| {
-        l.strip_prefix("now at ")?
-            .strip_suffix(" nsecs")?
-            .trim()
-            .parse()
-            .ok()
-    })?;
-    let jiffies = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("jiffies:")?.trim().parse().ok())?;
+    let now = text.lines().find_map(|l| l.strip_prefix("now at ")?.strip_suffix(" nsecs")?.trim().parse().ok())?;
+    let jiffies = text.lines().find_map(|l| l.trim().strip_prefix("jiffies:")?.trim().parse().ok())?;
     Some((jiffies, now))
 }
 

@@ -4,10 +4,7 @@
 use std::process::{Command, Output};
 
 fn nllb(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nllb"))
-        .args(args)
-        .output()
-        .expect("run nllb")
+    Command::new(env!("CARGO_BIN_EXE_nllb")).args(args).output().expect("run nllb")
 }
 
 fn stderr(o: &Output) -> String {
@@ -28,10 +25,7 @@ fn tempdir() -> std::path::PathBuf {
 
 fn rand_suffix() -> u64 {
     use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
 }
 
 #[test]
@@ -43,34 +37,14 @@ fn unknown_flag_exits_2() {
 #[test]
 fn bad_config_exits_2_naming_the_field() {
     let dir = tempdir();
-    let cfg = write(
-        &dir,
-        "c.yaml",
-        "services:\n  - name: a\n    listen: [\"10.0.0.1:7443\"]\n    backendPort: 6443\n",
-    );
-    let o = nllb(&[
-        "agent",
-        "--config",
-        &cfg,
-        "--pin-path",
-        "/sys/fs/bpf/nllb-cli-never",
-        "--run-dir",
-        &dir.display().to_string(),
-    ]);
+    let cfg = write(&dir, "c.yaml", "services:\n  - name: a\n    listen: [\"10.0.0.1:7443\"]\n    backendPort: 6443\n");
+    let o = nllb(&["agent", "--config", &cfg, "--pin-path", "/sys/fs/bpf/nllb-cli-never", "--run-dir", &dir.display().to_string()]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("services[0].listen[0]"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("services[0].listen[0]"), "{}", stderr(&o));
     assert!(!std::path::Path::new("/sys/fs/bpf/nllb-cli-never").exists());
     let missing = nllb(&["agent", "--config", "/nonexistent/nllb.yaml"]);
     assert_eq!(missing.status.code(), Some(2), "{}", stderr(&missing));
-    assert!(
-        stderr(&missing).contains("--config"),
-        "{}",
-        stderr(&missing)
-    );
+    assert!(stderr(&missing).contains("--config"), "{}", stderr(&missing));
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -85,14 +59,7 @@ fn envoy_config_prints_listeners_for_every_virtual_address() {
     let o = nllb(&["envoy-config", "--config", &cfg]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
-    for needle in [
-        "127.0.0.1",
-        "::1",
-        "7443",
-        "198.18.1.2",
-        "6443",
-        "max_connect_attempts",
-    ] {
+    for needle in ["127.0.0.1", "::1", "7443", "198.18.1.2", "6443", "max_connect_attempts"] {
         assert!(text.contains(needle), "missing {needle}:\n{text}");
     }
     let _ = std::fs::remove_dir_all(dir);
@@ -101,39 +68,17 @@ fn envoy_config_prints_listeners_for_every_virtual_address() {
 #[test]
 fn kubeconfig_with_a_missing_input_exits_2() {
     let dir = tempdir();
-    let cfg = write(
-        &dir,
-        "c.yaml",
-        "services:\n  - name: apiserver\n    listen: [\"127.0.0.1:7443\"]\n    backendPort: 6443\n",
-    );
-    let o = nllb(&[
-        "kubeconfig",
-        "--in",
-        "/nonexistent/kubelet.conf",
-        "--out",
-        "/tmp/x.conf",
-        "--config",
-        &cfg,
-    ]);
+    let cfg = write(&dir, "c.yaml", "services:\n  - name: apiserver\n    listen: [\"127.0.0.1:7443\"]\n    backendPort: 6443\n");
+    let o = nllb(&["kubeconfig", "--in", "/nonexistent/kubelet.conf", "--out", "/tmp/x.conf", "--config", &cfg]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("/nonexistent/kubelet.conf"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("/nonexistent/kubelet.conf"), "{}", stderr(&o));
     let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn status_without_an_agent_says_so_and_exits_1() {
     let dir = tempdir();
-    let o = nllb(&[
-        "status",
-        "--pin-path",
-        "/sys/fs/bpf/nllb-cli-none",
-        "--run-dir",
-        &dir.display().to_string(),
-    ]);
+    let o = nllb(&["status", "--pin-path", "/sys/fs/bpf/nllb-cli-none", "--run-dir", &dir.display().to_string()]);
     assert_eq!(o.status.code(), Some(1));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("NOT running"), "{text}");

@@ -20,11 +20,7 @@ pub fn nllb_bin() -> PathBuf {
         dir.pop();
     }
     let bin = dir.join("nllb");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (`cargo build -p nllb-userspace`) or set NLLB_BIN",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} not found: build it first (`cargo build -p nllb-userspace`) or set NLLB_BIN", bin.display());
     bin
 }
 
@@ -66,17 +62,11 @@ impl Agent {
             if agent.run_dir.join("status.json").exists() {
                 return Some(true);
             }
-            exited = agent
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
+            exited = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             exited.is_some().then_some(false)
         });
         if ready != Some(true) {
-            panic!(
-                "nllb agent did not become ready (exit: {exited:?}); log:\n{}",
-                agent.log()
-            );
+            panic!("nllb agent did not become ready (exit: {exited:?}); log:\n{}", agent.log());
         }
         agent
     }
@@ -117,19 +107,11 @@ impl Agent {
             let v: serde_json::Value = serde_json::from_str(&text).ok()?;
             (v["pid"].as_u64() == Some(u64::from(pid))).then_some(())
         });
-        assert!(
-            ready.is_some(),
-            "restarted agent did not become ready; log:\n{}",
-            self.log()
-        );
+        assert!(ready.is_some(), "restarted agent did not become ready; log:\n{}", self.log());
     }
 
     fn launch(&mut self, env: &[(&str, &str)]) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
         let mut cmd = match self.opts.wrapper.split_first() {
             Some((prog, args)) => {
                 let mut c = Command::new(prog);
@@ -152,10 +134,7 @@ impl Agent {
             // Tests run agents side by side: each gets its own metrics port.
             .args(["--metrics-addr", "127.0.0.1:0"])
             .args(&self.opts.extra_args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -190,40 +169,21 @@ impl Agent {
 
     /// Where the agent's metrics and health endpoints listen.
     pub fn metrics_addr(&self) -> std::net::SocketAddr {
-        let v: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(self.run_dir.join("status.json")).unwrap(),
-        )
-        .unwrap();
-        v["extra"]["metrics_addr"]
-            .as_str()
-            .expect("metrics_addr in status.json")
-            .parse()
-            .unwrap()
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(self.run_dir.join("status.json")).unwrap()).unwrap();
+        v["extra"]["metrics_addr"].as_str().expect("metrics_addr in status.json").parse().unwrap()
     }
 
     /// GET a path on the metrics listener: (status code, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
         use std::io::{Read as _, Write as _};
-        let mut s =
-            std::net::TcpStream::connect_timeout(&self.metrics_addr(), Duration::from_secs(3))
-                .unwrap();
+        let mut s = std::net::TcpStream::connect_timeout(&self.metrics_addr(), Duration::from_secs(3)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: nllb\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: nllb\r\nConnection: close\r\n\r\n").unwrap();
         let mut text = String::new();
         s.read_to_string(&mut text).unwrap();
-        let code = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
+        let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
         (code, body)
     }
 
@@ -237,11 +197,7 @@ impl Agent {
     /// `nllb status --json` parsed.
     pub fn status(&self) -> serde_json::Value {
         let out = self.nllb(&["status", "--json"]);
-        assert!(
-            out.status.success(),
-            "nllb status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "nllb status failed: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
@@ -288,18 +244,10 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop(Duration::from_secs(5));
         if std::thread::panicking() {
-            eprintln!(
-                "--- nllb agent log ({}) ---\n{}",
-                self.log_path.display(),
-                self.log()
-            );
+            eprintln!("--- nllb agent log ({}) ---\n{}", self.log_path.display(), self.log());
         }
         // Whatever the agent left behind (a crash, a failed test) goes too.
-        let _ = Command::new(nllb_bin())
-            .arg("uninstall")
-            .arg("--pin-path")
-            .arg(&self.pin_path)
-            .output();
+        let _ = Command::new(nllb_bin()).arg("uninstall").arg("--pin-path").arg(&self.pin_path).output();
         let _ = std::fs::remove_dir_all(&self.pin_path);
         let _ = std::fs::remove_dir_all(&self.work);
     }

@@ -12,9 +12,7 @@ pub fn cgroup2_mount() -> PathBuf {
     let info = fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
     for line in info.lines() {
         // "... mountpoint opts ... - fstype source superopts"
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
+        let Some((left, right)) = line.split_once(" - ") else { continue };
         if right.split_whitespace().next() == Some("cgroup2") {
             if let Some(mp) = left.split_whitespace().nth(4) {
                 return PathBuf::from(mp);

@@ -26,6 +26,9 @@ pub struct ConnectResult {
     /// This attempt retried a failed one at once (`ClientOpts::retry`).
     #[serde(default)]
     pub retry: bool,
+    /// getpeername() again after the connection was held (`--hold`).
+    #[serde(default)]
+    pub peer_after_hold: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -70,6 +73,10 @@ pub struct ClientOpts {
     /// After a failed connect, try once more at once (what client-go and
     /// most clients do on a connection error).
     pub retry: bool,
+    /// Stop after this long even if `count` connects were not made.
+    pub deadline: Option<Duration>,
+    /// Connect and close without a request (fastest churn).
+    pub connect_only: bool,
 }
 
 impl ClientOpts {
@@ -82,6 +89,8 @@ impl ClientOpts {
             interval: Duration::ZERO,
             timeout: Duration::from_secs(3),
             retry: false,
+            deadline: None,
+            connect_only: false,
         }
     }
 
@@ -89,10 +98,8 @@ impl ClientOpts {
         let mut cmd = Command::new(testclient_bin());
         cmd.arg("--addr").arg(self.addr.to_string());
         cmd.arg("--count").arg(self.count.to_string());
-        cmd.arg("--interval-ms")
-            .arg(self.interval.as_millis().to_string());
-        cmd.arg("--timeout-ms")
-            .arg(self.timeout.as_millis().to_string());
+        cmd.arg("--interval-ms").arg(self.interval.as_millis().to_string());
+        cmd.arg("--timeout-ms").arg(self.timeout.as_millis().to_string());
         if let Some(c) = &self.cgroup {
             cmd.arg("--cgroup").arg(c);
         }
@@ -101,6 +108,12 @@ impl ClientOpts {
         }
         if self.retry {
             cmd.arg("--retry");
+        }
+        if self.connect_only {
+            cmd.arg("--connect-only");
+        }
+        if let Some(d) = self.deadline {
+            cmd.arg("--deadline-ms").arg(d.as_millis().to_string());
         }
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd

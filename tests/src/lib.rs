@@ -14,9 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use agent::{AGENT_CAPABILITIES, Agent, AgentOpts, nllb_bin};
 pub use cgroup::{TestCgroup, cgroup2_mount};
-pub use client::{
-    ClientOpts, ClientReport, ConnectResult, run_client, testclient_bin, wait_client,
-};
+pub use client::{ClientOpts, ClientReport, ConnectResult, run_client, testclient_bin, wait_client};
 pub use net::{Netns, TestHost, TestNet};
 pub use server::Server;
 
@@ -36,19 +34,12 @@ pub fn privileged() -> bool {
 /// A name no other test (in this or another process) uses at the same time.
 pub fn unique_name(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}{}x{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{prefix}{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Run a command, panicking with its output when it fails.
 pub fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    let out = std::process::Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
     if !out.status.success() {
         panic!(
             "{cmd} {} failed: {}{}",
@@ -63,10 +54,7 @@ pub fn sh(cmd: &str, args: &[&str]) -> String {
 /// `d` stretched by `NLLB_TIMEOUT_SCALE` (set in slow guests such as the
 /// TCG kernel matrix, where loading the programs alone takes seconds).
 pub fn scaled(d: std::time::Duration) -> std::time::Duration {
-    let scale: f64 = std::env::var("NLLB_TIMEOUT_SCALE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1.0);
+    let scale: f64 = std::env::var("NLLB_TIMEOUT_SCALE").ok().and_then(|v| v.parse().ok()).unwrap_or(1.0);
     d.mul_f64(scale.max(1.0))
 }
 
@@ -86,12 +74,7 @@ pub fn wait_for<T>(timeout: std::time::Duration, mut f: impl FnMut() -> Option<T
 }
 
 /// A YAML config for one service `apiserver` on `listen` → `backend_port`.
-pub fn one_service_config(
-    listen: &[&str],
-    backend_port: u16,
-    backends: &[std::net::IpAddr],
-    extra: &str,
-) -> String {
+pub fn one_service_config(listen: &[&str], backend_port: u16, backends: &[std::net::IpAddr], extra: &str) -> String {
     let listen: Vec<String> = listen.iter().map(|l| format!("\"{l}\"")).collect();
     let backends: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
     format!(
@@ -103,11 +86,7 @@ pub fn one_service_config(
 
 /// A loopback port nobody on this machine listens on right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Programs the agent attaches to its cgroup: connect4/6, getpeername4/6,
@@ -153,19 +132,10 @@ pub fn attached_programs(cgroup: &std::path::Path) -> Vec<String> {
         const BPF_PROG_QUERY: libc::c_long = 16;
         // SAFETY: q is a valid prefix of bpf_attr and ids outlives the call.
         let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_QUERY,
-                &mut q as *mut Query,
-                std::mem::size_of::<Query>() as u32,
-            )
+            libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, &mut q as *mut Query, std::mem::size_of::<Query>() as u32)
         };
         if rc == 0 {
-            out.extend(
-                ids[..q.prog_cnt as usize]
-                    .iter()
-                    .map(|id| format!("{hook} prog {id}")),
-            );
+            out.extend(ids[..q.prog_cnt as usize].iter().map(|id| format!("{hook} prog {id}")));
         }
     }
     out
@@ -179,12 +149,7 @@ pub fn bpftool_cgroup_show(cgroup: &std::path::Path) -> Vec<String> {
         .arg(cgroup)
         .output()
         .expect("run bpftool (cargo xtask setup installs it)");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .skip(1)
-        .filter(|l| !l.trim().is_empty())
-        .map(str::to_string)
-        .collect()
+    String::from_utf8_lossy(&out.stdout).lines().skip(1).filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
 }
 
 /// `127.0.0.1:port`, the usual virtual address in tests.

@@ -48,16 +48,13 @@ impl Netns {
     /// network namespace, so only this thread is affected).
     pub fn enter_current_thread(&self) -> std::io::Result<()> {
         let f = fs::File::open(self.path())?;
-        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(std::io::Error::from)
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
 
@@ -81,36 +78,25 @@ impl TestHost {
     /// Drop every packet to and from this host (a blackholed controller:
     /// SYNs time out instead of being refused).
     pub fn blackhole(&self) {
-        self.netns
-            .exec("nft", &["add", "table", "inet", "nllbtest"]);
+        self.netns.exec("nft", &["add", "table", "inet", "nllbtest"]);
         self.netns.exec(
             "nft",
-            &[
-                "add",
-                "chain",
-                "inet",
-                "nllbtest",
-                "in",
-                "{ type filter hook input priority 0 ; policy drop ; }",
-            ],
+            &["add", "chain", "inet", "nllbtest", "in", "{ type filter hook input priority 0 ; policy drop ; }"],
         );
     }
 
     /// The controller's interface goes down (same L2, powered off): the
     /// host's neighbour lookups for it go unanswered, nothing is refused.
     pub fn link_down(&self) {
-        self.netns
-            .exec("ip", &["link", "set", &format!("{}p", self.veth), "down"]);
+        self.netns.exec("ip", &["link", "set", &format!("{}p", self.veth), "down"]);
     }
 
     pub fn link_up(&self) {
-        self.netns
-            .exec("ip", &["link", "set", &format!("{}p", self.veth), "up"]);
+        self.netns.exec("ip", &["link", "set", &format!("{}p", self.veth), "up"]);
     }
 
     pub fn unblackhole(&self) {
-        self.netns
-            .exec("nft", &["delete", "table", "inet", "nllbtest"]);
+        self.netns.exec("nft", &["delete", "table", "inet", "nllbtest"]);
     }
 }
 
@@ -132,10 +118,7 @@ impl TestNet {
             let veth = format!("nv{}", unique_name("").replace('x', "_"));
             let veth = veth.chars().take(13).collect::<String>();
             let peer = format!("{veth}p");
-            sh(
-                "ip",
-                &["link", "add", &veth, "type", "veth", "peer", "name", &peer],
-            );
+            sh("ip", &["link", "add", &veth, "type", "veth", "peer", "name", &peer]);
             sh("ip", &["link", "set", &peer, "netns", &netns.name]);
             let (second, third) = (18 + s / 256, s % 256);
             let v4_root = format!("198.{second}.{third}.1/24");
@@ -143,32 +126,17 @@ impl TestNet {
             let v6_root = format!("2001:2:0:{s:x}::1/64");
             let v6_host = format!("2001:2:0:{s:x}::2/64");
             sh("ip", &["addr", "add", &v4_root, "dev", &veth]);
-            sh(
-                "ip",
-                &["-6", "addr", "add", &v6_root, "dev", &veth, "nodad"],
-            );
+            sh("ip", &["-6", "addr", "add", &v6_root, "dev", &veth, "nodad"]);
             sh("ip", &["link", "set", &veth, "up"]);
             netns.exec("ip", &["addr", "add", &v4_host, "dev", &peer]);
-            netns.exec(
-                "ip",
-                &["-6", "addr", "add", &v6_host, "dev", &peer, "nodad"],
-            );
+            netns.exec("ip", &["-6", "addr", "add", &v6_host, "dev", &peer, "nodad"]);
             netns.exec("ip", &["link", "set", &peer, "up"]);
             let v4: IpAddr = v4_host.trim_end_matches("/24").parse().unwrap();
             let v6: IpAddr = v6_host.trim_end_matches("/64").parse().unwrap();
-            hosts.push(TestHost {
-                netns,
-                v4,
-                v6,
-                veth,
-                subnet: s,
-            });
+            hosts.push(TestHost { netns, v4, v6, veth, subnet: s });
             leases.push(lease);
         }
-        TestNet {
-            hosts,
-            _leases: leases,
-        }
+        TestNet { hosts, _leases: leases }
     }
 
     pub fn hosts(&self) -> &[TestHost] {
@@ -177,11 +145,7 @@ impl TestNet {
 
     /// Serve HTTP on every host, host i answering `"{prefix}{i}"`.
     pub fn serve_all(&self, port: u16, prefix: &str) -> Vec<Server> {
-        self.hosts
-            .iter()
-            .enumerate()
-            .map(|(i, h)| h.serve(port, &format!("{prefix}{i}")))
-            .collect()
+        self.hosts.iter().enumerate().map(|(i, h)| h.serve(port, &format!("{prefix}{i}"))).collect()
     }
 }
 
@@ -215,24 +179,17 @@ impl SubnetLease {
                     return lease;
                 }
                 Err(_) => {
-                    let holder: Option<i32> = fs::read_to_string(&path)
-                        .ok()
-                        .and_then(|s| s.trim().parse().ok());
+                    let holder: Option<i32> = fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok());
                     // No pid yet: its taker is between create and write (another
                     // thread or process); only a file left empty for long is stale.
                     let alive = match holder {
                         Some(pid) => PathBuf::from(format!("/proc/{pid}")).exists(),
                         None => fs::metadata(&path)
                             .and_then(|m| m.modified())
-                            .is_ok_and(|t| {
-                                t.elapsed()
-                                    .map_or(true, |age| age < std::time::Duration::from_secs(10))
-                            }),
+                            .is_ok_and(|t| t.elapsed().map_or(true, |age| age < std::time::Duration::from_secs(10))),
                     };
                     if !alive && fs::remove_file(&path).is_ok() {
-                        if let Ok(mut f) =
-                            OpenOptions::new().write(true).create_new(true).open(&path)
-                        {
+                        if let Ok(mut f) = OpenOptions::new().write(true).create_new(true).open(&path) {
                             let _ = write!(f, "{me}");
                             return SubnetLease { index, path };
                         }
@@ -246,9 +203,7 @@ impl SubnetLease {
 
 fn subnet_in_use(index: u32) -> bool {
     let subnet = format!("198.{}.{}.0/24", 18 + index / 256, index % 256);
-    let out = std::process::Command::new("ip")
-        .args(["-o", "-4", "addr", "show", "to", &subnet])
-        .output();
+    let out = std::process::Command::new("ip").args(["-o", "-4", "addr", "show", "to", &subnet]).output();
     out.map(|o| !o.stdout.is_empty()).unwrap_or(false)
 }
 

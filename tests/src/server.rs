@@ -41,19 +41,11 @@ impl Server {
         let readyz = Arc::new(AtomicU8::new(Readyz::Ok as u8));
         let stop = Arc::new(AtomicBool::new(false));
         let ns_path = netns.path();
-        let (s2, r2, st2, body) = (
-            served.clone(),
-            readyz.clone(),
-            stop.clone(),
-            name.to_string(),
-        );
+        let (s2, r2, st2, body) = (served.clone(), readyz.clone(), stop.clone(), name.to_string());
         let thread = std::thread::spawn(move || {
             let f = std::fs::File::open(&ns_path).expect("open netns");
-            nix::sched::setns(
-                std::os::fd::AsFd::as_fd(&f),
-                nix::sched::CloneFlags::CLONE_NEWNET,
-            )
-            .expect("setns");
+            nix::sched::setns(std::os::fd::AsFd::as_fd(&f), nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("setns");
             // One dual-stack socket serves the host's IPv4 and IPv6 address.
             let listener = TcpListener::bind(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port))
                 .expect("bind test server");
@@ -68,18 +60,8 @@ impl Server {
                 std::thread::spawn(move || answer(conn, &body, &r3));
             }
         });
-        let listener_fd = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("test server did not start");
-        Server {
-            port,
-            name: name.into(),
-            served,
-            readyz,
-            stop,
-            listener_fd,
-            thread: Some(thread),
-        }
+        let listener_fd = rx.recv_timeout(Duration::from_secs(10)).expect("test server did not start");
+        Server { port, name: name.into(), served, readyz, stop, listener_fd, thread: Some(thread) }
     }
 
     /// Connections accepted so far.

@@ -26,10 +26,7 @@ struct Setup {
 }
 
 fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("nllb=debug,kube=info")
-        .with_test_writer()
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter("nllb=debug,kube=info").with_test_writer().try_init();
 }
 
 fn setup() -> Setup {
@@ -38,12 +35,7 @@ fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = api.write_kubeconfig(dir.path(), &api.url());
     let state = dir.path().join("state");
-    Setup {
-        api,
-        kubeconfig,
-        state,
-        _dir: dir,
-    }
+    Setup { api, kubeconfig, state, _dir: dir }
 }
 
 fn services() -> Vec<Service> {
@@ -64,18 +56,8 @@ fn tuning() -> Tuning {
     }
 }
 
-fn start(
-    s: &Setup,
-    seed: &[&str],
-) -> (
-    watch::Receiver<DiscoveredSet>,
-    Arc<Mutex<Vec<DiscoveredSet>>>,
-) {
-    let cfg = KubernetesDiscovery {
-        kubeconfig: s.kubeconfig.clone(),
-        namespace: NS.into(),
-        service: SVC.into(),
-    };
+fn start(s: &Setup, seed: &[&str]) -> (watch::Receiver<DiscoveredSet>, Arc<Mutex<Vec<DiscoveredSet>>>) {
+    let cfg = KubernetesDiscovery { kubeconfig: s.kubeconfig.clone(), namespace: NS.into(), service: SVC.into() };
     let rx = nllb::discovery::spawn_with(cfg, services(), s.state.clone(), ips(seed), tuning());
     (rx.clone(), record(rx))
 }
@@ -102,10 +84,7 @@ async fn wait_for(rx: &mut watch::Receiver<DiscoveredSet>, want: &[&str]) -> Dis
     let got = got.map(|r| r.map(|s| s.clone()));
     match got {
         Ok(Ok(s)) => s,
-        _ => panic!(
-            "controllers never became {want:?}; last: {:?}",
-            *rx.borrow()
-        ),
+        _ => panic!("controllers never became {want:?}; last: {:?}", *rx.borrow()),
     }
 }
 
@@ -120,10 +99,7 @@ async fn stays(rx: &watch::Receiver<DiscoveredSet>, want: &[&str], generation: u
 /// Nothing published after the initial value (an empty seed) was empty.
 fn never_empty(seen: &Mutex<Vec<DiscoveredSet>>) {
     let seen = seen.lock().unwrap().clone();
-    assert!(
-        seen[1..].iter().all(|s| !s.controllers.is_empty()),
-        "an empty set was published: {seen:?}"
-    );
+    assert!(seen[1..].iter().all(|s| !s.controllers.is_empty()), "an empty set was published: {seen:?}");
 }
 
 fn cached(s: &Setup) -> Option<Vec<IpAddr>> {
@@ -133,35 +109,19 @@ fn cached(s: &Setup) -> Option<Vec<IpAddr>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovers_ready_ipv4_and_ipv6_controllers_from_endpointslices() {
     let s = setup();
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[
-            ("198.18.2.2", true),
-            ("198.18.1.2", true),
-            ("198.18.3.2", false),
-        ],
-    ));
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes-v6",
-        SVC,
-        &[("2001:2:0:1::2", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[
+        ("198.18.2.2", true),
+        ("198.18.1.2", true),
+        ("198.18.3.2", false),
+    ]));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes-v6", SVC, &[("2001:2:0:1::2", true)]));
     let (mut rx, seen) = start(&s, &["198.18.9.2"]);
     let set = wait_for(&mut rx, &["198.18.1.2", "198.18.2.2", "2001:2:0:1::2"]).await;
     assert!(set.generation >= 1);
-    assert_eq!(
-        cached(&s),
-        Some(ips(&["198.18.1.2", "198.18.2.2", "2001:2:0:1::2"]))
-    );
+    assert_eq!(cached(&s), Some(ips(&["198.18.1.2", "198.18.2.2", "2001:2:0:1::2"])));
     assert!(s.api.count("LIST endpointslices default") >= 1);
     assert!(
-        s.api
-            .requests()
-            .iter()
-            .any(|r| r.contains("labels=kubernetes.io/service-name=kubernetes")),
+        s.api.requests().iter().any(|r| r.contains("labels=kubernetes.io/service-name=kubernetes")),
         "{:?}",
         s.api.requests()
     );
@@ -171,36 +131,16 @@ async fn discovers_ready_ipv4_and_ipv6_controllers_from_endpointslices() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follows_added_changed_and_removed_controllers() {
     let s = setup();
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[("198.18.1.2", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true)]));
     let (mut rx, seen) = start(&s, &[]);
     wait_for(&mut rx, &["198.18.1.2"]).await;
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[("198.18.1.2", true), ("198.18.2.2", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true), ("198.18.2.2", true)]));
     wait_for(&mut rx, &["198.18.1.2", "198.18.2.2"]).await;
     // A controller going not-ready counts as removed.
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[("198.18.1.2", false), ("198.18.2.2", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", false), ("198.18.2.2", true)]));
     wait_for(&mut rx, &["198.18.2.2"]).await;
     // A second slice adds to the set; deleting it removes its controllers.
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes-x",
-        SVC,
-        &[("198.18.3.2", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes-x", SVC, &[("198.18.3.2", true)]));
     wait_for(&mut rx, &["198.18.2.2", "198.18.3.2"]).await;
     s.api.delete_slice(NS, "kubernetes-x");
     wait_for(&mut rx, &["198.18.2.2"]).await;
@@ -211,64 +151,30 @@ async fn follows_added_changed_and_removed_controllers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ignores_other_services_and_namespaces() {
     let s = setup();
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[("198.18.1.2", true)],
-    ));
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "other",
-        "other",
-        &[("198.18.5.2", true)],
-    ));
-    s.api.apply_slice(&endpoint_slice(
-        "kube-system",
-        "kubernetes",
-        SVC,
-        &[("198.18.6.2", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true)]));
+    s.api.apply_slice(&endpoint_slice(NS, "other", "other", &[("198.18.5.2", true)]));
+    s.api.apply_slice(&endpoint_slice("kube-system", "kubernetes", SVC, &[("198.18.6.2", true)]));
     let (mut rx, _) = start(&s, &[]);
     let set = wait_for(&mut rx, &["198.18.1.2"]).await;
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "other",
-        "other",
-        &[("198.18.7.2", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "other", "other", &[("198.18.7.2", true)]));
     stays(&rx, &["198.18.1.2"], set.generation).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relists_after_410_gone() {
     let s = setup();
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[("198.18.1.2", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true)]));
     let (mut rx, seen) = start(&s, &[]);
     wait_for(&mut rx, &["198.18.1.2"]).await;
     s.api.wait_for_watches(1, Duration::from_secs(10));
     let lists = s.api.count("LIST endpointslices");
     // The change happens while the watch is expired: only a relist sees it.
     s.api.expire_watches();
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[("198.18.2.2", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.2.2", true)]));
     s.api.compact();
     wait_for(&mut rx, &["198.18.2.2"]).await;
     assert!(s.api.gone_sent() >= 1);
-    assert!(
-        s.api.count("LIST endpointslices") > lists,
-        "no relist after 410: {:?}",
-        s.api.requests()
-    );
+    assert!(s.api.count("LIST endpointslices") > lists, "no relist after 410: {:?}", s.api.requests());
     never_empty(&seen);
 }
 
@@ -276,17 +182,8 @@ async fn relists_after_410_gone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_stops_when_the_receiver_is_dropped() {
     let s = setup();
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[("198.18.1.2", true)],
-    ));
-    let cfg = KubernetesDiscovery {
-        kubeconfig: s.kubeconfig.clone(),
-        namespace: NS.into(),
-        service: SVC.into(),
-    };
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true)]));
+    let cfg = KubernetesDiscovery { kubeconfig: s.kubeconfig.clone(), namespace: NS.into(), service: SVC.into() };
     let mut rx = nllb::discovery::spawn_with(cfg, services(), s.state.clone(), vec![], tuning());
     wait_for(&mut rx, &["198.18.1.2"]).await;
     s.api.wait_for_watches(1, Duration::from_secs(10));
@@ -296,12 +193,7 @@ async fn discovery_stops_when_the_receiver_is_dropped() {
     // A live discovery would reconnect after this.
     s.api.drop_connections();
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(
-        s.api.requests().len(),
-        before,
-        "discovery still running: {:?}",
-        s.api.requests()
-    );
+    assert_eq!(s.api.requests().len(), before, "discovery still running: {:?}", s.api.requests());
     assert_eq!(s.api.open_watches(), 0);
 }
 
@@ -310,20 +202,11 @@ async fn discovery_stops_when_the_receiver_is_dropped() {
 async fn forbidden_keeps_the_seed_until_allowed() {
     let s = setup();
     s.api.forbid(true);
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[("198.18.1.2", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true)]));
     let (mut rx, seen) = start(&s, &["198.18.9.2"]);
     stays(&rx, &["198.18.9.2"], 0).await;
     assert_eq!(rx.borrow().source, Source::Seed);
-    assert!(
-        s.api.count("LIST endpointslices") >= 2,
-        "discovery keeps retrying: {:?}",
-        s.api.requests()
-    );
+    assert!(s.api.count("LIST endpointslices") >= 2, "discovery keeps retrying: {:?}", s.api.requests());
     s.api.forbid(false);
     wait_for(&mut rx, &["198.18.1.2"]).await;
     never_empty(&seen);
@@ -335,58 +218,28 @@ async fn forbidden_keeps_the_seed_until_allowed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bookmarks_keep_the_resume_point_fresh() {
     let s = setup();
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[("198.18.1.2", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true)]));
     let (mut rx, _) = start(&s, &[]);
     wait_for(&mut rx, &["198.18.1.2"]).await;
     s.api.wait_for_watches(1, Duration::from_secs(10));
     for i in 0..5 {
-        s.api.apply_slice(&endpoint_slice(
-            NS,
-            "other",
-            "other",
-            &[(&format!("198.18.8.{i}"), true)],
-        ));
+        s.api.apply_slice(&endpoint_slice(NS, "other", "other", &[(&format!("198.18.8.{i}"), true)]));
     }
     // Several bookmark intervals (500 ms each).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let lists = s.api.count("LIST endpointslices");
     s.api.compact();
     s.api.drop_connections();
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[("198.18.2.2", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.2.2", true)]));
     wait_for(&mut rx, &["198.18.2.2"]).await;
-    assert_eq!(
-        s.api.gone_sent(),
-        0,
-        "resumed from a stale resourceVersion: {:?}",
-        s.api.requests()
-    );
-    assert_eq!(
-        s.api.count("LIST endpointslices"),
-        lists,
-        "relisted: {:?}",
-        s.api.requests()
-    );
+    assert_eq!(s.api.gone_sent(), 0, "resumed from a stale resourceVersion: {:?}", s.api.requests());
+    assert_eq!(s.api.count("LIST endpointslices"), lists, "relisted: {:?}", s.api.requests());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_watch_recovers() {
     let s = setup();
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[("198.18.1.2", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true)]));
     let (mut rx, seen) = start(&s, &[]);
     let set = wait_for(&mut rx, &["198.18.1.2"]).await;
     for _ in 0..3 {
@@ -397,19 +250,10 @@ async fn dropped_watch_recovers() {
     let watches = s.api.count("WATCH endpointslices");
     assert_eq!(rx.borrow().controllers, ips(&["198.18.1.2"]));
     assert_eq!(rx.borrow().generation, set.generation);
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[("198.18.1.2", true), ("198.18.4.2", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true), ("198.18.4.2", true)]));
     wait_for(&mut rx, &["198.18.1.2", "198.18.4.2"]).await;
     assert!(s.api.count("WATCH endpointslices") >= watches);
-    assert!(
-        watches >= 3,
-        "each dropped watch is re-established: {:?}",
-        s.api.requests()
-    );
+    assert!(watches >= 3, "each dropped watch is re-established: {:?}", s.api.requests());
     never_empty(&seen);
 }
 
@@ -417,39 +261,26 @@ async fn dropped_watch_recovers() {
 async fn falls_back_to_endpoints_when_endpointslices_are_not_served() {
     let s = setup();
     s.api.serve_endpoint_slices(false);
-    s.api.apply_endpoints(&endpoints(
-        NS,
-        SVC,
-        &["198.18.1.2", "2001:2:0:2::2"],
-        &["198.18.3.2"],
-    ));
-    s.api
-        .apply_endpoints(&endpoints(NS, "other", &["198.18.5.2"], &[]));
+    s.api.apply_endpoints(&endpoints(NS, SVC, &["198.18.1.2", "2001:2:0:2::2"], &["198.18.3.2"]));
+    s.api.apply_endpoints(&endpoints(NS, "other", &["198.18.5.2"], &[]));
     let (mut rx, seen) = start(&s, &[]);
     wait_for(&mut rx, &["198.18.1.2", "2001:2:0:2::2"]).await;
     assert!(
-        s.api
-            .requests()
-            .iter()
-            .any(|r| r.starts_with("LIST endpoints default")
-                && r.contains("fields=metadata.name=kubernetes")),
+        s.api.requests().iter().any(|r| r.starts_with("LIST endpoints default") && r.contains("fields=metadata.name=kubernetes")),
         "{:?}",
         s.api.requests()
     );
-    s.api
-        .apply_endpoints(&endpoints(NS, SVC, &["198.18.3.2"], &["198.18.1.2"]));
+    s.api.apply_endpoints(&endpoints(NS, SVC, &["198.18.3.2"], &["198.18.1.2"]));
     wait_for(&mut rx, &["198.18.3.2"]).await;
     // The Endpoints flavour survives a 410 and a dropped connection too.
     s.api.wait_for_watches(1, Duration::from_secs(10));
     s.api.expire_watches();
-    s.api
-        .apply_endpoints(&endpoints(NS, SVC, &["198.18.4.2"], &[]));
+    s.api.apply_endpoints(&endpoints(NS, SVC, &["198.18.4.2"], &[]));
     wait_for(&mut rx, &["198.18.4.2"]).await;
     assert!(s.api.gone_sent() >= 1);
     s.api.wait_for_watches(1, Duration::from_secs(10));
     s.api.drop_connections();
-    s.api
-        .apply_endpoints(&endpoints(NS, SVC, &["198.18.4.2", "198.18.5.2"], &[]));
+    s.api.apply_endpoints(&endpoints(NS, SVC, &["198.18.4.2", "198.18.5.2"], &[]));
     wait_for(&mut rx, &["198.18.4.2", "198.18.5.2"]).await;
     never_empty(&seen);
 }
@@ -457,40 +288,24 @@ async fn falls_back_to_endpoints_when_endpointslices_are_not_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_or_empty_data_keeps_the_last_good_set() {
     let s = setup();
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[("198.18.1.2", true), ("198.18.2.2", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true), ("198.18.2.2", true)]));
     let (mut rx, seen) = start(&s, &[]);
     let good = wait_for(&mut rx, &["198.18.1.2", "198.18.2.2"]).await;
     let want = ["198.18.1.2", "198.18.2.2"];
 
     // Only unusable addresses: loopback, unspecified, multicast, garbage.
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[
-            ("127.0.0.1", true),
-            ("0.0.0.0", true),
-            ("224.0.0.1", true),
-            ("not-an-ip", true),
-        ],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[
+        ("127.0.0.1", true),
+        ("0.0.0.0", true),
+        ("224.0.0.1", true),
+        ("not-an-ip", true),
+    ]));
     stays(&rx, &want, good.generation).await;
     // Nothing ready.
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[("198.18.1.2", false)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", false)]));
     stays(&rx, &want, good.generation).await;
     // No endpoints at all, then no slice at all.
-    s.api
-        .apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[]));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[]));
     s.api.delete_slice(NS, "kubernetes");
     stays(&rx, &want, good.generation).await;
     // An object kube-rs cannot decode: the watch errors, the set stays.
@@ -507,12 +322,7 @@ async fn invalid_or_empty_data_keeps_the_last_good_set() {
     s.api.delete_slice(NS, "broken");
 
     // A mix: the valid address is used, the bad one dropped.
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[("198.18.3.2", true), ("127.0.0.1", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.3.2", true), ("127.0.0.1", true)]));
     wait_for(&mut rx, &["198.18.3.2"]).await;
     never_empty(&seen);
 }
@@ -520,23 +330,13 @@ async fn invalid_or_empty_data_keeps_the_last_good_set() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_down_keeps_the_set_and_restart_resumes() {
     let s = setup();
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[("198.18.1.2", true), ("198.18.2.2", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true), ("198.18.2.2", true)]));
     let (mut rx, seen) = start(&s, &[]);
     let set = wait_for(&mut rx, &["198.18.1.2", "198.18.2.2"]).await;
     s.api.stop();
     stays(&rx, &["198.18.1.2", "198.18.2.2"], set.generation).await;
     // Changed while the API was unreachable: seen after it comes back.
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[("198.18.2.2", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.2.2", true)]));
     stays(&rx, &["198.18.1.2", "198.18.2.2"], set.generation).await;
     s.api.restart();
     wait_for(&mut rx, &["198.18.2.2"]).await;
@@ -547,12 +347,7 @@ async fn api_down_keeps_the_set_and_restart_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_start_with_the_api_down_uses_the_cache_over_the_seed() {
     let s = setup();
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[("198.18.1.2", true), ("198.18.3.2", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true), ("198.18.3.2", true)]));
     {
         let (mut rx, _) = start(&s, &["198.18.9.2"]);
         wait_for(&mut rx, &["198.18.1.2", "198.18.3.2"]).await;
@@ -565,12 +360,7 @@ async fn cold_start_with_the_api_down_uses_the_cache_over_the_seed() {
     stays(&rx, &["198.18.1.2", "198.18.3.2"], 0).await;
     assert_eq!(rx.borrow().source, Source::Cache);
     // When the API comes back its answer replaces the cached one.
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[("198.18.3.2", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.3.2", true)]));
     s.api.restart();
     let mut rx = rx;
     wait_for(&mut rx, &["198.18.3.2"]).await;
@@ -582,23 +372,11 @@ async fn without_cache_the_seed_is_the_first_value_and_api_confirms() {
     let s = setup();
     let (mut rx, _) = start(&s, &["198.18.2.2", "198.18.1.2", "198.18.2.2"]);
     let first = rx.borrow().clone();
-    assert_eq!(
-        first,
-        DiscoveredSet {
-            controllers: ips(&["198.18.1.2", "198.18.2.2"]),
-            source: Source::Seed,
-            generation: 0
-        }
-    );
+    assert_eq!(first, DiscoveredSet { controllers: ips(&["198.18.1.2", "198.18.2.2"]), source: Source::Seed, generation: 0 });
     // The API lists nothing yet: the seed stays.
     stays(&rx, &["198.18.1.2", "198.18.2.2"], 0).await;
     // Same controllers from the API: published once, now marked as from the API.
-    s.api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[("198.18.1.2", true), ("198.18.2.2", true)],
-    ));
+    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true), ("198.18.2.2", true)]));
     let set = wait_for(&mut rx, &["198.18.1.2", "198.18.2.2"]).await;
     assert_eq!(set.generation, 1);
 }
@@ -623,12 +401,7 @@ async fn vip_kubeconfig_dials_known_controllers_directly() {
         ..Default::default()
     });
     let (v1, v2) = (h1.v4.to_string(), h2.v4.to_string());
-    api.apply_slice(&endpoint_slice(
-        NS,
-        "kubernetes",
-        SVC,
-        &[(&v1, true), (&v2, true)],
-    ));
+    api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[(&v1, true), (&v2, true)]));
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = api.write_kubeconfig(dir.path(), "https://127.0.0.1:7443");
     let services = vec![Service {
@@ -636,18 +409,8 @@ async fn vip_kubeconfig_dials_known_controllers_directly() {
         listen: vec!["127.0.0.1:7443".parse().unwrap()],
         backend_port: api.addr().port(),
     }];
-    let cfg = KubernetesDiscovery {
-        kubeconfig,
-        namespace: NS.into(),
-        service: SVC.into(),
-    };
-    let mut rx = nllb::discovery::spawn_with(
-        cfg,
-        services,
-        dir.path().join("state"),
-        vec![h1.v4, h2.v4],
-        tuning(),
-    );
+    let cfg = KubernetesDiscovery { kubeconfig, namespace: NS.into(), service: SVC.into() };
+    let mut rx = nllb::discovery::spawn_with(cfg, services, dir.path().join("state"), vec![h1.v4, h2.v4], tuning());
     wait_for(&mut rx, &[&v1, &v2]).await;
     assert!(api.count("LIST endpointslices") >= 1);
 
@@ -660,11 +423,7 @@ async fn vip_kubeconfig_dials_known_controllers_directly() {
     });
     // Same CA for both is not needed: each fake has its own, so serve the
     // same kubeconfig CA by pointing the file at controller 1's CA.
-    std::fs::write(
-        dir.path().join("kubeconfig"),
-        api1.kubeconfig_yaml("https://127.0.0.1:7443"),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("kubeconfig"), api1.kubeconfig_yaml("https://127.0.0.1:7443")).unwrap();
     api1.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[(&v1, true)]));
     api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[(&v1, true)]));
     wait_for(&mut rx, &[&v1]).await;
@@ -686,11 +445,7 @@ fn published(agent: &nllb_tests::Agent) -> Vec<String> {
     // times out on a loaded machine cannot make this flaky.
     let mut out: Vec<String> = v["services"][0]["known_backends"]
         .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|b| b.as_str().map(str::to_string))
-                .collect()
-        })
+        .map(|a| a.iter().filter_map(|b| b.as_str().map(str::to_string)).collect())
         .unwrap_or_default();
     out.sort();
     out
@@ -699,15 +454,8 @@ fn published(agent: &nllb_tests::Agent) -> Vec<String> {
 fn wait_published(agent: &nllb_tests::Agent, want: &[String]) {
     let mut want = want.to_vec();
     want.sort();
-    let got = nllb_tests::wait_for(Duration::from_secs(20), || {
-        (published(agent) == want).then_some(())
-    });
-    assert!(
-        got.is_some(),
-        "agent never published {want:?} (has {:?}); log:\n{}",
-        published(agent),
-        agent.log()
-    );
+    let got = nllb_tests::wait_for(Duration::from_secs(20), || (published(agent) == want).then_some(()));
+    assert!(got.is_some(), "agent never published {want:?} (has {:?}); log:\n{}", published(agent), agent.log());
 }
 
 /// End to end: the real `nllb` binary with `discovery.kubernetes` and no
@@ -717,10 +465,7 @@ fn wait_published(agent: &nllb_tests::Agent, want: &[String]) {
 /// a restart with the API down serves the cached set.
 #[test]
 fn agent_discovers_controllers_and_serves_them_through_the_vip() {
-    use nllb_tests::{
-        Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, free_port, one_service_config,
-        run_client,
-    };
+    use nllb_tests::{Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, free_port, one_service_config, run_client};
     if !nllb_tests::privileged() {
         return;
     }
@@ -736,41 +481,25 @@ fn agent_discovers_controllers_and_serves_them_through_the_vip() {
 
     let cg = TestCgroup::new();
     let vip = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let extra = format!(
-        "discovery:\n  kubernetes:\n    kubeconfig: {}\n",
-        kubeconfig.display()
-    );
+    let extra = format!("discovery:\n  kubernetes:\n    kubeconfig: {}\n", kubeconfig.display());
     // No static backends: whatever the agent serves came from the API.
     let mut agent = Agent::start(&AgentOpts {
         config_yaml: one_service_config(&[&vip.to_string()], PORT, &[], &extra),
         cgroup: cg.path().to_path_buf(),
         ..Default::default()
     });
-    let with_port = |list: &[&String]| {
-        list.iter()
-            .map(|a| format!("{a}:{PORT}"))
-            .collect::<Vec<_>>()
-    };
+    let with_port = |list: &[&String]| list.iter().map(|a| format!("{a}:{PORT}")).collect::<Vec<_>>();
     wait_published(&agent, &with_port(&addrs.iter().collect::<Vec<_>>()));
     let report = run_client(&ClientOpts::new(vip, 60, Some(cg.path())));
     assert_eq!(report.ok_count(), 60, "{:?}", report.failed());
-    assert_eq!(
-        report.by_body().len(),
-        3,
-        "every discovered controller gets connects: {:?}",
-        report.by_body()
-    );
+    assert_eq!(report.by_body().len(), 3, "every discovered controller gets connects: {:?}", report.by_body());
 
     // Controller 2 leaves the API's list: no more connects land on it.
     api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &eps[..2]));
     wait_published(&agent, &with_port(&[&addrs[0], &addrs[1]]));
     let report = run_client(&ClientOpts::new(vip, 40, Some(cg.path())));
     assert_eq!(report.ok_count(), 40, "{:?}", report.failed());
-    assert!(
-        !report.by_body().contains_key("controller-2"),
-        "removed controller still used: {:?}",
-        report.by_body()
-    );
+    assert!(!report.by_body().contains_key("controller-2"), "removed controller still used: {:?}", report.by_body());
     assert_eq!(report.by_body().len(), 2);
 
     // The API goes away: the set stays.
@@ -782,11 +511,7 @@ fn agent_discovers_controllers_and_serves_them_through_the_vip() {
 
     // Restart with the API still down: the cached set is served at once.
     let cache = agent.state_dir.join("controllers.json");
-    assert!(
-        cache.exists(),
-        "no controller cache in {}",
-        agent.state_dir.display()
-    );
+    assert!(cache.exists(), "no controller cache in {}", agent.state_dir.display());
     agent.restart(&[]);
     wait_published(&agent, &with_port(&[&addrs[0], &addrs[1]]));
     let report = run_client(&ClientOpts::new(vip, 20, Some(cg.path())));
@@ -805,19 +530,15 @@ fn agent_discovers_controllers_and_serves_them_through_the_vip() {
 /// for 127.0.0.1), learns all three, and serves them.
 #[test]
 fn agent_bootstraps_from_a_kubeconfig_that_points_at_its_own_vip() {
-    use nllb_tests::fake_apiserver::FakeApiOpts;
     use nllb_tests::{Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, free_port, run_client};
+    use nllb_tests::fake_apiserver::FakeApiOpts;
     if !nllb_tests::privileged() {
         return;
     }
     const WEB: u16 = 8080;
     let net = TestNet::new(3);
     let hosts = net.hosts();
-    let _servers: Vec<_> = hosts
-        .iter()
-        .enumerate()
-        .map(|(i, h)| h.serve(WEB, &format!("controller-{i}")))
-        .collect();
+    let _servers: Vec<_> = hosts.iter().enumerate().map(|(i, h)| h.serve(WEB, &format!("controller-{i}"))).collect();
     // The API server runs on controller 0 only.
     let api = FakeApiServer::start_with(FakeApiOpts {
         bind: std::net::SocketAddr::new(hosts[0].v4, 0),
@@ -839,23 +560,9 @@ fn agent_bootstraps_from_a_kubeconfig_that_points_at_its_own_vip() {
         kubeconfig.display()
     );
     let cg = TestCgroup::new();
-    let agent = Agent::start(&AgentOpts {
-        config_yaml: config,
-        cgroup: cg.path().to_path_buf(),
-        ..Default::default()
-    });
-    wait_published(
-        &agent,
-        &addrs
-            .iter()
-            .map(|a| format!("{a}:{}", api.addr().port()))
-            .collect::<Vec<_>>(),
-    );
-    assert!(
-        api.count("LIST endpointslices") >= 1,
-        "{:?}",
-        api.requests()
-    );
+    let agent = Agent::start(&AgentOpts { config_yaml: config, cgroup: cg.path().to_path_buf(), ..Default::default() });
+    wait_published(&agent, &addrs.iter().map(|a| format!("{a}:{}", api.addr().port())).collect::<Vec<_>>());
+    assert!(api.count("LIST endpointslices") >= 1, "{:?}", api.requests());
     let report = run_client(&ClientOpts::new(web_vip, 45, Some(cg.path())));
     assert_eq!(report.ok_count(), 45, "{:?}", report.failed());
     assert_eq!(report.by_body().len(), 3, "{:?}", report.by_body());

@@ -48,10 +48,7 @@ fn envoy_binary() -> Option<PathBuf> {
 
 /// Time limits stretch under the kernel matrix's emulated CPUs.
 fn scaled(d: Duration) -> Duration {
-    let k: u32 = std::env::var("NLLB_TIMEOUT_SCALE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let k: u32 = std::env::var("NLLB_TIMEOUT_SCALE").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     d * k.max(1)
 }
 
@@ -92,11 +89,7 @@ fn validate(binary: &Path, file: &Path) {
 /// (input config, expected output, expected file name), compiled in so the
 /// test also runs where the source tree is absent (kernel-matrix guests).
 const GOLDEN: [(&str, &str, &str); 2] = [
-    (
-        include_str!("../golden/envoy/config.yaml"),
-        include_str!("../golden/envoy/config.expected.yaml"),
-        "config.expected.yaml",
-    ),
+    (include_str!("../golden/envoy/config.yaml"), include_str!("../golden/envoy/config.expected.yaml"), "config.expected.yaml"),
     (
         include_str!("../golden/envoy/no-backends.config.yaml"),
         include_str!("../golden/envoy/no-backends.expected.yaml"),
@@ -114,12 +107,7 @@ fn generated_config_matches_golden_files_and_envoy_accepts_it() {
             std::fs::write(&golden, &text).unwrap();
             continue;
         }
-        assert_eq!(
-            text,
-            want,
-            "generated Envoy config differs from {} (UPDATE_GOLDEN=1 rewrites it)",
-            golden.display()
-        );
+        assert_eq!(text, want, "generated Envoy config differs from {} (UPDATE_GOLDEN=1 rewrites it)", golden.display());
 
         let Some(binary) = envoy_binary() else {
             continue;
@@ -137,11 +125,7 @@ fn generated_config_matches_golden_files_and_envoy_accepts_it() {
         // ... and every listener, cluster and endpoint, inlined, because
         // validate mode does not read the xDS files.
         let inline = dir.0.join("static.yaml");
-        std::fs::write(
-            &inline,
-            render::to_yaml(&render::static_bootstrap(&plan, &opts)),
-        )
-        .unwrap();
+        std::fs::write(&inline, render::to_yaml(&render::static_bootstrap(&plan, &opts))).unwrap();
         validate(&binary, &inline);
     }
 }
@@ -153,27 +137,13 @@ struct Running {
 }
 
 fn start(binary: PathBuf, plan: &Plan, admin_port: Option<u16>) -> Running {
-    start_with(
-        binary,
-        plan,
-        render::RenderOptions {
-            admin_port,
-            eject_hold: Some(Duration::from_secs(10)),
-        },
-    )
+    start_with(binary, plan, render::RenderOptions { admin_port, eject_hold: Some(Duration::from_secs(10)) })
 }
 
 fn start_with(binary: PathBuf, plan: &Plan, render: render::RenderOptions) -> Running {
     let dir = TempDir::new("nllb-envoy");
-    let opts = EnvoyOptions {
-        binary,
-        work_dir: dir.0.join("envoy"),
-        render,
-        concurrency: 1,
-        log_level: "info".into(),
-    };
-    let dp = EnvoyDatapath::start(opts, plan)
-        .unwrap_or_else(|e| panic!("envoy datapath did not start: {e}"));
+    let opts = EnvoyOptions { binary, work_dir: dir.0.join("envoy"), render, concurrency: 1, log_level: "info".into() };
+    let dp = EnvoyDatapath::start(opts, plan).unwrap_or_else(|e| panic!("envoy datapath did not start: {e}"));
     Running { dp, _dir: dir }
 }
 
@@ -190,10 +160,7 @@ fn plan(listen: &[SocketAddr], backends: &[SocketAddr]) -> Plan {
 }
 
 fn vips(port: u16) -> [SocketAddr; 2] {
-    [
-        SocketAddr::from(([127, 0, 0, 1], port)),
-        format!("[::1]:{port}").parse().unwrap(),
-    ]
+    [SocketAddr::from(([127, 0, 0, 1], port)), format!("[::1]:{port}").parse().unwrap()]
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -212,7 +179,8 @@ fn traffic_reaches_every_backend_on_ipv4_and_ipv6_virtual_addresses() {
     }
     let Some(binary) = envoy_binary() else { return };
     let net = TestNet::new(3);
-    let _servers: Vec<_> = net.serve_all(BACKEND_PORT, "controller-");
+    let _servers: Vec<_> =
+        net.serve_all(BACKEND_PORT, "controller-");
     // IPv4 and IPv6 controllers mixed in one service.
     let backends: Vec<SocketAddr> = net
         .hosts()
@@ -223,34 +191,17 @@ fn traffic_reaches_every_backend_on_ipv4_and_ipv6_virtual_addresses() {
     let port = free_port();
     let t0 = Instant::now();
     let run = start(binary, &plan(&vips(port), &backends), None);
-    eprintln!(
-        "envoy listening on both virtual addresses {:?} after start",
-        t0.elapsed()
-    );
+    eprintln!("envoy listening on both virtual addresses {:?} after start", t0.elapsed());
     let pid = run.dp.status().pid.unwrap();
     eprintln!("envoy idle RSS: {} KiB", rss_kib(pid));
 
     for vip in vips(port) {
         let report = run_client(&ClientOpts::new(vip, 60, None));
-        assert_eq!(
-            report.ok_count(),
-            60,
-            "{vip}: every connect must succeed: {:?}",
-            report.failed()
-        );
+        assert_eq!(report.ok_count(), 60, "{vip}: every connect must succeed: {:?}", report.failed());
         let by = report.by_body();
-        assert_eq!(
-            by.len(),
-            3,
-            "{vip}: all three controllers must serve: {by:?}"
-        );
+        assert_eq!(by.len(), 3, "{vip}: all three controllers must serve: {by:?}");
         // The client is connected to Envoy on the virtual address itself.
-        assert!(
-            report
-                .results
-                .iter()
-                .all(|r| r.peer.as_deref() == Some(vip.to_string().as_str()))
-        );
+        assert!(report.results.iter().all(|r| r.peer.as_deref() == Some(vip.to_string().as_str())));
     }
     eprintln!("envoy RSS after 120 connections: {} KiB", rss_kib(pid));
     assert_eq!(run.dp.status().restarts, 0);
@@ -275,10 +226,7 @@ fn zero_backends_refuse_connects_at_once_like_the_kernel_datapath() {
             for r in &report.results {
                 assert!(!r.ok, "{label}: {vip} must refuse: {r:?}");
                 assert_eq!(r.errno, Some(ECONNREFUSED), "{label}: {vip}: {r:?}");
-                assert!(
-                    r.elapsed_us < 50_000,
-                    "{label}: refusal must be immediate: {r:?}"
-                );
+                assert!(r.elapsed_us < 50_000, "{label}: refusal must be immediate: {r:?}");
             }
         }
     };
@@ -290,11 +238,7 @@ fn zero_backends_refuse_connects_at_once_like_the_kernel_datapath() {
 
     run.dp.apply(&plan(&vips(port), &[])).unwrap();
     refused("after the last backend left");
-    assert_eq!(
-        run.dp.status().pid,
-        Some(pid),
-        "listener changes must not restart Envoy"
-    );
+    assert_eq!(run.dp.status().pid, Some(pid), "listener changes must not restart Envoy");
 }
 
 /// Open a connection through the virtual address and leave the HTTP
@@ -309,10 +253,7 @@ fn finish(mut s: TcpStream) -> String {
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
-    resp.rsplit("\r\n\r\n")
-        .next()
-        .unwrap_or_default()
-        .to_string()
+    resp.rsplit("\r\n\r\n").next().unwrap_or_default().to_string()
 }
 
 #[test]
@@ -322,12 +263,9 @@ fn membership_change_keeps_established_connections_and_envoy_running() {
     }
     let Some(binary) = envoy_binary() else { return };
     let net = TestNet::new(3);
-    let _servers: Vec<_> = net.serve_all(BACKEND_PORT, "controller-");
-    let b: Vec<SocketAddr> = net
-        .hosts()
-        .iter()
-        .map(|h| SocketAddr::new(h.v4, BACKEND_PORT))
-        .collect();
+    let _servers: Vec<_> =
+        net.serve_all(BACKEND_PORT, "controller-");
+    let b: Vec<SocketAddr> = net.hosts().iter().map(|h| SocketAddr::new(h.v4, BACKEND_PORT)).collect();
     let port = free_port();
     let vip = vips(port)[0];
     let mut run = start(binary, &plan(&[vip], &b[..1]), None);
@@ -343,19 +281,12 @@ fn membership_change_keeps_established_connections_and_envoy_running() {
         let by = run_client(&ClientOpts::new(vip, 20, None)).by_body();
         (!by.contains_key("controller-0") && by.len() == 2).then_some(by)
     });
-    assert!(
-        moved.is_some(),
-        "new connects must go to controller-1 and -2 only"
-    );
+    assert!(moved.is_some(), "new connects must go to controller-1 and -2 only");
     eprintln!("membership change served {:?} after apply", t0.elapsed());
     // The connection made before the change still reaches its controller.
     assert_eq!(finish(established), "controller-0");
     let st = run.dp.status();
-    assert_eq!(
-        (st.pid, st.restarts),
-        (Some(pid), 0),
-        "membership changes must not restart Envoy: {st:?}"
-    );
+    assert_eq!((st.pid, st.restarts), (Some(pid), 0), "membership changes must not restart Envoy: {st:?}");
 }
 
 #[test]
@@ -365,12 +296,9 @@ fn killed_envoy_is_restarted_and_traffic_resumes() {
     }
     let Some(binary) = envoy_binary() else { return };
     let net = TestNet::new(2);
-    let _servers: Vec<_> = net.serve_all(BACKEND_PORT, "controller-");
-    let b: Vec<SocketAddr> = net
-        .hosts()
-        .iter()
-        .map(|h| SocketAddr::new(h.v4, BACKEND_PORT))
-        .collect();
+    let _servers: Vec<_> =
+        net.serve_all(BACKEND_PORT, "controller-");
+    let b: Vec<SocketAddr> = net.hosts().iter().map(|h| SocketAddr::new(h.v4, BACKEND_PORT)).collect();
     let port = free_port();
     let vip = vips(port)[0];
     let mut run = start(binary, &plan(&[vip], &b), None);
@@ -379,16 +307,10 @@ fn killed_envoy_is_restarted_and_traffic_resumes() {
     let generation = handle.generation();
 
     // A membership change while Envoy is down must be served after restart.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(first as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     let killed_at = Instant::now();
     run.dp.apply(&plan(&[vip], &b[1..])).unwrap();
-    let (_, second) = handle
-        .wait_started(generation, Duration::from_secs(10))
-        .expect("envoy must be restarted");
+    let (_, second) = handle.wait_started(generation, Duration::from_secs(10)).expect("envoy must be restarted");
     assert_ne!(first, second);
     let served = wait_for(Duration::from_secs(10), || {
         let report = run_client(&ClientOpts::new(vip, 10, None));
@@ -396,18 +318,10 @@ fn killed_envoy_is_restarted_and_traffic_resumes() {
     })
     .expect("traffic must resume after the restart");
     eprintln!("traffic resumed {:?} after SIGKILL", killed_at.elapsed());
-    assert_eq!(
-        served.by_body().keys().collect::<Vec<_>>(),
-        ["controller-1"],
-        "the restarted Envoy serves the latest plan"
-    );
+    assert_eq!(served.by_body().keys().collect::<Vec<_>>(), ["controller-1"], "the restarted Envoy serves the latest plan");
     let st = run.dp.status();
     assert_eq!(st.restarts, 1, "{st:?}");
-    assert_eq!(
-        st.last_exit.as_deref(),
-        Some("killed by signal 9"),
-        "{st:?}"
-    );
+    assert_eq!(st.last_exit.as_deref(), Some("killed by signal 9"), "{st:?}");
     assert!(st.running);
 }
 
@@ -422,50 +336,28 @@ fn shutdown_stops_envoy_and_removes_its_config() {
     let port = free_port();
     let admin = free_port();
     let vip = vips(port)[0];
-    let mut run = start(
-        binary,
-        &plan(&[vip], &[SocketAddr::new(net.hosts()[0].v4, BACKEND_PORT)]),
-        Some(admin),
-    );
+    let mut run = start(binary, &plan(&[vip], &[SocketAddr::new(net.hosts()[0].v4, BACKEND_PORT)]), Some(admin));
     let pid = run.dp.status().pid.unwrap();
     // The admin interface answers on loopback only.
     let listening = envoy::datapath::listening_sockets(pid).unwrap();
-    assert!(
-        listening.contains(&SocketAddr::from(([127, 0, 0, 1], admin))),
-        "{listening:?}"
-    );
+    assert!(listening.contains(&SocketAddr::from(([127, 0, 0, 1], admin))), "{listening:?}");
     let mut a = TcpStream::connect(("127.0.0.1", admin)).unwrap();
-    a.write_all(b"GET /ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    a.write_all(b"GET /ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
     let mut resp = String::new();
     a.read_to_string(&mut resp).unwrap();
-    assert!(
-        resp.starts_with("HTTP/1.1 200") && resp.contains("LIVE"),
-        "{resp}"
-    );
+    assert!(resp.starts_with("HTTP/1.1 200") && resp.contains("LIVE"), "{resp}");
 
     // Per-controller counters come from the admin interface.
     let report = run_client(&ClientOpts::new(vip, 7, None));
     assert_eq!(report.ok_count(), 7);
     let counters = run.dp.snapshot().services;
     assert_eq!(counters.len(), 1, "{counters:?}");
-    let per_backend: Vec<(SocketAddr, u64)> = counters[0]
-        .backends
-        .iter()
-        .map(|(a, c)| (*a, c.connects))
-        .collect();
-    assert_eq!(
-        per_backend,
-        vec![(SocketAddr::new(net.hosts()[0].v4, BACKEND_PORT), 7)],
-        "{counters:?}"
-    );
+    let per_backend: Vec<(SocketAddr, u64)> = counters[0].backends.iter().map(|(a, c)| (*a, c.connects)).collect();
+    assert_eq!(per_backend, vec![(SocketAddr::new(net.hosts()[0].v4, BACKEND_PORT), 7)], "{counters:?}");
 
     let dir = run.dp.layout().dir.clone();
     run.dp.shutdown().unwrap();
-    assert!(
-        !Path::new(&format!("/proc/{pid}")).exists(),
-        "envoy {pid} must be gone"
-    );
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "envoy {pid} must be gone");
     assert!(!run.dp.status().running);
     let e = TcpStream::connect(vip).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(ECONNREFUSED));
@@ -489,15 +381,11 @@ fn a_port_already_in_use_fails_start_with_the_reason() {
         log_level: "warning".into(),
     };
     let started = Instant::now();
-    let Err(e) = EnvoyDatapath::start(opts, &plan(&[vip], &["198.18.0.2:6443".parse().unwrap()]))
-    else {
+    let Err(e) = EnvoyDatapath::start(opts, &plan(&[vip], &["198.18.0.2:6443".parse().unwrap()])) else {
         panic!("start must fail while {vip} is taken");
     };
     let e = e.to_string();
-    assert!(
-        e.contains(&vip.to_string()),
-        "the error must name the address: {e}"
-    );
+    assert!(e.contains(&vip.to_string()), "the error must name the address: {e}");
     eprintln!("busy port detected after {:?}: {e}", started.elapsed());
 }
 
@@ -518,20 +406,10 @@ fn detect_attaches_the_real_programs_to_a_temporary_child_cgroup() {
     }
     let cg = TestCgroup::new();
     let report = detect::detect(Some(cg.path()));
-    let attach = report
-        .attach
-        .as_ref()
-        .expect("the probe runs on a cgroup v2 directory");
-    assert!(
-        attach.cgroup.starts_with(cg.path()),
-        "the probe uses a child of the target: {attach:?}"
-    );
+    let attach = report.attach.as_ref().expect("the probe runs on a cgroup v2 directory");
+    assert!(attach.cgroup.starts_with(cg.path()), "the probe uses a child of the target: {attach:?}");
     assert!(!attach.cgroup.exists(), "the probe cgroup must be removed");
-    assert!(
-        report.ebpf_usable(),
-        "this kernel (6.x, root) runs the eBPF datapath: {}",
-        detect::render(&report)
-    );
+    assert!(report.ebpf_usable(), "this kernel (6.x, root) runs the eBPF datapath: {}", detect::render(&report));
     for p in &attach.programs {
         assert!(p.attached && p.bpf_link, "{p:?}");
     }
@@ -553,14 +431,7 @@ fn detect_attaches_the_real_programs_to_a_temporary_child_cgroup() {
     // Nothing stays attached to the target.
     assert!(nllb_tests::attached_programs(cg.path()).is_empty());
     let text = detect::render(&report);
-    for needle in [
-        "kernel",
-        "cgroup v2",
-        "BPF syscall",
-        "nllb_connect4",
-        "getpeername",
-        "auto mode",
-    ] {
+    for needle in ["kernel", "cgroup v2", "BPF syscall", "nllb_connect4", "getpeername", "auto mode"] {
         assert!(text.contains(needle), "report lacks {needle}:\n{text}");
     }
     eprintln!("{text}");
@@ -577,38 +448,18 @@ fn auto_falls_back_to_envoy_when_the_cgroup_is_not_cgroup_v2_and_ebpf_fails_clea
     assert!(reason.contains("not a cgroup v2 directory"), "{reason}");
     assert_eq!(report.exit_code(), detect::EXIT_ENVOY_ONLY);
 
-    assert_eq!(
-        detect::select_mode(Mode::Auto, &not_cgroup.0, Some(&binary)).unwrap(),
-        Mode::Envoy
-    );
-    let e = detect::select_mode(Mode::Ebpf, &not_cgroup.0, Some(&binary))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("--mode ebpf") && e.contains("not a cgroup v2 directory"),
-        "{e}"
-    );
-    assert_eq!(
-        detect::select_mode(Mode::Envoy, &not_cgroup.0, Some(&binary)).unwrap(),
-        Mode::Envoy
-    );
+    assert_eq!(detect::select_mode(Mode::Auto, &not_cgroup.0, Some(&binary)).unwrap(), Mode::Envoy);
+    let e = detect::select_mode(Mode::Ebpf, &not_cgroup.0, Some(&binary)).unwrap_err().to_string();
+    assert!(e.contains("--mode ebpf") && e.contains("not a cgroup v2 directory"), "{e}");
+    assert_eq!(detect::select_mode(Mode::Envoy, &not_cgroup.0, Some(&binary)).unwrap(), Mode::Envoy);
 
     // Neither: exit status 4 and an error naming both causes.
     let missing = Path::new("/nonexistent/envoy");
     let report = detect::detect_with(Some(&not_cgroup.0), Some(missing));
     assert_eq!(report.exit_code(), detect::EXIT_NEITHER);
-    let e = detect::select_mode(Mode::Auto, &not_cgroup.0, Some(missing))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("not a cgroup v2") && e.contains("/nonexistent/envoy"),
-        "{e}"
-    );
-    let args = DetectArgs {
-        json: true,
-        cgroup: Some(not_cgroup.0.clone()),
-        envoy_binary: Some(missing.into()),
-    };
+    let e = detect::select_mode(Mode::Auto, &not_cgroup.0, Some(missing)).unwrap_err().to_string();
+    assert!(e.contains("not a cgroup v2") && e.contains("/nonexistent/envoy"), "{e}");
+    let args = DetectArgs { json: true, cgroup: Some(not_cgroup.0.clone()), envoy_binary: Some(missing.into()) };
     assert_eq!(detect::run_detect(args), detect::EXIT_NEITHER);
 }
 
@@ -618,10 +469,7 @@ fn auto_picks_ebpf_on_a_cgroup_v2_target() {
         return;
     }
     let cg = TestCgroup::new();
-    assert_eq!(
-        detect::select_mode(Mode::Auto, cg.path(), None).unwrap(),
-        Mode::Ebpf
-    );
+    assert_eq!(detect::select_mode(Mode::Auto, cg.path(), None).unwrap(), Mode::Ebpf);
 }
 
 #[test]
@@ -631,12 +479,9 @@ fn a_dead_or_blackholed_controller_is_retried_on_another_one_then_ejected() {
     }
     let Some(binary) = envoy_binary() else { return };
     let net = TestNet::new(3);
-    let mut servers: Vec<_> = net.serve_all(BACKEND_PORT, "controller-");
-    let b: Vec<SocketAddr> = net
-        .hosts()
-        .iter()
-        .map(|h| SocketAddr::new(h.v4, BACKEND_PORT))
-        .collect();
+    let mut servers: Vec<_> =
+        net.serve_all(BACKEND_PORT, "controller-");
+    let b: Vec<SocketAddr> = net.hosts().iter().map(|h| SocketAddr::new(h.v4, BACKEND_PORT)).collect();
     let vip = vips(free_port())[0];
     // controller-0 refuses (RST), controller-1 drops every packet; the
     // agent has not noticed yet (same plan).
@@ -645,26 +490,12 @@ fn a_dead_or_blackholed_controller_is_retried_on_another_one_then_ejected() {
 
     // Retries alone (no ejection): round robin walks all three controllers
     // within max_connect_attempts, so every connect lands on controller-2.
-    let run = start_with(
-        binary.clone(),
-        &plan(&[vip], &b),
-        render::RenderOptions::default(),
-    );
+    let run = start_with(binary.clone(), &plan(&[vip], &b), render::RenderOptions::default());
     let report = run_client(&ClientOpts::new(vip, 30, None));
-    assert_eq!(
-        report.ok_count(),
-        30,
-        "every connect must succeed through a retry: {:?}",
-        report.failed()
-    );
-    assert_eq!(
-        report.by_body().keys().collect::<Vec<_>>(),
-        ["controller-2"]
-    );
+    assert_eq!(report.ok_count(), 30, "every connect must succeed through a retry: {:?}", report.failed());
+    assert_eq!(report.by_body().keys().collect::<Vec<_>>(), ["controller-2"]);
     let slowest = report.results.iter().map(|r| r.elapsed_us).max().unwrap();
-    eprintln!(
-        "retries only: slowest connect+request {slowest} us (one blackholed attempt costs 250 ms)"
-    );
+    eprintln!("retries only: slowest connect+request {slowest} us (one blackholed attempt costs 250 ms)");
     assert!(slowest < 1_000_000, "{slowest} us");
     drop(run);
 
@@ -675,17 +506,10 @@ fn a_dead_or_blackholed_controller_is_retried_on_another_one_then_ejected() {
     let report = run_client(&ClientOpts::new(vip, 30, None));
     net.hosts()[1].unblackhole();
     let late = &report.results[15..];
-    assert!(
-        late.iter()
-            .all(|r| r.ok && r.body.as_deref() == Some("controller-2")),
-        "{late:?}"
-    );
+    assert!(late.iter().all(|r| r.ok && r.body.as_deref() == Some("controller-2")), "{late:?}");
     let slowest_late = late.iter().map(|r| r.elapsed_us).max().unwrap();
     eprintln!("with ejection: slowest of the last 15 connects {slowest_late} us");
-    assert!(
-        slowest_late < 200_000,
-        "ejected controllers must not be tried again: {slowest_late} us"
-    );
+    assert!(slowest_late < 200_000, "ejected controllers must not be tried again: {slowest_late} us");
     assert_eq!(run.dp.status().restarts, 0);
 }
 
@@ -737,66 +561,39 @@ fn install(kind: Kind, plan: &Plan) -> Option<Fixture> {
                 passive: true,
                 eject_hold: Duration::from_secs(10),
             };
-            let dp =
-                EbpfDatapath::install(opts, plan).unwrap_or_else(|e| panic!("eBPF datapath: {e}"));
-            Fixture {
-                dp: Box::new(dp),
-                cg,
-                _dir: None,
-            }
+            let dp = EbpfDatapath::install(opts, plan).unwrap_or_else(|e| panic!("eBPF datapath: {e}"));
+            Fixture { dp: Box::new(dp), cg, _dir: None }
         }
         Kind::Envoy => {
             let binary = envoy_binary()?;
             let run = start(binary, plan, None);
             let Running { dp, _dir } = run;
-            Fixture {
-                dp: Box::new(dp),
-                cg,
-                _dir: Some(_dir),
-            }
+            Fixture { dp: Box::new(dp), cg, _dir: Some(_dir) }
         }
     })
 }
 
 /// Every controller serves both families under one name.
 fn dual_stack_backends(net: &TestNet) -> Vec<SocketAddr> {
-    let v4 = net
-        .hosts()
-        .iter()
-        .map(|h| SocketAddr::new(h.v4, BACKEND_PORT));
-    let v6 = net
-        .hosts()
-        .iter()
-        .map(|h| SocketAddr::new(h.v6, BACKEND_PORT));
+    let v4 = net.hosts().iter().map(|h| SocketAddr::new(h.v4, BACKEND_PORT));
+    let v6 = net.hosts().iter().map(|h| SocketAddr::new(h.v6, BACKEND_PORT));
     v4.chain(v6).collect()
 }
 
 fn scenario_traffic_reaches_every_backend(kind: Kind) {
     let net = TestNet::new(3);
-    let _servers: Vec<_> = net.serve_all(BACKEND_PORT, "controller-");
+    let _servers: Vec<_> =
+        net.serve_all(BACKEND_PORT, "controller-");
     let port = free_port();
     let Some(f) = install(kind, &plan(&vips(port), &dual_stack_backends(&net))) else {
         return;
     };
     for vip in vips(port) {
         let report = run_client(&ClientOpts::new(vip, 60, Some(f.cg.path())));
-        assert_eq!(
-            report.ok_count(),
-            60,
-            "{kind:?} {vip}: {:?}",
-            report.failed()
-        );
-        assert_eq!(
-            report.by_body().len(),
-            3,
-            "{kind:?} {vip}: every controller serves: {:?}",
-            report.by_body()
-        );
+        assert_eq!(report.ok_count(), 60, "{kind:?} {vip}: {:?}", report.failed());
+        assert_eq!(report.by_body().len(), 3, "{kind:?} {vip}: every controller serves: {:?}", report.by_body());
         assert!(
-            report
-                .results
-                .iter()
-                .all(|r| r.peer.as_deref() == Some(vip.to_string().as_str())),
+            report.results.iter().all(|r| r.peer.as_deref() == Some(vip.to_string().as_str())),
             "{kind:?} {vip}: getpeername shows the virtual address"
         );
     }
@@ -810,15 +607,8 @@ fn scenario_no_backend_refuses_at_once(kind: Kind) {
     for vip in vips(port) {
         let report = run_client(&ClientOpts::new(vip, 5, Some(f.cg.path())));
         for r in &report.results {
-            assert_eq!(
-                (r.ok, r.errno),
-                (false, Some(ECONNREFUSED)),
-                "{kind:?} {vip}: {r:?}"
-            );
-            assert!(
-                u128::from(r.elapsed_us) < scaled(Duration::from_millis(50)).as_micros(),
-                "{kind:?} {vip}: {r:?}"
-            );
+            assert_eq!((r.ok, r.errno), (false, Some(ECONNREFUSED)), "{kind:?} {vip}: {r:?}");
+            assert!(u128::from(r.elapsed_us) < scaled(Duration::from_millis(50)).as_micros(), "{kind:?} {vip}: {r:?}");
         }
     }
 }
@@ -826,13 +616,7 @@ fn scenario_no_backend_refuses_at_once(kind: Kind) {
 /// `busybox nc` connected through `vip` from inside `cgroup`, request not
 /// yet sent.
 fn nc_in_cgroup(cgroup: &Path, vip: SocketAddr) -> std::process::Child {
-    let procs = std::ffi::CString::new(
-        cgroup
-            .join("cgroup.procs")
-            .into_os_string()
-            .into_encoded_bytes(),
-    )
-    .unwrap();
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes()).unwrap();
     let mut cmd = std::process::Command::new("busybox");
     cmd.args(["nc", &vip.ip().to_string(), &vip.port().to_string()])
         .stdin(std::process::Stdio::piped())
@@ -849,18 +633,14 @@ fn nc_in_cgroup(cgroup: &Path, vip: SocketAddr) -> std::process::Child {
             Ok(())
         });
     }
-    cmd.spawn()
-        .expect("busybox nc (busybox-static is installed by cargo xtask setup)")
+    cmd.spawn().expect("busybox nc (busybox-static is installed by cargo xtask setup)")
 }
 
 fn scenario_membership_change_keeps_established_connections(kind: Kind) {
     let net = TestNet::new(3);
-    let _servers: Vec<_> = net.serve_all(BACKEND_PORT, "controller-");
-    let b: Vec<SocketAddr> = net
-        .hosts()
-        .iter()
-        .map(|h| SocketAddr::new(h.v4, BACKEND_PORT))
-        .collect();
+    let _servers: Vec<_> =
+        net.serve_all(BACKEND_PORT, "controller-");
+    let b: Vec<SocketAddr> = net.hosts().iter().map(|h| SocketAddr::new(h.v4, BACKEND_PORT)).collect();
     let vip = vips(free_port())[0];
     let Some(mut f) = install(kind, &plan(&[vip], &b[..1])) else {
         return;
@@ -868,10 +648,7 @@ fn scenario_membership_change_keeps_established_connections(kind: Kind) {
     let mut nc = nc_in_cgroup(f.cg.path(), vip);
     // Until controller-0 has accepted, the connection is not established.
     assert!(
-        wait_for(scaled(Duration::from_secs(3)), || (_servers[0].served()
-            > 0)
-        .then_some(()))
-        .is_some(),
+        wait_for(scaled(Duration::from_secs(3)), || (_servers[0].served() > 0).then_some(())).is_some(),
         "{kind:?}: the held connection must reach controller-0"
     );
     f.dp.apply(&plan(&[vip], &b[1..])).unwrap();
@@ -879,31 +656,18 @@ fn scenario_membership_change_keeps_established_connections(kind: Kind) {
         let by = run_client(&ClientOpts::new(vip, 20, Some(f.cg.path()))).by_body();
         (!by.contains_key("controller-0") && by.len() == 2).then_some(by)
     });
-    assert!(
-        moved.is_some(),
-        "{kind:?}: new connects must follow the new set"
-    );
-    nc.stdin
-        .as_mut()
-        .unwrap()
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    assert!(moved.is_some(), "{kind:?}: new connects must follow the new set");
+    nc.stdin.as_mut().unwrap().write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     let out = nc.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.ends_with("\r\n\r\ncontroller-0"),
-        "{kind:?}: the established connection must survive: {text:?}"
-    );
+    assert!(text.ends_with("\r\n\r\ncontroller-0"), "{kind:?}: the established connection must survive: {text:?}");
 }
 
 fn scenario_failover_when_a_controller_dies(kind: Kind) {
     let net = TestNet::new(3);
-    let mut servers: Vec<_> = net.serve_all(BACKEND_PORT, "controller-");
-    let b: Vec<SocketAddr> = net
-        .hosts()
-        .iter()
-        .map(|h| SocketAddr::new(h.v4, BACKEND_PORT))
-        .collect();
+    let mut servers: Vec<_> =
+        net.serve_all(BACKEND_PORT, "controller-");
+    let b: Vec<SocketAddr> = net.hosts().iter().map(|h| SocketAddr::new(h.v4, BACKEND_PORT)).collect();
     let vip = vips(free_port())[0];
     let Some(mut f) = install(kind, &plan(&[vip], &b)) else {
         return;
@@ -917,11 +681,7 @@ fn scenario_failover_when_a_controller_dies(kind: Kind) {
     })
     .unwrap_or_else(|| panic!("{kind:?}: connects must succeed once the dead controller is out"));
     let by = report.by_body();
-    assert_eq!(
-        by.keys().collect::<Vec<_>>(),
-        ["controller-1", "controller-2"],
-        "{kind:?}"
-    );
+    assert_eq!(by.keys().collect::<Vec<_>>(), ["controller-1", "controller-2"], "{kind:?}");
 }
 
 macro_rules! both_modes {

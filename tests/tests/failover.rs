@@ -9,8 +9,8 @@ use std::{
 };
 
 use nllb_tests::{
-    Agent, AgentOpts, ClientOpts, ClientReport, TestCgroup, TestHost, TestNet, free_port,
-    one_service_config, privileged, scaled, vip4, wait_client, wait_for,
+    Agent, AgentOpts, ClientOpts, ClientReport, TestCgroup, TestHost, TestNet, free_port, one_service_config,
+    privileged, scaled, vip4, wait_client, wait_for,
 };
 
 const BACKEND_PORT: u16 = 6443;
@@ -34,18 +34,10 @@ fn start(net: &TestNet, cg: &TestCgroup, port: u16, extra: &str) -> Agent {
 fn wait_for_syn_timeouts(agent: &Agent, n: usize) {
     let ready = wait_for(Duration::from_secs(10), || {
         let s = agent.status();
-        let set = s["agent"]["passive"]
-            .as_array()?
-            .iter()
-            .filter(|p| p["syn_timeout_ms"].as_u64().is_some())
-            .count();
+        let set = s["agent"]["passive"].as_array()?.iter().filter(|p| p["syn_timeout_ms"].as_u64().is_some()).count();
         (set == n).then_some(())
     });
-    assert!(
-        ready.is_some(),
-        "no SYN timeouts published: {}",
-        agent.status()
-    );
+    assert!(ready.is_some(), "no SYN timeouts published: {}", agent.status());
 }
 
 /// Eight clients connect through the virtual address at 10/s each, retrying
@@ -77,41 +69,20 @@ fn assert_no_client_waited(reports: &[ClientReport], dead: &str) {
         assert!(
             longest <= scaled(LONGEST_WAIT),
             "client {i} waited {longest:?} for one connect: {:?}",
-            r.results
-                .iter()
-                .filter(|c| c.elapsed_us > 100_000)
-                .collect::<Vec<_>>()
+            r.results.iter().filter(|c| c.elapsed_us > 100_000).collect::<Vec<_>>()
         );
-        let failed: Vec<_> = r
-            .results
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| !c.ok)
-            .collect();
-        assert!(
-            failed.len() <= 1,
-            "client {i}: more than one failed connect: {failed:?}"
-        );
+        let failed: Vec<_> = r.results.iter().enumerate().filter(|(_, c)| !c.ok).collect();
+        assert!(failed.len() <= 1, "client {i}: more than one failed connect: {failed:?}");
         for (k, c) in &failed {
             assert!(!c.retry, "client {i}: the retry failed too: {c:?}");
             let retry = &r.results[k + 1];
-            assert!(
-                retry.retry && retry.ok,
-                "client {i}: the retry did not land on a live controller: {retry:?}"
-            );
-            assert_ne!(
-                retry.body.as_deref(),
-                Some(dead),
-                "client {i}: the retry went to the dead controller"
-            );
+            assert!(retry.retry && retry.ok, "client {i}: the retry did not land on a live controller: {retry:?}");
+            assert_ne!(retry.body.as_deref(), Some(dead), "client {i}: the retry went to the dead controller");
         }
     }
     let worst = reports.iter().map(ClientReport::longest).max().unwrap();
     let errors: usize = reports.iter().map(|r| r.failed().len()).sum();
-    println!(
-        "longest wait of any connect: {worst:?}; failed first attempts: {errors} of {}",
-        reports.len() * 45
-    );
+    println!("longest wait of any connect: {worst:?}; failed first attempts: {errors} of {}", reports.len() * 45);
 }
 
 #[test]
@@ -175,11 +146,7 @@ fn after_a_full_outage_the_first_controller_back_is_used_within_three_connects()
     drop(back);
     // The client started a few ms before `started`: count from a little
     // before the return so no failure after it is missed.
-    let after: Vec<_> = report
-        .results
-        .iter()
-        .filter(|r| r.t_ms + 20 >= back_ms)
-        .collect();
+    let after: Vec<_> = report.results.iter().filter(|r| r.t_ms + 20 >= back_ms).collect();
     let failed = after.iter().filter(|r| !r.ok).count();
     let served = after.iter().filter(|r| r.ok).count();
     println!("after the return: {failed} failed, {served} served");
@@ -188,10 +155,7 @@ fn after_a_full_outage_the_first_controller_back_is_used_within_three_connects()
         "{failed} connects failed after a controller came back: {:?}",
         after.iter().filter(|r| !r.ok).collect::<Vec<_>>()
     );
-    assert!(
-        served > 50,
-        "the controller that came back serves the rest: {served}"
-    );
+    assert!(served > 50, "the controller that came back serves the rest: {served}");
 }
 
 #[test]
@@ -228,28 +192,16 @@ fn abandoned_dials_set_no_passive_mark() {
     host.blackhole();
     let cg = TestCgroup::new();
     let port = free_port();
-    let agent = start(
-        &net,
-        &cg,
-        port,
-        "health:\n  enabled: false\npassive:\n  synTimeout: 2s\n",
-    );
+    let agent = start(&net, &cg, port, "health:\n  enabled: false\npassive:\n  synTimeout: 2s\n");
     let mut o = ClientOpts::new(vip4(port), 10, Some(cg.path()));
     o.timeout = Duration::from_millis(100);
     let report = wait_client(o.spawn());
     assert_eq!(report.ok_count(), 0, "the controller answers nothing");
     let backend = &agent.status()["services"][0]["backends"][0];
     assert_eq!(backend["connects"], 10, "{backend}");
-    assert_eq!(
-        backend["refused"], 0,
-        "abandoned dials are not refusals: {backend}"
-    );
+    assert_eq!(backend["refused"], 0, "abandoned dials are not refusals: {backend}");
     assert_eq!(backend["passively_ejected"], false, "{backend}");
-    assert!(
-        !agent.log().contains("passively ejected"),
-        "{}",
-        agent.log()
-    );
+    assert!(!agent.log().contains("passively ejected"), "{}", agent.log());
 
     // The same dial waited out past the SYN timeout does mark it: the test
     // above could fail.
@@ -282,40 +234,18 @@ fn the_agents_own_probes_never_set_a_passive_mark() {
         config_yaml: one_service_config(&[&vip4(port).to_string()], BACKEND_PORT, &backends, ""),
         cgroup: cg.path().to_path_buf(),
         // The agent joins the cgroup it attaches to before it starts.
-        wrapper: vec![
-            "sh".into(),
-            "-c".into(),
-            format!("echo $$ > {} && exec \"$@\"", procs.display()),
-            "sh".into(),
-        ],
+        wrapper: vec!["sh".into(), "-c".into(), format!("echo $$ > {} && exec \"$@\"", procs.display()), "sh".into()],
         ..Default::default()
     });
     let pid = agent.pid().unwrap().to_string();
-    assert!(
-        std::fs::read_to_string(&procs)
-            .unwrap()
-            .lines()
-            .any(|l| l == pid),
-        "the agent is in its cgroup"
-    );
+    assert!(std::fs::read_to_string(&procs).unwrap().lines().any(|l| l == pid), "the agent is in its cgroup");
     let dead = net.hosts()[0].v4.to_string();
     let unhealthy = wait_for(Duration::from_secs(10), || {
         let h = &agent.status()["agent"]["health"][format!("{dead}:{BACKEND_PORT}")];
         (h["healthy"] == false && h["consecutive_failures"].as_u64() >= Some(3)).then_some(())
     });
-    assert!(
-        unhealthy.is_some(),
-        "probes time out on the silent controller: {}",
-        agent.status()
-    );
+    assert!(unhealthy.is_some(), "probes time out on the silent controller: {}", agent.status());
     let h = &agent.status()["agent"]["health"][format!("{dead}:{BACKEND_PORT}")];
-    assert_eq!(
-        h["passive_ejections"], 0,
-        "probes marked the controller in the kernel: {h}"
-    );
-    assert!(
-        !agent.log().contains("passively ejected"),
-        "{}",
-        agent.log()
-    );
+    assert_eq!(h["passive_ejections"], 0, "probes marked the controller in the kernel: {h}");
+    assert!(!agent.log().contains("passively ejected"), "{}", agent.log());
 }

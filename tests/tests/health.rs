@@ -25,19 +25,10 @@ fn config(yaml: &str) -> HealthConfig {
 }
 
 /// Polls the monitor until `addr`'s verdict is `healthy`; the time it took.
-async fn wait_verdict(
-    mon: &Monitor,
-    addr: SocketAddr,
-    healthy: bool,
-    limit: Duration,
-) -> Option<Duration> {
+async fn wait_verdict(mon: &Monitor, addr: SocketAddr, healthy: bool, limit: Duration) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < limit {
-        if mon
-            .snapshot()
-            .get(&addr)
-            .is_some_and(|h| h.healthy == healthy)
-        {
+        if mon.snapshot().get(&addr).is_some_and(|h| h.healthy == healthy) {
             return Some(start.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -50,16 +41,10 @@ async fn wait_proven(mon: &Monitor, addrs: &[SocketAddr]) {
     let start = Instant::now();
     loop {
         let snap = mon.snapshot();
-        if addrs.iter().all(|a| {
-            snap.get(a)
-                .is_some_and(|h| h.healthy && h.last_ok == Some(true))
-        }) {
+        if addrs.iter().all(|a| snap.get(a).is_some_and(|h| h.healthy && h.last_ok == Some(true))) {
             return;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "backends never probed healthy: {snap:#?}"
-        );
+        assert!(start.elapsed() < Duration::from_secs(10), "backends never probed healthy: {snap:#?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -90,38 +75,21 @@ async fn tcp_probe_ejects_a_killed_controller_and_readmits_it() {
         let t0 = Instant::now();
         server.stop();
         let detect = wait_verdict(&mon, addr(h0), false, Duration::from_secs(3)).await;
-        let detect = detect
-            .unwrap_or_else(|| panic!("killed controller not ejected: {:#?}", mon.snapshot()));
+        let detect = detect.unwrap_or_else(|| panic!("killed controller not ejected: {:#?}", mon.snapshot()));
         measure("kill", "detect", t0.elapsed());
-        assert!(
-            detect < Duration::from_millis(1500),
-            "fall=2 × 500ms should eject within ~1.1s, took {detect:?}"
-        );
+        assert!(detect < Duration::from_millis(1500), "fall=2 × 500ms should eject within ~1.1s, took {detect:?}");
         let h = mon.snapshot().get(&addr(h0)).cloned().unwrap();
-        assert!(
-            h.last_error.as_deref().unwrap_or("").contains("refused"),
-            "{h:?}"
-        );
-        assert!(
-            mon.snapshot().is_healthy(&addr(h1)),
-            "the other controller must stay healthy"
-        );
+        assert!(h.last_error.as_deref().unwrap_or("").contains("refused"), "{h:?}");
+        assert!(mon.snapshot().is_healthy(&addr(h1)), "the other controller must stay healthy");
 
         let t1 = Instant::now();
         let restarted = h0.serve(PORT, "c0");
-        let back = wait_verdict(&mon, addr(h0), true, Duration::from_secs(3))
-            .await
-            .expect("restarted controller readmitted");
+        let back =
+            wait_verdict(&mon, addr(h0), true, Duration::from_secs(3)).await.expect("restarted controller readmitted");
         measure("kill", "recover", back);
         let h = mon.snapshot().get(&addr(h0)).cloned().unwrap();
-        assert!(
-            h.consecutive_successes >= 2,
-            "readmitted only after rise=2 good probes: {h:?}"
-        );
-        assert!(
-            t1.elapsed() >= Duration::from_millis(400),
-            "two probes cannot fit in less than ~450ms"
-        );
+        assert!(h.consecutive_successes >= 2, "readmitted only after rise=2 good probes: {h:?}");
+        assert!(t1.elapsed() >= Duration::from_millis(400), "two probes cannot fit in less than ~450ms");
         drop(restarted);
         wait_verdict(&mon, addr(h0), false, Duration::from_secs(3)).await;
     }
@@ -147,30 +115,16 @@ async fn tcp_probe_ejects_a_blackholed_controller_without_delaying_others() {
             .await
             .unwrap_or_else(|| panic!("blackholed controller not ejected: {:#?}", mon.snapshot()));
         measure("blackhole", "detect", t0.elapsed());
-        assert!(
-            detect < Duration::from_millis(1800),
-            "fall=2 probes with 250ms timeouts: took {detect:?}"
-        );
+        assert!(detect < Duration::from_millis(1800), "fall=2 probes with 250ms timeouts: took {detect:?}");
         let h = mon.snapshot().get(&addr(h0)).cloned().unwrap();
-        assert!(
-            h.last_error.as_deref().unwrap_or("").contains("timed out"),
-            "{h:?}"
-        );
+        assert!(h.last_error.as_deref().unwrap_or("").contains("timed out"), "{h:?}");
         // The other controller's probes kept their pace and result.
         let other = mon.snapshot().get(&addr(h1)).cloned().unwrap();
-        assert!(
-            other.healthy && other.consecutive_failures == 0,
-            "{other:?}"
-        );
-        assert!(
-            other.last_latency.unwrap() < Duration::from_millis(100),
-            "{other:?}"
-        );
+        assert!(other.healthy && other.consecutive_failures == 0, "{other:?}");
+        assert!(other.last_latency.unwrap() < Duration::from_millis(100), "{other:?}");
 
         h0.unblackhole();
-        let back = wait_verdict(&mon, addr(h0), true, Duration::from_secs(3))
-            .await
-            .expect("readmitted");
+        let back = wait_verdict(&mon, addr(h0), true, Duration::from_secs(3)).await.expect("readmitted");
         measure("blackhole", "recover", back);
     }
 }
@@ -193,10 +147,7 @@ async fn https_probe_ejects_on_readyz_500_and_on_readyz_that_never_answers() {
     mon.set_targets([addr(h0), addr(h1), v6]);
     wait_proven(&mon, &[addr(h0), addr(h1), v6]).await;
 
-    for (mode, kind, needle) in [
-        (FAIL, "readyz-500", "HTTP 500"),
-        (HANG, "readyz-hang", "timed out"),
-    ] {
+    for (mode, kind, needle) in [(FAIL, "readyz-500", "HTTP 500"), (HANG, "readyz-hang", "timed out")] {
         tokio::time::sleep(Duration::from_millis(120)).await;
         let t0 = Instant::now();
         s0.set_mode(mode);
@@ -204,28 +155,17 @@ async fn https_probe_ejects_on_readyz_500_and_on_readyz_that_never_answers() {
             .await
             .unwrap_or_else(|| panic!("{kind}: not ejected: {:#?}", mon.snapshot()));
         measure(kind, "detect", t0.elapsed());
-        assert!(
-            detect < Duration::from_millis(1800),
-            "{kind}: took {detect:?}"
-        );
+        assert!(detect < Duration::from_millis(1800), "{kind}: took {detect:?}");
         let h = mon.snapshot().get(&addr(h0)).cloned().unwrap();
-        assert!(
-            h.last_error.as_deref().unwrap_or("").contains(needle),
-            "{kind}: {h:?}"
-        );
+        assert!(h.last_error.as_deref().unwrap_or("").contains(needle), "{kind}: {h:?}");
         assert!(mon.snapshot().is_healthy(&addr(h1)));
 
         s0.set_mode(READY);
-        let back = wait_verdict(&mon, addr(h0), true, Duration::from_secs(3))
-            .await
-            .expect("readmitted");
+        let back = wait_verdict(&mon, addr(h0), true, Duration::from_secs(3)).await.expect("readmitted");
         measure(kind, "recover", back);
     }
     let h = mon.snapshot().get(&addr(h1)).cloned().unwrap();
-    assert_eq!(
-        h.consecutive_failures, 0,
-        "the healthy controller never failed a probe: {h:?}"
-    );
+    assert_eq!(h.consecutive_failures, 0, "the healthy controller never failed a probe: {h:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,9 +181,7 @@ async fn flapping_controller_is_not_readmitted_on_single_good_probes() {
     mon.set_targets([addr(h0)]);
     wait_proven(&mon, &[addr(h0)]).await;
     s0.set_mode(FAIL);
-    wait_verdict(&mon, addr(h0), false, Duration::from_secs(3))
-        .await
-        .expect("ejected");
+    wait_verdict(&mon, addr(h0), false, Duration::from_secs(3)).await.expect("ejected");
     // Up for 400ms (at most one probe), down for 1.2s, five times.
     let mut readmitted = 0;
     let mut best_streak = 0;
@@ -260,14 +198,8 @@ async fn flapping_controller_is_not_readmitted_on_single_good_probes() {
         tokio::time::sleep(Duration::from_millis(1200)).await;
         assert!(!mon.snapshot().is_healthy(&addr(h0)));
     }
-    assert!(
-        best_streak >= 1,
-        "the test must have let some good probes through"
-    );
-    assert_eq!(
-        readmitted, 0,
-        "a flapping controller must stay out until rise=2 good probes in a row"
-    );
+    assert!(best_streak >= 1, "the test must have let some good probes through");
+    assert_eq!(readmitted, 0, "a flapping controller must stay out until rise=2 good probes in a row");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,47 +210,28 @@ async fn all_down_panics_to_every_backend_then_one_back_ends_panic() {
     let net = TestNet::new(3);
     let hosts = net.hosts();
     let known: Vec<SocketAddr> = hosts.iter().map(addr).collect();
-    let mut servers: Vec<_> = hosts
-        .iter()
-        .enumerate()
-        .map(|(i, h)| h.serve(PORT, &format!("c{i}")))
-        .collect();
+    let mut servers: Vec<_> = hosts.iter().enumerate().map(|(i, h)| h.serve(PORT, &format!("c{i}"))).collect();
     let mon = Monitor::spawn(config("probe: tcp")).unwrap();
     mon.set_targets(known.clone());
     wait_proven(&mon, &known).await;
     let mut rx = mon.subscribe();
-    assert_eq!(
-        select(&known, &rx.borrow_and_update()),
-        (known.clone(), false)
-    );
+    assert_eq!(select(&known, &rx.borrow_and_update()), (known.clone(), false));
 
     let t0 = Instant::now();
     for s in &mut servers {
         s.stop();
     }
-    let snap = wait_for_snapshot(&mut rx, Duration::from_secs(3), |s| {
-        known.iter().all(|a| !s.is_healthy(a))
-    })
-    .await
-    .expect("all three ejected");
+    let snap = wait_for_snapshot(&mut rx, Duration::from_secs(3), |s| known.iter().all(|a| !s.is_healthy(a)))
+        .await
+        .expect("all three ejected");
     measure("all-down", "detect", t0.elapsed());
-    assert_eq!(
-        select(&known, &snap),
-        (known.clone(), true),
-        "never black-hole: panic publishes all known"
-    );
+    assert_eq!(select(&known, &snap), (known.clone(), true), "never black-hole: panic publishes all known");
 
     let t1 = Instant::now();
     let _back = hosts[1].serve(PORT, "c1");
-    let snap = wait_for_snapshot(&mut rx, Duration::from_secs(3), |s| s.is_healthy(&known[1]))
-        .await
-        .expect("c1 back");
+    let snap = wait_for_snapshot(&mut rx, Duration::from_secs(3), |s| s.is_healthy(&known[1])).await.expect("c1 back");
     measure("all-down-one-back", "recover", t1.elapsed());
-    assert_eq!(
-        select(&known, &snap),
-        (vec![known[1]], false),
-        "panic ends with one healthy backend"
-    );
+    assert_eq!(select(&known, &snap), (vec![known[1]], false), "panic ends with one healthy backend");
 }
 
 /// Waits on the watch channel (so subscribers are woken by transitions)
@@ -356,14 +269,9 @@ async fn passive_failure_ejects_at_once_and_probes_bring_it_back() {
     assert!(!h.healthy, "a passive report ejects synchronously: {h:?}");
     assert_eq!(h.passive_ejections, 1);
     // The immediate probe plus one regular one: back well before 2 intervals + slack.
-    let back = wait_verdict(&mon, a, true, Duration::from_secs(2))
-        .await
-        .expect("probes readmit it");
+    let back = wait_verdict(&mon, a, true, Duration::from_secs(2)).await.expect("probes readmit it");
     measure("passive-report", "recover", t0.elapsed());
-    assert!(
-        back < Duration::from_millis(900),
-        "the report must trigger an immediate probe, took {back:?}"
-    );
+    assert!(back < Duration::from_millis(900), "the report must trigger an immediate probe, took {back:?}");
     assert_eq!(mon.snapshot().get(&a).unwrap().passive_ejections, 1);
 }
 
@@ -377,42 +285,24 @@ async fn set_targets_keeps_unchanged_state_and_drops_removed() {
     };
     let mon = Monitor::spawn(config("probe: tcp")).unwrap();
     mon.set_targets([b, dead]);
-    wait_verdict(&mon, dead, false, Duration::from_secs(2))
-        .await
-        .expect("first failed probe ejects a new backend");
+    wait_verdict(&mon, dead, false, Duration::from_secs(2)).await.expect("first failed probe ejects a new backend");
     wait_proven(&mon, &[b]).await;
     let before = mon.snapshot().get(&dead).cloned().unwrap();
     let c = SocketAddr::from(([127, 0, 0, 1], free_port_not(&[b, dead])));
     mon.set_targets([b, dead, c]);
     let after = mon.snapshot().get(&dead).cloned().unwrap();
-    assert!(
-        !after.healthy && after.since == before.since,
-        "unchanged target kept its state"
-    );
-    assert!(
-        mon.snapshot()
-            .get(&c)
-            .is_some_and(|h| h.healthy && h.last_ok.is_none()),
-        "new target starts healthy"
-    );
+    assert!(!after.healthy && after.since == before.since, "unchanged target kept its state");
+    assert!(mon.snapshot().get(&c).is_some_and(|h| h.healthy && h.last_ok.is_none()), "new target starts healthy");
     mon.set_targets([b]);
     let snap = mon.snapshot();
     assert_eq!(snap.backends.keys().copied().collect::<Vec<_>>(), vec![b]);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(
-        mon.snapshot().backends.len(),
-        1,
-        "removed targets' tasks are gone"
-    );
+    assert_eq!(mon.snapshot().backends.len(), 1, "removed targets' tasks are gone");
 }
 
 fn free_port_not(avoid: &[SocketAddr]) -> u16 {
     loop {
-        let p = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let p = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         if avoid.iter().all(|a| a.port() != p) {
             return p;
         }
@@ -431,33 +321,20 @@ async fn observer_sees_every_probe_with_its_duration() {
     mon.set_targets([a]);
     tokio::time::sleep(Duration::from_millis(550)).await;
     let seen = seen.lock().unwrap().clone();
-    assert!(
-        (4..=7).contains(&seen.len()),
-        "about one probe per 100ms: {seen:?}"
-    );
-    assert!(
-        seen.iter()
-            .all(|(t, d)| *t == a && *d < Duration::from_millis(50)),
-        "{seen:?}"
-    );
+    assert!((4..=7).contains(&seen.len()), "about one probe per 100ms: {seen:?}");
+    assert!(seen.iter().all(|(t, d)| *t == a && *d < Duration::from_millis(50)), "{seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disabled_health_keeps_every_backend_healthy() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let mon = Monitor::spawn(config("enabled: false\nprobe: tcp")).unwrap();
     mon.set_targets([dead]);
     mon.report_passive_failure(dead);
     tokio::time::sleep(Duration::from_millis(800)).await;
     let h = mon.snapshot().get(&dead).cloned().unwrap();
     assert!(h.healthy && h.last_ok.is_none(), "{h:?}");
-    assert_eq!(
-        h.passive_ejections, 1,
-        "passive ejections are still counted"
-    );
+    assert_eq!(h.passive_ejections, 1, "passive ejections are still counted");
 }
 
 #[test]
@@ -478,18 +355,11 @@ fn socket_destroy_aborts_a_connect_stuck_in_syn_sent() {
         let n = nllb::sock_destroy::destroy_sockets_to(target, None).unwrap();
         (n > 0).then_some(n)
     });
-    assert_eq!(
-        n,
-        Some(1),
-        "the SYN_SENT socket to the blackholed host is found and destroyed"
-    );
+    assert_eq!(n, Some(1), "the SYN_SENT socket to the blackholed host is found and destroyed");
     let (r, took) = connect.join().unwrap();
     let err = r.expect_err("a destroyed connect must fail");
     assert_eq!(err.raw_os_error(), Some(libc::ECONNABORTED), "{err}");
-    assert!(
-        took < Duration::from_secs(3),
-        "the connect ended at once, not at its timeout: {took:?}"
-    );
+    assert!(took < Duration::from_secs(3), "the connect ended at once, not at its timeout: {took:?}");
 }
 
 // ---- TLS trust set-ups (loopback, no privileges needed) ----
@@ -511,15 +381,8 @@ impl Drop for TempDir {
 /// One probe's verdict for `yaml` against `server`.
 async fn probe_once(yaml: &str, server: SocketAddr) -> Result<Duration, String> {
     // These tests are about trust, not timing: room for a loaded machine.
-    let cfg = if yaml.contains("timeout") {
-        config(yaml)
-    } else {
-        config(&format!("{yaml}\ninterval: 3s\ntimeout: 3s"))
-    };
-    nllb::health::Prober::new(&cfg)
-        .unwrap_or_else(|e| panic!("{yaml}: {e}"))
-        .probe(server)
-        .await
+    let cfg = if yaml.contains("timeout") { config(yaml) } else { config(&format!("{yaml}\ninterval: 3s\ntimeout: 3s")) };
+    nllb::health::Prober::new(&cfg).unwrap_or_else(|e| panic!("{yaml}: {e}")).probe(server).await
 }
 
 #[tokio::test]
@@ -532,50 +395,19 @@ async fn https_trust_from_ca_file_kubeconfig_server_name_and_insecure() {
     let wrong_dir = TempDir::new();
     let wrong_ca = other.write_ca(&wrong_dir.0);
 
-    probe_once(&format!("probe: https\ncaFile: {}", ca.display()), srv.addr)
+    probe_once(&format!("probe: https\ncaFile: {}", ca.display()), srv.addr).await.expect("CA file, IP SAN");
+    probe_once(&format!("probe: https\ncaFile: {}\nserverName: controller.test", ca.display()), srv.addr)
         .await
-        .expect("CA file, IP SAN");
-    probe_once(
-        &format!(
-            "probe: https\ncaFile: {}\nserverName: controller.test",
-            ca.display()
-        ),
-        srv.addr,
-    )
-    .await
-    .expect("CA file, DNS name");
-    let err = probe_once(
-        &format!(
-            "probe: https\ncaFile: {}\nserverName: other.test",
-            ca.display()
-        ),
-        srv.addr,
-    )
-    .await
-    .unwrap_err();
-    assert!(
-        err.contains("TLS"),
-        "a name the cert lacks must fail: {err}"
-    );
-    let err = probe_once(
-        &format!("probe: https\ncaFile: {}", wrong_ca.display()),
-        srv.addr,
-    )
-    .await
-    .unwrap_err();
-    assert!(
-        err.contains("TLS handshake"),
-        "an unknown CA must fail: {err}"
-    );
-    probe_once(
-        &format!(
-            "probe: https\ncaFile: {}\ninsecureSkipVerify: true",
-            wrong_ca.display()
-        ),
-        srv.addr,
-    )
-    .await
-    .expect("insecureSkipVerify accepts any certificate");
+        .expect("CA file, DNS name");
+    let err = probe_once(&format!("probe: https\ncaFile: {}\nserverName: other.test", ca.display()), srv.addr)
+        .await
+        .unwrap_err();
+    assert!(err.contains("TLS"), "a name the cert lacks must fail: {err}");
+    let err = probe_once(&format!("probe: https\ncaFile: {}", wrong_ca.display()), srv.addr).await.unwrap_err();
+    assert!(err.contains("TLS handshake"), "an unknown CA must fail: {err}");
+    probe_once(&format!("probe: https\ncaFile: {}\ninsecureSkipVerify: true", wrong_ca.display()), srv.addr)
+        .await
+        .expect("insecureSkipVerify accepts any certificate");
 
     // kubeconfig with inline CA data, current-context picking the second cluster.
     use base64::Engine;
@@ -591,12 +423,7 @@ async fn https_trust_from_ca_file_kubeconfig_server_name_and_insecure() {
         ),
     )
     .unwrap();
-    probe_once(
-        &format!("probe: https\nkubeconfig: {}", kc.display()),
-        srv.addr,
-    )
-    .await
-    .expect("kubeconfig CA data");
+    probe_once(&format!("probe: https\nkubeconfig: {}", kc.display()), srv.addr).await.expect("kubeconfig CA data");
 
     // kubeconfig with a CA path relative to the kubeconfig's directory.
     let kc2 = dir.0.join("admin.conf");
@@ -605,12 +432,7 @@ async fn https_trust_from_ca_file_kubeconfig_server_name_and_insecure() {
         "clusters:\n- name: k\n  cluster:\n    server: https://z\n    certificate-authority: ca.crt\ncontexts: []\n",
     )
     .unwrap();
-    probe_once(
-        &format!("probe: https\nkubeconfig: {}", kc2.display()),
-        srv.addr,
-    )
-    .await
-    .expect("kubeconfig CA path");
+    probe_once(&format!("probe: https\nkubeconfig: {}", kc2.display()), srv.addr).await.expect("kubeconfig CA path");
 }
 
 #[tokio::test]
@@ -623,46 +445,23 @@ async fn https_client_certificate_when_the_server_requires_one() {
     std::fs::write(&cert, &pki.client_cert_pem).unwrap();
     std::fs::write(&key, &pki.client_key_pem).unwrap();
     let base = format!("probe: https\ncaFile: {}", ca.display());
-    assert!(
-        probe_once(&base, srv.addr).await.is_err(),
-        "without a client certificate the server refuses"
-    );
-    probe_once(
-        &format!(
-            "{base}\nclientCertFile: {}\nclientKeyFile: {}",
-            cert.display(),
-            key.display()
-        ),
-        srv.addr,
-    )
-    .await
-    .expect("with the client certificate");
+    assert!(probe_once(&base, srv.addr).await.is_err(), "without a client certificate the server refuses");
+    probe_once(&format!("{base}\nclientCertFile: {}\nclientKeyFile: {}", cert.display(), key.display()), srv.addr)
+        .await
+        .expect("with the client certificate");
 }
 
 #[tokio::test]
 async fn https_misconfiguration_is_reported_with_the_field() {
     let dir = TempDir::new();
     let missing = dir.0.join("nope.crt");
-    let err = Monitor::spawn(config(&format!(
-        "probe: https\ncaFile: {}",
-        missing.display()
-    )))
-    .err()
-    .unwrap();
-    assert!(
-        err.to_string().contains("health.caFile") && err.to_string().contains("nope.crt"),
-        "{err}"
-    );
+    let err = Monitor::spawn(config(&format!("probe: https\ncaFile: {}", missing.display()))).err().unwrap();
+    assert!(err.to_string().contains("health.caFile") && err.to_string().contains("nope.crt"), "{err}");
     let err = Monitor::spawn(config("probe: https")).err().unwrap();
     assert!(err.to_string().contains("health.caFile"), "{err}");
     let empty = dir.0.join("kc");
     std::fs::write(&empty, "clusters: []\n").unwrap();
-    let err = Monitor::spawn(config(&format!(
-        "probe: https\nkubeconfig: {}",
-        empty.display()
-    )))
-    .err()
-    .unwrap();
+    let err = Monitor::spawn(config(&format!("probe: https\nkubeconfig: {}", empty.display()))).err().unwrap();
     assert!(err.to_string().contains("health.kubeconfig"), "{err}");
 }
 
@@ -671,18 +470,11 @@ async fn https_probe_timeout_bounds_a_server_that_accepts_but_never_speaks() {
     // Accepts TCP (kernel backlog) but never answers the TLS ClientHello.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let start = Instant::now();
-    let err = probe_once(
-        "probe: https\ninsecureSkipVerify: true\ntimeout: 200ms",
-        silent.local_addr().unwrap(),
-    )
-    .await
-    .unwrap_err();
+    let err = probe_once("probe: https\ninsecureSkipVerify: true\ntimeout: 200ms", silent.local_addr().unwrap())
+        .await
+        .unwrap_err();
     assert!(err.contains("timed out"), "{err}");
-    assert!(
-        start.elapsed() < Duration::from_millis(400),
-        "bounded by the timeout: {:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() < Duration::from_millis(400), "bounded by the timeout: {:?}", start.elapsed());
 }
 
 // ---- End to end: the real agent, a client connecting through the VIP ----
@@ -700,8 +492,8 @@ mod e2e {
     };
 
     use nllb_tests::{
-        Agent, AgentOpts, ClientOpts, ClientReport, TestCgroup, TestNet, free_port,
-        one_service_config, privileged, wait_client, wait_for,
+        Agent, AgentOpts, ClientOpts, ClientReport, TestCgroup, TestNet, free_port, one_service_config, privileged,
+        wait_client, wait_for,
     };
 
     use super::PORT;
@@ -726,12 +518,7 @@ mod e2e {
             let health = s["agent"]["health"].as_object()?.clone();
             (health.len() == n && health.values().all(|h| h["last_ok"] == true)).then_some(())
         });
-        assert!(
-            ok.is_some(),
-            "backends never probed healthy: {}\n{}",
-            agent.status(),
-            agent.log()
-        );
+        assert!(ok.is_some(), "backends never probed healthy: {}\n{}", agent.status(), agent.log());
     }
 
     /// Failed connects and the last moment (ms after the fault) a connect
@@ -750,12 +537,7 @@ mod e2e {
     }
 
     /// A client making one connect every 20ms for `secs`, a fault at 1.5s.
-    fn run_with_fault(
-        cg: &TestCgroup,
-        port: u16,
-        secs: u64,
-        fault: impl FnOnce(),
-    ) -> (ClientReport, u64) {
+    fn run_with_fault(cg: &TestCgroup, port: u16, secs: u64, fault: impl FnOnce()) -> (ClientReport, u64) {
         let mut opts = ClientOpts::new(vip(port), (secs * 50) as u32, Some(cg.path()));
         opts.interval = Duration::from_millis(20);
         opts.timeout = Duration::from_millis(1000);
@@ -769,10 +551,7 @@ mod e2e {
         // estimate that lag from when it finished, and give the fault time
         // on the client's clock (t_ms of its results).
         let total = start.elapsed().as_millis() as u64;
-        let ran = report
-            .results
-            .last()
-            .map_or(0, |r| r.t_ms + r.elapsed_us / 1000);
+        let ran = report.results.last().map_or(0, |r| r.t_ms + r.elapsed_us / 1000);
         let lag = total.saturating_sub(ran).min(fault_ms);
         (report, fault_ms - lag)
     }
@@ -784,15 +563,11 @@ mod e2e {
         }
         for passive in [true, false] {
             let net = TestNet::new(3);
-            let mut servers: Vec<_> = net.serve_all(PORT, "c");
+            let mut servers: Vec<_> =
+                net.serve_all(PORT, "c");
             let cg = TestCgroup::new();
             let port = free_port();
-            let a = agent(
-                &net,
-                &cg,
-                port,
-                &format!("health:\n  probe: tcp\npassive:\n  enabled: {passive}\n"),
-            );
+            let a = agent(&net, &cg, port, &format!("health:\n  probe: tcp\npassive:\n  enabled: {passive}\n"));
             wait_all_probed(&a, 3);
             let (report, fault_ms) = run_with_fault(&cg, port, 5, || servers[0].stop());
             let (failed, last) = failover(&report, fault_ms, "c0");
@@ -801,24 +576,10 @@ mod e2e {
                 report.results.len()
             );
             let bound = if passive { 3 } else { 40 };
-            assert!(
-                failed <= bound,
-                "passive={passive}: {failed} failed connects: {:?}",
-                report.failed()
-            );
-            assert!(
-                last < 2000,
-                "passive={passive}: still failing {last}ms after the kill"
-            );
-            let tail: Vec<_> = report
-                .results
-                .iter()
-                .filter(|r| r.t_ms > fault_ms + 2000)
-                .collect();
-            assert!(
-                !tail.is_empty() && tail.iter().all(|r| r.ok),
-                "all connects succeed once steered"
-            );
+            assert!(failed <= bound, "passive={passive}: {failed} failed connects: {:?}", report.failed());
+            assert!(last < 2000, "passive={passive}: still failing {last}ms after the kill");
+            let tail: Vec<_> = report.results.iter().filter(|r| r.t_ms > fault_ms + 2000).collect();
+            assert!(!tail.is_empty() && tail.iter().all(|r| r.ok), "all connects succeed once steered");
         }
     }
 
@@ -829,15 +590,11 @@ mod e2e {
         }
         for passive in [true, false] {
             let net = TestNet::new(3);
-            let _servers: Vec<_> = net.serve_all(PORT, "c");
+            let _servers: Vec<_> =
+                net.serve_all(PORT, "c");
             let cg = TestCgroup::new();
             let port = free_port();
-            let a = agent(
-                &net,
-                &cg,
-                port,
-                &format!("health:\n  probe: tcp\npassive:\n  enabled: {passive}\n"),
-            );
+            let a = agent(&net, &cg, port, &format!("health:\n  probe: tcp\npassive:\n  enabled: {passive}\n"));
             wait_all_probed(&a, 3);
             let h0 = &net.hosts()[0];
             let (report, fault_ms) = run_with_fault(&cg, port, 6, || h0.blackhole());
@@ -846,27 +603,12 @@ mod e2e {
                 "MEASURE e2e fault=blackhole passive={passive} failed_connects={failed} steer_ms={last} total={}",
                 report.results.len()
             );
-            assert!(
-                failed <= 6,
-                "passive={passive}: {failed} failed connects: {:?}",
-                report.failed()
-            );
-            assert!(
-                last < 3000,
-                "passive={passive}: still failing {last}ms after the blackhole"
-            );
-            let tail: Vec<_> = report
-                .results
-                .iter()
-                .filter(|r| r.t_ms > fault_ms + 3000)
-                .collect();
+            assert!(failed <= 6, "passive={passive}: {failed} failed connects: {:?}", report.failed());
+            assert!(last < 3000, "passive={passive}: still failing {last}ms after the blackhole");
+            let tail: Vec<_> = report.results.iter().filter(|r| r.t_ms > fault_ms + 3000).collect();
             assert!(!tail.is_empty() && tail.iter().all(|r| r.ok));
             let s = a.status();
-            assert_eq!(
-                s["agent"]["health"][format!("{}:{PORT}", h0.v4)]["healthy"],
-                false,
-                "{s}"
-            );
+            assert_eq!(s["agent"]["health"][format!("{}:{PORT}", h0.v4)]["healthy"], false, "{s}");
         }
     }
 
@@ -880,44 +622,19 @@ mod e2e {
         let cg = TestCgroup::new();
         let port = free_port();
         // The controllers speak plain HTTP, so every https probe fails.
-        let a = agent(
-            &net,
-            &cg,
-            port,
-            "health:\n  probe: https\n  insecureSkipVerify: true\n",
-        );
+        let a = agent(&net, &cg, port, "health:\n  probe: https\n  insecureSkipVerify: true\n");
         let panicked = wait_for(Duration::from_secs(5), || {
             let s = a.status();
-            (s["agent"]["services"][0]["panic"] == true && s["services"][0]["panic"] == true)
-                .then_some(s)
+            (s["agent"]["services"][0]["panic"] == true && s["services"][0]["panic"] == true).then_some(s)
         })
-        .unwrap_or_else(|| {
-            panic!(
-                "agent never entered panic mode: {}\n{}",
-                a.status(),
-                a.log()
-            )
-        });
+        .unwrap_or_else(|| panic!("agent never entered panic mode: {}\n{}", a.status(), a.log()));
         let health = panicked["agent"]["health"].as_object().unwrap().clone();
         assert!(health.values().all(|h| h["healthy"] == false), "{panicked}");
-        assert!(
-            a.log().contains("PANIC MODE"),
-            "panic mode must be loud in the log"
-        );
+        assert!(a.log().contains("PANIC MODE"), "panic mode must be loud in the log");
 
         let report = nllb_tests::run_client(&ClientOpts::new(vip(port), 60, Some(cg.path())));
-        assert_eq!(
-            report.ok_count(),
-            60,
-            "panic mode must not refuse connects: {:?}",
-            report.failed()
-        );
-        assert_eq!(
-            report.by_body().len(),
-            3,
-            "spread over every known backend: {:?}",
-            report.by_body()
-        );
+        assert_eq!(report.ok_count(), 60, "panic mode must not refuse connects: {:?}", report.failed());
+        assert_eq!(report.by_body().len(), 3, "spread over every known backend: {:?}", report.by_body());
     }
 
     #[test]
@@ -927,11 +644,7 @@ mod e2e {
         }
         let net = TestNet::new(3);
         let hosts = net.hosts();
-        let mut servers: Vec<_> = hosts
-            .iter()
-            .enumerate()
-            .map(|(i, h)| h.serve(PORT, &format!("c{i}")))
-            .collect();
+        let mut servers: Vec<_> = hosts.iter().enumerate().map(|(i, h)| h.serve(PORT, &format!("c{i}"))).collect();
         let cg = TestCgroup::new();
         let port = free_port();
         let a = agent(&net, &cg, port, "health:\n  probe: tcp\n");
@@ -939,37 +652,16 @@ mod e2e {
         for s in &mut servers {
             s.stop();
         }
-        let panicked = wait_for(Duration::from_secs(5), || {
-            (a.status()["agent"]["services"][0]["panic"] == true).then_some(())
-        });
-        assert!(
-            panicked.is_some(),
-            "all down must mean panic (all published), not an empty set: {}",
-            a.status()
-        );
+        let panicked =
+            wait_for(Duration::from_secs(5), || (a.status()["agent"]["services"][0]["panic"] == true).then_some(()));
+        assert!(panicked.is_some(), "all down must mean panic (all published), not an empty set: {}", a.status());
         let s = a.status();
-        assert_eq!(
-            s["agent"]["services"][0]["published_backends"]
-                .as_array()
-                .unwrap()
-                .len(),
-            3,
-            "{s}"
-        );
+        assert_eq!(s["agent"]["services"][0]["published_backends"].as_array().unwrap().len(), 3, "{s}");
 
         // One controller comes back while a client keeps connecting.
-        let (report, back_ms) =
-            run_with_fault(&cg, port, 4, || servers[1] = hosts[1].serve(PORT, "c1"));
-        let after: Vec<_> = report
-            .results
-            .iter()
-            .filter(|r| r.t_ms >= back_ms)
-            .collect();
-        let last_fail = after
-            .iter()
-            .filter(|r| !r.ok)
-            .map(|r| r.t_ms - back_ms)
-            .max();
+        let (report, back_ms) = run_with_fault(&cg, port, 4, || servers[1] = hosts[1].serve(PORT, "c1"));
+        let after: Vec<_> = report.results.iter().filter(|r| r.t_ms >= back_ms).collect();
+        let last_fail = after.iter().filter(|r| !r.ok).map(|r| r.t_ms - back_ms).max();
         let failed = after.iter().filter(|r| !r.ok).count();
         println!(
             "MEASURE e2e fault=all-down-one-back failed_after_return={failed} last_fail_ms={} of={}",
@@ -977,20 +669,10 @@ mod e2e {
             after.len()
         );
         let late: Vec<_> = after.iter().filter(|r| r.t_ms > back_ms + 1500).collect();
-        assert!(
-            !late.is_empty() && late.iter().all(|r| r.ok && r.body.as_deref() == Some("c1")),
-            "{late:?}"
-        );
+        assert!(!late.is_empty() && late.iter().all(|r| r.ok && r.body.as_deref() == Some("c1")), "{late:?}");
         let s = a.status();
-        assert_eq!(
-            s["agent"]["services"][0]["panic"], false,
-            "panic ends once c1 is healthy: {s}"
-        );
-        assert_eq!(
-            s["agent"]["services"][0]["published_backends"],
-            serde_json::json!([addr_of(&hosts[1])]),
-            "{s}"
-        );
+        assert_eq!(s["agent"]["services"][0]["panic"], false, "panic ends once c1 is healthy: {s}");
+        assert_eq!(s["agent"]["services"][0]["published_backends"], serde_json::json!([addr_of(&hosts[1])]), "{s}");
     }
 
     fn addr_of(h: &nllb_tests::TestHost) -> String {
@@ -1024,11 +706,7 @@ mod e2e {
                 }
             });
             let fd = rx.recv().unwrap();
-            HoldServer {
-                accepted,
-                fd,
-                thread: Some(thread),
-            }
+            HoldServer { accepted, fd, thread: Some(thread) }
         }
 
         fn accepted(&self) -> usize {
@@ -1052,22 +730,15 @@ mod e2e {
     /// VIP, and reports each one's end.
     #[test]
     fn hold_client_helper() {
-        let (Ok(cg), Ok(addr), Ok(n)) = (
-            std::env::var("NLLB_HOLD_CGROUP"),
-            std::env::var("NLLB_HOLD_ADDR"),
-            std::env::var("NLLB_HOLD_COUNT"),
-        ) else {
+        let (Ok(cg), Ok(addr), Ok(n)) =
+            (std::env::var("NLLB_HOLD_CGROUP"), std::env::var("NLLB_HOLD_ADDR"), std::env::var("NLLB_HOLD_COUNT"))
+        else {
             return;
         };
-        std::fs::write(
-            std::path::Path::new(&cg).join("cgroup.procs"),
-            std::process::id().to_string(),
-        )
-        .unwrap();
+        std::fs::write(std::path::Path::new(&cg).join("cgroup.procs"), std::process::id().to_string()).unwrap();
         let addr: SocketAddr = addr.parse().unwrap();
-        let socks: Vec<TcpStream> = (0..n.parse::<usize>().unwrap())
-            .map(|_| TcpStream::connect(addr).unwrap())
-            .collect();
+        let socks: Vec<TcpStream> =
+            (0..n.parse::<usize>().unwrap()).map(|_| TcpStream::connect(addr).unwrap()).collect();
         println!("HOLD connected");
         let threads: Vec<_> = socks
             .into_iter()
@@ -1095,12 +766,7 @@ mod e2e {
         fault: impl FnOnce(),
     ) -> Vec<(Duration, i32)> {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "e2e::hold_client_helper",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(["--exact", "e2e::hold_client_helper", "--nocapture", "--test-threads=1"])
             .env("NLLB_HOLD_CGROUP", cg.path())
             .env("NLLB_HOLD_ADDR", addr.to_string())
             .env("NLLB_HOLD_COUNT", n.to_string())
@@ -1147,9 +813,7 @@ mod e2e {
                 let s = a.status();
                 let b = s["services"][0]["backends"].as_array().unwrap().clone();
                 let h0_addr = format!("{}:{PORT}", h0.v4);
-                b.iter()
-                    .find(|b| b["addr"] == h0_addr.as_str())
-                    .map_or(0, |b| b["connects"].as_u64().unwrap() as usize)
+                b.iter().find(|b| b["addr"] == h0_addr.as_str()).map_or(0, |b| b["connects"].as_u64().unwrap() as usize)
             };
             let mut to_h0 = 0;
             let closed = held_connections(
@@ -1159,8 +823,7 @@ mod e2e {
                 || to_h0 = via_nllb_to_h0(),
                 || match how {
                     "remove" => {
-                        let yaml =
-                            one_service_config(&[&vip(port).to_string()], PORT, &[h1.v4], extra);
+                        let yaml = one_service_config(&[&vip(port).to_string()], PORT, &[h1.v4], extra);
                         std::fs::write(&a.config_path, yaml).unwrap();
                         a.signal(nix::sys::signal::Signal::SIGHUP);
                     }
@@ -1168,35 +831,18 @@ mod e2e {
                 },
             );
             let (n0, n1) = (on_h0.accepted(), on_h1.accepted());
-            assert!(
-                to_h0 > 0 && n0 >= to_h0 && n1 > 0,
-                "nllb sent {to_h0} of 8 to h0; accepted h0/h1: {n0}/{n1}"
-            );
-            let aborted: Vec<_> = closed
-                .iter()
-                .filter(|(_, e)| *e == libc::ECONNABORTED)
-                .collect();
+            assert!(to_h0 > 0 && n0 >= to_h0 && n1 > 0, "nllb sent {to_h0} of 8 to h0; accepted h0/h1: {n0}/{n1}");
+            let aborted: Vec<_> = closed.iter().filter(|(_, e)| *e == libc::ECONNABORTED).collect();
             let slowest = aborted.iter().map(|(t, _)| *t).max().unwrap_or_default();
             println!(
                 "MEASURE e2e destroy-on-{how} aborted={} of_h0={to_h0} slowest_ms={}",
                 aborted.len(),
                 slowest.as_millis()
             );
-            assert_eq!(
-                aborted.len(),
-                to_h0,
-                "exactly the connections to h0 are aborted: {closed:?}"
-            );
-            assert_eq!(
-                closed.len(),
-                8,
-                "every helper connection reported: {closed:?}"
-            );
+            assert_eq!(aborted.len(), to_h0, "exactly the connections to h0 are aborted: {closed:?}");
+            assert_eq!(closed.len(), 8, "every helper connection reported: {closed:?}");
             let bound = if how == "remove" { 1500 } else { 3000 };
-            assert!(
-                slowest < Duration::from_millis(bound),
-                "{how}: took {slowest:?}"
-            );
+            assert!(slowest < Duration::from_millis(bound), "{how}: took {slowest:?}");
             drop(a);
             drop((on_h0, on_h1));
         }

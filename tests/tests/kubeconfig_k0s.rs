@@ -67,10 +67,7 @@ fn rewrites_the_current_server_and_keeps_everything_else() {
 
     let mut before: Value = serde_yaml::from_str(KUBELET_CONF).unwrap();
     let after: Value = serde_yaml::from_str(&std::fs::read_to_string(&output).unwrap()).unwrap();
-    assert_eq!(
-        after["clusters"][0]["cluster"]["server"],
-        Value::from("https://127.0.0.1:7443")
-    );
+    assert_eq!(after["clusters"][0]["cluster"]["server"], Value::from("https://127.0.0.1:7443"));
     // Apart from that one field the document is identical, unknown fields included.
     before["clusters"][0]["cluster"]["server"] = Value::from("https://127.0.0.1:7443");
     assert_eq!(after, before);
@@ -94,10 +91,7 @@ fn rewrite_in_place_is_atomic_and_keeps_0600() {
     assert_ne!(std::os::unix::fs::MetadataExt::ino(&meta), ino_before);
     assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
     // Running it again reports the virtual address as the original.
-    assert_eq!(
-        rewrite_kubeconfig(&path, &path, "https://[::1]:7443").unwrap(),
-        "https://[::1]:7443"
-    );
+    assert_eq!(rewrite_kubeconfig(&path, &path, "https://[::1]:7443").unwrap(), "https://[::1]:7443");
 }
 
 #[test]
@@ -105,34 +99,20 @@ fn bad_kubeconfigs_are_errors_that_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("k.conf");
     let out = dir.path().join("out.conf");
-    std::fs::write(
-        &input,
-        KUBELET_CONF.replace("current-context: Default", "current-context: Missing"),
-    )
-    .unwrap();
+    std::fs::write(&input, KUBELET_CONF.replace("current-context: Default", "current-context: Missing")).unwrap();
     let e = rewrite_kubeconfig(&input, &out, "https://127.0.0.1:7443").unwrap_err();
     assert!(matches!(e, KubeconfigError::Shape { .. }), "{e}");
-    assert!(
-        e.to_string().contains("k.conf") && e.to_string().contains("Missing"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("k.conf") && e.to_string().contains("Missing"), "{e}");
     assert!(!out.exists());
-    let e =
-        rewrite_kubeconfig(&dir.path().join("nope"), &out, "https://127.0.0.1:7443").unwrap_err();
+    let e = rewrite_kubeconfig(&dir.path().join("nope"), &out, "https://127.0.0.1:7443").unwrap_err();
     assert!(matches!(e, KubeconfigError::Read { .. }), "{e}");
 }
 
 #[test]
 fn service_server_is_the_first_ipv4_virtual_address() {
     let config = Config::parse(AGENT_CONFIG).unwrap();
-    assert_eq!(
-        service_server(&config, "apiserver").unwrap(),
-        "https://127.0.0.1:7443"
-    );
-    assert_eq!(
-        service_server(&config, "v6only").unwrap(),
-        "https://[::1]:7444"
-    );
+    assert_eq!(service_server(&config, "apiserver").unwrap(), "https://127.0.0.1:7443");
+    assert_eq!(service_server(&config, "v6only").unwrap(), "https://[::1]:7444");
     let e = service_server(&config, "konnectivity").unwrap_err();
     assert_eq!(e.field, "--service");
 }
@@ -151,16 +131,9 @@ fn kubeconfig_command_end_to_end() {
         config: cfg,
         k0s_config: None,
     };
-    assert_eq!(
-        nllb::kubeconfig::run(&args).unwrap(),
-        "https://198.18.1.2:6443"
-    );
-    let after: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(&args.output).unwrap()).unwrap();
-    assert_eq!(
-        after["clusters"][0]["cluster"]["server"],
-        Value::from("https://127.0.0.1:7443")
-    );
+    assert_eq!(nllb::kubeconfig::run(&args).unwrap(), "https://198.18.1.2:6443");
+    let after: Value = serde_yaml::from_str(&std::fs::read_to_string(&args.output).unwrap()).unwrap();
+    assert_eq!(after["clusters"][0]["cluster"]["server"], Value::from("https://127.0.0.1:7443"));
 }
 
 /// The rewritten kubeconfig still works as a client config: TLS trust and
@@ -169,21 +142,14 @@ fn kubeconfig_command_end_to_end() {
 async fn rewritten_kubeconfig_still_authenticates_against_the_api() {
     use k8s_openapi::api::discovery::v1::EndpointSlice;
     let api = FakeApiServer::start();
-    api.apply_slice(&endpoint_slice(
-        "default",
-        "kubernetes",
-        "kubernetes",
-        &[("198.18.1.2", true)],
-    ));
+    api.apply_slice(&endpoint_slice("default", "kubernetes", "kubernetes", &[("198.18.1.2", true)]));
     let dir = tempfile::tempdir().unwrap();
     let input = api.write_kubeconfig(dir.path(), "https://198.18.1.2:6443");
     let output = dir.path().join("rewritten.conf");
     let original = rewrite_kubeconfig(&input, &output, &api.url()).unwrap();
     assert_eq!(original, "https://198.18.1.2:6443");
     let kc = kube::config::Kubeconfig::read_from(&output).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
     let client = kube::Client::try_from(config).unwrap();
     let slices: kube::Api<EndpointSlice> = kube::Api::namespaced(client, "default");
     let list = slices.list(&Default::default()).await.unwrap();
@@ -231,22 +197,10 @@ fn k0s_config_gives_both_services_on_both_families() {
     let s = services_from_k0s(&path).unwrap();
     assert_eq!(s.len(), 2);
     assert_eq!(s[0].name, "apiserver");
-    assert_eq!(
-        s[0].listen,
-        vec![
-            "127.0.0.1:17443".parse().unwrap(),
-            "[::1]:17443".parse().unwrap()
-        ]
-    );
+    assert_eq!(s[0].listen, vec!["127.0.0.1:17443".parse().unwrap(), "[::1]:17443".parse().unwrap()]);
     assert_eq!(s[0].backend_port, 16443);
     assert_eq!(s[1].name, "konnectivity");
-    assert_eq!(
-        s[1].listen,
-        vec![
-            "127.0.0.1:17132".parse().unwrap(),
-            "[::1]:17132".parse().unwrap()
-        ]
-    );
+    assert_eq!(s[1].listen, vec!["127.0.0.1:17132".parse().unwrap(), "[::1]:17132".parse().unwrap()]);
     assert_eq!(s[1].backend_port, 18132);
 }
 
@@ -258,15 +212,8 @@ fn k0s_defaults_and_the_flat_layout() {
     let s = services_from_k0s(&path).unwrap();
     assert_eq!((s[0].listen[0].port(), s[0].backend_port), (7443, 6443));
     assert_eq!((s[1].listen[0].port(), s[1].backend_port), (7132, 8132));
-    std::fs::write(
-        &path,
-        "spec:\n  network:\n    nodeLocalLoadBalancing:\n      apiServerBindPort: 7555\n",
-    )
-    .unwrap();
-    assert_eq!(
-        services_from_k0s(&path).unwrap()[0].listen[1],
-        "[::1]:7555".parse().unwrap()
-    );
+    std::fs::write(&path, "spec:\n  network:\n    nodeLocalLoadBalancing:\n      apiServerBindPort: 7555\n").unwrap();
+    assert_eq!(services_from_k0s(&path).unwrap()[0].listen[1], "[::1]:7555".parse().unwrap());
 }
 
 #[test]
@@ -275,11 +222,7 @@ fn k0s_bad_values_name_the_k0s_field() {
     let path = dir.path().join("k0s.yaml");
     for (from, to, field) in [
         ("port: 16443", "port: 0", "spec.api.port"),
-        (
-            "agentPort: 18132",
-            "agentPort: \"x\"",
-            "spec.konnectivity.agentPort",
-        ),
+        ("agentPort: 18132", "agentPort: \"x\"", "spec.konnectivity.agentPort"),
         (
             "apiServerBindPort: 17443",
             "apiServerBindPort: 99999",
@@ -310,34 +253,14 @@ fn relative_certificate_paths_survive_a_copy_elsewhere() {
     std::fs::create_dir_all(src.join("pki")).unwrap();
     std::fs::create_dir_all(&dst).unwrap();
     let input = src.join("kubelet.conf");
-    std::fs::write(
-        &input,
-        KUBELET_CONF.replace("/var/lib/k0s/kubelet/pki/", "pki/"),
-    )
-    .unwrap();
+    std::fs::write(&input, KUBELET_CONF.replace("/var/lib/k0s/kubelet/pki/", "pki/")).unwrap();
 
     rewrite_kubeconfig(&input, &dst.join("kubelet.conf"), "https://127.0.0.1:7443").unwrap();
-    let moved: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(dst.join("kubelet.conf")).unwrap()).unwrap();
-    let abs = std::fs::canonicalize(&src)
-        .unwrap()
-        .join("pki/kubelet-client-current.pem");
-    assert_eq!(
-        moved["users"][0]["user"]["client-certificate"],
-        Value::from(abs.to_str().unwrap())
-    );
+    let moved: Value = serde_yaml::from_str(&std::fs::read_to_string(dst.join("kubelet.conf")).unwrap()).unwrap();
+    let abs = std::fs::canonicalize(&src).unwrap().join("pki/kubelet-client-current.pem");
+    assert_eq!(moved["users"][0]["user"]["client-certificate"], Value::from(abs.to_str().unwrap()));
 
-    rewrite_kubeconfig(
-        &input,
-        &src.join("kubelet-nllb.conf"),
-        "https://127.0.0.1:7443",
-    )
-    .unwrap();
-    let beside: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(src.join("kubelet-nllb.conf")).unwrap())
-            .unwrap();
-    assert_eq!(
-        beside["users"][0]["user"]["client-certificate"],
-        Value::from("pki/kubelet-client-current.pem")
-    );
+    rewrite_kubeconfig(&input, &src.join("kubelet-nllb.conf"), "https://127.0.0.1:7443").unwrap();
+    let beside: Value = serde_yaml::from_str(&std::fs::read_to_string(src.join("kubelet-nllb.conf")).unwrap()).unwrap();
+    assert_eq!(beside["users"][0]["user"]["client-certificate"], Value::from("pki/kubelet-client-current.pem"));
 }

@@ -4,12 +4,13 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use nllb_tests::{
-    Agent, AgentOpts, ClientOpts, NLLB_PROGRAMS, TestCgroup, TestNet, attached_programs, free_port,
-    one_service_config, privileged, run_client, vip4, wait_client,
+use nllb_tests::{vip4, 
+    Agent, AgentOpts, ClientOpts, NLLB_PROGRAMS, TestCgroup, TestNet, attached_programs, free_port, one_service_config, privileged,
+    run_client, wait_client,
 };
 
 const BACKEND_PORT: u16 = 6443;
+
 
 fn agent(net: &TestNet, cg: &TestCgroup, port: u16) -> Agent {
     let backends: Vec<_> = net.hosts().iter().map(|h| h.v4).collect();
@@ -31,43 +32,21 @@ fn after_sigterm_the_datapath_keeps_serving_until_uninstall() {
     let port = free_port();
     let mut agent = agent(&net, &cg, port);
     agent.signal(Signal::SIGTERM);
-    let status = agent
-        .wait_exit(Duration::from_secs(10))
-        .expect("agent exits on SIGTERM");
+    let status = agent.wait_exit(Duration::from_secs(10)).expect("agent exits on SIGTERM");
     assert_eq!(status.code(), Some(0));
-    assert_eq!(
-        attached_programs(cg.path()).len(),
-        NLLB_PROGRAMS,
-        "programs must stay attached"
-    );
+    assert_eq!(attached_programs(cg.path()).len(), NLLB_PROGRAMS, "programs must stay attached");
     let report = run_client(&ClientOpts::new(vip4(port), 20, Some(cg.path())));
-    assert_eq!(
-        report.ok_count(),
-        20,
-        "no agent, still steered: {:?}",
-        report.failed()
-    );
+    assert_eq!(report.ok_count(), 20, "no agent, still steered: {:?}", report.failed());
 
     let st = agent.nllb(&["status", "--json"]);
-    assert_eq!(
-        st.status.code(),
-        Some(1),
-        "status must say the agent is not running"
-    );
+    assert_eq!(st.status.code(), Some(1), "status must say the agent is not running");
     let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(v["agent_running"], false);
     assert_eq!(v["datapath_installed"], true);
 
     let out = agent.nllb(&["uninstall"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        attached_programs(cg.path()).is_empty(),
-        "uninstall must detach everything"
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(attached_programs(cg.path()).is_empty(), "uninstall must detach everything");
     assert!(!agent.pin_path.exists(), "uninstall must remove the pins");
 }
 
@@ -92,48 +71,24 @@ fn kill_restart_and_upgrade_fail_no_connect() {
     assert!(agent.wait_exit(Duration::from_secs(5)).is_some());
     std::thread::sleep(Duration::from_millis(700));
     agent.restart(&[]);
-    assert!(
-        agent.log().contains("adopting the pinned datapath"),
-        "{}",
-        agent.log()
-    );
+    assert!(agent.log().contains("adopting the pinned datapath"), "{}", agent.log());
     std::thread::sleep(Duration::from_millis(700));
     // An upgrade to a build with another map layout: the old agent stops
     // (keeping the datapath), the new one swaps programs and maps in place.
     agent.signal(Signal::SIGTERM);
     assert!(agent.wait_exit(Duration::from_secs(5)).is_some());
     agent.restart(&[("NLLB_LAYOUT_VERSION", "999")]);
-    assert!(
-        agent
-            .log()
-            .contains("replacing a pinned datapath of another layout"),
-        "{}",
-        agent.log()
-    );
+    assert!(agent.log().contains("replacing a pinned datapath of another layout"), "{}", agent.log());
 
     let report = wait_client(client);
     assert_eq!(report.results.len(), 1200);
-    assert!(
-        report.failed().is_empty(),
-        "{} connects failed: {:?}",
-        report.failed().len(),
-        &report.failed()[..report.failed().len().min(5)]
-    );
+    assert!(report.failed().is_empty(), "{} connects failed: {:?}", report.failed().len(), &report.failed()[..report.failed().len().min(5)]);
     assert_eq!(report.by_body().len(), 2);
-    assert_eq!(
-        attached_programs(cg.path()).len(),
-        NLLB_PROGRAMS,
-        "exactly one set of programs after the upgrade"
-    );
+    assert_eq!(attached_programs(cg.path()).len(), NLLB_PROGRAMS, "exactly one set of programs after the upgrade");
     // The new maps are the pinned ones: status reads counters from them.
     let after = run_client(&ClientOpts::new(vip4(port), 10, Some(cg.path())));
     assert_eq!(after.ok_count(), 10, "{:?}", after.failed());
     let status = agent.status();
-    let total: u64 = status["services"][0]["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["connects"].as_u64().unwrap())
-        .sum();
+    let total: u64 = status["services"][0]["backends"].as_array().unwrap().iter().map(|b| b["connects"].as_u64().unwrap()).sum();
     assert!(total >= 10, "{status}");
 }

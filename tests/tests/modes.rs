@@ -8,9 +8,9 @@ use std::{
     time::Duration,
 };
 
-use nllb_tests::{
-    Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, free_port, one_service_config, privileged,
-    run_client, vip4, vip6, wait_client, wait_for,
+use nllb_tests::{vip4, vip6, 
+    Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, free_port, one_service_config, privileged, run_client,
+    wait_client, wait_for,
 };
 
 const BACKEND_PORT: u16 = 6443;
@@ -38,6 +38,8 @@ struct Setup {
     agent: Agent,
 }
 
+
+
 fn setup(mode: Mode, hosts: usize, extra: &str) -> Setup {
     let net = TestNet::new(hosts);
     let servers = net.serve_all(BACKEND_PORT, "c");
@@ -45,25 +47,14 @@ fn setup(mode: Mode, hosts: usize, extra: &str) -> Setup {
     let port = free_port();
     let backends: Vec<_> = net.hosts().iter().map(|h| h.v4).collect();
     let agent = Agent::start(&AgentOpts {
-        config_yaml: one_service_config(
-            &[&vip4(port).to_string(), &vip6(port).to_string()],
-            BACKEND_PORT,
-            &backends,
-            extra,
-        ),
+        config_yaml: one_service_config(&[&vip4(port).to_string(), &vip6(port).to_string()], BACKEND_PORT, &backends, extra),
         cgroup: cg.path().to_path_buf(),
         extra_args: vec!["--mode".into(), mode.flag().into()],
         ..Default::default()
     });
     let status = agent.status();
     assert_eq!(status["agent"]["mode"], mode.flag(), "{status}");
-    Setup {
-        net,
-        _servers: servers,
-        cg,
-        port,
-        agent,
-    }
+    Setup { net, _servers: servers, cg, port, agent }
 }
 
 fn traffic_reaches_every_backend_on_both_families(mode: Mode) {
@@ -73,12 +64,7 @@ fn traffic_reaches_every_backend_on_both_families(mode: Mode) {
         assert_eq!(r.ok_count(), 60, "{mode:?} {addr}: {:?}", r.failed());
         assert_eq!(r.by_body().len(), 3, "{mode:?} {addr}: {:?}", r.by_body());
         // Both datapaths show the application the address it dialed.
-        assert!(
-            r.results
-                .iter()
-                .all(|x| x.peer.as_deref() == Some(addr.to_string().as_str())),
-            "{mode:?}"
-        );
+        assert!(r.results.iter().all(|x| x.peer.as_deref() == Some(addr.to_string().as_str())), "{mode:?}");
     }
 }
 
@@ -94,11 +80,7 @@ fn service_without_backends_is_refused_at_once(mode: Mode) {
     let r = run_client(&ClientOpts::new(vip4(port), 5, Some(cg.path())));
     for x in &r.results {
         assert_eq!(x.errno, Some(libc::ECONNREFUSED), "{mode:?}: {x:?}");
-        assert!(
-            x.elapsed_us < 200_000,
-            "{mode:?}: refusal took {} us",
-            x.elapsed_us
-        );
+        assert!(x.elapsed_us < 200_000, "{mode:?}: refusal took {} us", x.elapsed_us);
     }
 }
 
@@ -115,16 +97,9 @@ fn a_killed_controller_costs_few_connects(mode: Mode) {
     // eBPF: passive ejection after the first refusal; Envoy: retried on
     // another controller. Generous bound: a proxy without either would lose
     // about a third of the connects for a whole probe period.
-    assert!(
-        failed.len() <= 5,
-        "{mode:?}: {} connects failed: {failed:?}",
-        failed.len()
-    );
+    assert!(failed.len() <= 5, "{mode:?}: {} connects failed: {failed:?}", failed.len());
     let late: Vec<_> = r.results.iter().filter(|x| x.t_ms > 2500).collect();
-    assert!(
-        !late.is_empty() && late.iter().all(|x| x.ok && x.body.as_deref() != Some("c0")),
-        "{mode:?}"
-    );
+    assert!(!late.is_empty() && late.iter().all(|x| x.ok && x.body.as_deref() != Some("c0")), "{mode:?}");
 }
 
 fn membership_change_keeps_established_connections(mode: Mode) {
@@ -149,21 +124,13 @@ fn membership_change_keeps_established_connections(mode: Mode) {
         let r = run_client(&ClientOpts::new(vip4(s.port), 6, Some(s.cg.path())));
         (r.by_body().get("c0") == Some(&6)).then_some(())
     });
-    assert!(
-        moved.is_some(),
-        "{mode:?}: new connects must follow the new set\n{}",
-        s.agent.log()
-    );
+    assert!(moved.is_some(), "{mode:?}: new connects must follow the new set\n{}", s.agent.log());
     if let Some(conn) = held.as_mut() {
         conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .unwrap();
+        conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
         let mut text = String::new();
         conn.read_to_string(&mut text).unwrap();
-        assert!(
-            text.starts_with("HTTP/1.1 200"),
-            "{mode:?}: the established connection must survive: {text:?}"
-        );
+        assert!(text.starts_with("HTTP/1.1 200"), "{mode:?}: the established connection must survive: {text:?}");
     }
 }
 
@@ -208,11 +175,7 @@ fn envoy_available() -> bool {
     }
     let found = std::env::var_os("NLLB_ENVOY_BINARY").is_some()
         || std::env::var_os("HOME")
-            .map(|h| {
-                std::path::Path::new(&h)
-                    .join(".cache/nllb/envoy-venv")
-                    .exists()
-            })
+            .map(|h| std::path::Path::new(&h).join(".cache/nllb/envoy-venv").exists())
             .unwrap_or(false);
     if !found && std::env::var_os("CI").is_some() {
         panic!("CI is set but no Envoy is installed: run `cargo xtask setup`");
@@ -234,20 +197,12 @@ fn auto_mode_falls_back_to_envoy_with_the_reason_when_ebpf_cannot_attach() {
     std::fs::create_dir_all(&not_cgroup).unwrap();
     let port = free_port();
     let agent = Agent::start(&AgentOpts {
-        config_yaml: one_service_config(
-            &[&vip4(port).to_string()],
-            BACKEND_PORT,
-            &[net.hosts()[0].v4],
-            "",
-        ),
+        config_yaml: one_service_config(&[&vip4(port).to_string()], BACKEND_PORT, &[net.hosts()[0].v4], ""),
         cgroup: not_cgroup.clone(),
         ..Default::default()
     });
     let log = agent.log();
-    assert!(
-        log.contains("not a cgroup v2 directory"),
-        "the reason must be logged:\n{log}"
-    );
+    assert!(log.contains("not a cgroup v2 directory"), "the reason must be logged:\n{log}");
     assert_eq!(agent.status()["agent"]["mode"], "envoy");
     let r = run_client(&ClientOpts::new(vip4(port), 5, None));
     assert_eq!(r.by_body().get("c0"), Some(&5), "{:?}", r.results);

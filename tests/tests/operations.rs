@@ -4,12 +4,13 @@
 use std::{process::Command, time::Duration};
 
 use nix::sys::signal::Signal;
-use nllb_tests::{
-    Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, free_port, one_service_config, privileged,
-    run_client, vip4, wait_client, wait_for,
+use nllb_tests::{vip4, 
+    Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, free_port, one_service_config, privileged, run_client,
+    wait_client, wait_for,
 };
 
 const BACKEND_PORT: u16 = 6443;
+
 
 #[test]
 fn config_changes_apply_live_and_bad_ones_are_rejected() {
@@ -35,58 +36,34 @@ fn config_changes_apply_live_and_bad_ones_are_rejected() {
     let port2 = free_port();
     let two_services = format!(
         "{}  - name: konnectivity\n    listen: [\"{}\"]\n    backendPort: {BACKEND_PORT}\n",
-        one_service_config(&[&vip4(port).to_string()], BACKEND_PORT, &h[1..], "")
-            .replace("backends:", "backends_:"),
+        one_service_config(&[&vip4(port).to_string()], BACKEND_PORT, &h[1..], "").replace("backends:", "backends_:"),
         vip4(port2)
     )
     .replace("backends_:", "backends:");
     // Services come first in the generated YAML; keep `backends` after them.
     let yaml = reorder_backends_last(&two_services);
     agent.write_config(&yaml);
-    let applied = wait_for(Duration::from_secs(5), || {
-        agent.log().contains("reloaded").then_some(())
-    });
+    let applied = wait_for(Duration::from_secs(5), || agent.log().contains("reloaded").then_some(()));
     assert!(applied.is_some(), "{}", agent.log());
     let k = run_client(&ClientOpts::new(vip4(port2), 10, Some(cg.path())));
-    assert_eq!(
-        k.ok_count(),
-        10,
-        "the added service works at once: {:?}",
-        k.failed()
-    );
+    assert_eq!(k.ok_count(), 10, "the added service works at once: {:?}", k.failed());
 
     // A bad edit is rejected and the running config stays.
     std::thread::sleep(Duration::from_millis(300));
     agent.write_config("services: [ {name: BAD} ]\n");
-    let rejected = wait_for(Duration::from_secs(5), || {
-        agent.log().contains("reload rejected").then_some(())
-    });
+    let rejected = wait_for(Duration::from_secs(5), || agent.log().contains("reload rejected").then_some(()));
     assert!(rejected.is_some(), "{}", agent.log());
 
     let report = wait_client(client);
-    assert!(
-        report.failed().is_empty(),
-        "{} connects failed during reloads: {:?}",
-        report.failed().len(),
-        report.failed()
-    );
+    assert!(report.failed().is_empty(), "{} connects failed during reloads: {:?}", report.failed().len(), report.failed());
     let early: Vec<_> = report.results.iter().filter(|r| r.t_ms < 500).collect();
     let late: Vec<_> = report.results.iter().filter(|r| r.t_ms > 2500).collect();
     assert!(early.iter().all(|r| r.body.as_deref() == Some("c0")));
     assert!(!late.is_empty());
-    assert!(
-        late.iter()
-            .all(|r| matches!(r.body.as_deref(), Some("c1" | "c2"))),
-        "traffic moved to the new backends"
-    );
+    assert!(late.iter().all(|r| matches!(r.body.as_deref(), Some("c1" | "c2"))), "traffic moved to the new backends");
 
     // SIGHUP reloads too.
-    agent.write_config(&one_service_config(
-        &[&vip4(port).to_string()],
-        BACKEND_PORT,
-        &h[2..],
-        "",
-    ));
+    agent.write_config(&one_service_config(&[&vip4(port).to_string()], BACKEND_PORT, &h[2..], ""));
     agent.signal(Signal::SIGHUP);
     let moved = wait_for(Duration::from_secs(5), || {
         let r = run_client(&ClientOpts::new(vip4(port), 5, Some(cg.path())));
@@ -140,12 +117,7 @@ fn metrics_healthz_and_readyz() {
         (total == 40).then_some(text)
     });
     let text = counted.expect("nllb_connects_total must reach 40");
-    for name in [
-        "nllb_backends_published",
-        "nllb_datapath_mode{mode=\"ebpf\"} 1",
-        "nllb_build_info",
-        "nllb_panic_mode",
-    ] {
+    for name in ["nllb_backends_published", "nllb_datapath_mode{mode=\"ebpf\"} 1", "nllb_build_info", "nllb_panic_mode"] {
         assert!(text.contains(name), "missing {name}:\n{text}");
     }
 
@@ -167,26 +139,13 @@ fn bpftool_dumps_maps_with_field_names() {
     }
     let cg = TestCgroup::new();
     let agent = Agent::start(&AgentOpts {
-        config_yaml: one_service_config(
-            &["127.0.0.1:7443"],
-            BACKEND_PORT,
-            &["198.18.1.2".parse().unwrap()],
-            "",
-        ),
+        config_yaml: one_service_config(&["127.0.0.1:7443"], BACKEND_PORT, &["198.18.1.2".parse().unwrap()], ""),
         cgroup: cg.path().to_path_buf(),
         ..Default::default()
     });
     let dump = |map: &str| {
-        let out = Command::new("bpftool")
-            .args(["-j", "map", "dump", "pinned"])
-            .arg(agent.pin_path.join(map))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(agent.pin_path.join(map)).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
     // A virtual address leads to its service's table (a map of its own,
@@ -202,22 +161,11 @@ fn bpftool_dumps_maps_with_field_names() {
             .collect()
     };
     let key = hex(&vips[0]["key"]);
-    assert_eq!(
-        key[..6],
-        [127, 0, 0, 1, 0x1d, 0x13],
-        "127.0.0.1:7443: {vips}"
-    );
+    assert_eq!(key[..6], [127, 0, 0, 1, 0x1d, 0x13], "127.0.0.1:7443: {vips}");
     let id = hex(&vips[0]["value"]);
     let table_id = u32::from_ne_bytes([id[0], id[1], id[2], id[3]]);
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "id", &table_id.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("bpftool").args(["-j", "map", "dump", "id", &table_id.to_string()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let table: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let t = &table[0]["formatted"]["value"];
     assert_eq!(t["count4"], 1, "{table}");
@@ -226,18 +174,9 @@ fn bpftool_dumps_maps_with_field_names() {
     assert_eq!(first["addr"][0], u32::from_ne_bytes([198, 18, 1, 2]));
     assert_eq!(first["port"], 6443u16.to_be());
     let config = dump("NLLB_CONFIG");
-    assert!(
-        config[0]["formatted"]["value"]
-            .get("eject_hold_ms")
-            .is_some(),
-        "{config}"
-    );
+    assert!(config[0]["formatted"]["value"].get("eject_hold_ms").is_some(), "{config}");
     // Root only: the pin directory and its maps.
     use std::os::unix::fs::PermissionsExt as _;
-    let mode = std::fs::metadata(&agent.pin_path)
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
+    let mode = std::fs::metadata(&agent.pin_path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);
 }

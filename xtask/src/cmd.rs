@@ -16,9 +16,7 @@ pub fn display(cmd: &Command) -> String {
 /// Runs `cmd` with inherited stdio; fails unless it exits 0.
 pub fn run(cmd: &mut Command) -> Result<()> {
     let shown = display(cmd);
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting `{shown}` (is it installed?)"))?;
+    let status = cmd.status().with_context(|| format!("starting `{shown}` (is it installed?)"))?;
     if !status.success() {
         bail!("`{shown}` failed with {status}");
     }

@@ -58,11 +58,7 @@ enum Task {
         /// half of `modes` includes passive ejection). The others (health's
         /// probe timing, manifests, discovery, ...) test userspace and run
         /// on the host; `--binaries all` runs them in the guests too.
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "datapath,lifecycle,operations,modes"
-        )]
+        #[arg(long, value_delimiter = ',', default_value = "datapath,lifecycle,operations,modes")]
         binaries: Vec<String>,
     },
 }
@@ -80,12 +76,7 @@ fn main() -> anyhow::Result<()> {
             let code = bench::bench(&args)?;
             std::process::exit(code);
         }
-        Task::VmTest {
-            kernels,
-            jobs,
-            tests,
-            binaries,
-        } => {
+        Task::VmTest { kernels, jobs, tests, binaries } => {
             let code = vmtest::vm_test(&kernels, jobs, tests.as_deref().unwrap_or(""), &binaries)?;
             std::process::exit(code);
         }

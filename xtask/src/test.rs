@@ -17,10 +17,7 @@ pub fn test(extra: &[String]) -> Result<i32> {
     tools.apply(&mut c).env("NLLB_BIN", &nllb).arg("test");
     // nllb-ebpf only builds for the BPF target (through nllb-userspace's build
     // script); a package picked by the caller replaces the whole-workspace run.
-    let picks_package = extra
-        .iter()
-        .take_while(|a| *a != "--")
-        .any(|a| a == "-p" || a.starts_with("--package"));
+    let picks_package = extra.iter().take_while(|a| *a != "--").any(|a| a == "-p" || a.starts_with("--package"));
     if !picks_package {
         c.args(["--workspace", "--exclude", "nllb-ebpf"]);
     }

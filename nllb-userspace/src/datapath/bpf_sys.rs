@@ -40,30 +40,14 @@ struct LinkUpdateAttr {
 fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: attr points at a live, correctly laid out prefix of bpf_attr;
     // the kernel zero-fills the rest for the size we pass.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T,
-            std::mem::size_of::<T>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>() as libc::c_uint) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
 }
 
 /// Open a pinned object (a link) and keep its pin.
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut attr = ObjGetAttr {
-        pathname: c.as_ptr() as usize as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = ObjGetAttr { pathname: c.as_ptr() as usize as u64, bpf_fd: 0, file_flags: 0 };
     let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: the kernel returned a new fd that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
@@ -72,12 +56,8 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
 /// Atomically replace the program behind a bpf_link (Linux 5.7+): the hook
 /// never runs without a program.
 pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
-    let mut attr = LinkUpdateAttr {
-        link_fd: link.as_raw_fd() as u32,
-        new_prog_fd: new_prog.as_raw_fd() as u32,
-        flags: 0,
-        old_prog_fd: 0,
-    };
+    let mut attr =
+        LinkUpdateAttr { link_fd: link.as_raw_fd() as u32, new_prog_fd: new_prog.as_raw_fd() as u32, flags: 0, old_prog_fd: 0 };
     sys_bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 
@@ -133,9 +113,7 @@ struct LinkDetachAttr {
 /// but from deferred work, so `nllb uninstall` could return before the
 /// program is gone.
 pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
-    let mut attr = LinkDetachAttr {
-        link_fd: link.as_raw_fd() as u32,
-    };
+    let mut attr = LinkDetachAttr { link_fd: link.as_raw_fd() as u32 };
     sys_bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
 }
 
@@ -226,13 +204,9 @@ pub fn create_map_like(shape: &MapShape, name: &str) -> io::Result<OwnedFd> {
         *d = s;
     }
     let btf = if shape.btf_id != 0 {
-        let mut a = BtfGetFdAttr {
-            btf_id: shape.btf_id,
-        };
+        let mut a = BtfGetFdAttr { btf_id: shape.btf_id };
         // SAFETY: the kernel returned a new fd that we now own.
-        sys_bpf(BPF_BTF_GET_FD_BY_ID, &mut a)
-            .ok()
-            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+        sys_bpf(BPF_BTF_GET_FD_BY_ID, &mut a).ok().map(|fd| unsafe { OwnedFd::from_raw_fd(fd as i32) })
     } else {
         None
     };
@@ -247,16 +221,8 @@ pub fn create_map_like(shape: &MapShape, name: &str) -> io::Result<OwnedFd> {
         map_name,
         map_ifindex: 0,
         btf_fd: btf.as_ref().map_or(0, |f| f.as_raw_fd() as u32),
-        btf_key_type_id: if btf.is_some() {
-            shape.btf_key_type_id
-        } else {
-            0
-        },
-        btf_value_type_id: if btf.is_some() {
-            shape.btf_value_type_id
-        } else {
-            0
-        },
+        btf_key_type_id: if btf.is_some() { shape.btf_key_type_id } else { 0 },
+        btf_value_type_id: if btf.is_some() { shape.btf_value_type_id } else { 0 },
     };
     let fd = sys_bpf(BPF_MAP_CREATE, &mut attr)?;
     // SAFETY: the kernel returned a new fd that we now own.

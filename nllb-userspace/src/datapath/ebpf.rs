@@ -18,8 +18,8 @@ use aya::{
 use nllb_common::{CONFIG_FLAG_ALL_NETNS, CONFIG_FLAG_PASSIVE, DatapathConfig, maps, programs};
 
 use super::{
-    BackendCounters, Datapath, DatapathError, DatapathKind, DatapathSnapshot, KernelCounters,
-    MarkSnapshot, ServiceSnapshot, bpf_sys,
+    BackendCounters, Datapath, DatapathError, DatapathKind, DatapathSnapshot, KernelCounters, MarkSnapshot,
+    ServiceSnapshot, bpf_sys,
     events::{EventReader, cause_name},
     kernel::KernelMaps,
     pins::{self, PinnedMaps},
@@ -122,32 +122,23 @@ impl EbpfDatapath {
                 loader.map_pin_path(name, opts.pin_path.join(name));
             }
         }
-        let mut ebpf = loader
-            .load(crate::EBPF_OBJECT)
-            .map_err(DatapathError::Load)?;
+        let mut ebpf = loader.load(crate::EBPF_OBJECT).map_err(DatapathError::Load)?;
         if replacing {
             // Pinned beside the old maps now, renamed over them once the
             // programs that use them are live.
             for name in maps::ALL {
-                let map = ebpf.map(name).ok_or_else(|| {
-                    DatapathError::Other(format!("eBPF object has no map {name}"))
-                })?;
+                let map =
+                    ebpf.map(name).ok_or_else(|| DatapathError::Other(format!("eBPF object has no map {name}")))?;
                 let staged = staged_pin(&opts.pin_path, name);
                 let _ = fs::remove_file(&staged);
-                map.pin(&staged).map_err(|source| DatapathError::Pin {
-                    path: staged.display().to_string(),
-                    source,
-                })?;
+                map.pin(&staged).map_err(|source| DatapathError::Pin { path: staged.display().to_string(), source })?;
             }
         }
         let mut kernel = KernelMaps::take(&mut ebpf)?;
         let config = DatapathConfig {
             host_netns_cookie: sys::netns_cookie().unwrap_or(0),
-            flags: if opts.host_network_only {
-                0
-            } else {
-                CONFIG_FLAG_ALL_NETNS
-            } | if opts.passive { CONFIG_FLAG_PASSIVE } else { 0 },
+            flags: if opts.host_network_only { 0 } else { CONFIG_FLAG_ALL_NETNS }
+                | if opts.passive { CONFIG_FLAG_PASSIVE } else { 0 },
             eject_hold_ms: opts.eject_hold.as_millis().min(u128::from(u32::MAX)) as u32,
             layout_version: pins::layout_version(),
             syn_retries: opts.syn_retries,
@@ -155,18 +146,13 @@ impl EbpfDatapath {
             _pad: 0,
         };
         kernel.set_config(config)?;
-        let mut tables = if *pinned == PinnedMaps::Compatible {
-            Tables::recover(&kernel, plan)
-        } else {
-            Tables::default()
-        };
+        let mut tables =
+            if *pinned == PinnedMaps::Compatible { Tables::recover(&kernel, plan) } else { Tables::default() };
         tables.apply(&mut kernel, plan)?;
         let reaper = Arc::new(Reaper::new(kernel.sockets_handle()?));
 
-        let cgroup = fs::File::open(&opts.cgroup).map_err(|source| DatapathError::Cgroup {
-            path: opts.cgroup.display().to_string(),
-            source,
-        })?;
+        let cgroup = fs::File::open(&opts.cgroup)
+            .map_err(|source| DatapathError::Cgroup { path: opts.cgroup.display().to_string(), source })?;
         let cgroup_id = bpf_sys::cgroup_id(&opts.cgroup)?;
         let mut missing = Vec::new();
         for (name, required) in PROGRAMS {
@@ -193,15 +179,7 @@ impl EbpfDatapath {
             pin_path = %opts.pin_path.display(),
             "eBPF datapath attached"
         );
-        Ok(EbpfDatapath {
-            ebpf,
-            kernel,
-            tables,
-            opts,
-            missing,
-            created_pin_dir,
-            reaper,
-        })
+        Ok(EbpfDatapath { ebpf, kernel, tables, opts, missing, created_pin_dir, reaper })
     }
 }
 
@@ -260,31 +238,20 @@ fn install_program(
     // bpffs does not allow dots in names.
     let staged = pin.with_file_name(format!("staged_{name}"));
     let _ = fs::remove_file(&staged);
-    link.pin(&staged).map_err(|source| DatapathError::Pin {
-        path: staged.display().to_string(),
-        source,
-    })?;
+    link.pin(&staged).map_err(|source| DatapathError::Pin { path: staged.display().to_string(), source })?;
     fs::rename(&staged, pin)?;
     Ok("attached")
 }
 
 /// Loads `name` and attaches it to `cgroup` through a bpf_link (what the
 /// agent pins, and what `nllb detect` probes with).
-pub(crate) fn load_and_attach(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    cgroup: &fs::File,
-) -> Result<FdLink, DatapathError> {
+pub(crate) fn load_and_attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &fs::File) -> Result<FdLink, DatapathError> {
     load(ebpf, name)?;
     attach(ebpf, name, cgroup)
 }
 
-fn program_mut<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut aya::programs::Program, DatapathError> {
-    ebpf.program_mut(name)
-        .ok_or_else(|| DatapathError::Other(format!("eBPF object has no program {name}")))
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::programs::Program, DatapathError> {
+    ebpf.program_mut(name).ok_or_else(|| DatapathError::Other(format!("eBPF object has no program {name}")))
 }
 
 fn load(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {
@@ -302,14 +269,9 @@ fn load(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {
     }
 }
 
-fn program_fd<'a>(
-    ebpf: &'a Ebpf,
-    name: &'static str,
-) -> Result<std::os::fd::BorrowedFd<'a>, DatapathError> {
+fn program_fd<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<std::os::fd::BorrowedFd<'a>, DatapathError> {
     let perr = |source| DatapathError::Program { name, source };
-    let prog = ebpf
-        .program(name)
-        .ok_or_else(|| DatapathError::Other(format!("eBPF object has no program {name}")))?;
+    let prog = ebpf.program(name).ok_or_else(|| DatapathError::Other(format!("eBPF object has no program {name}")))?;
     Ok(prog.fd().map_err(perr)?.as_fd())
 }
 
@@ -323,20 +285,17 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &fs::File) -> Result<FdLi
         let p: &mut SockOps = prog.try_into().map_err(perr)?;
         let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
         let link = p.take_link(id).map_err(perr)?;
-        FdLink::try_from(link)
-            .map_err(|e| DatapathError::Other(format!("{name}: no bpf_link: {e}")))
+        FdLink::try_from(link).map_err(|e| DatapathError::Other(format!("{name}: no bpf_link: {e}")))
     } else if name == programs::SOCK_RELEASE {
         let p: &mut CgroupSock = prog.try_into().map_err(perr)?;
         let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
         let link = p.take_link(id).map_err(perr)?;
-        FdLink::try_from(link)
-            .map_err(|e| DatapathError::Other(format!("{name}: no bpf_link: {e}")))
+        FdLink::try_from(link).map_err(|e| DatapathError::Other(format!("{name}: no bpf_link: {e}")))
     } else {
         let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
         let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
         let link = p.take_link(id).map_err(perr)?;
-        FdLink::try_from(link)
-            .map_err(|e| DatapathError::Other(format!("{name}: no bpf_link: {e}")))
+        FdLink::try_from(link).map_err(|e| DatapathError::Other(format!("{name}: no bpf_link: {e}")))
     }
 }
 
@@ -349,9 +308,7 @@ pub fn remove_pins(pin_path: &Path) -> Result<usize, DatapathError> {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let ours = name.starts_with("link_")
-            || name.starts_with("staged_")
-            || maps::ALL.contains(&name.as_str());
+        let ours = name.starts_with("link_") || name.starts_with("staged_") || maps::ALL.contains(&name.as_str());
         if ours {
             if name.starts_with("link_")
                 && let Ok(link) = bpf_sys::obj_get(&entry.path())
@@ -390,9 +347,7 @@ impl Datapath for EbpfDatapath {
             .into_iter()
             .map(|(name, stats)| {
                 let id = ids.get(&name).copied();
-                let counters = id
-                    .map(|i| self.kernel.service_counters(i))
-                    .unwrap_or_default();
+                let counters = id.map(|i| self.kernel.service_counters(i)).unwrap_or_default();
                 ServiceSnapshot {
                     id,
                     backends: stats
@@ -458,11 +413,7 @@ impl Datapath for EbpfDatapath {
 
     fn shutdown(&mut self) -> Result<(), DatapathError> {
         let removed = remove_pins(&self.opts.pin_path)?;
-        tracing::info!(
-            pins = removed,
-            created_dir = self.created_pin_dir,
-            "eBPF datapath detached and unpinned"
-        );
+        tracing::info!(pins = removed, created_dir = self.created_pin_dir, "eBPF datapath detached and unpinned");
         Ok(())
     }
 }

@@ -43,32 +43,18 @@ fn words_addr(addr: [u32; 4], family: u16) -> IpAddr {
 }
 
 pub fn vip4_key(ip: Ipv4Addr, port: u16) -> Vip4Key {
-    Vip4Key {
-        addr: ip4_word(ip),
-        port: port_be(port),
-        _pad: 0,
-    }
+    Vip4Key { addr: ip4_word(ip), port: port_be(port), _pad: 0 }
 }
 
 pub fn vip6_key(ip: Ipv6Addr, port: u16) -> Vip6Key {
-    Vip6Key {
-        addr: ip6_words(ip),
-        port: port_be(port),
-        _pad: 0,
-    }
+    Vip6Key { addr: ip6_words(ip), port: port_be(port), _pad: 0 }
 }
 
 /// A slot with no SYN timeout of its own and no clear time; see
 /// `tables.rs` for those.
 pub fn backend_slot(addr: SocketAddr, stat_id: u32) -> BackendSlot {
     let (words, family) = addr_words(addr.ip());
-    BackendSlot {
-        addr: words,
-        port: port_be(addr.port()),
-        family,
-        stat_id,
-        ..Default::default()
-    }
+    BackendSlot { addr: words, port: port_be(addr.port()), family, stat_id, ..Default::default() }
 }
 
 pub fn slot_addr(slot: &BackendSlot) -> SocketAddr {
@@ -77,11 +63,7 @@ pub fn slot_addr(slot: &BackendSlot) -> SocketAddr {
 
 pub fn backend_key(addr: SocketAddr) -> BackendKey {
     let (words, family) = addr_words(addr.ip());
-    BackendKey {
-        addr: words,
-        port: port_be(addr.port()),
-        family,
-    }
+    BackendKey { addr: words, port: port_be(addr.port()), family }
 }
 
 pub fn key_addr(key: &BackendKey) -> SocketAddr {
@@ -105,15 +87,11 @@ pub fn sock_backend(s: &SockState) -> SocketAddr {
 
 /// Words, port and family of an event's address fields.
 pub fn event_addr(addr: [u32; 4], port: u16, family: u16) -> Option<SocketAddr> {
-    (family == FAMILY_V4 || family == FAMILY_V6)
-        .then(|| SocketAddr::new(words_addr(addr, family), u16::from_be(port)))
+    (family == FAMILY_V4 || family == FAMILY_V6).then(|| SocketAddr::new(words_addr(addr, family), u16::from_be(port)))
 }
 
 pub fn vip4_addr(k: &Vip4Key) -> SocketAddr {
-    SocketAddr::new(
-        words_addr([k.addr, 0, 0, 0], FAMILY_V4),
-        u16::from_be(k.port),
-    )
+    SocketAddr::new(words_addr([k.addr, 0, 0, 0], FAMILY_V4), u16::from_be(k.port))
 }
 
 pub fn vip6_addr(k: &Vip6Key) -> SocketAddr {

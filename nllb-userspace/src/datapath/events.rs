@@ -27,8 +27,7 @@ impl EventReader {
     }
 
     pub fn open_pinned(pin_path: &Path, name: &'static str) -> Result<EventReader, DatapathError> {
-        let data = MapData::from_pin(pin_path.join(name))
-            .map_err(|source| DatapathError::Map { name, source })?;
+        let data = MapData::from_pin(pin_path.join(name)).map_err(|source| DatapathError::Map { name, source })?;
         let map = Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })?;
         Self::new(map, name)
     }
@@ -65,11 +64,7 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelEvent {
     /// A steered connect to `backend` failed.
-    Marked {
-        backend: SocketAddr,
-        cause: MarkCause,
-        at_ns: u64,
-    },
+    Marked { backend: SocketAddr, cause: MarkCause, at_ns: u64 },
     /// A steered connect to a marked `backend` was established.
     Recovered { backend: SocketAddr, at_ns: u64 },
 }
@@ -78,15 +73,10 @@ impl KernelEvent {
     pub fn from_event(e: &Event) -> Option<KernelEvent> {
         let backend = event_addr(e.backend, e.backend_port, e.backend_family)?;
         match EventKind::from_u32(e.kind)? {
-            EventKind::Mark => Some(KernelEvent::Marked {
-                backend,
-                cause: MarkCause::from_u32(e.cause)?,
-                at_ns: e.ts_ns,
-            }),
-            EventKind::Recover => Some(KernelEvent::Recovered {
-                backend,
-                at_ns: e.ts_ns,
-            }),
+            EventKind::Mark => {
+                Some(KernelEvent::Marked { backend, cause: MarkCause::from_u32(e.cause)?, at_ns: e.ts_ns })
+            }
+            EventKind::Recover => Some(KernelEvent::Recovered { backend, at_ns: e.ts_ns }),
             _ => None,
         }
     }

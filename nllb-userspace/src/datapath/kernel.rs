@@ -25,8 +25,8 @@ use aya::{
     maps::{Array, HashMap, HashOfMaps, IterableMap as _, Map, MapData, PerCpuArray, PerCpuValues},
 };
 use nllb_common::{
-    BackendCounters, BackendKey, DatapathConfig, DatapathCounters, PassiveMark, ServiceCounters,
-    ServiceTable, SockState, TraceControl, Vip4Key, Vip6Key, maps,
+    BackendCounters, BackendKey, DatapathConfig, DatapathCounters, PassiveMark, ServiceCounters, ServiceTable,
+    SockState, TraceControl, Vip4Key, Vip6Key, maps,
 };
 
 use super::{
@@ -39,10 +39,7 @@ fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathEr
 }
 
 fn not_found(e: &aya::maps::MapError) -> bool {
-    matches!(
-        e,
-        aya::maps::MapError::KeyNotFound | aya::maps::MapError::ElementNotFound
-    )
+    matches!(e, aya::maps::MapError::KeyNotFound | aya::maps::MapError::ElementNotFound)
 }
 
 /// One service as the kernel serves it: its table and the virtual
@@ -76,8 +73,7 @@ impl KernelMaps {
     /// they were); the event rings stay in the object for their readers.
     pub fn take(ebpf: &mut Ebpf) -> Result<KernelMaps, DatapathError> {
         Self::build(|name| {
-            ebpf.take_map(name)
-                .ok_or_else(|| DatapathError::Other(format!("eBPF object has no map {name}")))
+            ebpf.take_map(name).ok_or_else(|| DatapathError::Other(format!("eBPF object has no map {name}")))
         })
     }
 
@@ -86,16 +82,11 @@ impl KernelMaps {
         Self::build(|name| open_pinned(pin_path, name))
     }
 
-    fn build(
-        mut get: impl FnMut(&'static str) -> Result<Map, DatapathError>,
-    ) -> Result<KernelMaps, DatapathError> {
+    fn build(mut get: impl FnMut(&'static str) -> Result<Map, DatapathError>) -> Result<KernelMaps, DatapathError> {
         let proto = match get(maps::TABLE_PROTO)? {
             Map::Array(data) => data,
             _ => {
-                return Err(DatapathError::Other(format!(
-                    "{} is not an array",
-                    maps::TABLE_PROTO
-                )));
+                return Err(DatapathError::Other(format!("{} is not an array", maps::TABLE_PROTO)));
             }
         };
         let table_shape = bpf_sys::map_shape(proto.fd().as_fd())
@@ -106,12 +97,9 @@ impl KernelMaps {
             table_shape,
             marks: HashMap::try_from(get(maps::MARKS)?).map_err(map_err(maps::MARKS))?,
             sockets: HashMap::try_from(get(maps::SOCKETS)?).map_err(map_err(maps::SOCKETS))?,
-            backend_stats: PerCpuArray::try_from(get(maps::BACKEND_STATS)?)
-                .map_err(map_err(maps::BACKEND_STATS))?,
-            service_stats: PerCpuArray::try_from(get(maps::SERVICE_STATS)?)
-                .map_err(map_err(maps::SERVICE_STATS))?,
-            datapath_stats: PerCpuArray::try_from(get(maps::DATAPATH_STATS)?)
-                .map_err(map_err(maps::DATAPATH_STATS))?,
+            backend_stats: PerCpuArray::try_from(get(maps::BACKEND_STATS)?).map_err(map_err(maps::BACKEND_STATS))?,
+            service_stats: PerCpuArray::try_from(get(maps::SERVICE_STATS)?).map_err(map_err(maps::SERVICE_STATS))?,
+            datapath_stats: PerCpuArray::try_from(get(maps::DATAPATH_STATS)?).map_err(map_err(maps::DATAPATH_STATS))?,
             config: Array::try_from(get(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?,
             trace_ctl: Array::try_from(get(maps::TRACE_CTL)?).map_err(map_err(maps::TRACE_CTL))?,
         })
@@ -119,11 +107,7 @@ impl KernelMaps {
 
     /// Makes every address in `listen` lead to `table`: a new table map,
     /// filled, then swapped into each virtual address.
-    pub fn publish(
-        &mut self,
-        listen: &[SocketAddr],
-        table: &ServiceTable,
-    ) -> Result<(), DatapathError> {
+    pub fn publish(&mut self, listen: &[SocketAddr], table: &ServiceTable) -> Result<(), DatapathError> {
         let fd = bpf_sys::create_map_like(&self.table_shape, "nllb_table")
             .map_err(|e| DatapathError::Other(format!("creating a service table map: {e}")))?;
         let data = MapData::from_fd(fd).map_err(map_err("nllb_table"))?;
@@ -138,18 +122,14 @@ impl KernelMaps {
                     if let Ok(prev) = self.vips4.get(&key, 0) {
                         old.push(prev);
                     }
-                    self.vips4
-                        .insert(key, &new, 0)
-                        .map_err(map_err(maps::VIPS4))?;
+                    self.vips4.insert(key, &new, 0).map_err(map_err(maps::VIPS4))?;
                 }
                 SocketAddr::V6(a) => {
                     let key = vip6_key(*a.ip(), a.port());
                     if let Ok(prev) = self.vips6.get(&key, 0) {
                         old.push(prev);
                     }
-                    self.vips6
-                        .insert(key, &new, 0)
-                        .map_err(map_err(maps::VIPS6))?;
+                    self.vips6.insert(key, &new, 0).map_err(map_err(maps::VIPS6))?;
                 }
             }
         }
@@ -163,14 +143,8 @@ impl KernelMaps {
     pub fn unpublish(&mut self, listen: &[SocketAddr]) -> Result<(), DatapathError> {
         for addr in listen {
             let r = match addr {
-                SocketAddr::V4(a) => self
-                    .vips4
-                    .remove(&vip4_key(*a.ip(), a.port()))
-                    .map_err(|e| (maps::VIPS4, e)),
-                SocketAddr::V6(a) => self
-                    .vips6
-                    .remove(&vip6_key(*a.ip(), a.port()))
-                    .map_err(|e| (maps::VIPS6, e)),
+                SocketAddr::V4(a) => self.vips4.remove(&vip4_key(*a.ip(), a.port())).map_err(|e| (maps::VIPS4, e)),
+                SocketAddr::V6(a) => self.vips6.remove(&vip6_key(*a.ip(), a.port())).map_err(|e| (maps::VIPS6, e)),
             };
             match r {
                 Ok(()) => {}
@@ -188,13 +162,11 @@ impl KernelMaps {
         let mut add = |listen: SocketAddr, inner: Result<TableMap, aya::maps::MapError>| {
             let Ok(inner) = inner else { return };
             let Ok(info) = inner.map().info() else { return };
-            let entry = by_table
-                .entry(info.id())
-                .or_insert_with(|| PublishedService {
-                    listen: Vec::new(),
-                    table: inner.get(&0, 0).unwrap_or_default(),
-                    table_id: info.id(),
-                });
+            let entry = by_table.entry(info.id()).or_insert_with(|| PublishedService {
+                listen: Vec::new(),
+                table: inner.get(&0, 0).unwrap_or_default(),
+                table_id: info.id(),
+            });
             entry.listen.push(listen);
         };
         for key in self.vips4.keys().filter_map(Result::ok) {
@@ -213,21 +185,13 @@ impl KernelMaps {
 
     /// Backends the kernel holds a passive mark for.
     pub fn marks(&self) -> Vec<(SocketAddr, PassiveMark)> {
-        self.marks
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, m)| (key_addr(&k), m))
-            .collect()
+        self.marks.iter().filter_map(Result::ok).map(|(k, m)| (key_addr(&k), m)).collect()
     }
 
     /// Forgets the marks of backends no longer published.
     pub fn retain_marks(&mut self, published: &BTreeSet<SocketAddr>) {
-        let stale: Vec<BackendKey> = self
-            .marks
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !published.contains(&key_addr(k)))
-            .collect();
+        let stale: Vec<BackendKey> =
+            self.marks.keys().filter_map(Result::ok).filter(|k| !published.contains(&key_addr(k))).collect();
         for key in stale {
             let _ = self.marks.remove(&key);
         }
@@ -235,39 +199,24 @@ impl KernelMaps {
 
     /// What nllb did with a live socket, if it steered it.
     pub fn socket(&self, cookie: u64) -> Option<SockState> {
-        self.sockets
-            .get(&cookie, 0)
-            .ok()
-            .filter(|s| s.cookie == cookie)
+        self.sockets.get(&cookie, 0).ok().filter(|s| s.cookie == cookie)
     }
 
     /// The socket table, for code that must check many cookies from
     /// another thread (it opens its own handle).
     pub fn sockets_handle(&self) -> Result<SocketTable, DatapathError> {
-        let fd = self
-            .sockets
-            .map()
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(DatapathError::Io)?;
+        let fd = self.sockets.map().fd().as_fd().try_clone_to_owned().map_err(DatapathError::Io)?;
         let data = MapData::from_fd(fd).map_err(map_err(maps::SOCKETS))?;
-        Ok(SocketTable {
-            map: HashMap::try_from(Map::HashMap(data)).map_err(map_err(maps::SOCKETS))?,
-        })
+        Ok(SocketTable { map: HashMap::try_from(Map::HashMap(data)).map_err(map_err(maps::SOCKETS))? })
     }
 
     pub fn backend_counters(&self, stat_id: u32) -> BackendCounters {
-        sum(
-            &self.backend_stats,
-            stat_id,
-            |a: &mut BackendCounters, b| {
-                a.connects += b.connects;
-                a.refused += b.refused;
-                a.syn_timeouts += b.syn_timeouts;
-                a.established += b.established;
-            },
-        )
+        sum(&self.backend_stats, stat_id, |a: &mut BackendCounters, b| {
+            a.connects += b.connects;
+            a.refused += b.refused;
+            a.syn_timeouts += b.syn_timeouts;
+            a.established += b.established;
+        })
     }
 
     pub fn service_counters(&self, svc_id: u32) -> ServiceCounters {
@@ -305,9 +254,7 @@ impl KernelMaps {
 
     /// Emits trace events until `until_ns` (CLOCK_MONOTONIC); 0 stops them.
     pub fn set_trace_until(&mut self, until_ns: u64) -> Result<(), DatapathError> {
-        self.trace_ctl
-            .set(0, TraceControl { until_ns }, 0)
-            .map_err(map_err(maps::TRACE_CTL))
+        self.trace_ctl.set(0, TraceControl { until_ns }, 0).map_err(map_err(maps::TRACE_CTL))
     }
 }
 
@@ -332,11 +279,7 @@ fn open_pinned(pin_path: &Path, name: &'static str) -> Result<Map, DatapathError
     Map::from_map_data(data).map_err(map_err(name))
 }
 
-fn sum<T: aya::Pod + Default>(
-    map: &PerCpuArray<MapData, T>,
-    index: u32,
-    add: impl Fn(&mut T, &T),
-) -> T {
+fn sum<T: aya::Pod + Default>(map: &PerCpuArray<MapData, T>, index: u32, add: impl Fn(&mut T, &T)) -> T {
     let mut total = T::default();
     if let Ok(values) = map.get(&index, 0) {
         for v in values.iter() {

@@ -5,10 +5,9 @@ use std::{mem::size_of, path::Path};
 
 use aya::maps::{Array, Map, MapData, MapType};
 use nllb_common::{
-    BackendCounters, BackendKey, DatapathConfig, DatapathCounters, EVENT_RING_BYTES,
-    LAYOUT_VERSION, MAX_MARKS, MAX_SERVICES, MAX_SOCKETS, MAX_STATS, MAX_VIPS, PassiveMark,
-    ServiceCounters, ServiceTable, SockState, TRACE_RING_BYTES, TraceControl, Vip4Key, Vip6Key,
-    maps,
+    BackendCounters, BackendKey, DatapathConfig, DatapathCounters, EVENT_RING_BYTES, LAYOUT_VERSION, MAX_MARKS,
+    MAX_SERVICES, MAX_SOCKETS, MAX_STATS, MAX_VIPS, PassiveMark, ServiceCounters, ServiceTable, SockState,
+    TRACE_RING_BYTES, TraceControl, Vip4Key, Vip6Key, maps,
 };
 
 #[derive(Debug, PartialEq, Eq)]
@@ -32,65 +31,17 @@ struct Expected {
 
 fn expected() -> [Expected; 12] {
     use MapType::*;
-    let e = |name, map_type, key, value, entries| Expected {
-        name,
-        map_type,
-        key,
-        value,
-        entries,
-    };
+    let e = |name, map_type, key, value, entries| Expected { name, map_type, key, value, entries };
     let u32s = size_of::<u32>();
     [
-        e(
-            maps::VIPS4,
-            HashOfMaps,
-            size_of::<Vip4Key>(),
-            u32s,
-            MAX_VIPS,
-        ),
-        e(
-            maps::VIPS6,
-            HashOfMaps,
-            size_of::<Vip6Key>(),
-            u32s,
-            MAX_VIPS,
-        ),
+        e(maps::VIPS4, HashOfMaps, size_of::<Vip4Key>(), u32s, MAX_VIPS),
+        e(maps::VIPS6, HashOfMaps, size_of::<Vip6Key>(), u32s, MAX_VIPS),
         e(maps::TABLE_PROTO, Array, u32s, size_of::<ServiceTable>(), 1),
-        e(
-            maps::MARKS,
-            Hash,
-            size_of::<BackendKey>(),
-            size_of::<PassiveMark>(),
-            MAX_MARKS,
-        ),
-        e(
-            maps::SOCKETS,
-            Hash,
-            size_of::<u64>(),
-            size_of::<SockState>(),
-            MAX_SOCKETS,
-        ),
-        e(
-            maps::BACKEND_STATS,
-            PerCpuArray,
-            u32s,
-            size_of::<BackendCounters>(),
-            MAX_STATS,
-        ),
-        e(
-            maps::SERVICE_STATS,
-            PerCpuArray,
-            u32s,
-            size_of::<ServiceCounters>(),
-            MAX_SERVICES,
-        ),
-        e(
-            maps::DATAPATH_STATS,
-            PerCpuArray,
-            u32s,
-            size_of::<DatapathCounters>(),
-            1,
-        ),
+        e(maps::MARKS, Hash, size_of::<BackendKey>(), size_of::<PassiveMark>(), MAX_MARKS),
+        e(maps::SOCKETS, Hash, size_of::<u64>(), size_of::<SockState>(), MAX_SOCKETS),
+        e(maps::BACKEND_STATS, PerCpuArray, u32s, size_of::<BackendCounters>(), MAX_STATS),
+        e(maps::SERVICE_STATS, PerCpuArray, u32s, size_of::<ServiceCounters>(), MAX_SERVICES),
+        e(maps::DATAPATH_STATS, PerCpuArray, u32s, size_of::<DatapathCounters>(), 1),
         e(maps::CONFIG, Array, u32s, size_of::<DatapathConfig>(), 1),
         e(maps::EVENTS, RingBuf, 0, 0, EVENT_RING_BYTES),
         e(maps::TRACE_CTL, Array, u32s, size_of::<TraceControl>(), 1),
@@ -101,27 +52,17 @@ fn expected() -> [Expected; 12] {
 /// Layout this build writes; `NLLB_LAYOUT_VERSION` overrides it so tests
 /// can stand in for a build with another map format.
 pub fn layout_version() -> u32 {
-    std::env::var("NLLB_LAYOUT_VERSION")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(LAYOUT_VERSION)
+    std::env::var("NLLB_LAYOUT_VERSION").ok().and_then(|v| v.parse().ok()).unwrap_or(LAYOUT_VERSION)
 }
 
 pub fn inspect(pin_path: &Path) -> PinnedMaps {
     let all = expected();
-    let present: Vec<&Expected> = all
-        .iter()
-        .filter(|e| pin_path.join(e.name).exists())
-        .collect();
+    let present: Vec<&Expected> = all.iter().filter(|e| pin_path.join(e.name).exists()).collect();
     if present.is_empty() {
         return PinnedMaps::Absent;
     }
     if present.len() != all.len() {
-        return PinnedMaps::Incompatible(format!(
-            "only {} of {} maps are pinned",
-            present.len(),
-            all.len()
-        ));
+        return PinnedMaps::Incompatible(format!("only {} of {} maps are pinned", present.len(), all.len()));
     }
     for e in &all {
         let info = match MapData::from_pin(pin_path.join(e.name)).and_then(|m| m.info()) {
@@ -152,10 +93,7 @@ pub fn inspect(pin_path: &Path) -> PinnedMaps {
         .map(|c| c.layout_version);
     match version {
         Some(v) if v == layout_version() => PinnedMaps::Compatible,
-        Some(v) => PinnedMaps::Incompatible(format!(
-            "pinned layout version {v}, this build writes {}",
-            layout_version()
-        )),
+        Some(v) => PinnedMaps::Incompatible(format!("pinned layout version {v}, this build writes {}", layout_version())),
         None => PinnedMaps::Incompatible("cannot read the pinned config map".into()),
     }
 }

@@ -21,11 +21,7 @@ impl Reaper {
     }
 
     /// nllb's sockets to `backend` in `states`, oldest connect first.
-    pub fn sockets_to(
-        &self,
-        backend: SocketAddr,
-        states: States,
-    ) -> Result<Vec<(SocketInfo, u64)>, SockDiagError> {
+    pub fn sockets_to(&self, backend: SocketAddr, states: States) -> Result<Vec<(SocketInfo, u64)>, SockDiagError> {
         let mut ours: Vec<(SocketInfo, u64)> = sock_diag::sockets_to(backend, states)?
             .into_iter()
             .filter_map(|s| self.sockets.get(s.cookie).map(|st| (s, st.created_ns)))
@@ -36,11 +32,7 @@ impl Reaper {
 
     /// Destroys nllb's sockets to `backend` in `states`; returns how many.
     pub fn abort(&self, backend: SocketAddr, states: States) -> Result<usize, SockDiagError> {
-        let ours: Vec<SocketInfo> = self
-            .sockets_to(backend, states)?
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect();
+        let ours: Vec<SocketInfo> = self.sockets_to(backend, states)?.into_iter().map(|(s, _)| s).collect();
         if ours.is_empty() {
             return Ok(0);
         }

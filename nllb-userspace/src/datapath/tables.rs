@@ -47,12 +47,7 @@ impl Tables {
     pub fn apply(&mut self, kernel: &mut KernelMaps, plan: &Plan) -> Result<(), DatapathError> {
         self.generation += 1;
         let wanted: BTreeSet<&str> = plan.services.iter().map(|s| s.name.as_str()).collect();
-        let gone: Vec<String> = self
-            .services
-            .keys()
-            .filter(|n| !wanted.contains(n.as_str()))
-            .cloned()
-            .collect();
+        let gone: Vec<String> = self.services.keys().filter(|n| !wanted.contains(n.as_str())).cloned().collect();
         for name in gone {
             let entry = self.services.remove(&name).expect("listed above");
             // Its id and counter slots are free once this returned.
@@ -62,11 +57,7 @@ impl Tables {
         for sp in &plan.services {
             self.apply_service(kernel, sp, &plan.backends)?;
         }
-        let published: BTreeSet<SocketAddr> = plan
-            .services
-            .iter()
-            .flat_map(|s| s.backends.iter().copied())
-            .collect();
+        let published: BTreeSet<SocketAddr> = plan.services.iter().flat_map(|s| s.backends.iter().copied()).collect();
         kernel.retain_marks(&published);
         Ok(())
     }
@@ -81,26 +72,16 @@ impl Tables {
             let used: BTreeSet<u32> = self.services.values().map(|e| e.id).collect();
             let id = (0..MAX_SERVICES)
                 .find(|i| !used.contains(i))
-                .ok_or_else(|| {
-                    DatapathError::Other(format!("more than {MAX_SERVICES} services"))
-                })?;
+                .ok_or_else(|| DatapathError::Other(format!("more than {MAX_SERVICES} services")))?;
             kernel.zero_service_counters(id)?;
             self.services.insert(
                 sp.name.clone(),
-                ServiceEntry {
-                    id,
-                    listen: Vec::new(),
-                    stat_ids: HashMap::new(),
-                    published: None,
-                },
+                ServiceEntry { id, listen: Vec::new(), stat_ids: HashMap::new(), published: None },
             );
         }
         let generation = self.generation;
-        let mut used_stats: BTreeSet<u32> = self
-            .services
-            .values()
-            .flat_map(|e| e.stat_ids.values().map(|(id, _)| *id))
-            .collect();
+        let mut used_stats: BTreeSet<u32> =
+            self.services.values().flat_map(|e| e.stat_ids.values().map(|(id, _)| *id)).collect();
         let entry = self.services.get_mut(&sp.name).expect("inserted above");
         // Before any slot is taken back: backends in this plan are in use.
         for b in &sp.backends {
@@ -108,18 +89,13 @@ impl Tables {
                 *seen = generation;
             }
         }
-        let mut table = ServiceTable {
-            svc_id: entry.id,
-            flags: if sp.panic { TABLE_FLAG_PANIC } else { 0 },
-            ..Default::default()
-        };
+        let mut table =
+            ServiceTable { svc_id: entry.id, flags: if sp.panic { TABLE_FLAG_PANIC } else { 0 }, ..Default::default() };
         for b in &sp.backends {
             let stat_id = stat_id(kernel, &mut used_stats, entry, *b, generation)?;
             let f = facts.get(b).cloned().unwrap_or_default();
             let mut slot = backend_slot(*b, stat_id);
-            slot.syn_rto_ms = f
-                .syn_timeout
-                .map_or(0, |d| d.as_millis().clamp(1, u128::from(u32::MAX)) as u32);
+            slot.syn_rto_ms = f.syn_timeout.map_or(0, |d| d.as_millis().clamp(1, u128::from(u32::MAX)) as u32);
             slot.cleared_ns = f.recovered_at_ns;
             let (slots, count) = if b.is_ipv4() {
                 (&mut table.backends4, &mut table.count4)
@@ -147,12 +123,7 @@ impl Tables {
                 )));
             }
         }
-        let stale: Vec<SocketAddr> = entry
-            .listen
-            .iter()
-            .copied()
-            .filter(|l| !sp.listen.contains(l))
-            .collect();
+        let stale: Vec<SocketAddr> = entry.listen.iter().copied().filter(|l| !sp.listen.contains(l)).collect();
         if entry.published.as_ref() != Some(&table) || entry.listen != sp.listen {
             kernel.publish(&sp.listen, &table)?;
             entry.published = Some(table);
@@ -170,50 +141,32 @@ impl Tables {
     pub fn recover(kernel: &KernelMaps, plan: &Plan) -> Tables {
         let mut tables = Tables::default();
         for PublishedService { listen, table, .. } in kernel.services() {
-            let planned = plan.services.iter().find(|s| {
-                s.listen.iter().any(|l| listen.contains(l))
-                    && !tables.services.contains_key(&s.name)
-            });
-            let name = planned
-                .map(|s| s.name.clone())
-                .unwrap_or_else(|| format!("~stale-{}", table.svc_id));
+            let planned = plan
+                .services
+                .iter()
+                .find(|s| s.listen.iter().any(|l| listen.contains(l)) && !tables.services.contains_key(&s.name));
+            let name = planned.map(|s| s.name.clone()).unwrap_or_else(|| format!("~stale-{}", table.svc_id));
             let slots = table
                 .backends4
                 .iter()
                 .take(table.count4 as usize)
                 .chain(table.backends6.iter().take(table.count6 as usize));
             let stat_ids = slots.map(|s| (slot_addr(s), (s.stat_id, 0))).collect();
-            tables.services.insert(
-                name,
-                ServiceEntry {
-                    id: table.svc_id,
-                    listen,
-                    stat_ids,
-                    published: Some(table),
-                },
-            );
+            tables.services.insert(name, ServiceEntry { id: table.svc_id, listen, stat_ids, published: Some(table) });
         }
         tables
     }
 
     /// Service ids by name.
     pub fn ids(&self) -> BTreeMap<String, u32> {
-        self.services
-            .iter()
-            .map(|(n, e)| (n.clone(), e.id))
-            .collect()
+        self.services.iter().map(|(n, e)| (n.clone(), e.id)).collect()
     }
 
     /// Counter slots of every backend of every service, by service name.
     pub fn stat_ids(&self) -> BTreeMap<String, BTreeMap<SocketAddr, u32>> {
         self.services
             .iter()
-            .map(|(n, e)| {
-                (
-                    n.clone(),
-                    e.stat_ids.iter().map(|(a, (id, _))| (*a, *id)).collect(),
-                )
-            })
+            .map(|(n, e)| (n.clone(), e.stat_ids.iter().map(|(a, (id, _))| (*a, *id)).collect()))
             .collect()
     }
 }
@@ -232,13 +185,7 @@ fn stat_id(
         return Ok(*id);
     }
     let reuse = (entry.stat_ids.len() >= STATS_PER_SERVICE)
-        .then(|| {
-            entry
-                .stat_ids
-                .iter()
-                .filter(|(_, (_, seen))| *seen < generation)
-                .min_by_key(|(_, (_, seen))| *seen)
-        })
+        .then(|| entry.stat_ids.iter().filter(|(_, (_, seen))| *seen < generation).min_by_key(|(_, (_, seen))| *seen))
         .flatten()
         .map(|(a, (id, _))| (*a, *id));
     let id = match reuse {
@@ -248,9 +195,7 @@ fn stat_id(
         }
         None => {
             let id = (0..MAX_STATS).find(|i| !used.contains(i)).ok_or_else(|| {
-                DatapathError::Other(format!(
-                    "more than {MAX_STATS} (service, backend) counters in use"
-                ))
+                DatapathError::Other(format!("more than {MAX_STATS} (service, backend) counters in use"))
             })?;
             used.insert(id);
             id

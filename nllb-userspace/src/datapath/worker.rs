@@ -13,10 +13,7 @@ use crate::model::Plan;
 enum Cmd {
     Apply(Plan),
     Refresh,
-    Stop {
-        detach: bool,
-        done: oneshot::Sender<Result<(), DatapathError>>,
-    },
+    Stop { detach: bool, done: oneshot::Sender<Result<(), DatapathError>> },
 }
 
 /// How an `apply` ended.
@@ -51,8 +48,7 @@ impl DatapathWorker {
                     for (i, cmd) in pending.into_iter().enumerate() {
                         match cmd {
                             Cmd::Apply(plan) if Some(i) == last_apply => {
-                                let result =
-                                    datapath.apply(&plan).map_err(|e| crate::errors::chain(&e));
+                                let result = datapath.apply(&plan).map_err(|e| crate::errors::chain(&e));
                                 let _ = applied_tx.send(Applied { plan, result });
                                 refresh = true;
                             }
@@ -71,12 +67,7 @@ impl DatapathWorker {
                 }
             })
             .expect("spawning the datapath thread");
-        DatapathWorker {
-            kind,
-            cmds,
-            snapshot,
-            applied,
-        }
+        DatapathWorker { kind, cmds, snapshot, applied }
     }
 
     pub fn kind(&self) -> DatapathKind {
@@ -106,14 +97,8 @@ impl DatapathWorker {
     pub async fn stop(self, detach: bool) -> Result<(), DatapathError> {
         let (done, wait) = oneshot::channel();
         if self.cmds.send(Cmd::Stop { detach, done }).is_err() {
-            return Err(DatapathError::Other(
-                "the datapath thread ended early".into(),
-            ));
+            return Err(DatapathError::Other("the datapath thread ended early".into()));
         }
-        wait.await.unwrap_or_else(|_| {
-            Err(DatapathError::Other(
-                "the datapath thread ended early".into(),
-            ))
-        })
+        wait.await.unwrap_or_else(|_| Err(DatapathError::Other("the datapath thread ended early".into())))
     }
 }

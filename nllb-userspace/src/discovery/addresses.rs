@@ -50,9 +50,7 @@ pub fn usable_addresses<K: ControllerAddresses + ResourceExt>(obj: &K) -> BTreeS
             Ok(ip) => {
                 out.insert(ip);
             }
-            Err(why) => {
-                warn!(object = %obj.name_any(), "ignoring controller address from the API: {why}")
-            }
+            Err(why) => warn!(object = %obj.name_any(), "ignoring controller address from the API: {why}"),
         }
     }
     out
@@ -69,10 +67,7 @@ mod tests {
     fn ep(addr: &str, ready: Option<bool>) -> Endpoint {
         Endpoint {
             addresses: vec![addr.into()],
-            conditions: Some(EndpointConditions {
-                ready,
-                ..Default::default()
-            }),
+            conditions: Some(EndpointConditions { ready, ..Default::default() }),
             ..Default::default()
         }
     }
@@ -91,13 +86,7 @@ mod tests {
             ..Default::default()
         };
         let got: Vec<IpAddr> = usable_addresses(&slice).into_iter().collect();
-        assert_eq!(
-            got,
-            vec![
-                "198.18.1.2".parse::<IpAddr>().unwrap(),
-                "198.18.2.2".parse().unwrap()
-            ]
-        );
+        assert_eq!(got, vec!["198.18.1.2".parse::<IpAddr>().unwrap(), "198.18.2.2".parse().unwrap()]);
     }
 
     #[test]
@@ -114,14 +103,8 @@ mod tests {
     fn endpoints_use_ready_addresses_only() {
         let e = Endpoints {
             subsets: Some(vec![EndpointSubset {
-                addresses: Some(vec![EndpointAddress {
-                    ip: "2001:2:0:1::2".into(),
-                    ..Default::default()
-                }]),
-                not_ready_addresses: Some(vec![EndpointAddress {
-                    ip: "198.18.9.2".into(),
-                    ..Default::default()
-                }]),
+                addresses: Some(vec![EndpointAddress { ip: "2001:2:0:1::2".into(), ..Default::default() }]),
+                not_ready_addresses: Some(vec![EndpointAddress { ip: "198.18.9.2".into(), ..Default::default() }]),
                 ..Default::default()
             }]),
             ..Default::default()

@@ -27,19 +27,11 @@ pub struct CachedSet {
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("cannot read controller cache {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "controller cache {path} is not valid ({why}); delete it, the agent rewrites it from the API"
-    )]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("controller cache {path} is not valid ({why}); delete it, the agent rewrites it from the API")]
     Invalid { path: PathBuf, why: String },
     #[error("cannot write controller cache {path}: {source} (is --state-dir writable?)")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
 }
 
 pub fn cache_path(state_dir: &Path) -> PathBuf {
@@ -48,31 +40,22 @@ pub fn cache_path(state_dir: &Path) -> PathBuf {
 
 /// The cached set for `namespace/service`; `Ok(None)` when there is none
 /// (no file, or one for another service).
-pub fn load(
-    state_dir: &Path,
-    namespace: &str,
-    service: &str,
-) -> Result<Option<Vec<IpAddr>>, CacheError> {
+pub fn load(state_dir: &Path, namespace: &str, service: &str) -> Result<Option<Vec<IpAddr>>, CacheError> {
     let path = cache_path(state_dir);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(CacheError::Read { path, source }),
     };
-    let set: CachedSet = serde_json::from_str(&text).map_err(|e| CacheError::Invalid {
-        path: path.clone(),
-        why: e.to_string(),
-    })?;
+    let set: CachedSet =
+        serde_json::from_str(&text).map_err(|e| CacheError::Invalid { path: path.clone(), why: e.to_string() })?;
     if set.namespace != namespace || set.service != service {
         return Ok(None);
     }
     // The file may have been edited by hand: hold it to the config's rules.
     let mut out = Vec::new();
     for ip in &set.controllers {
-        let ip = validate_backend(&ip.to_string()).map_err(|why| CacheError::Invalid {
-            path: path.clone(),
-            why,
-        })?;
+        let ip = validate_backend(&ip.to_string()).map_err(|why| CacheError::Invalid { path: path.clone(), why })?;
         if !out.contains(&ip) {
             out.push(ip);
         }
@@ -85,10 +68,7 @@ pub fn load(
 /// new one, never a torn one: temp file, fsync, rename, fsync the directory.
 pub fn store(state_dir: &Path, set: &CachedSet) -> Result<(), CacheError> {
     let path = cache_path(state_dir);
-    let werr = |source| CacheError::Write {
-        path: path.clone(),
-        source,
-    };
+    let werr = |source| CacheError::Write { path: path.clone(), source };
     std::fs::create_dir_all(state_dir).map_err(werr)?;
     let tmp = state_dir.join(format!(".{CACHE_FILE}.{}.tmp", std::process::id()));
     let body = serde_json::to_vec_pretty(set).expect("a CachedSet always serializes");
@@ -124,19 +104,10 @@ mod tests {
         assert_eq!(load(dir.path(), "default", "kubernetes").unwrap(), None);
         store(dir.path(), &set(&["198.18.2.2", "198.18.1.2"])).unwrap();
         let got = load(dir.path(), "default", "kubernetes").unwrap().unwrap();
-        assert_eq!(
-            got,
-            vec![
-                "198.18.1.2".parse::<IpAddr>().unwrap(),
-                "198.18.2.2".parse().unwrap()
-            ]
-        );
+        assert_eq!(got, vec!["198.18.1.2".parse::<IpAddr>().unwrap(), "198.18.2.2".parse().unwrap()]);
         assert_eq!(load(dir.path(), "kube-system", "kubernetes").unwrap(), None);
         // No temp file is left behind.
-        let names: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from(CACHE_FILE)]);
     }
 
@@ -144,14 +115,8 @@ mod tests {
     fn garbage_or_loopback_cache_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(cache_path(dir.path()), "{not json").unwrap();
-        assert!(matches!(
-            load(dir.path(), "default", "kubernetes"),
-            Err(CacheError::Invalid { .. })
-        ));
+        assert!(matches!(load(dir.path(), "default", "kubernetes"), Err(CacheError::Invalid { .. })));
         store(dir.path(), &set(&["127.0.0.1"])).unwrap();
-        assert!(matches!(
-            load(dir.path(), "default", "kubernetes"),
-            Err(CacheError::Invalid { .. })
-        ));
+        assert!(matches!(load(dir.path(), "default", "kubernetes"), Err(CacheError::Invalid { .. })));
     }
 }

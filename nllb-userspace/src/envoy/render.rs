@@ -35,12 +35,12 @@ pub const MAX_CONNECT_ATTEMPTS: u32 = 3;
 /// start-up warning about running without one.
 pub const MAX_DOWNSTREAM_CONNECTIONS: u64 = 50_000;
 
-const TCP_PROXY: &str =
-    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+const TCP_PROXY: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const LOAD_ASSIGNMENT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
-const DOWNSTREAM_CONNECTIONS: &str = "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig";
+const DOWNSTREAM_CONNECTIONS: &str =
+    "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig";
 
 /// Where the generated files live inside the work directory.
 #[derive(Clone, Debug)]
@@ -125,11 +125,7 @@ pub fn bootstrap(layout: &Layout, opts: &RenderOptions) -> Value {
 
 /// CDS: one EDS cluster per service, endpoints from the service's file.
 pub fn clusters(layout: &Layout, plan: &Plan, opts: &RenderOptions) -> Value {
-    let resources: Vec<Value> = plan
-        .services
-        .iter()
-        .map(|s| cluster(layout, s, opts))
-        .collect();
+    let resources: Vec<Value> = plan.services.iter().map(|s| cluster(layout, s, opts)).collect();
     json!({"resources": resources})
 }
 
@@ -213,16 +209,9 @@ pub fn endpoints(s: &ServicePlan) -> Value {
 }
 
 fn load_assignment(s: &ServicePlan) -> Value {
-    let lb: Vec<Value> = s
-        .backends
-        .iter()
-        .map(|b| json!({"endpoint": {"address": socket_address(*b)}}))
-        .collect();
-    let endpoints = if lb.is_empty() {
-        json!([])
-    } else {
-        json!([{"lb_endpoints": lb}])
-    };
+    let lb: Vec<Value> =
+        s.backends.iter().map(|b| json!({"endpoint": {"address": socket_address(*b)}})).collect();
+    let endpoints = if lb.is_empty() { json!([]) } else { json!([{"lb_endpoints": lb}]) };
     json!({"@type": LOAD_ASSIGNMENT, "cluster_name": s.name, "endpoints": endpoints})
 }
 
@@ -232,28 +221,17 @@ pub fn dynamic_files(layout: &Layout, plan: &Plan, opts: &RenderOptions) -> Vec<
     let mut files: Vec<RenderedFile> = plan
         .services
         .iter()
-        .map(|s| RenderedFile {
-            path: layout.eds_file(&s.name),
-            contents: to_yaml(&endpoints(s)),
-        })
+        .map(|s| RenderedFile { path: layout.eds_file(&s.name), contents: to_yaml(&endpoints(s)) })
         .collect();
-    files.push(RenderedFile {
-        path: layout.cds_file(),
-        contents: to_yaml(&clusters(layout, plan, opts)),
-    });
-    files.push(RenderedFile {
-        path: layout.lds_file(),
-        contents: to_yaml(&listeners(plan)),
-    });
+    files.push(RenderedFile { path: layout.cds_file(), contents: to_yaml(&clusters(layout, plan, opts)) });
+    files.push(RenderedFile { path: layout.lds_file(), contents: to_yaml(&listeners(plan)) });
     files
 }
 
 /// The bootstrap followed by every dynamic file.
 pub fn all_files(layout: &Layout, plan: &Plan, opts: &RenderOptions) -> Vec<RenderedFile> {
-    let mut files = vec![RenderedFile {
-        path: layout.bootstrap(),
-        contents: to_yaml(&bootstrap(layout, opts)),
-    }];
+    let mut files =
+        vec![RenderedFile { path: layout.bootstrap(), contents: to_yaml(&bootstrap(layout, opts)) }];
     files.extend(dynamic_files(layout, plan, opts));
     files
 }
@@ -302,10 +280,7 @@ pub fn static_bootstrap(plan: &Plan, opts: &RenderOptions) -> Value {
             l
         })
         .collect();
-    obj.insert(
-        "static_resources".into(),
-        json!({"listeners": listeners, "clusters": clusters}),
-    );
+    obj.insert("static_resources".into(), json!({"listeners": listeners, "clusters": clusters}));
     b
 }
 
@@ -330,11 +305,7 @@ fn socket_address(addr: SocketAddr) -> Value {
 }
 
 fn duration(d: Duration) -> String {
-    if d.subsec_nanos() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{:.3}s", d.as_secs_f64())
-    }
+    if d.subsec_nanos() == 0 { format!("{}s", d.as_secs()) } else { format!("{:.3}s", d.as_secs_f64()) }
 }
 
 #[cfg(test)]
@@ -345,10 +316,7 @@ mod tests {
         Plan {
             services: vec![ServicePlan {
                 name: "apiserver".into(),
-                listen: vec![
-                    "127.0.0.1:7443".parse().unwrap(),
-                    "[::1]:7443".parse().unwrap(),
-                ],
+                listen: vec!["127.0.0.1:7443".parse().unwrap(), "[::1]:7443".parse().unwrap()],
                 backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
                 panic: false,
             }],
@@ -371,41 +339,21 @@ mod tests {
     fn a_service_without_backends_has_no_listener_and_an_empty_cluster() {
         let p = plan(&[]);
         assert!(listeners(&p)["resources"].as_array().unwrap().is_empty());
-        assert_eq!(
-            endpoints(&p.services[0])["resources"][0]["endpoints"],
-            json!([])
-        );
+        assert_eq!(endpoints(&p.services[0])["resources"][0]["endpoints"], json!([]));
     }
 
     #[test]
     fn admin_is_loopback_only_and_absent_by_default() {
         let layout = Layout::new("/run/nllb/envoy");
-        assert!(
-            bootstrap(&layout, &RenderOptions::default())
-                .get("admin")
-                .is_none()
-        );
-        let b = bootstrap(
-            &layout,
-            &RenderOptions {
-                admin_port: Some(9901),
-                ..Default::default()
-            },
-        );
-        assert_eq!(
-            b["admin"]["address"]["socket_address"]["address"],
-            "127.0.0.1"
-        );
+        assert!(bootstrap(&layout, &RenderOptions::default()).get("admin").is_none());
+        let b = bootstrap(&layout, &RenderOptions { admin_port: Some(9901), ..Default::default() });
+        assert_eq!(b["admin"]["address"]["socket_address"]["address"], "127.0.0.1");
     }
 
     #[test]
     fn eds_file_is_in_the_watched_directory() {
         let layout = Layout::new("/w");
-        let c = clusters(
-            &layout,
-            &plan(&["198.18.1.2:6443"]),
-            &RenderOptions::default(),
-        );
+        let c = clusters(&layout, &plan(&["198.18.1.2:6443"]), &RenderOptions::default());
         let src = &c["resources"][0]["eds_cluster_config"]["eds_config"]["path_config_source"];
         assert_eq!(src["path"], "/w/eds/apiserver.yaml");
         assert_eq!(src["watched_directory"]["path"], "/w/eds");

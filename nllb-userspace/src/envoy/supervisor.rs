@@ -89,12 +89,7 @@ impl SupervisorHandle {
                 return Some((st.generation, pid));
             }
             let left = deadline.checked_duration_since(Instant::now())?;
-            st = self
-                .shared
-                .changed
-                .wait_timeout(st, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st = self.shared.changed.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -132,10 +127,7 @@ impl Supervisor {
             .name("envoy-supervisor".into())
             .spawn(move || supervise(&s, &launch))
             .expect("spawn the Envoy supervisor thread");
-        Supervisor {
-            handle: SupervisorHandle { shared },
-            thread: Some(thread),
-        }
+        Supervisor { handle: SupervisorHandle { shared }, thread: Some(thread) }
     }
 
     pub fn handle(&self) -> SupervisorHandle {
@@ -163,10 +155,7 @@ impl Drop for Supervisor {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn supervise(shared: &Shared, launch: &Launch) {
@@ -222,31 +211,19 @@ fn supervise(shared: &Shared, launch: &Launch) {
         }
         let delay = backoff;
         backoff = (backoff * 2).min(BACKOFF_MAX);
-        tracing::info!(
-            delay_ms = delay.as_millis() as u64,
-            "restarting envoy after backoff"
-        );
+        tracing::info!(delay_ms = delay.as_millis() as u64, "restarting envoy after backoff");
         let mut st = shared.lock();
         st.status.next_restart_ms = Some(delay.as_millis() as u64);
         let deadline = Instant::now() + delay;
         while !st.stop {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                break;
-            };
-            st = shared
-                .changed
-                .wait_timeout(st, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
+            st = shared.changed.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 }
 
 fn spawn(launch: &Launch) -> std::io::Result<Child> {
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&launch.log_file)?;
+    let log = OpenOptions::new().create(true).append(true).open(&launch.log_file)?;
     let mut cmd = Command::new(&launch.binary);
     cmd.args(&launch.args)
         .stdin(Stdio::null())
@@ -276,15 +253,7 @@ fn watch(shared: &Shared, child: &mut Child) -> (ExitStatus, bool) {
             Err(e) => tracing::warn!(error = %e, "waiting for envoy"),
         }
         let st = shared.lock();
-        let st = if st.stop {
-            st
-        } else {
-            shared
-                .changed
-                .wait_timeout(st, POLL)
-                .unwrap_or_else(|p| p.into_inner())
-                .0
-        };
+        let st = if st.stop { st } else { shared.changed.wait_timeout(st, POLL).unwrap_or_else(|p| p.into_inner()).0 };
         if st.stop {
             drop(st);
             return (terminate(child), true);
@@ -325,8 +294,7 @@ fn describe_exit(status: ExitStatus, log: &Path) -> String {
 pub fn last_error_line(log: &Path) -> Option<String> {
     let mut f = std::fs::File::open(log).ok()?;
     let len = f.metadata().ok()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(16 * 1024)))
-        .ok()?;
+    f.seek(SeekFrom::Start(len.saturating_sub(16 * 1024))).ok()?;
     let mut bytes = Vec::new();
     f.read_to_end(&mut bytes).ok()?;
     let tail = String::from_utf8_lossy(&bytes);

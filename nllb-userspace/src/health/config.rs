@@ -80,10 +80,7 @@ impl Default for HealthConfig {
 impl HealthConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.interval < Duration::from_millis(50) {
-            return Err(ConfigError::new(
-                "health.interval",
-                "must be at least 50ms, e.g. 500ms",
-            ));
+            return Err(ConfigError::new("health.interval", "must be at least 50ms, e.g. 500ms"));
         }
         if self.timeout.is_zero() || self.timeout > self.interval {
             return Err(ConfigError::new(
@@ -92,22 +89,13 @@ impl HealthConfig {
             ));
         }
         if self.rise == 0 || self.rise > 100 {
-            return Err(ConfigError::new(
-                "health.rise",
-                "must be between 1 and 100, e.g. 2",
-            ));
+            return Err(ConfigError::new("health.rise", "must be between 1 and 100, e.g. 2"));
         }
         if self.fall == 0 || self.fall > 100 {
-            return Err(ConfigError::new(
-                "health.fall",
-                "must be between 1 and 100, e.g. 2",
-            ));
+            return Err(ConfigError::new("health.fall", "must be between 1 and 100, e.g. 2"));
         }
         if !self.path.starts_with('/') {
-            return Err(ConfigError::new(
-                "health.path",
-                "must start with '/', e.g. /readyz",
-            ));
+            return Err(ConfigError::new("health.path", "must start with '/', e.g. /readyz"));
         }
         if self.client_cert_file.is_some() != self.client_key_file.is_some() {
             return Err(ConfigError::new(

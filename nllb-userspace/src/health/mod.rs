@@ -34,21 +34,13 @@ pub enum HealthError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("config field `{field}`: {}: {message}", path.display())]
-    File {
-        field: &'static str,
-        path: PathBuf,
-        message: String,
-    },
+    File { field: &'static str, path: PathBuf, message: String },
     #[error("health probe TLS setup: {0}")]
     Tls(String),
 }
 
 impl HealthError {
     fn file(field: &'static str, path: &Path, message: String) -> Self {
-        HealthError::File {
-            field,
-            path: path.to_owned(),
-            message,
-        }
+        HealthError::File { field, path: path.to_owned(), message }
     }
 }

@@ -57,19 +57,10 @@ impl Monitor {
     /// be loaded, naming the file and field.
     pub fn spawn(cfg: HealthConfig) -> Result<Monitor, HealthError> {
         cfg.validate().map_err(HealthError::Config)?;
-        let prober = if cfg.enabled {
-            Some(Prober::new(&cfg)?)
-        } else {
-            None
-        };
+        let prober = if cfg.enabled { Some(Prober::new(&cfg)?) } else { None };
         let (tx, _) = watch::channel(HealthSnapshot::default());
         Ok(Monitor {
-            shared: Arc::new(Shared {
-                cfg,
-                prober,
-                tx,
-                observer: Mutex::new(None),
-            }),
+            shared: Arc::new(Shared { cfg, prober, tx, observer: Mutex::new(None) }),
             tasks: Mutex::new(HashMap::new()),
         })
     }
@@ -112,12 +103,7 @@ impl Monitor {
         for addr in added {
             let wake = Arc::new(Notify::new());
             let handle = match &self.shared.prober {
-                Some(prober) => tokio::spawn(probe_loop(
-                    self.shared.clone(),
-                    prober.clone(),
-                    addr,
-                    wake.clone(),
-                )),
+                Some(prober) => tokio::spawn(probe_loop(self.shared.clone(), prober.clone(), addr, wake.clone())),
                 // Disabled: nothing to probe, but keep the bookkeeping uniform.
                 None => tokio::spawn(async {}),
             };
@@ -235,10 +221,7 @@ mod tests {
         let base = Duration::from_millis(500);
         for _ in 0..1000 {
             let d = jittered(base);
-            assert!(
-                d >= Duration::from_millis(450) && d <= Duration::from_millis(550),
-                "{d:?}"
-            );
+            assert!(d >= Duration::from_millis(450) && d <= Duration::from_millis(550), "{d:?}");
         }
     }
 }

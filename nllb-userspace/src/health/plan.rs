@@ -28,17 +28,9 @@ pub fn plan(services: &[Service], backends: &[IpAddr], snapshot: &HealthSnapshot
         services: services
             .iter()
             .map(|s| {
-                let known: Vec<SocketAddr> = backends
-                    .iter()
-                    .map(|ip| SocketAddr::new(*ip, s.backend_port))
-                    .collect();
+                let known: Vec<SocketAddr> = backends.iter().map(|ip| SocketAddr::new(*ip, s.backend_port)).collect();
                 let (backends, panic) = select(&known, snapshot);
-                ServicePlan {
-                    name: s.name.clone(),
-                    listen: s.listen.clone(),
-                    backends,
-                    panic,
-                }
+                ServicePlan { name: s.name.clone(), listen: s.listen.clone(), backends, panic }
             })
             .collect(),
         backends: Default::default(),
@@ -53,11 +45,7 @@ mod tests {
     use crate::health::BackendHealth;
 
     fn svc(name: &str, port: u16) -> Service {
-        Service {
-            name: name.into(),
-            listen: vec![SocketAddr::from(([127, 0, 0, 1], port + 1000))],
-            backend_port: port,
-        }
+        Service { name: name.into(), listen: vec![SocketAddr::from(([127, 0, 0, 1], port + 1000))], backend_port: port }
     }
 
     fn ips() -> Vec<IpAddr> {
@@ -66,10 +54,7 @@ mod tests {
 
     #[test]
     fn targets_cover_every_service_port_once() {
-        let t = targets(
-            &[svc("api", 6443), svc("konn", 8132), svc("api2", 6443)],
-            &ips(),
-        );
+        let t = targets(&[svc("api", 6443), svc("konn", 8132), svc("api2", 6443)], &ips());
         assert_eq!(t.len(), 4);
         assert!(t.contains(&"198.18.2.2:8132".parse().unwrap()));
     }
@@ -79,17 +64,11 @@ mod tests {
         let mut snap = HealthSnapshot::default();
         let mut down = BackendHealth::new(SystemTime::UNIX_EPOCH);
         down.healthy = false;
-        snap.backends
-            .insert("198.18.1.2:6443".parse().unwrap(), down.clone());
-        snap.backends
-            .insert("198.18.1.2:8132".parse().unwrap(), down.clone());
-        snap.backends
-            .insert("198.18.2.2:8132".parse().unwrap(), down);
+        snap.backends.insert("198.18.1.2:6443".parse().unwrap(), down.clone());
+        snap.backends.insert("198.18.1.2:8132".parse().unwrap(), down.clone());
+        snap.backends.insert("198.18.2.2:8132".parse().unwrap(), down);
         let p = plan(&[svc("api", 6443), svc("konn", 8132)], &ips(), &snap);
-        assert_eq!(
-            p.services[0].backends,
-            vec!["198.18.2.2:6443".parse().unwrap()]
-        );
+        assert_eq!(p.services[0].backends, vec!["198.18.2.2:6443".parse().unwrap()]);
         assert!(!p.services[0].panic);
         assert_eq!(p.services[1].backends.len(), 2);
         assert!(p.services[1].panic);
@@ -98,9 +77,6 @@ mod tests {
     #[test]
     fn matches_all_backends_when_everything_is_healthy() {
         let services = [svc("api", 6443)];
-        assert_eq!(
-            plan(&services, &ips(), &HealthSnapshot::default()),
-            Plan::all_backends(&services, &ips())
-        );
+        assert_eq!(plan(&services, &ips(), &HealthSnapshot::default()), Plan::all_backends(&services, &ips()));
     }
 }

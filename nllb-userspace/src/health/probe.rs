@@ -49,12 +49,7 @@ impl Prober {
                 Some((TlsConnector::from(settings.config.clone()), settings))
             }
         };
-        Ok(Prober {
-            kind: cfg.probe,
-            timeout: cfg.timeout,
-            path: cfg.path.as_str().into(),
-            tls,
-        })
+        Ok(Prober { kind: cfg.probe, timeout: cfg.timeout, path: cfg.path.as_str().into(), tls })
     }
 
     /// Probes `target` once, within the timeout. Ok holds the probe's
@@ -65,43 +60,31 @@ impl Prober {
 
     /// As `probe`, and how the TCP handshake went (what `passive.synTimeout:
     /// auto` is derived from).
-    pub async fn probe_measured(
-        &self,
-        target: SocketAddr,
-    ) -> (Result<Duration, String>, Handshake) {
+    pub async fn probe_measured(&self, target: SocketAddr) -> (Result<Duration, String>, Handshake) {
         let start = Instant::now();
         let mut handshake = Handshake::Failed;
-        let outcome =
-            match tokio::time::timeout(self.timeout, self.run(target, &mut handshake)).await {
-                Ok(Ok(())) => Ok(start.elapsed()),
-                Ok(Err(e)) => Err(e),
-                Err(_) => {
-                    if handshake == Handshake::Failed {
-                        handshake = Handshake::TimedOut(self.timeout);
-                    }
-                    Err(format!(
-                        "timed out after {}",
-                        humantime::format_duration(self.timeout)
-                    ))
+        let outcome = match tokio::time::timeout(self.timeout, self.run(target, &mut handshake)).await {
+            Ok(Ok(())) => Ok(start.elapsed()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                if handshake == Handshake::Failed {
+                    handshake = Handshake::TimedOut(self.timeout);
                 }
-            };
+                Err(format!("timed out after {}", humantime::format_duration(self.timeout)))
+            }
+        };
         (outcome, handshake)
     }
 
     async fn run(&self, target: SocketAddr, handshake: &mut Handshake) -> Result<(), String> {
         let start = Instant::now();
-        let tcp = TcpStream::connect(target)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+        let tcp = TcpStream::connect(target).await.map_err(|e| format!("connect: {e}"))?;
         *handshake = Handshake::Took(start.elapsed());
         let _ = tcp.set_nodelay(true);
         match (&self.kind, &self.tls) {
             (ProbeKind::Https, Some((connector, settings))) => {
                 let name = settings.name_for(target.ip());
-                let mut tls = connector
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| format!("TLS handshake: {e}"))?;
+                let mut tls = connector.connect(name, tcp).await.map_err(|e| format!("TLS handshake: {e}"))?;
                 let host = match target {
                     SocketAddr::V4(a) => a.ip().to_string(),
                     SocketAddr::V6(a) => format!("[{}]", a.ip()),
@@ -110,17 +93,11 @@ impl Prober {
                     "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: nllb-health\r\nAccept: */*\r\nConnection: close\r\n\r\n",
                     self.path
                 );
-                tls.write_all(req.as_bytes())
-                    .await
-                    .map_err(|e| format!("send request: {e}"))?;
+                tls.write_all(req.as_bytes()).await.map_err(|e| format!("send request: {e}"))?;
                 let status = read_status(&mut tls).await?;
                 // Best effort: a clean TLS close spares the server a warning.
                 let _ = tls.shutdown().await;
-                if status == 200 {
-                    Ok(())
-                } else {
-                    Err(format!("GET {}: HTTP {status}", self.path))
-                }
+                if status == 200 { Ok(()) } else { Err(format!("GET {}: HTTP {status}", self.path)) }
             }
             _ => Ok(()),
         }
@@ -132,10 +109,7 @@ async fn read_status<S: AsyncRead + Unpin>(stream: &mut S) -> Result<u16, String
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("read response: {e}"))?;
+        let n = stream.read(&mut chunk).await.map_err(|e| format!("read response: {e}"))?;
         if n == 0 {
             return Err("connection closed before an HTTP response".into());
         }
@@ -144,9 +118,7 @@ async fn read_status<S: AsyncRead + Unpin>(stream: &mut S) -> Result<u16, String
         let mut resp = httparse::Response::new(&mut headers);
         match resp.parse(&buf) {
             Ok(httparse::Status::Complete(_)) => {
-                return resp
-                    .code
-                    .ok_or_else(|| "HTTP response without status".to_string());
+                return resp.code.ok_or_else(|| "HTTP response without status".to_string());
             }
             Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
             Ok(httparse::Status::Partial) => return Err("HTTP response head too large".into()),
@@ -163,11 +135,7 @@ mod tests {
     async fn status_is_read_from_split_heads() {
         let (mut a, mut b) = tokio::io::duplex(64);
         tokio::spawn(async move {
-            for part in [
-                "HTTP/1.1 5",
-                "03 Service Unavailable\r\nContent-Le",
-                "ngth: 0\r\n\r\n",
-            ] {
+            for part in ["HTTP/1.1 5", "03 Service Unavailable\r\nContent-Le", "ngth: 0\r\n\r\n"] {
                 a.write_all(part.as_bytes()).await.unwrap();
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -179,12 +147,7 @@ mod tests {
     async fn garbage_is_not_a_status() {
         let (mut a, mut b) = tokio::io::duplex(64);
         a.write_all(b"\x16\x03\x01 not http\r\n\r\n").await.unwrap();
-        assert!(
-            read_status(&mut b)
-                .await
-                .unwrap_err()
-                .contains("not an HTTP response")
-        );
+        assert!(read_status(&mut b).await.unwrap_err().contains("not an HTTP response"));
     }
 
     #[tokio::test]

@@ -14,11 +14,7 @@ use super::HealthSnapshot;
 /// one. The caller logs the panic loudly (on transitions) and shows it in
 /// status. An empty `known` gives an empty set and no panic.
 pub fn select(known: &[SocketAddr], snapshot: &HealthSnapshot) -> (Vec<SocketAddr>, bool) {
-    let healthy: Vec<SocketAddr> = known
-        .iter()
-        .copied()
-        .filter(|a| snapshot.is_healthy(a))
-        .collect();
+    let healthy: Vec<SocketAddr> = known.iter().copied().filter(|a| snapshot.is_healthy(a)).collect();
     if healthy.is_empty() && !known.is_empty() {
         return (known.to_vec(), true);
     }

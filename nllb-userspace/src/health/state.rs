@@ -50,10 +50,7 @@ fn latency_ms<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok,
 }
 
 fn unix_ms<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    let ms = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let ms = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     s.serialize_u64(ms)
 }
 
@@ -91,13 +88,7 @@ impl BackendHealth {
     }
 
     /// Records one probe result; returns true when `healthy` flipped.
-    pub fn observe(
-        &mut self,
-        outcome: Result<Duration, String>,
-        rise: u32,
-        fall: u32,
-        now: SystemTime,
-    ) -> bool {
+    pub fn observe(&mut self, outcome: Result<Duration, String>, rise: u32, fall: u32, now: SystemTime) -> bool {
         let unproven = self.last_ok.is_none();
         match outcome {
             Ok(latency) => {
@@ -253,10 +244,7 @@ mod tests {
         for i in 0..10 {
             let r = if i % 2 == 0 { ok() } else { bad() };
             h.observe(r, RISE, FALL, t(2 + i));
-            assert!(
-                !h.healthy,
-                "one good probe between failures must not readmit"
-            );
+            assert!(!h.healthy, "one good probe between failures must not readmit");
         }
     }
 
@@ -285,8 +273,7 @@ mod tests {
     #[test]
     fn snapshot_json_is_keyed_by_address() {
         let mut snap = HealthSnapshot::default();
-        snap.backends
-            .insert("198.18.1.2:6443".parse().unwrap(), BackendHealth::new(t(0)));
+        snap.backends.insert("198.18.1.2:6443".parse().unwrap(), BackendHealth::new(t(0)));
         let v = serde_json::to_value(&snap).unwrap();
         assert_eq!(v["198.18.1.2:6443"]["healthy"], true, "{v}");
     }

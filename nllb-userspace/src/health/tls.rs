@@ -34,27 +34,18 @@ impl TlsSettings {
             .with_safe_default_protocol_versions()
             .map_err(|e| HealthError::Tls(format!("no usable TLS versions: {e}")))?;
         let builder = if cfg.insecure_skip_verify {
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
         } else {
             builder.with_root_certificates(roots(cfg)?)
         };
         let config = match (&cfg.client_cert_file, &cfg.client_key_file) {
             (Some(cert), Some(key)) => {
                 let chain = read_certs(cert, "health.clientCertFile")?;
-                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-                    HealthError::file(
-                        "health.clientKeyFile",
-                        key,
-                        format!("no PEM private key: {e}"),
-                    )
-                })?;
-                builder.with_client_auth_cert(chain, key).map_err(|e| {
-                    HealthError::Tls(format!(
-                        "client certificate and key do not fit together: {e}"
-                    ))
-                })?
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| HealthError::file("health.clientKeyFile", key, format!("no PEM private key: {e}")))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| HealthError::Tls(format!("client certificate and key do not fit together: {e}")))?
             }
             _ => builder.with_no_client_auth(),
         };
@@ -67,27 +58,18 @@ impl TlsSettings {
             })?),
             None => None,
         };
-        Ok(TlsSettings {
-            config: Arc::new(config),
-            server_name,
-        })
+        Ok(TlsSettings { config: Arc::new(config), server_name })
     }
 
     /// The name to send (SNI) and verify for one controller.
     pub fn name_for(&self, ip: IpAddr) -> ServerName<'static> {
-        self.server_name
-            .clone()
-            .unwrap_or(ServerName::IpAddress(ip.into()))
+        self.server_name.clone().unwrap_or(ServerName::IpAddress(ip.into()))
     }
 }
 
 fn roots(cfg: &HealthConfig) -> Result<RootCertStore, HealthError> {
     let (certs, field, source) = if let Some(ca) = &cfg.ca_file {
-        (
-            read_certs(ca, "health.caFile")?,
-            "health.caFile",
-            ca.clone(),
-        )
+        (read_certs(ca, "health.caFile")?, "health.caFile", ca.clone())
     } else if let Some(kc) = &cfg.kubeconfig {
         (kubeconfig_ca(kc)?, "health.kubeconfig", kc.clone())
     } else {
@@ -100,27 +82,19 @@ fn roots(cfg: &HealthConfig) -> Result<RootCertStore, HealthError> {
     let mut store = RootCertStore::empty();
     let (added, _ignored) = store.add_parsable_certificates(certs);
     if added == 0 {
-        return Err(HealthError::file(
-            field,
-            &source,
-            "holds no usable CA certificate".into(),
-        ));
+        return Err(HealthError::file(field, &source, "holds no usable CA certificate".into()));
     }
     Ok(store)
 }
 
-fn read_certs(
-    path: &Path,
-    field: &'static str,
-) -> Result<Vec<CertificateDer<'static>>, HealthError> {
+fn read_certs(path: &Path, field: &'static str) -> Result<Vec<CertificateDer<'static>>, HealthError> {
     let pem = fs::read(path).map_err(|e| HealthError::file(field, path, e.to_string()))?;
     parse_certs(&pem).map_err(|m| HealthError::file(field, path, m))
 }
 
 fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("bad PEM: {e}"))?;
+    let certs: Vec<_> =
+        CertificateDer::pem_slice_iter(pem).collect::<Result<_, _>>().map_err(|e| format!("bad PEM: {e}"))?;
     if certs.is_empty() {
         return Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
     }
@@ -163,10 +137,9 @@ struct Context {
 /// `probe: https` needs no extra file there.
 fn kubeconfig_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, HealthError> {
     const FIELD: &str = "health.kubeconfig";
-    let text =
-        fs::read_to_string(path).map_err(|e| HealthError::file(FIELD, path, e.to_string()))?;
-    let kc: Kubeconfig = serde_yaml::from_str(&text)
-        .map_err(|e| HealthError::file(FIELD, path, format!("not a kubeconfig: {e}")))?;
+    let text = fs::read_to_string(path).map_err(|e| HealthError::file(FIELD, path, e.to_string()))?;
+    let kc: Kubeconfig =
+        serde_yaml::from_str(&text).map_err(|e| HealthError::file(FIELD, path, format!("not a kubeconfig: {e}")))?;
     let wanted = kc
         .current_context
         .as_ref()
@@ -176,29 +149,17 @@ fn kubeconfig_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, HealthErro
         Some(name) => kc.clusters.iter().find(|c| &c.name == name),
         None => kc.clusters.first(),
     }
-    .ok_or_else(|| {
-        HealthError::file(FIELD, path, "has no cluster for its current-context".into())
-    })?;
+    .ok_or_else(|| HealthError::file(FIELD, path, "has no cluster for its current-context".into()))?;
     if let Some(data) = &cluster.cluster.ca_data {
         let pem = base64::engine::general_purpose::STANDARD
             .decode(data.trim())
-            .map_err(|e| {
-                HealthError::file(
-                    FIELD,
-                    path,
-                    format!("certificate-authority-data is not base64: {e}"),
-                )
-            })?;
-        return parse_certs(&pem).map_err(|m| {
-            HealthError::file(FIELD, path, format!("certificate-authority-data {m}"))
-        });
+            .map_err(|e| HealthError::file(FIELD, path, format!("certificate-authority-data is not base64: {e}")))?;
+        return parse_certs(&pem)
+            .map_err(|m| HealthError::file(FIELD, path, format!("certificate-authority-data {m}")));
     }
     if let Some(ca) = &cluster.cluster.ca_path {
         // kubectl resolves a relative path against the kubeconfig's directory.
-        let ca = path
-            .parent()
-            .map(|d| d.join(ca))
-            .unwrap_or_else(|| ca.clone());
+        let ca = path.parent().map(|d| d.join(ca)).unwrap_or_else(|| ca.clone());
         return read_certs(&ca, FIELD);
     }
     Err(HealthError::file(
@@ -234,12 +195,7 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -248,12 +204,7 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

@@ -42,19 +42,10 @@ impl Transitions {
         Self::default()
     }
 
-    pub fn react(
-        &mut self,
-        services: &[Service],
-        backends: &[IpAddr],
-        snapshot: &HealthSnapshot,
-    ) -> Reaction {
+    pub fn react(&mut self, services: &[Service], backends: &[IpAddr], snapshot: &HealthSnapshot) -> Reaction {
         let plan = plan(services, backends, snapshot);
         let known: BTreeSet<SocketAddr> = super::targets(services, backends).into_iter().collect();
-        let published: BTreeSet<SocketAddr> = plan
-            .services
-            .iter()
-            .flat_map(|s| s.backends.iter().copied())
-            .collect();
+        let published: BTreeSet<SocketAddr> = plan.services.iter().flat_map(|s| s.backends.iter().copied()).collect();
         let mut r = Reaction::default();
         for addr in &known {
             let now = snapshot.is_healthy(addr);
@@ -66,12 +57,7 @@ impl Transitions {
             }
         }
         r.removed = self.known.difference(&known).copied().collect();
-        r.unpublished = self
-            .published
-            .difference(&published)
-            .filter(|a| known.contains(a))
-            .copied()
-            .collect();
+        r.unpublished = self.published.difference(&published).filter(|a| known.contains(a)).copied().collect();
         let mut panic = BTreeMap::new();
         for s in &plan.services {
             let was = self.panic.get(&s.name).copied().unwrap_or(false);
@@ -140,11 +126,7 @@ mod tests {
     use crate::health::BackendHealth;
 
     fn svc() -> Vec<Service> {
-        vec![Service {
-            name: "api".into(),
-            listen: vec![SocketAddr::from(([127, 0, 0, 1], 7443))],
-            backend_port: 6443,
-        }]
+        vec![Service { name: "api".into(), listen: vec![SocketAddr::from(([127, 0, 0, 1], 7443))], backend_port: 6443 }]
     }
     fn ip(i: u8) -> IpAddr {
         [198, 18, i, 2].into()
@@ -171,27 +153,14 @@ mod tests {
         assert_eq!(r.plan.services[0].backends.len(), 3);
 
         let r = t.react(&svc(), &ips, &snap(&[2]));
-        assert_eq!(
-            (r.ejected.clone(), r.unpublished.clone()),
-            (vec![sa(2)], vec![sa(2)])
-        );
+        assert_eq!((r.ejected.clone(), r.unpublished.clone()), (vec![sa(2)], vec![sa(2)]));
         let r = t.react(&svc(), &ips, &snap(&[2]));
-        assert_eq!(
-            r,
-            Reaction {
-                plan: r.plan.clone(),
-                ..Default::default()
-            },
-            "no change, nothing to do"
-        );
+        assert_eq!(r, Reaction { plan: r.plan.clone(), ..Default::default() }, "no change, nothing to do");
 
         let r = t.react(&svc(), &ips, &snap(&[1, 2, 3]));
         assert_eq!(r.panic_entered, vec!["api".to_string()]);
         assert_eq!(r.ejected, vec![sa(1), sa(3)]);
-        assert!(
-            r.unpublished.is_empty(),
-            "panic publishes everything: nothing leaves the set"
-        );
+        assert!(r.unpublished.is_empty(), "panic publishes everything: nothing leaves the set");
         assert!(r.plan.services[0].panic);
 
         let r = t.react(&svc(), &ips, &snap(&[1, 3]));

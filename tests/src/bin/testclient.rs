@@ -29,6 +29,16 @@ struct Args {
     /// After a failed connect, try once more at once.
     #[arg(long)]
     retry: bool,
+    /// Stop after this many milliseconds even before `count` connects.
+    #[arg(long)]
+    deadline_ms: Option<u64>,
+    /// Connect and close, no request: as many connects as possible.
+    #[arg(long)]
+    connect_only: bool,
+    /// Keep each connection open until stdin closes, then ask getpeername
+    /// again (`peer_after_hold`) before the request.
+    #[arg(long)]
+    hold: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,26 +54,47 @@ fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     let mut report = ClientReport::default();
     for i in 0..args.count {
+        if args.deadline_ms.is_some_and(|d| start.elapsed() >= Duration::from_millis(d)) {
+            break;
+        }
         // Open loop: connect i starts at i * interval, whatever earlier ones did.
         let due = Duration::from_millis(args.interval_ms * u64::from(i));
         if let Some(wait) = due.checked_sub(start.elapsed()) {
             std::thread::sleep(wait);
         }
-        let first = one(args.addr, timeout, start);
+        if args.connect_only {
+            report.results.push(connect_only(args.addr, timeout, start));
+            continue;
+        }
+        let first = one(args.addr, timeout, start, args.hold);
         let failed = !first.ok;
         report.results.push(first);
         if failed && args.retry {
-            report.results.push(ConnectResult {
-                retry: true,
-                ..one(args.addr, timeout, start)
-            });
+            report.results.push(ConnectResult { retry: true, ..one(args.addr, timeout, start) });
         }
     }
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
 
-fn one(addr: SocketAddr, timeout: Duration, start: Instant) -> ConnectResult {
+/// A connect and a close; only failures are reported in detail.
+fn connect_only(addr: SocketAddr, timeout: Duration, start: Instant) -> ConnectResult {
+    let t0 = Instant::now();
+    let r = TcpStream::connect_timeout(&addr, timeout);
+    ConnectResult {
+        t_ms: start.elapsed().as_millis() as u64,
+        ok: r.is_ok(),
+        errno: r.as_ref().err().and_then(|e| e.raw_os_error()),
+        error: r.as_ref().err().map(|e| e.to_string()),
+        body: None,
+        peer: None,
+        elapsed_us: t0.elapsed().as_micros() as u64,
+        retry: false,
+        peer_after_hold: None,
+    }
+}
+
+fn one(addr: SocketAddr, timeout: Duration, start: Instant, hold: bool) -> ConnectResult {
     let t0 = Instant::now();
     let mut r = ConnectResult {
         t_ms: start.elapsed().as_millis() as u64,
@@ -74,10 +105,15 @@ fn one(addr: SocketAddr, timeout: Duration, start: Instant) -> ConnectResult {
         peer: None,
         elapsed_us: 0,
         retry: false,
+        peer_after_hold: None,
     };
     match TcpStream::connect_timeout(&addr, timeout) {
         Ok(mut s) => {
             r.peer = s.peer_addr().ok().map(|p| p.to_string());
+            if hold {
+                let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+                r.peer_after_hold = s.peer_addr().ok().map(|p| p.to_string());
+            }
             let _ = s.set_read_timeout(Some(timeout));
             let _ = s.set_write_timeout(Some(timeout));
             let mut resp = Vec::new();

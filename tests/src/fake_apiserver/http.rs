@@ -25,29 +25,19 @@ use super::{
 
 type Body = BoxBody<Bytes, Infallible>;
 
-pub(super) async fn accept_loop(
-    listener: tokio::net::TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    inner: Arc<Inner>,
-) {
+pub(super) async fn accept_loop(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>, inner: Arc<Inner>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
+        let Ok((tcp, _)) = listener.accept().await else { continue };
         let acceptor = acceptor.clone();
         let conn_inner = inner.clone();
         let task = tokio::spawn(async move {
-            let Ok(stream) = acceptor.accept(tcp).await else {
-                return;
-            };
+            let Ok(stream) = acceptor.accept(tcp).await else { return };
             let svc = service_fn(move |req| {
                 let inner = conn_inner.clone();
                 async move { Ok::<_, Infallible>(handle(inner, req)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
         let mut conns = inner.conns.lock().unwrap();
         conns.retain(|h| !h.is_finished());
@@ -71,11 +61,7 @@ fn error(code: u16, reason: &str, message: &str) -> Response<Body> {
 }
 
 fn not_found() -> Response<Body> {
-    error(
-        404,
-        "NotFound",
-        "the server could not find the requested resource",
-    )
+    error(404, "NotFound", "the server could not find the requested resource")
 }
 
 fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Response<Body> {
@@ -84,14 +70,7 @@ fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Response<Bo
     let q = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (kind, namespace) = match segs.as_slice() {
-        [
-            "apis",
-            "discovery.k8s.io",
-            "v1",
-            "namespaces",
-            ns,
-            "endpointslices",
-        ] => (Kind::EndpointSlice, Some(*ns)),
+        ["apis", "discovery.k8s.io", "v1", "namespaces", ns, "endpointslices"] => (Kind::EndpointSlice, Some(*ns)),
         ["apis", "discovery.k8s.io", "v1", "endpointslices"] => (Kind::EndpointSlice, None),
         ["api", "v1", "namespaces", ns, "endpoints"] => (Kind::Endpoints, Some(*ns)),
         ["api", "v1", "endpoints"] => (Kind::Endpoints, None),
@@ -118,65 +97,29 @@ fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Response<Bo
         return error(405, "MethodNotAllowed", "only GET is served");
     }
     if *inner.forbidden.lock().unwrap() {
-        return error(
-            403,
-            "Forbidden",
-            &format!("User \"nllb\" cannot list resource \"{kind_name}\""),
-        );
+        return error(403, "Forbidden", &format!("User \"nllb\" cannot list resource \"{kind_name}\""));
     }
     if kind == Kind::EndpointSlice && !*inner.serve_slices.lock().unwrap() {
         return not_found();
     }
-    let mut sel = Selection {
-        kind,
-        namespace: namespace.map(str::to_string),
-        labels: Vec::new(),
-        name: None,
-    };
-    for term in q("labelSelector")
-        .unwrap_or("")
-        .split(',')
-        .filter(|t| !t.is_empty())
-    {
+    let mut sel = Selection { kind, namespace: namespace.map(str::to_string), labels: Vec::new(), name: None };
+    for term in q("labelSelector").unwrap_or("").split(',').filter(|t| !t.is_empty()) {
         let Some((k, v)) = term.split_once('=') else {
-            return error(
-                400,
-                "BadRequest",
-                &format!("unsupported label selector {term:?}"),
-            );
+            return error(400, "BadRequest", &format!("unsupported label selector {term:?}"));
         };
-        sel.labels
-            .push((k.trim_end_matches('=').to_string(), v.to_string()));
+        sel.labels.push((k.trim_end_matches('=').to_string(), v.to_string()));
     }
-    for term in q("fieldSelector")
-        .unwrap_or("")
-        .split(',')
-        .filter(|t| !t.is_empty())
-    {
+    for term in q("fieldSelector").unwrap_or("").split(',').filter(|t| !t.is_empty()) {
         match term.split_once('=') {
             Some(("metadata.name", v)) => sel.name = Some(v.to_string()),
             Some(("metadata.namespace", v)) => sel.namespace = Some(v.to_string()),
-            _ => {
-                return error(
-                    400,
-                    "BadRequest",
-                    &format!("unsupported field selector {term:?}"),
-                );
-            }
+            _ => return error(400, "BadRequest", &format!("unsupported field selector {term:?}")),
         }
     }
     if watch {
-        let timeout = q("timeoutSeconds")
-            .and_then(|t| t.parse().ok())
-            .map(Duration::from_secs);
+        let timeout = q("timeoutSeconds").and_then(|t| t.parse().ok()).map(Duration::from_secs);
         let bookmarks = matches!(q("allowWatchBookmarks"), Some("true" | "1"));
-        start_watch(
-            inner,
-            sel,
-            q("resourceVersion").unwrap_or("").to_string(),
-            timeout,
-            bookmarks,
-        )
+        start_watch(inner, sel, q("resourceVersion").unwrap_or("").to_string(), timeout, bookmarks)
     } else {
         list(&inner, &sel)
     }
@@ -210,10 +153,7 @@ fn list(inner: &Inner, sel: &Selection) -> Response<Body> {
         "metadata": {"resourceVersion": st.rv.to_string()},
         "items": items,
     });
-    full(
-        StatusCode::OK,
-        serde_json::to_vec(&body).expect("serialize list"),
-    )
+    full(StatusCode::OK, serde_json::to_vec(&body).expect("serialize list"))
 }
 
 fn start_watch(
@@ -230,10 +170,7 @@ fn start_watch(
         let events = inner.events.subscribe();
         let backlog: Result<Vec<Vec<u8>>, u64> = match rv.parse::<u64>() {
             // No (or "0") resourceVersion: start with the current state as ADDED.
-            Err(_) | Ok(0) => Ok(matching(&st, &sel)
-                .into_iter()
-                .map(|o| store::line(&WatchEvent::Added(o)))
-                .collect()),
+            Err(_) | Ok(0) => Ok(matching(&st, &sel).into_iter().map(|o| store::line(&WatchEvent::Added(o))).collect()),
             Ok(from) if from + 1 < st.oldest_watchable => Err(from),
             Ok(from) => Ok(st
                 .history
@@ -263,9 +200,7 @@ fn start_watch(
         }
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
     });
     Response::builder()
         .status(StatusCode::OK)
@@ -348,8 +283,7 @@ fn decode(s: &str) -> String {
         match b[i] {
             b'+' => out.push(b' '),
             b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
-                {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
                     Ok(v) => {
                         out.push(v);
                         i += 2;

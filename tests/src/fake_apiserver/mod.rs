@@ -124,18 +124,12 @@ impl FakeApiServer {
             .spawn(move || {
                 if let Some(ns) = netns {
                     let path = format!("/run/netns/{ns}");
-                    let f =
-                        std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+                    let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
                     nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
                         .unwrap_or_else(|e| panic!("setns {path}: {e}"));
                 }
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                handle_tx
-                    .send(rt.handle().clone())
-                    .expect("hand over runtime");
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                handle_tx.send(rt.handle().clone()).expect("hand over runtime");
                 rt.block_on(async {
                     let _ = shutdown_rx.await;
                 });
@@ -172,10 +166,7 @@ impl FakeApiServer {
             let _ = tx.send(Ok(listener.local_addr().expect("local addr")));
             http::accept_loop(listener, tls, inner).await;
         });
-        let addr = rx
-            .recv()
-            .expect("listener task ran")
-            .unwrap_or_else(|e| panic!("fake apiserver bind {bind}: {e}"));
+        let addr = rx.recv().expect("listener task ran").unwrap_or_else(|e| panic!("fake apiserver bind {bind}: {e}"));
         *self.listener.lock().unwrap() = Some(task.abort_handle());
         addr
     }
@@ -213,17 +204,11 @@ impl FakeApiServer {
 
     /// Creates or replaces an EndpointSlice (ADDED / MODIFIED to watchers).
     pub fn apply_slice(&self, slice: &EndpointSlice) {
-        self.apply(
-            Kind::EndpointSlice,
-            serde_json::to_value(slice).expect("serialize slice"),
-        );
+        self.apply(Kind::EndpointSlice, serde_json::to_value(slice).expect("serialize slice"));
     }
 
     pub fn apply_endpoints(&self, endpoints: &Endpoints) {
-        self.apply(
-            Kind::Endpoints,
-            serde_json::to_value(endpoints).expect("serialize endpoints"),
-        );
+        self.apply(Kind::Endpoints, serde_json::to_value(endpoints).expect("serialize endpoints"));
     }
 
     /// Creates or replaces an object given as raw JSON (for data a typed
@@ -233,28 +218,14 @@ impl FakeApiServer {
         st.rv += 1;
         let rv = st.rv;
         obj["metadata"]["resourceVersion"] = Value::from(rv.to_string());
-        let ns = obj
-            .pointer("/metadata/namespace")
-            .and_then(Value::as_str)
-            .expect("metadata.namespace")
-            .to_string();
-        let name = obj
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .expect("metadata.name")
-            .to_string();
+        let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).expect("metadata.namespace").to_string();
+        let name = obj.pointer("/metadata/name").and_then(Value::as_str).expect("metadata.name").to_string();
         let map = match kind {
             Kind::EndpointSlice => &mut st.slices,
             Kind::Endpoints => &mut st.endpoints,
         };
-        let existed = map
-            .insert((ns.clone(), name.clone()), obj.clone())
-            .is_some();
-        let event = if existed {
-            WatchEvent::Modified(obj.clone())
-        } else {
-            WatchEvent::Added(obj.clone())
-        };
+        let existed = map.insert((ns.clone(), name.clone()), obj.clone()).is_some();
+        let event = if existed { WatchEvent::Modified(obj.clone()) } else { WatchEvent::Added(obj.clone()) };
         self.record(&mut st, kind, ns, name, &obj, store::line(&event));
     }
 
@@ -284,23 +255,8 @@ impl FakeApiServer {
         self.record(&mut st, kind, key.0, key.1, &obj, line);
     }
 
-    fn record(
-        &self,
-        st: &mut Store,
-        kind: Kind,
-        namespace: String,
-        name: String,
-        obj: &Value,
-        line: Vec<u8>,
-    ) {
-        let change = Arc::new(Change {
-            rv: st.rv,
-            kind,
-            namespace,
-            name,
-            labels: store::labels_of(obj),
-            line,
-        });
+    fn record(&self, st: &mut Store, kind: Kind, namespace: String, name: String, obj: &Value, line: Vec<u8>) {
+        let change = Arc::new(Change { rv: st.rv, kind, namespace, name, labels: store::labels_of(obj), line });
         st.history.push(change.clone());
         let _ = self.inner.events.send(Broadcast::Change(change));
     }
@@ -368,38 +324,24 @@ impl FakeApiServer {
 
     /// How many requests start with `prefix` (e.g. "LIST endpointslices").
     pub fn count(&self, prefix: &str) -> usize {
-        self.inner
-            .requests
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|r| r.starts_with(prefix))
-            .count()
+        self.inner.requests.lock().unwrap().iter().filter(|r| r.starts_with(prefix)).count()
     }
 
     /// Watches streaming right now.
     pub fn open_watches(&self) -> usize {
-        self.inner
-            .open_watches
-            .load(std::sync::atomic::Ordering::SeqCst)
+        self.inner.open_watches.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// `ERROR 410 Gone` events sent so far.
     pub fn gone_sent(&self) -> usize {
-        self.inner
-            .gone_sent
-            .load(std::sync::atomic::Ordering::SeqCst)
+        self.inner.gone_sent.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Waits (up to `timeout`) until at least `n` watches are open.
     pub fn wait_for_watches(&self, n: usize, timeout: Duration) {
         let end = std::time::Instant::now() + timeout;
         while self.open_watches() < n {
-            assert!(
-                std::time::Instant::now() < end,
-                "no {n} open watch(es) after {timeout:?}: {:?}",
-                self.requests()
-            );
+            assert!(std::time::Instant::now() < end, "no {n} open watch(es) after {timeout:?}: {:?}", self.requests());
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -430,26 +372,15 @@ impl Drop for FakeApiServer {
 /// An EndpointSlice of `service` like the API server's own for
 /// `default/kubernetes`: each (address, ready) is one endpoint on port 6443.
 /// The address type follows the first address.
-pub fn endpoint_slice(
-    namespace: &str,
-    name: &str,
-    service: &str,
-    endpoints: &[(&str, bool)],
-) -> EndpointSlice {
+pub fn endpoint_slice(namespace: &str, name: &str, service: &str, endpoints: &[(&str, bool)]) -> EndpointSlice {
     let v6 = endpoints.first().is_some_and(|(a, _)| a.contains(':'));
     EndpointSlice {
         metadata: ObjectMeta {
             name: Some(name.into()),
             namespace: Some(namespace.into()),
             labels: Some(BTreeMap::from([
-                (
-                    "kubernetes.io/service-name".to_string(),
-                    service.to_string(),
-                ),
-                (
-                    "endpointslice.kubernetes.io/managed-by".to_string(),
-                    "endpointslicemirroring-controller.k8s.io".to_string(),
-                ),
+                ("kubernetes.io/service-name".to_string(), service.to_string()),
+                ("endpointslice.kubernetes.io/managed-by".to_string(), "endpointslicemirroring-controller.k8s.io".to_string()),
             ])),
             ..Default::default()
         },
@@ -458,10 +389,7 @@ pub fn endpoint_slice(
             .iter()
             .map(|(a, ready)| Endpoint {
                 addresses: vec![a.to_string()],
-                conditions: Some(EndpointConditions {
-                    ready: Some(*ready),
-                    ..Default::default()
-                }),
+                conditions: Some(EndpointConditions { ready: Some(*ready), ..Default::default() }),
                 ..Default::default()
             })
             .collect(),
@@ -477,21 +405,10 @@ pub fn endpoint_slice(
 /// The Endpoints object `namespace/name` with ready and not-ready addresses.
 pub fn endpoints(namespace: &str, name: &str, ready: &[&str], not_ready: &[&str]) -> Endpoints {
     let addrs = |l: &[&str]| {
-        (!l.is_empty()).then(|| {
-            l.iter()
-                .map(|ip| EndpointAddress {
-                    ip: ip.to_string(),
-                    ..Default::default()
-                })
-                .collect()
-        })
+        (!l.is_empty()).then(|| l.iter().map(|ip| EndpointAddress { ip: ip.to_string(), ..Default::default() }).collect())
     };
     Endpoints {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(namespace.into()),
-            ..Default::default()
-        },
+        metadata: ObjectMeta { name: Some(name.into()), namespace: Some(namespace.into()), ..Default::default() },
         subsets: Some(vec![EndpointSubset {
             addresses: addrs(ready),
             not_ready_addresses: addrs(not_ready),

@@ -16,22 +16,14 @@ impl Pki {
         let ca_key = KeyPair::generate().expect("generate CA key");
         let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "nllb-test-ca");
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        ca.distinguished_name.push(DnType::CommonName, "nllb-test-ca");
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let ca_cert = ca.self_signed(&ca_key).expect("self-sign CA");
         let issuer = Issuer::new(ca, ca_key);
 
         let key = KeyPair::generate().expect("generate serving key");
-        let mut params =
-            CertificateParams::new(sans.to_vec()).expect("serving cert params (bad SAN?)");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "kube-apiserver");
+        let mut params = CertificateParams::new(sans.to_vec()).expect("serving cert params (bad SAN?)");
+        params.distinguished_name.push(DnType::CommonName, "kube-apiserver");
         let cert = params.signed_by(&key, &issuer).expect("sign serving cert");
         Pki {
             ca_pem: ca_cert.pem(),
@@ -41,13 +33,11 @@ impl Pki {
     }
 
     pub fn server_config(&self) -> rustls::ServerConfig {
-        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_no_client_auth()
-        .with_single_cert(vec![self.cert.clone()], self.key.clone_key())
-        .expect("serving cert and key match")
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![self.cert.clone()], self.key.clone_key())
+            .expect("serving cert and key match")
     }
 }

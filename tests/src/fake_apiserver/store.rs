@@ -56,13 +56,7 @@ pub struct Selection {
 }
 
 impl Selection {
-    pub fn matches(
-        &self,
-        kind: Kind,
-        ns: &str,
-        name: &str,
-        labels: &BTreeMap<String, String>,
-    ) -> bool {
+    pub fn matches(&self, kind: Kind, ns: &str, name: &str, labels: &BTreeMap<String, String>) -> bool {
         kind == self.kind
             && self.namespace.as_deref().is_none_or(|n| n == ns)
             && self.name.as_deref().is_none_or(|n| n == name)
@@ -119,10 +113,6 @@ pub fn status(code: u16, reason: &str, message: &str) -> Status {
 pub fn labels_of(v: &Value) -> BTreeMap<String, String> {
     v.pointer("/metadata/labels")
         .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
         .unwrap_or_default()
 }

@@ -48,9 +48,7 @@ impl Pki {
 
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec!["controller.test".to_string()]).unwrap();
-        params
-            .subject_alt_names
-            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         let cert = params.signed_by(&key, &issuer).unwrap();
 
         let ckey = KeyPair::generate().unwrap();
@@ -75,25 +73,19 @@ impl Pki {
 
     fn server_config(&self, require_client_cert: bool) -> Arc<ServerConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap();
+        let builder =
+            ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().unwrap();
         let builder = if require_client_cert {
             let mut roots = rustls::RootCertStore::empty();
             roots.add(self.ca_der.clone()).unwrap();
             builder.with_client_cert_verifier(
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .build()
-                    .unwrap(),
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap(),
             )
         } else {
             builder.with_no_client_auth()
         };
         let cfg = builder
-            .with_single_cert(
-                self.server_chain.clone(),
-                PrivateKeyDer::Pkcs8(self.server_key.clone_key()),
-            )
+            .with_single_cert(self.server_chain.clone(), PrivateKeyDer::Pkcs8(self.server_key.clone_key()))
             .unwrap();
         Arc::new(cfg)
     }
@@ -111,12 +103,7 @@ pub struct TlsServer {
 impl TlsServer {
     /// Serves on `port` of every address of `netns` (None: the test's own
     /// namespace, bound to `127.0.0.1`).
-    pub fn start(
-        netns: Option<&Path>,
-        port: u16,
-        pki: &Pki,
-        require_client_cert: bool,
-    ) -> TlsServer {
+    pub fn start(netns: Option<&Path>, port: u16, pki: &Pki, require_client_cert: bool) -> TlsServer {
         let mode = Arc::new(AtomicU8::new(READY));
         let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -132,10 +119,7 @@ impl TlsServer {
                 }
                 None => SocketAddr::from(([127, 0, 0, 1], port)),
             };
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
                 let listener = TcpListener::bind(bind).await.expect("bind TLS test server");
                 ready_tx.send(listener.local_addr().unwrap()).unwrap();
@@ -174,15 +158,8 @@ impl TlsServer {
                 // Leaving the runtime drops the listener and every connection.
             });
         });
-        let local = ready_rx
-            .recv_timeout(std::time::Duration::from_secs(10))
-            .expect("TLS server did not start");
-        TlsServer {
-            addr: local,
-            mode,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
+        let local = ready_rx.recv_timeout(std::time::Duration::from_secs(10)).expect("TLS server did not start");
+        TlsServer { addr: local, mode, stop: Some(stop_tx), thread: Some(thread) }
     }
 
     pub fn set_mode(&self, mode: u8) {

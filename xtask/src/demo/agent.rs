@@ -18,8 +18,7 @@ impl Agent {
     /// keeps a terminal Ctrl-C from reaching it before the demo's ordered
     /// shutdown (SIGTERM, then cleanup checks).
     pub fn start(nllb: &Path, args: &[&std::ffi::OsStr], log: PathBuf) -> Result<Self> {
-        let out =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new(nllb)
             .arg("agent")
             .args(args)
@@ -39,10 +38,7 @@ impl Agent {
     /// Fails (with the agent's log) when it has already exited.
     pub fn check_running(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
-            bail!(
-                "the agent exited with {status}; its log:\n{}",
-                self.log_tail()
-            );
+            bail!("the agent exited with {status}; its log:\n{}", self.log_tail());
         }
         Ok(())
     }
@@ -67,10 +63,7 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        eprintln!(
-            "warning: agent {} ignored SIGTERM for 10 s; killing it",
-            self.child.id()
-        );
+        eprintln!("warning: agent {} ignored SIGTERM for 10 s; killing it", self.child.id());
         let _ = self.child.kill();
         self.child.wait().ok()
     }

@@ -9,8 +9,7 @@ use std::process::Command;
 /// Mount point of the cgroup v2 hierarchy (hybrid hosts have it at
 /// /sys/fs/cgroup/unified, pure v2 hosts at /sys/fs/cgroup).
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let info =
-        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     info.lines()
         .find_map(|line| {
             let (left, right) = line.split_once(" - ")?;
@@ -26,10 +25,7 @@ fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -52,14 +48,9 @@ impl DemoCgroup {
         if path == Path::new("/") || path.parent().is_none() {
             bail!("refusing to use {} as the demo cgroup", path.display());
         }
-        std::fs::create_dir(&path)
-            .with_context(|| format!("creating cgroup {}", path.display()))?;
-        let procs = CString::new(
-            path.join("cgroup.procs")
-                .into_os_string()
-                .into_encoded_bytes(),
-        )
-        .context("cgroup path contains a NUL byte")?;
+        std::fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        let procs = CString::new(path.join("cgroup.procs").into_os_string().into_encoded_bytes())
+            .context("cgroup path contains a NUL byte")?;
         Ok(Self { path, procs })
     }
 
@@ -107,10 +98,7 @@ mod tests {
 
     #[test]
     fn mountinfo_escapes_are_decoded() {
-        assert_eq!(
-            unescape(r"/sys/fs/cgroup/with\040space"),
-            "/sys/fs/cgroup/with space"
-        );
+        assert_eq!(unescape(r"/sys/fs/cgroup/with\040space"), "/sys/fs/cgroup/with space");
         assert_eq!(unescape("/plain"), "/plain");
     }
 }

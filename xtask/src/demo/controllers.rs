@@ -28,8 +28,7 @@ impl Controller {
     /// Controller `index` (1-based) gets 198.18.index.2/24, the host side 198.18.index.1/24.
     pub fn start(index: u8, unique: &str) -> Result<Self> {
         let net = format!("198.18.{index}.0/24");
-        let in_use =
-            cmd::output(Command::new("ip").args(["-o", "-4", "addr", "show", "to", &net]))?;
+        let in_use = cmd::output(Command::new("ip").args(["-o", "-4", "addr", "show", "to", &net]))?;
         if !in_use.trim().is_empty() {
             bail!(
                 "{net} is already used in the host network namespace (another nllb demo or test running?): {}",
@@ -49,28 +48,13 @@ impl Controller {
         let hv = c.host_veth.clone();
         let ip = |args: &[&str]| cmd::output(Command::new("ip").args(args)).map(|_| ());
         ip(&["netns", "add", &ns])?;
-        ip(&[
-            "link", "add", &hv, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ])?;
+        ip(&["link", "add", &hv, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
         ip(&["addr", "add", &format!("198.18.{index}.1/24"), "dev", &hv])?;
         ip(&["link", "set", &hv, "up"])?;
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{}/24", c.ip),
-            "dev",
-            "eth0",
-        ])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{}/24", c.ip), "dev", "eth0"])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        c.server = Some(serve(
-            &ns,
-            SocketAddr::from((c.ip, BACKEND_PORT)),
-            &c.name,
-            c.stop.clone(),
-        )?);
+        c.server = Some(serve(&ns, SocketAddr::from((c.ip, BACKEND_PORT)), &c.name, c.stop.clone())?);
         Ok(c)
     }
 }
@@ -91,12 +75,7 @@ impl Drop for Controller {
 /// Serves `name` over HTTP on `addr` from a thread that entered `netns`.
 /// setns(CLONE_NEWNET) affects only the calling thread, so the rest of
 /// xtask stays in the host namespace.
-fn serve(
-    netns: &str,
-    addr: SocketAddr,
-    name: &str,
-    stop: Arc<AtomicBool>,
-) -> Result<JoinHandle<()>> {
+fn serve(netns: &str, addr: SocketAddr, name: &str, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>> {
     let ns_path = format!("/run/netns/{netns}");
     let body = name.to_owned();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
@@ -124,9 +103,7 @@ fn serve(
     match ready_rx.recv_timeout(Duration::from_secs(5)) {
         Ok(Ok(())) => Ok(handle),
         Ok(Err(e)) => Err(anyhow!("controller server on {addr} in {netns}: {e}")),
-        Err(_) => Err(anyhow!(
-            "controller server on {addr} in {netns} did not start"
-        )),
+        Err(_) => Err(anyhow!("controller server on {addr} in {netns} did not start")),
     }
 }
 

@@ -35,11 +35,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 /// unwinds through the guards instead of dying with things left behind.
 fn catch_signals() -> Result<()> {
     use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    let act = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
+    let act = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
     for sig in [Signal::SIGINT, Signal::SIGTERM] {
         // SAFETY: the handler only stores to an atomic.
         unsafe { sigaction(sig, &act) }.context("installing the Ctrl-C handler")?;
@@ -65,14 +61,7 @@ pub fn demo(connects: usize) -> Result<()> {
     catch_signals()?;
     let tools = setup::setup()?;
     step("Building nllb");
-    cmd::run(tools.apply(&mut cargo()).args([
-        "build",
-        "-q",
-        "-p",
-        "nllb-userspace",
-        "--bin",
-        "nllb",
-    ]))?;
+    cmd::run(tools.apply(&mut cargo()).args(["build", "-q", "-p", "nllb-userspace", "--bin", "nllb"]))?;
     let nllb = target_dir()?.join("debug/nllb");
     check_interrupted()?;
 
@@ -89,10 +78,7 @@ pub fn demo(connects: usize) -> Result<()> {
         // Dialed directly (no virtual address), so nllb plays no part yet.
         let direct = get(&format!("{}:{BACKEND_PORT}", c.ip), None)?
             .map_err(|e| anyhow::anyhow!("{} does not answer directly: {e}", c.name))?;
-        println!(
-            "    {}  {}:{BACKEND_PORT}  answers HTTP with \"{direct}\"",
-            c.name, c.ip
-        );
+        println!("    {}  {}:{BACKEND_PORT}  answers HTTP with \"{direct}\"", c.name, c.ip);
         controllers.push(c);
         check_interrupted()?;
     }
@@ -104,10 +90,7 @@ pub fn demo(connects: usize) -> Result<()> {
         run_dir: run_dir.clone(),
     };
     let config = tmp.0.join("nllb.yaml");
-    let backends: Vec<String> = controllers
-        .iter()
-        .map(|c| format!("\"{}\"", c.ip))
-        .collect();
+    let backends: Vec<String> = controllers.iter().map(|c| format!("\"{}\"", c.ip)).collect();
     let yaml = format!(
         "services:\n  - name: apiserver\n    listen: [\"127.0.0.1:7443\", \"[::1]:7443\"]\n    backendPort: {BACKEND_PORT}\nbackends: [{}]\nhostNetworkOnly: true\n",
         backends.join(", ")
@@ -136,19 +119,13 @@ pub fn demo(connects: usize) -> Result<()> {
     println!(
         "    {} agent {}   (pid {}, log {})",
         nllb.display(),
-        args.iter()
-            .map(|a| a.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" "),
+        args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "),
         agent.pid(),
         agent.log.display()
     );
     wait_ready(&nllb, &pins.path, &run_dir, &mut agent, &cgroup)?;
 
-    step(&format!(
-        "{connects} connections to {VIRTUAL} from a process in the demo cgroup {}",
-        cgroup.path.display()
-    ));
+    step(&format!("{connects} connections to {VIRTUAL} from a process in the demo cgroup {}", cgroup.path.display()));
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     println!("    {:>3}  {:<22} served by", "#", "client dialed");
     for n in 1..=connects {
@@ -158,18 +135,13 @@ pub fn demo(connects: usize) -> Result<()> {
         check_interrupted()?;
         let who = match &served {
             Ok(body) => {
-                let ip = controllers
-                    .iter()
-                    .find(|c| &c.name == body)
-                    .map(|c| c.ip.to_string());
+                let ip = controllers.iter().find(|c| &c.name == body).map(|c| c.ip.to_string());
                 format!("{body} ({})", ip.unwrap_or_else(|| "?".into()))
             }
             Err(e) => format!("FAILED: {e}"),
         };
         println!("    {n:>3}  {VIRTUAL:<22} {who}");
-        *counts
-            .entry(served.unwrap_or_else(|_| "failed".into()))
-            .or_default() += 1;
+        *counts.entry(served.unwrap_or_else(|_| "failed".into())).or_default() += 1;
     }
     println!("\n    per controller:");
     for c in &controllers {
@@ -187,22 +159,14 @@ pub fn demo(connects: usize) -> Result<()> {
     }
 
     step(&format!("nllb status --pin-path {}", pins.path.display()));
-    let status = cmd::raw_output(
-        Command::new(&nllb)
-            .args(["status", "--pin-path"])
-            .arg(&pins.path)
-            .arg("--run-dir")
-            .arg(&run_dir),
-    )?;
+    let status =
+        cmd::raw_output(Command::new(&nllb).args(["status", "--pin-path"]).arg(&pins.path).arg("--run-dir").arg(&run_dir))?;
     print!("{}", indent(&String::from_utf8_lossy(&status.stdout), 4));
     print!("{}", indent(&String::from_utf8_lossy(&status.stderr), 4));
 
     step("Cleaning up (agent, namespaces, cgroup, pins)");
     let exit = agent.stop();
-    println!(
-        "    agent exited with {}",
-        exit.map(|s| s.to_string()).unwrap_or_else(|| "?".into())
-    );
+    println!("    agent exited with {}", exit.map(|s| s.to_string()).unwrap_or_else(|| "?".into()));
     drop(agent);
     drop(pins);
     drop(cgroup);
@@ -215,9 +179,7 @@ pub fn demo(connects: usize) -> Result<()> {
     }
     let served = counts.len();
     if served < CONTROLLERS as usize {
-        println!(
-            "    note: {served} of {CONTROLLERS} controllers got a connect this time (random picks; try --connects 60)"
-        );
+        println!("    note: {served} of {CONTROLLERS} controllers got a connect this time (random picks; try --connects 60)");
     }
     println!("    done");
     Ok(())
@@ -225,40 +187,21 @@ pub fn demo(connects: usize) -> Result<()> {
 
 /// Ready = `nllb status` reads the pinned maps and a connect is served
 /// (health checks may need a moment to mark the controllers up).
-fn wait_ready(
-    nllb: &Path,
-    pins: &Path,
-    run_dir: &Path,
-    agent: &mut Agent,
-    cgroup: &DemoCgroup,
-) -> Result<()> {
+fn wait_ready(nllb: &Path, pins: &Path, run_dir: &Path, agent: &mut Agent, cgroup: &DemoCgroup) -> Result<()> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs(30);
     loop {
         check_interrupted()?;
         agent.check_running()?;
-        if cmd::succeeds(
-            Command::new(nllb)
-                .args(["status", "--json", "--pin-path"])
-                .arg(pins)
-                .arg("--run-dir")
-                .arg(run_dir),
-        ) {
+        if cmd::succeeds(Command::new(nllb).args(["status", "--json", "--pin-path"]).arg(pins).arg("--run-dir").arg(run_dir)) {
             break;
         }
         if Instant::now() > deadline {
-            bail!(
-                "`nllb status --pin-path {}` did not succeed within 30 s; agent log:\n{}",
-                pins.display(),
-                agent.log_tail()
-            );
+            bail!("`nllb status --pin-path {}` did not succeed within 30 s; agent log:\n{}", pins.display(), agent.log_tail());
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    println!(
-        "    agent ready after {:.1} s (nllb status answers)",
-        start.elapsed().as_secs_f64()
-    );
+    println!("    agent ready after {:.1} s (nllb status answers)", start.elapsed().as_secs_f64());
     loop {
         check_interrupted()?;
         agent.check_running()?;
@@ -266,17 +209,11 @@ fn wait_ready(
             break;
         }
         if Instant::now() > deadline {
-            bail!(
-                "no connect to {VIRTUAL} was served within 30 s; agent log:\n{}",
-                agent.log_tail()
-            );
+            bail!("no connect to {VIRTUAL} was served within 30 s; agent log:\n{}", agent.log_tail());
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    println!(
-        "    first connect served after {:.1} s (one warm-up connect, counted in status)",
-        start.elapsed().as_secs_f64()
-    );
+    println!("    first connect served after {:.1} s (one warm-up connect, counted in status)", start.elapsed().as_secs_f64());
     Ok(())
 }
 

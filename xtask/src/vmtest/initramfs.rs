@@ -18,15 +18,8 @@ const GUEST_TOOLS: &[&str] = &["ip", "nft", "bpftool"];
 /// blackhole a host; the *_diag modules serve sock_diag SOCK_DESTROY (a
 /// host autoloads them through modprobe, which the guest lacks); netem
 /// lets a test add delay. Names a kernel has built in are simply not found.
-const GUEST_MODULES: &[&str] = &[
-    "veth",
-    "nf_tables",
-    "nft_reject_inet",
-    "inet_diag",
-    "tcp_diag",
-    "udp_diag",
-    "sch_netem",
-];
+const GUEST_MODULES: &[&str] =
+    &["veth", "nf_tables", "nft_reject_inet", "inet_diag", "tcp_diag", "udp_diag", "sch_netem"];
 
 /// A test binary for the guest and the name its results carry.
 pub struct TestBinary {
@@ -44,10 +37,7 @@ pub fn shared_archive(
 ) -> Result<PathBuf> {
     let root = work.join("shared-root");
     let _ = std::fs::remove_dir_all(&root);
-    for d in [
-        "bin", "sbin", "usr/bin", "usr/sbin", "tests", "proc", "sys", "dev", "run", "tmp", "root",
-        "etc", "modules",
-    ] {
+    for d in ["bin", "sbin", "usr/bin", "usr/sbin", "tests", "proc", "sys", "dev", "run", "tmp", "root", "etc", "modules"] {
         std::fs::create_dir_all(root.join(d))?;
     }
     // Older iproute2 keeps named network namespaces under /var/run/netns.
@@ -62,8 +52,7 @@ pub fn shared_archive(
 
     let mut elf: Vec<PathBuf> = Vec::new();
     for tool in GUEST_TOOLS {
-        let host = which(tool)
-            .with_context(|| format!("`{tool}` not found; `cargo xtask setup` installs it"))?;
+        let host = which(tool).with_context(|| format!("`{tool}` not found; `cargo xtask setup` installs it"))?;
         let dest = root.join("usr/sbin").join(tool);
         copy_stripped(&host, &dest)?;
         elf.push(host);
@@ -105,12 +94,7 @@ pub fn shared_archive(
 
 /// Per-kernel archive: modules (decompressed, in load order) and the label.
 /// Returns the full initrd (shared + this) in `dir`.
-pub fn kernel_initrd(
-    dir: &Path,
-    shared: &Path,
-    label: &str,
-    modules_dir: &Path,
-) -> Result<PathBuf> {
+pub fn kernel_initrd(dir: &Path, shared: &Path, label: &str, modules_dir: &Path) -> Result<PathBuf> {
     let root = dir.join("kernel-root");
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(root.join("modules"))?;
@@ -150,9 +134,7 @@ fn add_module(
     if !seen.insert(name.to_owned()) {
         return Ok(());
     }
-    let Some(src) = index.get(name) else {
-        return Ok(());
-    }; // built in
+    let Some(src) = index.get(name) else { return Ok(()) }; // built in
     let bytes = decompress(src)?;
     for dep in modinfo_list(&bytes, "depends=", ',') {
         add_module(&normalize(&dep), index, dest, seen, order)?;
@@ -162,13 +144,8 @@ fn add_module(
     // provider is found by the usual module names.
     for soft in pre_softdeps(&bytes) {
         let soft = normalize(&soft);
-        if let Some(provider) = [
-            soft.clone(),
-            format!("{soft}_generic"),
-            format!("{soft}_intel"),
-        ]
-        .into_iter()
-        .find(|n| index.contains_key(n))
+        if let Some(provider) =
+            [soft.clone(), format!("{soft}_generic"), format!("{soft}_intel")].into_iter().find(|n| index.contains_key(n))
         {
             add_module(&provider, index, dest, seen, order)?;
         }
@@ -210,10 +187,7 @@ fn decompress(path: &Path) -> Result<Vec<u8>> {
     };
     let out = cmd::raw_output(Command::new(tool).arg("-dc").arg(path))?;
     if !out.status.success() {
-        bail!(
-            "`{tool} -dc {name}` failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("`{tool} -dc {name}` failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(out.stdout)
 }
@@ -256,19 +230,9 @@ fn which(tool: &str) -> Option<PathBuf> {
 /// Debug info is most of a debug build's size and useless in the guest.
 fn copy_stripped(src: &Path, dest: &Path) -> Result<()> {
     std::fs::create_dir_all(dest.parent().unwrap())?;
-    cmd::output(
-        Command::new("strip")
-            .arg("--strip-debug")
-            .arg("-o")
-            .arg(dest)
-            .arg(src),
-    )
-    .or_else(|_| {
-        std::fs::copy(src, dest)
-            .map(|_| String::new())
-            .map_err(anyhow::Error::from)
-    })
-    .with_context(|| format!("copying {} into the initramfs", src.display()))?;
+    cmd::output(Command::new("strip").arg("--strip-debug").arg("-o").arg(dest).arg(src))
+        .or_else(|_| std::fs::copy(src, dest).map(|_| String::new()).map_err(anyhow::Error::from))
+        .with_context(|| format!("copying {} into the initramfs", src.display()))?;
     set_executable(dest)
 }
 
@@ -301,12 +265,7 @@ fn shared_libraries(bins: &[PathBuf]) -> Result<BTreeSet<PathBuf>> {
 /// `find . | busybox cpio -o -H newc -R 0:0 | gzip` (no cpio binary needed).
 fn pack(root: &Path, out: &Path) -> Result<()> {
     let script = "find . | busybox cpio -o -H newc -R 0:0 2>/dev/null | gzip -1 > \"$1\"";
-    cmd::output(
-        Command::new("sh")
-            .args(["-c", script, "pack"])
-            .arg(out)
-            .current_dir(root),
-    )?;
+    cmd::output(Command::new("sh").args(["-c", script, "pack"]).arg(out).current_dir(root))?;
     Ok(())
 }
 
@@ -405,10 +364,7 @@ mod tests {
     #[test]
     fn depends_is_read_from_modinfo() {
         let ko = b"\x7fELF...\0license=GPL\0depends=nfnetlink,libcrc32c\0retpoline=Y\0";
-        assert_eq!(
-            modinfo_list(ko, "depends=", ','),
-            ["nfnetlink", "libcrc32c"]
-        );
+        assert_eq!(modinfo_list(ko, "depends=", ','), ["nfnetlink", "libcrc32c"]);
         assert!(modinfo_list(b"\0depends=\0name=veth\0", "depends=", ',').is_empty());
         assert_eq!(pre_softdeps(b"\0softdep=pre: crc32c post: x\0"), ["crc32c"]);
     }

@@ -17,22 +17,10 @@ pub struct KernelSpec {
 
 /// Oldest first. Nothing older than 5.10 can be fetched from the archive.
 pub const KERNELS: &[KernelSpec] = &[
-    KernelSpec {
-        label: "5.10",
-        suite: "bullseye",
-    },
-    KernelSpec {
-        label: "6.1",
-        suite: "bookworm",
-    },
-    KernelSpec {
-        label: "6.12",
-        suite: "trixie",
-    },
-    KernelSpec {
-        label: "7",
-        suite: "sid",
-    },
+    KernelSpec { label: "5.10", suite: "bullseye" },
+    KernelSpec { label: "6.1", suite: "bookworm" },
+    KernelSpec { label: "6.12", suite: "trixie" },
+    KernelSpec { label: "7", suite: "sid" },
 ];
 
 /// Accepts labels (`6.1`, `7`, `7.x`) and suite names (`bookworm`).
@@ -49,14 +37,8 @@ pub fn select(wanted: &[String]) -> Result<Vec<KernelSpec>> {
                 .find(|k| k.label == w || k.suite == w)
                 .copied()
                 .with_context(|| {
-                    let known: Vec<_> = KERNELS
-                        .iter()
-                        .map(|k| format!("{} ({})", k.label, k.suite))
-                        .collect();
-                    format!(
-                        "unknown kernel `{w}` in --kernels; known: {}",
-                        known.join(", ")
-                    )
+                    let known: Vec<_> = KERNELS.iter().map(|k| format!("{} ({})", k.label, k.suite)).collect();
+                    format!("unknown kernel `{w}` in --kernels; known: {}", known.join(", "))
                 })
         })
         .collect()
@@ -81,8 +63,7 @@ impl Apt {
     fn new(spec: &KernelSpec, mirror: &str) -> Result<Self> {
         let dir = cache_dir().join("kernels/apt").join(spec.suite);
         for sub in ["lists/partial", "cache/archives/partial"] {
-            std::fs::create_dir_all(dir.join(sub))
-                .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+            std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.join(sub).display()))?;
         }
         let sources = format!(
             "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {mirror} {} main\n",
@@ -103,22 +84,10 @@ impl Apt {
             ("Dir::Cache", d.join("cache")),
             // Only the package lists: no translations or AppStream data.
             ("Acquire::Languages", "none".into()),
-            (
-                "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled",
-                "false".into(),
-            ),
-            (
-                "Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled",
-                "false".into(),
-            ),
-            (
-                "Acquire::IndexTargets::deb::DEP-11-icons-small::DefaultEnabled",
-                "false".into(),
-            ),
-            (
-                "Acquire::IndexTargets::deb::CNF::DefaultEnabled",
-                "false".into(),
-            ),
+            ("Acquire::IndexTargets::deb::DEP-11::DefaultEnabled", "false".into()),
+            ("Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled", "false".into()),
+            ("Acquire::IndexTargets::deb::DEP-11-icons-small::DefaultEnabled", "false".into()),
+            ("Acquire::IndexTargets::deb::CNF::DefaultEnabled", "false".into()),
             ("APT::Sandbox::User", "root".into()),
         ] {
             c.arg("-o").arg(format!("{k}={}", v.display()));
@@ -129,10 +98,7 @@ impl Apt {
 
     fn has_lists(&self) -> bool {
         std::fs::read_dir(self.dir.join("lists"))
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .any(|e| e.file_name().to_string_lossy().ends_with("_Packages"))
-            })
+            .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().ends_with("_Packages")))
             .unwrap_or(false)
     }
 
@@ -164,11 +130,7 @@ impl Apt {
             .into_iter()
             .filter(|d| d.starts_with("linux-binary-") || d.starts_with("linux-modules-"))
             .collect();
-        let debs = if parts.is_empty() {
-            vec![image.clone()]
-        } else {
-            parts
-        };
+        let debs = if parts.is_empty() { vec![image.clone()] } else { parts };
         Ok((image, version, debs))
     }
 }
@@ -177,13 +139,7 @@ impl Apt {
 fn dep_names(depends: &str) -> Vec<String> {
     depends
         .split(',')
-        .filter_map(|d| {
-            d.split('|')
-                .next()?
-                .split_whitespace()
-                .next()
-                .map(str::to_owned)
-        })
+        .filter_map(|d| d.split('|').next()?.split_whitespace().next().map(str::to_owned))
         .collect()
 }
 
@@ -191,12 +147,9 @@ fn dep_names(depends: &str) -> Vec<String> {
 pub fn fetch(spec: KernelSpec, mirror: &str) -> Result<Kernel> {
     // The cache is shared by every work tree on the machine: one fetch per
     // suite at a time (apt's own lock would make a second one fail).
-    let lock_path = cache_dir()
-        .join("kernels")
-        .join(format!("{}.lock", spec.suite));
+    let lock_path = cache_dir().join("kernels").join(format!("{}.lock", spec.suite));
     std::fs::create_dir_all(lock_path.parent().unwrap())?;
-    let lock_file = std::fs::File::create(&lock_path)
-        .with_context(|| format!("creating {}", lock_path.display()))?;
+    let lock_file = std::fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
     let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| e)
         .with_context(|| format!("locking {}", lock_path.display()))?;
@@ -206,22 +159,14 @@ pub fn fetch(spec: KernelSpec, mirror: &str) -> Result<Kernel> {
 fn fetch_locked(spec: KernelSpec, mirror: &str) -> Result<Kernel> {
     let apt = Apt::new(&spec, mirror)?;
     if !apt.has_lists() {
-        apt.update()
-            .with_context(|| format!("apt-get update for {}", spec.suite))?;
+        apt.update().with_context(|| format!("apt-get update for {}", spec.suite))?;
     }
     let (image, version, debs) = apt.resolve()?;
     let root = cache_dir().join("kernels").join(spec.suite).join(&image);
     if !root.join(".complete").exists() {
         let debs_dir = cache_dir().join("kernels/debs").join(spec.suite);
         std::fs::create_dir_all(&debs_dir)?;
-        let download = |debs: &[String]| {
-            cmd::output(
-                apt.cmd("apt-get")
-                    .arg("download")
-                    .args(debs)
-                    .current_dir(&debs_dir),
-            )
-        };
+        let download = |debs: &[String]| cmd::output(apt.cmd("apt-get").arg("download").args(debs).current_dir(&debs_dir));
         if download(&debs).is_err() {
             // The archive moved on since our lists were fetched (sid does
             // often): refresh them and resolve again.
@@ -245,23 +190,13 @@ fn fetch_locked(spec: KernelSpec, mirror: &str) -> Result<Kernel> {
         }
         std::fs::write(root.join(".complete"), &version)?;
     }
-    let version = std::fs::read_to_string(root.join(".complete"))?
-        .trim()
-        .to_owned();
+    let version = std::fs::read_to_string(root.join(".complete"))?.trim().to_owned();
     let (release, modules) = modules_dir(&root)?;
-    let vmlinuz = [
-        root.join("boot").join(format!("vmlinuz-{release}")),
-        modules.join("vmlinuz"),
-    ]
-    .into_iter()
-    .find(|p| p.is_file())
-    .with_context(|| format!("no vmlinuz for {release} under {}", root.display()))?;
-    Ok(Kernel {
-        version,
-        release,
-        vmlinuz,
-        modules,
-    })
+    let vmlinuz = [root.join("boot").join(format!("vmlinuz-{release}")), modules.join("vmlinuz")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .with_context(|| format!("no vmlinuz for {release} under {}", root.display()))?;
+    Ok(Kernel { version, release, vmlinuz, modules })
 }
 
 fn modules_dir(root: &Path) -> Result<(String, PathBuf)> {
@@ -293,9 +228,7 @@ pub fn debian_mirror() -> Result<String> {
     }
     for f in files {
         let name = f.to_string_lossy().into_owned();
-        let Ok(text) = std::fs::read_to_string(&f) else {
-            continue;
-        };
+        let Ok(text) = std::fs::read_to_string(&f) else { continue };
         let uris: Vec<&str> = if name.ends_with(".sources") {
             text.lines()
                 .filter_map(|l| l.trim().strip_prefix("URIs:"))
@@ -309,16 +242,11 @@ pub fn debian_mirror() -> Result<String> {
         } else {
             continue;
         };
-        if let Some(u) = uris
-            .into_iter()
-            .find(|u| u.trim_end_matches('/').ends_with("/debian"))
-        {
+        if let Some(u) = uris.into_iter().find(|u| u.trim_end_matches('/').ends_with("/debian")) {
             return Ok(u.trim_end_matches('/').to_owned());
         }
     }
-    bail!(
-        "no Debian archive in the system's apt sources; set NLLB_DEBIAN_MIRROR to the archive URI"
-    )
+    bail!("no Debian archive in the system's apt sources; set NLLB_DEBIAN_MIRROR to the archive URI")
 }
 
 #[cfg(test)]
@@ -328,23 +256,13 @@ mod tests {
     #[test]
     fn depends_field_gives_package_names() {
         let d = "dracut | initramfs-tools (>= 0.120+deb8u2), linux-base-7.2.13+deb14-amd64 (= 7.2.13-1), linux-binary-7.2.13+deb14-amd64 (= 7.2.13-1)";
-        assert_eq!(
-            dep_names(d),
-            [
-                "dracut",
-                "linux-base-7.2.13+deb14-amd64",
-                "linux-binary-7.2.13+deb14-amd64"
-            ]
-        );
+        assert_eq!(dep_names(d), ["dracut", "linux-base-7.2.13+deb14-amd64", "linux-binary-7.2.13+deb14-amd64"]);
     }
 
     #[test]
     fn kernels_are_selected_by_label_or_suite() {
         let s = select(&["7.x".into(), "bookworm".into()]).unwrap();
-        assert_eq!(
-            s.iter().map(|k| k.suite).collect::<Vec<_>>(),
-            ["sid", "bookworm"]
-        );
+        assert_eq!(s.iter().map(|k| k.suite).collect::<Vec<_>>(), ["sid", "bookworm"]);
         assert!(select(&["4.19".into()]).is_err());
     }
 }

@@ -27,15 +27,8 @@ impl KnownFailures {
             let fields: Vec<&str> = entry.split_whitespace().collect();
             match fields.as_slice() {
                 [] => {}
-                [kernel, test] => list.push((
-                    (*kernel).to_owned(),
-                    (*test).to_owned(),
-                    reason.trim().to_owned(),
-                )),
-                _ => bail!(
-                    "line {}: expected `<kernel or *> <test> # reason`, got `{line}`",
-                    n + 1
-                ),
+                [kernel, test] => list.push(((*kernel).to_owned(), (*test).to_owned(), reason.trim().to_owned())),
+                _ => bail!("line {}: expected `<kernel or *> <test> # reason`, got `{line}`", n + 1),
             }
         }
         Ok(Self(list))
@@ -43,10 +36,7 @@ impl KnownFailures {
 
     /// The reason when `test` is a known failure on `kernel`.
     pub fn reason(&self, kernel: &str, test: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, t, _)| (k == "*" || k == kernel) && t == test)
-            .map(|(_, _, r)| r.as_str())
+        self.0.iter().find(|(k, t, _)| (k == "*" || k == kernel) && t == test).map(|(_, _, r)| r.as_str())
     }
 }
 

@@ -29,14 +29,7 @@ pub fn vm_test(wanted: &[String], jobs: usize, filter: &str, binaries: &[String]
     std::fs::create_dir_all(&work)?;
 
     say("building nllb and the nllb-tests test binaries");
-    cmd::run(tools.apply(&mut cargo()).args([
-        "build",
-        "-q",
-        "-p",
-        "nllb-userspace",
-        "--bin",
-        "nllb",
-    ]))?;
+    cmd::run(tools.apply(&mut cargo()).args(["build", "-q", "-p", "nllb-userspace", "--bin", "nllb"]))?;
     let nllb = target.join("debug/nllb");
     let (mut tests, host_bins) = build_tests(&tools)?;
     if !binaries.iter().any(|b| b == "all") {
@@ -44,23 +37,12 @@ pub fn vm_test(wanted: &[String], jobs: usize, filter: &str, binaries: &[String]
     }
     say(&format!(
         "test binaries for the guest: {}",
-        if tests.is_empty() {
-            "none yet (smoke tests only)".into()
-        } else {
-            tests
-                .iter()
-                .map(|t| t.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        }
+        if tests.is_empty() { "none yet (smoke tests only)".into() } else { tests.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ") }
     ));
     let shared = initramfs::shared_archive(&work, &nllb, &tests, &host_bins, filter)?;
     let mirror = kernels::debian_mirror()?;
     let timeout = Duration::from_secs(
-        std::env::var("NLLB_VM_TIMEOUT")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(DEFAULT_TIMEOUT_SECS),
+        std::env::var("NLLB_VM_TIMEOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_TIMEOUT_SECS),
     );
 
     let known_path = crate::paths::workspace_root().join("xtask/vm-known-failures.txt");
@@ -72,9 +54,7 @@ pub fn vm_test(wanted: &[String], jobs: usize, filter: &str, binaries: &[String]
         for _ in 0..jobs.max(1) {
             s.spawn(|| {
                 loop {
-                    let Some((i, spec)) = queue.lock().unwrap().pop() else {
-                        break;
-                    };
+                    let Some((i, spec)) = queue.lock().unwrap().pop() else { break };
                     let r = run_kernel(spec, &work, &shared, &mirror, timeout, &known);
                     say(&format!("{}: {}", spec.label, r.summary()));
                     reports.lock().unwrap().push((i, r));
@@ -88,47 +68,24 @@ pub fn vm_test(wanted: &[String], jobs: usize, filter: &str, binaries: &[String]
 
     let json = target.join("vm-matrix.json");
     let md = crate::paths::workspace_root().join("docs/kernel-matrix.md");
-    report::write(
-        &reports,
-        &json,
-        &md,
-        &crate::paths::workspace_root().join("README.md"),
-    )?;
+    report::write(&reports, &json, &md, &crate::paths::workspace_root().join("README.md"))?;
     println!("\n{}", report::markdown_table(&reports));
     say(&format!("wrote {} and {}", json.display(), md.display()));
-    let failed: Vec<&str> = reports
-        .iter()
-        .filter(|r| !r.passed())
-        .map(|r| r.label.as_str())
-        .collect();
+    let failed: Vec<&str> = reports.iter().filter(|r| !r.passed()).map(|r| r.label.as_str()).collect();
     let total = |status: &str| reports.iter().map(|r| r.count(status)).sum::<usize>();
     let known_count = total("known-failure");
     if known_count > 0 {
-        say(&format!(
-            "{known_count} known failures, listed with reasons in {}",
-            known_path.display()
-        ));
+        say(&format!("{known_count} known failures, listed with reasons in {}", known_path.display()));
     }
     // A closing line CI's log reader understands.
     if total("flaky") > 0 {
-        say(&format!(
-            "{} tests passed only on their retry (flaky under TCG?)",
-            total("flaky")
-        ));
+        say(&format!("{} tests passed only on their retry (flaky under TCG?)", total("flaky")));
     }
-    println!(
-        "vm-test: {} passed, {} failed",
-        total("ok") + total("flaky"),
-        total("FAILED")
-    );
+    println!("vm-test: {} passed, {} failed", total("ok") + total("flaky"), total("FAILED"));
     if failed.is_empty() {
         Ok(0)
     } else {
-        say(&format!(
-            "FAILED on: {} (console logs in {})",
-            failed.join(", "),
-            work.display()
-        ));
+        say(&format!("FAILED on: {} (console logs in {})", failed.join(", "), work.display()));
         Ok(1)
     }
 }
@@ -147,10 +104,7 @@ fn run_kernel(
 ) -> KernelReport {
     let mut report = KernelReport::new(spec);
     let result = (|| -> Result<()> {
-        say(&format!(
-            "{}: fetching the {} kernel",
-            spec.label, spec.suite
-        ));
+        say(&format!("{}: fetching the {} kernel", spec.label, spec.suite));
         let kernel = kernels::fetch(spec, mirror)?;
         report.package_version = Some(kernel.version.clone());
         report.release = Some(kernel.release.clone());
@@ -158,13 +112,7 @@ fn run_kernel(
         std::fs::create_dir_all(&dir)?;
         let initrd = initramfs::kernel_initrd(&dir, shared, spec.label, &kernel.modules)?;
         let console = dir.join("console.log");
-        say(&format!(
-            "{}: booting {} ({}), console in {}",
-            spec.label,
-            kernel.release,
-            kernel.version,
-            console.display()
-        ));
+        say(&format!("{}: booting {} ({}), console in {}", spec.label, kernel.release, kernel.version, console.display()));
         let run = qemu::boot(&kernel.vmlinuz, &initrd, &console, timeout)?;
         report.fill(run, known);
         Ok(())
@@ -178,34 +126,22 @@ fn run_kernel(
 /// `cargo test -p nllb-tests --no-run`: the test executables, and the
 /// package's binaries (tests reach them at their compiled-in paths).
 fn build_tests(tools: &setup::Tools) -> Result<(Vec<TestBinary>, Vec<PathBuf>)> {
-    let out = cmd::output(tools.apply(&mut cargo()).args([
-        "test",
-        "-p",
-        "nllb-tests",
-        "--no-run",
-        "--message-format=json-render-diagnostics",
-    ]))?;
+    let out = cmd::output(
+        tools
+            .apply(&mut cargo())
+            .args(["test", "-p", "nllb-tests", "--no-run", "--message-format=json-render-diagnostics"]),
+    )?;
     let mut tests = Vec::new();
     let mut bins = Vec::new();
     for line in out.lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
         if msg["reason"] != "compiler-artifact" {
             continue;
         }
-        let Some(exe) = msg["executable"].as_str() else {
-            continue;
-        };
-        let name = msg["target"]["name"]
-            .as_str()
-            .context("artifact without target name")?;
-        let kinds: Vec<&str> = msg["target"]["kind"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|k| k.as_str())
-            .collect();
+        let Some(exe) = msg["executable"].as_str() else { continue };
+        let name = msg["target"]["name"].as_str().context("artifact without target name")?;
+        let kinds: Vec<&str> =
+            msg["target"]["kind"].as_array().into_iter().flatten().filter_map(|k| k.as_str()).collect();
         if msg["profile"]["test"] == true {
             // Integration tests keep their name; unit tests of a lib or bin
             // target get a suffix so they never shadow the bin itself.
@@ -213,10 +149,7 @@ fn build_tests(tools: &setup::Tools) -> Result<(Vec<TestBinary>, Vec<PathBuf>)> 
                 Some(&"test") | None => name.to_owned(),
                 Some(kind) => format!("{name}-{kind}-unittests"),
             };
-            tests.push(TestBinary {
-                name,
-                path: exe.into(),
-            });
+            tests.push(TestBinary { name, path: exe.into() });
         } else if kinds.contains(&"bin") {
             bins.push(PathBuf::from(exe));
         }

@@ -19,26 +19,11 @@ pub struct GuestRun {
     pub done: bool,
 }
 
-pub fn boot(
-    vmlinuz: &Path,
-    initrd: &Path,
-    console_log: &Path,
-    timeout: Duration,
-) -> Result<GuestRun> {
-    let log = std::fs::File::create(console_log)
-        .with_context(|| format!("creating {}", console_log.display()))?;
+pub fn boot(vmlinuz: &Path, initrd: &Path, console_log: &Path, timeout: Duration) -> Result<GuestRun> {
+    let log = std::fs::File::create(console_log).with_context(|| format!("creating {}", console_log.display()))?;
     let start = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg",
-            "-smp",
-            "1",
-            "-m",
-            "512M",
-            "-nographic",
-            "-no-reboot",
-        ])
+        .args(["-accel", "tcg", "-smp", "1", "-m", "512M", "-nographic", "-no-reboot"])
         .arg("-kernel")
         .arg(vmlinuz)
         .arg("-initrd")
@@ -85,15 +70,11 @@ pub fn parse(console: &str) -> GuestRun {
             }
             continue;
         }
-        let Some(at) = [
-            "NLLB-BOOT ",
-            "NLLB-RESULT ",
-            "NLLB-DETECT-BEGIN ",
-            "NLLB-DONE ",
-        ]
-        .iter()
-        .filter_map(|m| line.find(m))
-        .min() else {
+        let Some(at) = ["NLLB-BOOT ", "NLLB-RESULT ", "NLLB-DETECT-BEGIN ", "NLLB-DONE "]
+            .iter()
+            .filter_map(|m| line.find(m))
+            .min()
+        else {
             continue;
         };
         let fields: Vec<&str> = line[at..].split_whitespace().collect();

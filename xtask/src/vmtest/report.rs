@@ -62,22 +62,10 @@ impl KernelReport {
             .results
             .into_iter()
             .map(|(test, status, seconds)| {
-                let known_failure = if status == "FAILED" {
-                    known.reason(&self.label, &test).map(str::to_owned)
-                } else {
-                    None
-                };
-                let status = if known_failure.is_some() {
-                    "known-failure".to_owned()
-                } else {
-                    status
-                };
-                TestResult {
-                    test,
-                    status,
-                    seconds,
-                    known_failure,
-                }
+                let known_failure =
+                    if status == "FAILED" { known.reason(&self.label, &test).map(str::to_owned) } else { None };
+                let status = if known_failure.is_some() { "known-failure".to_owned() } else { status };
+                TestResult { test, status, seconds, known_failure }
             })
             .collect();
     }
@@ -89,11 +77,7 @@ impl KernelReport {
     /// Every test ran and none failed; a guest that crashed, hung or never
     /// reported is a failure too.
     pub fn passed(&self) -> bool {
-        self.error.is_none()
-            && !self.timed_out
-            && self.finished
-            && !self.results.is_empty()
-            && self.count("FAILED") == 0
+        self.error.is_none() && !self.timed_out && self.finished && !self.results.is_empty() && self.count("FAILED") == 0
     }
 
     pub fn summary(&self) -> String {
@@ -127,15 +111,11 @@ const README_END: &str = "<!-- kernel-matrix:end -->";
 /// between its kernel-matrix markers when the README has them.
 pub fn write(reports: &[KernelReport], json: &Path, md: &Path, readme: &Path) -> Result<()> {
     let doc = serde_json::json!({ "generated": now(), "kernels": reports });
-    std::fs::write(json, serde_json::to_string_pretty(&doc)? + "\n")
-        .with_context(|| format!("writing {}", json.display()))?;
+    std::fs::write(json, serde_json::to_string_pretty(&doc)? + "\n").with_context(|| format!("writing {}", json.display()))?;
     std::fs::create_dir_all(md.parent().unwrap())?;
     std::fs::write(md, markdown(reports)).with_context(|| format!("writing {}", md.display()))?;
     if let Ok(text) = std::fs::read_to_string(readme)
-        && let Some(new) = replace_between(
-            &text,
-            &format!("\n{}\n_Last run: {}._\n\n", markdown_table(reports), now()),
-        )
+        && let Some(new) = replace_between(&text, &format!("\n{}\n_Last run: {}._\n\n", markdown_table(reports), now()))
     {
         std::fs::write(readme, new).with_context(|| format!("writing {}", readme.display()))?;
     }
@@ -181,14 +161,7 @@ pub fn markdown_table(reports: &[KernelReport]) -> String {
     }
     let mut s = String::from("| test |");
     for r in reports {
-        s += &format!(
-            " {} ({}) |",
-            r.label,
-            r.uname
-                .as_deref()
-                .or(r.release.as_deref())
-                .unwrap_or(&r.suite)
-        );
+        s += &format!(" {} ({}) |", r.label, r.uname.as_deref().or(r.release.as_deref()).unwrap_or(&r.suite));
     }
     s += "\n|---|";
     s += &"---|".repeat(reports.len());
@@ -196,25 +169,14 @@ pub fn markdown_table(reports: &[KernelReport]) -> String {
     for t in tests {
         s += &format!("| `{t}` |");
         for r in reports {
-            let st = r
-                .results
-                .iter()
-                .find(|x| x.test == t)
-                .map(|x| x.status.as_str());
+            let st = r.results.iter().find(|x| x.test == t).map(|x| x.status.as_str());
             s += &format!(" {} |", cell(st));
         }
         s += "\n";
     }
     s += "| **guest** |";
     for r in reports {
-        s += &format!(
-            " {} |",
-            if r.passed() {
-                "✅ passed".to_owned()
-            } else {
-                format!("❌ {}", short_reason(r))
-            }
-        );
+        s += &format!(" {} |", if r.passed() { "✅ passed".to_owned() } else { format!("❌ {}", short_reason(r)) });
     }
     s + "\n"
 }
@@ -230,24 +192,17 @@ pub fn detected_features(detect: &str) -> Option<Vec<(String, bool)>> {
             .iter()
             .map(|f| {
                 let name = f.get("name")?.as_str()?.to_owned();
-                let on = ["available", "supported", "present", "enabled"]
-                    .iter()
-                    .find_map(|k| f.get(*k)?.as_bool())?;
+                let on = ["available", "supported", "present", "enabled"].iter().find_map(|k| f.get(*k)?.as_bool())?;
                 Some((name, on))
             })
             .collect();
     }
-    v.as_object()?
-        .iter()
-        .map(|(k, b)| Some((k.clone(), b.as_bool()?)))
-        .collect()
+    v.as_object()?.iter().map(|(k, b)| Some((k.clone(), b.as_bool()?))).collect()
 }
 
 fn features_table(reports: &[KernelReport]) -> String {
-    let per_kernel: Vec<Option<Vec<(String, bool)>>> = reports
-        .iter()
-        .map(|r| r.detect.as_deref().and_then(detected_features))
-        .collect();
+    let per_kernel: Vec<Option<Vec<(String, bool)>>> =
+        reports.iter().map(|r| r.detect.as_deref().and_then(detected_features)).collect();
     let mut names: Vec<&str> = Vec::new();
     for f in per_kernel.iter().flatten().flatten() {
         if !names.contains(&f.0.as_str()) {
@@ -257,8 +212,7 @@ fn features_table(reports: &[KernelReport]) -> String {
     if names.is_empty() {
         return String::new();
     }
-    let mut s =
-        String::from("\n## Kernel features (`nllb detect --json` in each guest)\n\n| feature |");
+    let mut s = String::from("\n## Kernel features (`nllb detect --json` in each guest)\n\n| feature |");
     for r in reports {
         s += &format!(" {} |", r.label);
     }
@@ -304,15 +258,10 @@ fn markdown(reports: &[KernelReport]) -> String {
     for r in reports {
         s += &format!(
             "| {} | {} | {} | {} |\n",
-            r.uname
-                .as_deref()
-                .or(r.release.as_deref())
-                .unwrap_or(&r.label),
+            r.uname.as_deref().or(r.release.as_deref()).unwrap_or(&r.label),
             r.suite,
             r.package_version.as_deref().unwrap_or("—"),
-            r.seconds
-                .map(|t| format!("{t:.0} s"))
-                .unwrap_or_else(|| "—".into())
+            r.seconds.map(|t| format!("{t:.0} s")).unwrap_or_else(|| "—".into())
         );
     }
     s += "\n## Results\n\n";
@@ -322,20 +271,14 @@ fn markdown(reports: &[KernelReport]) -> String {
     if !detects.is_empty() {
         s += "\n## `nllb detect` output per kernel\n";
         for r in detects {
-            s += &format!(
-                "\n### {}\n\n```\n{}\n```\n",
-                r.label,
-                r.detect.as_deref().unwrap_or_default()
-            );
+            s += &format!("\n### {}\n\n```\n{}\n```\n", r.label, r.detect.as_deref().unwrap_or_default());
         }
     }
     let known: Vec<String> = reports
         .iter()
         .flat_map(|r| {
             r.results.iter().filter_map(move |t| {
-                t.known_failure
-                    .as_ref()
-                    .map(|why| format!("- {} `{}`: {}\n", r.label, t.test, why))
+                t.known_failure.as_ref().map(|why| format!("- {} `{}`: {}\n", r.label, t.test, why))
             })
         })
         .collect();
@@ -344,11 +287,7 @@ fn markdown(reports: &[KernelReport]) -> String {
         s += &known.concat();
     }
     for r in reports.iter().filter(|r| r.error.is_some()) {
-        s += &format!(
-            "\n{}: {}\n",
-            r.label,
-            r.error.as_deref().unwrap_or_default()
-        );
+        s += &format!("\n{}: {}\n", r.label, r.error.as_deref().unwrap_or_default());
     }
     s
 }
@@ -359,16 +298,8 @@ mod tests {
 
     #[test]
     fn detect_json_shapes_are_read() {
-        let a = detected_features(
-            r#"{"features":[{"name":"connect4","available":true},{"name":"sock_destroy","available":false}]}"#,
-        );
-        assert_eq!(
-            a,
-            Some(vec![
-                ("connect4".into(), true),
-                ("sock_destroy".into(), false)
-            ])
-        );
+        let a = detected_features(r#"{"features":[{"name":"connect4","available":true},{"name":"sock_destroy","available":false}]}"#);
+        assert_eq!(a, Some(vec![("connect4".into(), true), ("sock_destroy".into(), false)]));
         let b = detected_features(r#"{"ringbuf": true}"#);
         assert_eq!(b, Some(vec![("ringbuf".into(), true)]));
         assert_eq!(detected_features("connect4 yes"), None);
@@ -378,10 +309,7 @@ mod tests {
     fn readme_table_is_replaced_between_markers_only() {
         let text = format!("intro\n{README_BEGIN}\nold table\n{README_END}\nrest\n");
         let new = replace_between(&text, "\nnew\n").unwrap();
-        assert_eq!(
-            new,
-            format!("intro\n{README_BEGIN}\nnew\n{README_END}\nrest\n")
-        );
+        assert_eq!(new, format!("intro\n{README_BEGIN}\nnew\n{README_END}\nrest\n"));
         assert!(replace_between("no markers", "x").is_none());
     }
 }
