@@ -376,7 +376,10 @@ impl Agent {
         if !doomed.is_empty() {
             let cookies = self.datapath.rewritten_sockets();
             for backend in doomed {
-                match crate::sock_destroy::destroy_sockets_to(backend, Some(&cookies)) {
+                let live = crate::sock_diag::States::ESTABLISHED.union(crate::sock_diag::States::SYN_SENT);
+                let ours = crate::sock_diag::sockets_to(backend, live)
+                    .map(|found| found.into_iter().filter(|s| cookies.contains(&s.cookie)).collect::<Vec<_>>());
+                match ours.and_then(|ours| crate::sock_diag::destroy(&ours)) {
                     Ok(n) => tracing::info!(backend = %backend, sockets = n, "closed established connections through nllb"),
                     Err(e) => tracing::warn!(backend = %backend, error = %e, "cannot destroy sockets (SOCK_DESTROY)"),
                 }

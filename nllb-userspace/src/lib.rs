@@ -14,7 +14,7 @@ pub mod kubeconfig;
 pub mod logging;
 pub mod metrics;
 pub mod model;
-pub mod sock_destroy;
+pub mod sock_diag;
 pub mod status;
 pub mod sys;
 
