@@ -519,6 +519,15 @@ mod tests {
         assert_eq!(canonical("[::1]:1".parse().unwrap()), "[::1]:1".parse::<SocketAddr>().unwrap());
     }
 
+    #[test]
+    fn errors_say_what_to_do() {
+        let eperm = SockDiagError::kernel("SOCK_DESTROY", -libc::EPERM).to_string();
+        assert!(eperm.contains("SOCK_DESTROY") && eperm.contains("CAP_NET_ADMIN"), "{eperm}");
+        let einval = SockDiagError::kernel("the socket dump", -libc::EINVAL).to_string();
+        assert!(einval.contains("Invalid argument") && !einval.contains("CAP_NET_ADMIN"), "{einval}");
+        assert!(SockDiagError::DestroyUnsupported.to_string().contains("CONFIG_INET_DIAG_DESTROY"));
+    }
+
     // ---- on the real kernel (loopback only) ----
 
     fn cookie(s: &TcpStream) -> u64 {
