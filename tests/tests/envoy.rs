@@ -560,6 +560,7 @@ fn install(kind: Kind, plan: &Plan) -> Option<Fixture> {
                 host_network_only: true,
                 passive: true,
                 eject_hold: Duration::from_secs(10),
+                syn_retries: 2,
             };
             let dp = EbpfDatapath::install(opts, plan).unwrap_or_else(|e| panic!("eBPF datapath: {e}"));
             Fixture { dp: Box::new(dp), cg, _dir: None }

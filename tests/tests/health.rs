@@ -352,7 +352,8 @@ fn socket_destroy_aborts_a_connect_stuck_in_syn_sent() {
         (r.map(|_| ()), start.elapsed())
     });
     let n = nllb_tests::wait_for(Duration::from_secs(2), || {
-        let n = nllb::sock_destroy::destroy_sockets_to(target, None).unwrap();
+        let stuck = nllb::sock_diag::sockets_to(target, nllb::sock_diag::States::SYN_SENT).unwrap();
+        let n = nllb::sock_diag::destroy(&stuck).unwrap();
         (n > 0).then_some(n)
     });
     assert_eq!(n, Some(1), "the SYN_SENT socket to the blackholed host is found and destroyed");

@@ -77,7 +77,7 @@ fn republishing_under_load_never_leaks_a_stale_or_foreign_backend() {
         .collect();
     let started = Instant::now();
     let mut publishes = 0usize;
-    let mut c4_removed_at = None;
+    let mut c4_removed_at: Option<Instant> = None;
     let mut c4_served_after_grace = None;
     while started.elapsed() < RUN {
         if let Some(at) = c4_removed_at

@@ -70,7 +70,7 @@ fn main() -> anyhow::Result<()> {
         let failed = !first.ok;
         report.results.push(first);
         if failed && args.retry {
-            report.results.push(ConnectResult { retry: true, ..one(args.addr, timeout, start) });
+            report.results.push(ConnectResult { retry: true, ..one(args.addr, timeout, start, args.hold) });
         }
     }
     println!("{}", serde_json::to_string(&report)?);
