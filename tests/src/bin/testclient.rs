@@ -39,7 +39,12 @@ fn main() -> anyhow::Result<()> {
     }
     let timeout = Duration::from_millis(args.timeout_ms);
     let start = Instant::now();
-    let mut report = ClientReport::default();
+    let mut report = ClientReport {
+        started_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        ..Default::default()
+    };
     for i in 0..args.count {
         // Open loop: connect i starts at i * interval, whatever earlier ones did.
         let due = Duration::from_millis(args.interval_ms * u64::from(i));
@@ -61,11 +66,14 @@ fn one(addr: SocketAddr, timeout: Duration, start: Instant) -> ConnectResult {
         error: None,
         body: None,
         peer: None,
+        local: None,
+        server_saw: None,
         elapsed_us: 0,
     };
     match TcpStream::connect_timeout(&addr, timeout) {
         Ok(mut s) => {
             r.peer = s.peer_addr().ok().map(|p| p.to_string());
+            r.local = s.local_addr().ok().map(|p| p.to_string());
             let _ = s.set_read_timeout(Some(timeout));
             let _ = s.set_write_timeout(Some(timeout));
             let mut resp = Vec::new();
@@ -75,6 +83,11 @@ fn one(addr: SocketAddr, timeout: Duration, start: Instant) -> ConnectResult {
             match io {
                 Ok(_) => {
                     let text = String::from_utf8_lossy(&resp);
+                    r.server_saw = text
+                        .split("\r\n\r\n")
+                        .next()
+                        .and_then(|head| head.lines().find_map(|l| l.strip_prefix("X-Peer: ")))
+                        .map(str::to_string);
                     match text.split_once("\r\n\r\n") {
                         Some((_, body)) if text.starts_with("HTTP/1.1 200") => {
                             r.ok = true;
