@@ -26,6 +26,7 @@ use crate::{
     health::{self, HealthError, HealthSnapshot, Monitor, Transitions},
     metrics::{self, Metrics},
     model::Plan,
+    stand_aside::{Selected, select_datapath},
     status::{AgentStatus, ServiceStatus},
     sys,
 };
@@ -195,9 +196,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let plan = transitions.react(&config.services, &backends, &health_rx.borrow()).plan;
     let requested = opts.mode.or(config.mode).unwrap_or(Mode::Auto);
     let envoy_binary = opts.envoy_binary.clone().or_else(|| config.envoy.binary.clone());
-    let datapath: Box<dyn Datapath> = match crate::detect::select_mode(requested, &cgroup, envoy_binary.as_deref())? {
-        Mode::Envoy => Box::new(crate::envoy::start_datapath(&config, envoy_binary.as_deref(), &opts.run_dir, &plan)?),
-        Mode::Ebpf | Mode::Auto => Box::new(EbpfDatapath::install(
+    let datapath: Box<dyn Datapath> = match select_datapath(requested, &cgroup, envoy_binary.as_deref(), &plan)? {
+        Selected::Aside(aside) => Box::new(aside),
+        Selected::Mode(Mode::Envoy) => Box::new(crate::envoy::start_datapath(&config, envoy_binary.as_deref(), &opts.run_dir, &plan)?),
+        Selected::Mode(Mode::Ebpf | Mode::Auto) => Box::new(EbpfDatapath::install(
             EbpfOptions {
                 cgroup: cgroup.clone(),
                 pin_path: opts.pin_path.clone(),
@@ -237,8 +239,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let kind = agent.datapath.kind();
     agent.metrics.set_mode(&format!("{kind:?}").to_lowercase());
     let result = agent.serve().await;
-    // Envoy is the agent's child: it always goes with the agent.
-    if agent.opts.detach_on_exit || agent.config.detach_on_exit || kind == DatapathKind::Envoy {
+    // Envoy is the agent's child: it always goes with the agent (and aside, nothing stays).
+    if agent.opts.detach_on_exit || agent.config.detach_on_exit || kind != DatapathKind::Ebpf {
         let shutdown = agent.datapath.shutdown();
         let _ = std::fs::remove_file(agent.opts.run_dir.join(crate::status::STATUS_FILE));
         result?;

@@ -15,6 +15,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod sock_destroy;
+pub mod stand_aside;
 pub mod status;
 pub mod sys;
 

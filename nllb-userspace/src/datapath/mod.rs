@@ -56,6 +56,8 @@ pub enum DatapathError {
 pub enum DatapathKind {
     Ebpf,
     Envoy,
+    /// Serving nothing: another process serves the addresses (`stand_aside`).
+    Aside,
 }
 
 /// A backend the kernel saw fail (sock_ops), with its mark.
