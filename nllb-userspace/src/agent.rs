@@ -34,6 +34,7 @@ use crate::{
     model::{BackendFacts, Plan},
     passive,
     sock_diag::States,
+    stand_aside::{Selected, select_datapath},
     status::{AgentStatus, PassiveStatus, ServiceStatus},
     sys,
 };
@@ -243,10 +244,12 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let plan = transitions.react(&config.services, &backends, &health_rx.borrow()).plan;
     let requested = opts.mode.or(config.mode).unwrap_or(Mode::Auto);
     let envoy_binary = opts.envoy_binary.clone().or_else(|| config.envoy.binary.clone());
-    let mut datapath: Box<dyn Datapath> = match crate::detect::select_mode(requested, &cgroup, envoy_binary.as_deref())?
-    {
-        Mode::Envoy => Box::new(crate::envoy::start_datapath(&config, envoy_binary.as_deref(), &opts.run_dir, &plan)?),
-        Mode::Ebpf | Mode::Auto => Box::new(EbpfDatapath::install(
+    let mut datapath: Box<dyn Datapath> = match select_datapath(requested, &cgroup, envoy_binary.as_deref(), &plan)? {
+        Selected::Aside(aside) => Box::new(aside),
+        Selected::Mode(Mode::Envoy) => {
+            Box::new(crate::envoy::start_datapath(&config, envoy_binary.as_deref(), &opts.run_dir, &plan)?)
+        }
+        Selected::Mode(Mode::Ebpf | Mode::Auto) => Box::new(EbpfDatapath::install(
             EbpfOptions {
                 cgroup: cgroup.clone(),
                 pin_path: opts.pin_path.clone(),
@@ -295,8 +298,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     };
     agent.metrics.set_mode(kind.name());
     let result = agent.serve().await;
-    // Envoy is the agent's child: it always goes with the agent.
-    let detach = agent.opts.detach_on_exit || agent.config.detach_on_exit || kind == DatapathKind::Envoy;
+    // Envoy is the agent's child: it always goes with the agent (and aside,
+    // nothing stays).
+    let detach = agent.opts.detach_on_exit || agent.config.detach_on_exit || kind != DatapathKind::Ebpf;
     let run_dir = agent.opts.run_dir.clone();
     let pin_path = agent.opts.pin_path.clone();
     let stopped = agent.datapath.stop(detach).await;
@@ -539,6 +543,9 @@ impl Agent {
                 self.metrics.sync_envoy_restarts(restarts);
             }
             extra.insert("envoy".into(), envoy);
+        }
+        if let Some(aside) = snapshot.aside {
+            extra.insert(crate::stand_aside::STATUS_KEY.into(), aside);
         }
         if let Some(rx) = &self.discovered {
             let set = rx.borrow();

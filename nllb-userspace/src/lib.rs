@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod model;
 pub mod passive;
 pub mod sock_diag;
+pub mod stand_aside;
 pub mod status;
 pub mod sys;
 

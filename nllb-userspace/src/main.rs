@@ -122,7 +122,8 @@ fn main() -> ExitCode {
             } else {
                 print!("{}", status::render(&report));
             }
-            if report.agent_running && report.datapath_installed { 0 } else { 1 }
+            let served = report.datapath_installed || nllb::stand_aside::node_served(&report);
+            if report.agent_running && served { 0 } else { 1 }
         }
         Command::Detect(args) => nllb::detect::run_detect(args),
         Command::EnvoyConfig(args) => nllb::envoy::run_envoy_config(args),

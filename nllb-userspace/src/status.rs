@@ -228,7 +228,9 @@ pub fn render(r: &StatusReport) -> String {
             let _ = writeln!(out, "agent: NOT running (no status file)");
         }
     }
-    if r.agent.as_ref().is_some_and(|a| a.mode == "envoy") && r.agent_running {
+    if r.agent.as_ref().is_some_and(|a| a.mode == "aside") && r.agent_running {
+        let _ = writeln!(out, "datapath: none (mode aside: another process serves the virtual addresses, see below)");
+    } else if r.agent.as_ref().is_some_and(|a| a.mode == "envoy") && r.agent_running {
         let _ = writeln!(out, "datapath: Envoy (supervised by the agent; per-backend counters need envoy.adminPort)");
     } else if !r.datapath_installed {
         let _ = writeln!(out, "datapath: no eBPF maps pinned at {}", r.pin_path.display());
@@ -294,6 +296,9 @@ pub fn render(r: &StatusReport) -> String {
             match serde_json::from_value::<crate::envoy::EnvoyStatus>(v.clone()) {
                 Ok(envoy) if k == "envoy" => {
                     let _ = writeln!(out, "\n{}", crate::envoy::render_status(&envoy));
+                }
+                _ if k == crate::stand_aside::STATUS_KEY => {
+                    let _ = writeln!(out, "\n{}", crate::stand_aside::render_status(v));
                 }
                 _ => {
                     let _ = writeln!(out, "\n{k}: {v}");

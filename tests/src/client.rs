@@ -22,6 +22,14 @@ pub struct ConnectResult {
     pub body: Option<String>,
     /// What getpeername() returned for the connected socket.
     pub peer: Option<String>,
+    /// What getsockname() returned: the client's own address and port.
+    #[serde(default)]
+    pub local: Option<String>,
+    /// The client address the server saw (its `X-Peer` header): equal to
+    /// `local` when the client reached the server directly, another
+    /// address when a proxy connected on its behalf.
+    #[serde(default)]
+    pub server_saw: Option<String>,
     pub elapsed_us: u64,
     /// This attempt retried a failed one at once (`ClientOpts::retry`).
     #[serde(default)]
@@ -34,6 +42,10 @@ pub struct ConnectResult {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ClientReport {
     pub results: Vec<ConnectResult>,
+    /// Wall clock (ms since the epoch) at the client's t = 0, to place an
+    /// event of the test on the client's `t_ms` scale.
+    #[serde(default)]
+    pub started_unix_ms: u64,
 }
 
 impl ClientReport {

@@ -7,6 +7,7 @@ mod agent;
 mod cgroup;
 mod client;
 pub mod fake_apiserver;
+pub mod k0s_nllb;
 mod net;
 mod server;
 
@@ -160,4 +161,23 @@ pub fn vip4(port: u16) -> std::net::SocketAddr {
 /// `[::1]:port`.
 pub fn vip6(port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))
+}
+
+/// The Envoy binary `cargo xtask setup` installed (NLLB_ENVOY_BINARY, PATH,
+/// the venv), or None when the test must skip: not installed (outside CI)
+/// or inside a kernel-matrix guest, which carries no Envoy. Under CI a
+/// missing Envoy fails the test.
+pub fn envoy_binary() -> Option<std::path::PathBuf> {
+    match nllb::envoy::resolve_binary(None) {
+        Ok(p) => Some(p),
+        Err(e) if std::env::var_os("NLLB_IN_VM").is_some() => {
+            eprintln!("SKIPPED in the kernel-matrix guest (no Envoy in the initramfs): {e}");
+            None
+        }
+        Err(e) if std::env::var_os("CI").is_some() => panic!("CI is set but Envoy is missing: {e}"),
+        Err(e) => {
+            eprintln!("SKIPPED: {e}");
+            None
+        }
+    }
 }

@@ -19,31 +19,13 @@ use nllb::{
     envoy::{self, EnvoyDatapath, EnvoyOptions, render},
     model::{Plan, ServicePlan},
 };
-use nllb_tests::{ClientOpts, TestNet, free_port, privileged, run_client, unique_name, wait_for};
+use nllb_tests::{ClientOpts, TestNet, envoy_binary, free_port, privileged, run_client, unique_name, wait_for};
 
 const BACKEND_PORT: u16 = 6443;
 const ECONNREFUSED: i32 = 111;
 
 fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/envoy")
-}
-
-/// The Envoy binary, or None (test skips) when it is not installed and CI
-/// is unset. The kernel-matrix guests (NLLB_IN_VM) carry no Envoy: there
-/// only the eBPF half of these tests runs.
-fn envoy_binary() -> Option<PathBuf> {
-    match envoy::resolve_binary(None) {
-        Ok(p) => Some(p),
-        Err(e) if std::env::var_os("NLLB_IN_VM").is_some() => {
-            eprintln!("SKIPPED in the kernel-matrix guest (no Envoy in the initramfs): {e}");
-            None
-        }
-        Err(e) if std::env::var_os("CI").is_some() => panic!("CI is set but Envoy is missing: {e}"),
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            None
-        }
-    }
 }
 
 /// Time limits stretch under the kernel matrix's emulated CPUs.

@@ -393,6 +393,7 @@ impl Datapath for EbpfDatapath {
                 missing_programs: self.missing.clone(),
             }),
             envoy: None,
+            aside: None,
         }
     }
 

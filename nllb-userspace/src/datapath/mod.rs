@@ -62,6 +62,8 @@ pub enum DatapathError {
 pub enum DatapathKind {
     Ebpf,
     Envoy,
+    /// Serving nothing: another process serves the addresses (`stand_aside`).
+    Aside,
 }
 
 impl DatapathKind {
@@ -69,6 +71,7 @@ impl DatapathKind {
         match self {
             DatapathKind::Ebpf => "ebpf",
             DatapathKind::Envoy => "envoy",
+            DatapathKind::Aside => crate::stand_aside::STATUS_KEY,
         }
     }
 }
@@ -83,6 +86,8 @@ pub struct DatapathSnapshot {
     pub kernel: Option<KernelCounters>,
     /// Envoy datapath only: the supervisor's view of the process.
     pub envoy: Option<serde_json::Value>,
+    /// Standing aside only: who serves the virtual addresses instead.
+    pub aside: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

@@ -430,7 +430,7 @@ pub fn listening_sockets(pid: u32) -> std::io::Result<HashSet<SocketAddr>> {
 
 /// `0100007F:1D03` or the 32-hex-digit IPv6 form: each 32-bit word is
 /// printed in host byte order.
-fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
+pub(crate) fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
     let (ip, port) = s.split_once(':')?;
     let port = u16::from_str_radix(port, 16).ok()?;
     let words: Option<Vec<[u8; 4]>> = (0..ip.len() / 8)

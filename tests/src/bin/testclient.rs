@@ -52,7 +52,12 @@ fn main() -> anyhow::Result<()> {
     }
     let timeout = Duration::from_millis(args.timeout_ms);
     let start = Instant::now();
-    let mut report = ClientReport::default();
+    let mut report = ClientReport {
+        started_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        ..Default::default()
+    };
     for i in 0..args.count {
         if args.deadline_ms.is_some_and(|d| start.elapsed() >= Duration::from_millis(d)) {
             break;
@@ -88,6 +93,8 @@ fn connect_only(addr: SocketAddr, timeout: Duration, start: Instant) -> ConnectR
         error: r.as_ref().err().map(|e| e.to_string()),
         body: None,
         peer: None,
+        local: None,
+        server_saw: None,
         elapsed_us: t0.elapsed().as_micros() as u64,
         retry: false,
         peer_after_hold: None,
@@ -103,6 +110,8 @@ fn one(addr: SocketAddr, timeout: Duration, start: Instant, hold: bool) -> Conne
         error: None,
         body: None,
         peer: None,
+        local: None,
+        server_saw: None,
         elapsed_us: 0,
         retry: false,
         peer_after_hold: None,
@@ -110,6 +119,7 @@ fn one(addr: SocketAddr, timeout: Duration, start: Instant, hold: bool) -> Conne
     match TcpStream::connect_timeout(&addr, timeout) {
         Ok(mut s) => {
             r.peer = s.peer_addr().ok().map(|p| p.to_string());
+            r.local = s.local_addr().ok().map(|p| p.to_string());
             if hold {
                 let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
                 r.peer_after_hold = s.peer_addr().ok().map(|p| p.to_string());
@@ -123,6 +133,11 @@ fn one(addr: SocketAddr, timeout: Duration, start: Instant, hold: bool) -> Conne
             match io {
                 Ok(_) => {
                     let text = String::from_utf8_lossy(&resp);
+                    r.server_saw = text
+                        .split("\r\n\r\n")
+                        .next()
+                        .and_then(|head| head.lines().find_map(|l| l.strip_prefix("X-Peer: ")))
+                        .map(str::to_string);
                     match text.split_once("\r\n\r\n") {
                         Some((_, body)) if text.starts_with("HTTP/1.1 200") => {
                             r.ok = true;
