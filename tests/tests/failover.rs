@@ -249,3 +249,44 @@ fn the_agents_own_probes_never_set_a_passive_mark() {
     assert_eq!(h["passive_ejections"], 0, "probes marked the controller in the kernel: {h}");
     assert!(!agent.log().contains("passively ejected"), "{}", agent.log());
 }
+
+/// A slow but healthy controller (150 ms of real delay on its replies, with
+/// sch_netem): dials abandoned before its SYN-ACK arrives and probes that
+/// time out on it set no passive mark, and connects with time to wait get
+/// through. The host kernel here has no sch_netem; the kernel-matrix guests
+/// do, and `cargo xtask vm-test` runs the tests named `netem_*` there.
+#[test]
+#[ignore = "needs sch_netem: the kernel-matrix guests run it (cargo xtask vm-test)"]
+fn netem_a_slow_controller_is_not_marked_by_abandoned_dials_or_timed_out_probes() {
+    if !privileged() {
+        return;
+    }
+    let net = TestNet::new(1);
+    let host = &net.hosts()[0];
+    let _s = host.serve(BACKEND_PORT, "c0");
+    host.netns.exec("tc", &["qdisc", "add", "dev", &format!("{}p", host.veth), "root", "netem", "delay", "150ms"]);
+    let cg = TestCgroup::new();
+    let port = free_port();
+    // Probes give up after 100 ms: every probe of this controller times out.
+    let agent = start(&net, &cg, port, "health:\n  timeout: 100ms\n");
+    let timed_out = wait_for(Duration::from_secs(10), || {
+        let h = &agent.status()["agent"]["health"][format!("{}:{BACKEND_PORT}", host.v4)];
+        (h["consecutive_failures"].as_u64() >= Some(3)).then_some(())
+    });
+    assert!(timed_out.is_some(), "probes time out on the slow controller: {}", agent.status());
+    let mut abandoned = ClientOpts::new(vip4(port), 10, Some(cg.path()));
+    abandoned.timeout = Duration::from_millis(50);
+    let a = wait_client(abandoned.spawn());
+    assert_eq!(a.ok_count(), 0, "every dial was abandoned before the SYN-ACK");
+    let mut patient = ClientOpts::new(vip4(port), 10, Some(cg.path()));
+    patient.timeout = CLIENT_TIMEOUT;
+    let p = wait_client(patient.spawn());
+    assert_eq!(p.ok_count(), 10, "the slow controller serves: {:?}", p.failed());
+    let backend = &agent.status()["services"][0]["backends"][0];
+    assert_eq!(backend["refused"], 0, "{backend}");
+    assert_eq!(backend["syn_timeouts"], 0, "the SYN timeout follows the slow handshake: {backend}");
+    assert_eq!(backend["passively_ejected"], false, "{backend}");
+    let h = &agent.status()["agent"]["health"][format!("{}:{BACKEND_PORT}", host.v4)];
+    assert_eq!(h["passive_ejections"], 0, "{h}");
+    assert!(!agent.log().contains("passively ejected"), "{}", agent.log());
+}

@@ -476,8 +476,10 @@ fn shipped_command_lines_start_a_working_agent() {
             net.hosts()[0].v4,
         );
         let ready = nllb_tests::wait_for(std::time::Duration::from_secs(20), || {
+            // Installed and serving: the kernel holds a table with a backend.
             run.status()
                 .filter(|s| s["datapath_installed"] == true)
+                .filter(|s| s["services"][0]["backends"].as_array().is_some_and(|b| !b.is_empty()))
                 .map(|_| ())
         });
         assert!(
