@@ -476,9 +476,10 @@ fn shipped_command_lines_start_a_working_agent() {
             net.hosts()[0].v4,
         );
         let ready = nllb_tests::wait_for(std::time::Duration::from_secs(20), || {
-            // Installed and serving: the kernel holds a table with a backend.
+            // Attached and serving: the agent reports ready only once its
+            // programs are attached (tables are filled before that).
             run.status()
-                .filter(|s| s["datapath_installed"] == true)
+                .filter(|s| s["datapath_installed"] == true && s["agent_running"] == true)
                 .filter(|s| s["services"][0]["backends"].as_array().is_some_and(|b| !b.is_empty()))
                 .map(|_| ())
         });
@@ -492,8 +493,10 @@ fn shipped_command_lines_start_a_working_agent() {
         assert_eq!(
             report.by_body().get("controller"),
             Some(&3),
-            "{what}: {:?}",
-            report.results
+            "{what}: {:?}\nstatus: {}\nlog:\n{}",
+            report.results,
+            run.status().unwrap_or_default(),
+            run.log()
         );
         let health = nllb_tests::wait_for(std::time::Duration::from_secs(10), || {
             (http_status(run.metrics, "/healthz") == Some(200)).then_some(())
