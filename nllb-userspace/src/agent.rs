@@ -196,7 +196,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let requested = opts.mode.or(config.mode).unwrap_or(Mode::Auto);
     let envoy_binary = opts.envoy_binary.clone().or_else(|| config.envoy.binary.clone());
     let datapath: Box<dyn Datapath> = match crate::detect::select_mode(requested, &cgroup, envoy_binary.as_deref())? {
-        Mode::Envoy => Box::new(crate::envoy::start_datapath(&config, envoy_binary.as_deref(), &opts.run_dir, &plan)?),
+        Mode::Envoy => Box::new(crate::envoy::start_datapath(
+            &config.envoy,
+            &config.passive,
+            envoy_binary.as_deref(),
+            &opts.run_dir,
+            &plan,
+        )?),
         Mode::Ebpf | Mode::Auto => Box::new(EbpfDatapath::install(
             EbpfOptions {
                 cgroup: cgroup.clone(),
@@ -264,6 +270,8 @@ impl Agent {
         let mut ticks: u64 = 0;
         self.write_status();
         tracing::info!(services = self.plan.services.len(), "nllb agent ready");
+        let mut systemd = crate::systemd::Notifier::from_env();
+        systemd.ready();
         loop {
             tokio::select! {
                 _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(()) }
@@ -277,6 +285,7 @@ impl Agent {
                 }
                 _ = tick.tick() => {
                     ticks += 1;
+                    systemd.tick();
                     self.watch_passive();
                     self.health.beat();
                     self.metrics.sync_datapath(&self.datapath.counters());
