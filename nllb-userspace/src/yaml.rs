@@ -27,8 +27,12 @@ pub fn from_str<T: DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
 }
 
 /// A value as YAML text (for files nllb writes: Envoy's config, kubeconfigs).
+/// Long strings stay on one line (no folded `>` blocks), as people grep
+/// these files for a type URL or a server address.
 pub fn to_string<T: Serialize>(value: &T) -> String {
-    serde_saphyr::to_string(value).expect("plain data (maps, lists, scalars) always serializes to YAML")
+    let options = serde_saphyr::ser_options! { prefer_block_scalars: false };
+    serde_saphyr::to_string_with_options(value, options)
+        .expect("plain data (maps, lists, scalars) always serializes to YAML")
 }
 
 /// `services[0].listen[1]`: keys joined by dots, list indices in brackets;

@@ -75,7 +75,12 @@ async fn poll(port: u16, tx: watch::Sender<Arc<Vec<ServiceCounters>>>, mut stopp
             _ = &mut stopped => return,
             _ = every.tick() => {}
         }
-        let counters = match get(port, "/clusters?format=json").await {
+        // Stopping does not wait for a request in flight.
+        let answer = tokio::select! {
+            _ = &mut stopped => return,
+            answer = get(port, "/clusters?format=json") => answer,
+        };
+        let counters = match answer {
             Ok(body) => parse_cluster_counters(&body),
             Err(e) => {
                 tracing::debug!(error = %e, "envoy admin /clusters");
@@ -175,6 +180,59 @@ mod tests {
             vec![("198.18.1.2:6443".parse().unwrap(), 7), ("[2001:db8::2]:6443".parse().unwrap(), 3)]
         );
         assert!(parse_cluster_counters("not json").is_empty());
+    }
+
+    /// An admin that answers `/clusters` with a chunked body, as Envoy does.
+    fn chunked_admin(body: &'static str) -> u16 {
+        use std::io::{Read as _, Write as _};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf);
+                let (a, b) = body.split_at(body.len() / 2);
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+                    a.len(),
+                    b.len()
+                );
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn the_poller_publishes_counters_from_a_chunked_answer() {
+        let port = chunked_admin(
+            r#"{"cluster_statuses":[{"name":"apiserver","host_statuses":[{"address":{"socket_address":{"address":"198.18.1.2","port_value":6443}},"stats":[{"name":"cx_total","value":"4"}]}]}]}"#,
+        );
+        let poller = AdminPoller::spawn(port).unwrap();
+        let mut rx = poller.subscribe();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|c| !c.is_empty())).await.unwrap().unwrap();
+        });
+        assert_eq!(poller.latest()[0].per_backend, vec![("198.18.1.2:6443".parse().unwrap(), 4)]);
+    }
+
+    #[test]
+    fn latest_never_waits_for_a_silent_admin() {
+        // Accepts connections (kernel backlog) and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let poller = AdminPoller::spawn(silent.local_addr().unwrap().port()).unwrap();
+        // Over more than one request timeout, every read is immediate.
+        let until = std::time::Instant::now() + REQUEST_TIMEOUT * 2;
+        while std::time::Instant::now() < until {
+            let t = std::time::Instant::now();
+            assert!(poller.latest().is_empty());
+            assert!(t.elapsed() < Duration::from_millis(50), "latest() waited {:?}", t.elapsed());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let t = std::time::Instant::now();
+        drop(poller);
+        assert!(t.elapsed() < REQUEST_TIMEOUT, "stopping waited for the request: {:?}", t.elapsed());
     }
 
     #[test]
