@@ -4,9 +4,9 @@
 //! on drop, also when a test fails.
 
 mod agent;
-pub mod fake_apiserver;
 mod cgroup;
 mod client;
+pub mod fake_apiserver;
 mod net;
 mod server;
 
@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use agent::{AGENT_CAPABILITIES, Agent, AgentOpts, nllb_bin};
 pub use cgroup::{TestCgroup, cgroup2_mount};
-pub use client::{ClientOpts, ClientReport, ConnectResult, run_client, testclient_bin, wait_client};
+pub use client::{ClientOpts, ClientReport, ConnectResult, run_client, stop_client, testclient_bin, wait_client};
 pub use net::{Netns, TestHost, TestNet};
 pub use server::Server;
 
@@ -37,12 +37,23 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// A binary of this workspace: `$env` when set, else `name` in the target
+/// directory the test executables run from (beside their `deps/`).
+pub(crate) fn built_binary(env: &str, name: &str) -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().unwrap().to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
 /// Run a command, panicking with its output when it fails.
 pub fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    let out = std::process::Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
     if !out.status.success() {
         panic!(
             "{cmd} {} failed: {}{}",
