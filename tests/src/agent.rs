@@ -219,11 +219,20 @@ impl Agent {
     }
 
     /// Waits until the datapath has steered `more` connects beyond now (a
-    /// client that keeps connecting has made progress).
+    /// client that keeps connecting has made progress). Each look runs
+    /// `nllb status`, so it looks every 100 ms, not in a tight loop that
+    /// would starve the client on a one-CPU guest.
     pub fn wait_connects(&self, more: u64, timeout: Duration) {
         let base = self.connects();
-        let got = wait_for(timeout, || (self.connects() >= base + more).then_some(()));
-        assert!(got.is_some(), "fewer than {more} connects after {timeout:?} (from {base}); log:\n{}", self.log());
+        let deadline = std::time::Instant::now() + crate::scaled(timeout);
+        while self.connects() < base + more {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fewer than {more} connects after {timeout:?} (from {base}); log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {

@@ -61,7 +61,7 @@ fn kill_restart_and_upgrade_fail_no_connect() {
     let mut agent = agent(&net, &cg, port);
 
     // A steady client: one connect every 5 ms until stopped. Between the
-    // steps below it makes 100 connects (~0.5 s) through the datapath,
+    // steps below it makes 25 connects (~0.1 s on the host) through the datapath,
     // counted by the kernel, so every phase (agent up, killed, restarted,
     // upgraded) sees traffic.
     let mut opts = ClientOpts::new(vip4(port), u32::MAX, Some(cg.path()));
@@ -69,23 +69,23 @@ fn kill_restart_and_upgrade_fail_no_connect() {
     let client = opts.spawn();
     let progress = Duration::from_secs(10);
 
-    agent.wait_connects(100, progress);
+    agent.wait_connects(25, progress);
     agent.signal(Signal::SIGKILL);
     assert!(agent.wait_exit(Duration::from_secs(5)).is_some());
-    agent.wait_connects(100, progress);
+    agent.wait_connects(25, progress);
     agent.restart(&[]);
     assert!(agent.log().contains("adopting the pinned datapath"), "{}", agent.log());
-    agent.wait_connects(100, progress);
+    agent.wait_connects(25, progress);
     // An upgrade to a build with another map layout: the old agent stops
     // (keeping the datapath), the new one swaps programs and maps in place.
     agent.signal(Signal::SIGTERM);
     assert!(agent.wait_exit(Duration::from_secs(5)).is_some());
     agent.restart(&[("NLLB_LAYOUT_VERSION", "2")]);
     assert!(agent.log().contains("replacing a pinned datapath of another layout"), "{}", agent.log());
-    agent.wait_connects(100, progress);
+    agent.wait_connects(25, progress);
 
     let report = stop_client(client);
-    assert!(report.results.len() >= 400, "{} connects", report.results.len());
+    assert!(report.results.len() >= 100, "{} connects", report.results.len());
     assert!(
         report.failed().is_empty(),
         "{} connects failed: {:?}",

@@ -32,7 +32,7 @@ fn config_changes_apply_live_and_bad_ones_are_rejected() {
     let client = opts.spawn();
 
     // The client's first connects all go to c0 (counted by the kernel).
-    agent.wait_connects(100, Duration::from_secs(10));
+    agent.wait_connects(25, Duration::from_secs(10));
     let before_edit = agent.connects() as usize;
     // File edit (like a ConfigMap update): new backends and a second service.
     let port2 = free_port();
@@ -69,7 +69,7 @@ fn config_changes_apply_live_and_bad_ones_are_rejected() {
     agent.write_config("services: [ {name: BAD} ]\n");
     let rejected = wait_for(Duration::from_secs(5), || agent.log().contains("reload rejected").then_some(()));
     assert!(rejected.is_some(), "{}", agent.log());
-    agent.wait_connects(50, Duration::from_secs(10));
+    agent.wait_connects(25, Duration::from_secs(10));
 
     let report = stop_client(client);
     assert!(
@@ -86,7 +86,12 @@ fn config_changes_apply_live_and_bad_ones_are_rejected() {
     let switch = bodies.iter().position(|b| *b != "c0").expect("traffic never moved to the new backends");
     assert!(switch >= before_edit, "moved at connect {switch}, before the edit (connect {before_edit})");
     assert!(bodies[switch..].iter().all(|b| matches!(*b, "c1" | "c2")), "traffic moved to the new backends for good");
-    assert!(bodies.len() - switch > moved_by, "connects after the switch: {} of {}", bodies.len() - switch, bodies.len());
+    assert!(
+        bodies.len() - switch > moved_by,
+        "connects after the switch: {} of {}",
+        bodies.len() - switch,
+        bodies.len()
+    );
 
     // SIGHUP reloads too.
     agent.write_config(&one_service_config(&[&vip4(port).to_string()], BACKEND_PORT, &h[2..], ""));
