@@ -246,9 +246,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let envoy_binary = opts.envoy_binary.clone().or_else(|| config.envoy.binary.clone());
     let mut datapath: Box<dyn Datapath> = match select_datapath(requested, &cgroup, envoy_binary.as_deref(), &plan)? {
         Selected::Aside(aside) => Box::new(aside),
-        Selected::Mode(Mode::Envoy) => {
-            Box::new(crate::envoy::start_datapath(&config, envoy_binary.as_deref(), &opts.run_dir, &plan)?)
-        }
+        Selected::Mode(Mode::Envoy) => Box::new(crate::envoy::start_datapath(
+            &config.envoy,
+            &config.passive,
+            envoy_binary.as_deref(),
+            &opts.run_dir,
+            &plan,
+        )?),
         Selected::Mode(Mode::Ebpf | Mode::Auto) => Box::new(EbpfDatapath::install(
             EbpfOptions {
                 cgroup: cgroup.clone(),
@@ -328,6 +332,8 @@ impl Agent {
         let mut ticks: u64 = 0;
         self.write_status();
         tracing::info!(services = self.plan.services.len(), "nllb agent ready");
+        let mut systemd = crate::systemd::Notifier::from_env();
+        systemd.ready();
         loop {
             tokio::select! {
                 _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(()) }
@@ -344,6 +350,7 @@ impl Agent {
                 Some(aborted) = self.aborted_rx.recv() => self.on_aborted(aborted),
                 _ = tick.tick() => {
                     ticks += 1;
+                    systemd.tick();
                     self.health.beat();
                     self.datapath.refresh();
                     self.metrics.sync_datapath(&self.datapath.snapshot());

@@ -1,20 +1,24 @@
-//! Kernel features nllb uses, the first kernel that has each, and probes of
-//! the running machine (what the version alone cannot tell: privileges,
-//! mounts, kernel config, a real load and attach).
+//! Kernel features nllb uses and the first kernel that has each (this
+//! file, the table `nllb detect` and the agent consult), plus probes of the
+//! running machine for what the version alone cannot tell:
+//!
+//! - [`privileges`]: the process's capabilities and whether `bpf()` works;
+//! - [`attach_probe`]: the real programs loaded and attached to a
+//!   throw-away child cgroup.
 //!
 //! Versions come from the kernel commits named in [`FEATURES`] (checked
 //! against the BCC project's "BPF Features by Linux Kernel Version" table,
 //! docs/kernel-versions.md, and the commits' merge windows).
 
-use std::{
-    fmt,
-    fs,
-    io,
-    path::{Path, PathBuf},
-    sync::atomic::{AtomicU32, Ordering},
-};
+mod attach_probe;
+mod privileges;
+
+use std::{fmt, fs, path::Path};
 
 use serde::Serialize;
+
+pub use attach_probe::{AttachProbe, ProgramProbe, probe_attach};
+pub use privileges::{Privileges, probe_bpf_syscall};
 
 /// A kernel release, compared by (major, minor, patch).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -85,6 +89,8 @@ pub enum Need {
     Required,
     /// The eBPF datapath runs with the named function turned off.
     Degrades,
+    /// Read when the kernel has it; nothing nllb does is lost without it.
+    UsedIfPresent,
     /// Not used today; listed so `nllb detect` shows where a node stands.
     Optional,
 }
@@ -226,8 +232,8 @@ pub const FEATURES: &[FeatureInfo] = &[
         feature: Feature::VmlinuxBtf,
         name: "kernel BTF (/sys/kernel/btf/vmlinux)",
         min: KernelVersion::new(5, 4),
-        need: Need::Optional,
-        used_for: "CO-RE relocations; nllb's programs need none today",
+        need: Need::UsedIfPresent,
+        used_for: "aya reads it when loading, for CO-RE relocations; nllb's programs need none, so they load without it",
         commit: "341dfcf8d78e",
     },
     // c1e64e298b8c "net: diag: Support destroying TCP sockets" (Lorenzo
@@ -236,8 +242,9 @@ pub const FEATURES: &[FeatureInfo] = &[
         feature: Feature::SockDiagDestroy,
         name: "sock_diag SOCK_DESTROY",
         min: KernelVersion::new(4, 5),
-        need: Need::Optional,
-        used_for: "closing established connections to a removed controller (ss -K)",
+        need: Need::Degrades,
+        used_for: "closes nllb's established connections to a removed or ejected controller \
+                   (health.destroyOnRemove/destroyOnEject, like ss -K); without it they last until the peer closes them",
         commit: "c1e64e298b8c",
     },
     // 4ddbcb886268 "bpf: Add bpf_sock_destroy kfunc" (Aditi Ghag, merged
@@ -269,93 +276,7 @@ pub fn by_version(f: Feature, v: KernelVersion) -> bool {
 /// Features the running kernel lacks by version, with the warning the agent
 /// logs for each (the eBPF loader turns those programs off).
 pub fn missing_features(v: KernelVersion) -> Vec<&'static FeatureInfo> {
-    FEATURES.iter().filter(|f| f.need != Need::Optional && v < f.min).collect()
-}
-
-// ---------------------------------------------------------------------
-// Probes
-// ---------------------------------------------------------------------
-
-/// Effective capabilities of this process, from /proc/self/status.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Privileges {
-    pub euid: u32,
-    /// CapEff as hex, e.g. "000001ffffffffff".
-    pub cap_eff: String,
-    pub cap_sys_admin: bool,
-    pub cap_net_admin: bool,
-    pub cap_bpf: bool,
-    pub cap_perfmon: bool,
-    /// /proc/sys/kernel/unprivileged_bpf_disabled (matters without root).
-    pub unprivileged_bpf_disabled: Option<u32>,
-}
-
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
-impl Privileges {
-    pub fn probe() -> Privileges {
-        let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let cap_eff = status
-            .lines()
-            .find_map(|l| l.strip_prefix("CapEff:"))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_default();
-        let bits = u64::from_str_radix(&cap_eff, 16).unwrap_or(0);
-        let has = |c: u32| bits & (1u64 << c) != 0;
-        Privileges {
-            euid: nix::unistd::geteuid().as_raw(),
-            cap_sys_admin: has(CAP_SYS_ADMIN),
-            cap_net_admin: has(CAP_NET_ADMIN),
-            // Before 5.8 there is no CAP_BPF: CAP_SYS_ADMIN covers it.
-            cap_bpf: has(CAP_BPF),
-            cap_perfmon: has(CAP_PERFMON),
-            cap_eff,
-            unprivileged_bpf_disabled: fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled")
-                .ok()
-                .and_then(|s| s.trim().parse().ok()),
-        }
-    }
-
-    /// Loading and attaching cgroup programs needs CAP_SYS_ADMIN, or
-    /// CAP_BPF + CAP_NET_ADMIN (+ CAP_PERFMON for some helpers) from 5.8.
-    pub fn can_attach_cgroup_programs(&self) -> bool {
-        self.cap_sys_admin || (self.cap_bpf && self.cap_net_admin)
-    }
-}
-
-/// The `bpf()` syscall works: create (and close) a one-element array map.
-pub fn probe_bpf_syscall() -> Result<(), String> {
-    #[repr(C)]
-    struct MapCreate {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-    }
-    const BPF_MAP_CREATE: libc::c_long = 0;
-    const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    let attr = MapCreate { map_type: BPF_MAP_TYPE_ARRAY, key_size: 4, value_size: 4, max_entries: 1 };
-    // SAFETY: bpf(BPF_MAP_CREATE) reads `size` bytes of a valid attr; the
-    // kernel zero-fills the rest of its union.
-    let fd = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, &attr as *const MapCreate, size_of::<MapCreate>() as u32)
-    };
-    if fd < 0 {
-        let e = io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
-            Some(libc::ENOSYS) => "the kernel has no bpf() syscall (CONFIG_BPF_SYSCALL off)".into(),
-            Some(libc::EPERM) => {
-                format!("bpf() denied ({e}): run as root or with CAP_BPF/CAP_SYS_ADMIN")
-            }
-            _ => format!("bpf(BPF_MAP_CREATE) failed: {e}"),
-        });
-    }
-    // SAFETY: fd is ours.
-    unsafe { libc::close(fd as i32) };
-    Ok(())
+    FEATURES.iter().filter(|f| matches!(f.need, Need::Required | Need::Degrades) && v < f.min).collect()
 }
 
 pub fn vmlinux_btf() -> bool {
@@ -368,122 +289,6 @@ pub fn kernel_config(option: &str) -> Option<bool> {
     let text = fs::read_to_string(format!("/boot/config-{}", kernel_release())).ok()?;
     Some(text.lines().any(|l| l == format!("{option}=y") || l == format!("{option}=m")))
 }
-
-/// One program of the real eBPF object, loaded and attached (or not).
-#[derive(Clone, Debug, Serialize)]
-pub struct ProgramProbe {
-    pub program: &'static str,
-    pub attached: bool,
-    /// Attached through a bpf_link (what the agent pins).
-    pub bpf_link: bool,
-    pub error: Option<String>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct AttachProbe {
-    /// The temporary cgroup the programs were attached to (removed since).
-    pub cgroup: PathBuf,
-    /// The whole object failed to load (maps or BTF), before any program.
-    pub load_error: Option<String>,
-    pub programs: Vec<ProgramProbe>,
-}
-
-impl AttachProbe {
-    pub fn attached(&self, program: &str) -> bool {
-        self.programs.iter().any(|p| p.program == program && p.attached && p.bpf_link)
-    }
-
-    /// The agent's requirement: every required program, through bpf_links.
-    pub fn rewrite_works(&self) -> bool {
-        self.load_error.is_none()
-            && crate::datapath::ebpf::PROGRAMS
-                .iter()
-                .filter(|(_, required)| *required)
-                .all(|(name, _)| self.attached(name))
-    }
-
-    pub fn first_error(&self) -> Option<String> {
-        self.load_error.clone().or_else(|| {
-            self.programs.iter().find(|p| !p.attached || !p.bpf_link).map(|p| {
-                format!("{}: {}", p.program, p.error.clone().unwrap_or_else(|| "attached without a bpf_link".into()))
-            })
-        })
-    }
-}
-
-/// A uniquely named child cgroup, removed on drop.
-struct ProbeCgroup(PathBuf);
-
-impl ProbeCgroup {
-    fn create(parent: &Path) -> io::Result<ProbeCgroup> {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let p = parent.join(format!("nllb-probe-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
-        fs::create_dir(&p)?;
-        Ok(ProbeCgroup(p))
-    }
-}
-
-impl Drop for ProbeCgroup {
-    fn drop(&mut self) {
-        // A cgroup directory is removed with rmdir, never recursively.
-        if let Err(e) = fs::remove_dir(&self.0) {
-            tracing::warn!(cgroup = %self.0.display(), error = %e, "could not remove the probe cgroup");
-        }
-    }
-}
-
-/// Load the real programs ([`crate::EBPF_OBJECT`]) and attach each to a
-/// fresh child of `parent` (a cgroup v2 directory), then detach, unload and
-/// remove the child. No process is in the child, so no connect anywhere is
-/// affected. Where no child can be made, the probe attaches to `parent`
-/// itself for a moment, with empty maps (no connect is rewritten).
-pub fn probe_attach(parent: &Path) -> Result<AttachProbe, String> {
-    use aya::{EbpfLoader, programs::links::FdLink};
-
-    if !crate::sys::is_cgroup2_dir(parent) {
-        return Err(format!("{} is not a cgroup v2 directory", parent.display()));
-    }
-    // A read-only view of the cgroup tree (the DaemonSet mounts it so) has
-    // no room for a child: probe on the target itself then. The probe's
-    // maps are its own and empty, so its programs let every connect proceed.
-    let cg = match ProbeCgroup::create(parent) {
-        Ok(cg) => Some(cg),
-        Err(e) => {
-            tracing::debug!(cgroup = %parent.display(), error = %e, "no probe child cgroup; probing on the target");
-            None
-        }
-    };
-    let target = cg.as_ref().map(|c| c.0.clone()).unwrap_or_else(|| parent.to_path_buf());
-    let mut report = AttachProbe { cgroup: target.clone(), load_error: None, programs: Vec::new() };
-    crate::sys::raise_memlock();
-    let mut ebpf = match EbpfLoader::new().load(crate::EBPF_OBJECT) {
-        Ok(e) => e,
-        Err(e) => {
-            report.load_error = Some(crate::errors::chain(&e));
-            return Ok(report);
-        }
-    };
-    let cgroup_fd = fs::File::open(&target).map_err(|e| format!("{}: {e}", target.display()))?;
-    // Links live until the end of this function: dropping them detaches.
-    let mut links: Vec<FdLink> = Vec::new();
-    for (name, _) in crate::datapath::ebpf::PROGRAMS {
-        report.programs.push(match crate::datapath::ebpf::load_and_attach(&mut ebpf, name, &cgroup_fd) {
-            Ok(link) => {
-                links.push(link);
-                ProgramProbe { program: name, attached: true, bpf_link: true, error: None }
-            }
-            Err(crate::datapath::DatapathError::Other(e)) if e.contains("no bpf_link") => {
-                ProgramProbe { program: name, attached: true, bpf_link: false, error: Some(e) }
-            }
-            Err(e) => ProgramProbe { program: name, attached: false, bpf_link: false, error: Some(crate::errors::chain(&e)) },
-        });
-    }
-    drop(links);
-    drop(ebpf);
-    drop(cg);
-    Ok(report)
-}
-
 
 #[cfg(test)]
 mod tests {

@@ -102,7 +102,11 @@ impl DetectReport {
                 .filter(|f| f.need == Need::Required)
                 .map(|f| format!("{} ({}+)", f.name, f.min))
                 .collect();
-            return Some(format!("kernel {v} is older than {}: lacks {}", compat::min_ebpf_kernel(), missing.join(", ")));
+            return Some(format!(
+                "kernel {v} is older than {}: lacks {}",
+                compat::min_ebpf_kernel(),
+                missing.join(", ")
+            ));
         }
         if let Err(e) = &self.bpf_syscall {
             return Some(e.clone());
@@ -355,11 +359,17 @@ pub fn render(r: &DetectReport) -> String {
             None => "none".into(),
         },
     );
-    line("bpffs", if r.bpffs_mounted { "mounted at /sys/fs/bpf".into() } else { "not mounted (the agent mounts it)".into() });
-    line("BPF syscall", match &r.bpf_syscall {
-        Ok(()) => "ok (created an array map)".into(),
-        Err(e) => e.clone(),
-    });
+    line(
+        "bpffs",
+        if r.bpffs_mounted { "mounted at /sys/fs/bpf".into() } else { "not mounted (the agent mounts it)".into() },
+    );
+    line(
+        "BPF syscall",
+        match &r.bpf_syscall {
+            Ok(()) => "ok (created an array map)".into(),
+            Err(e) => e.clone(),
+        },
+    );
     line("BTF", if r.btf { "/sys/kernel/btf/vmlinux present".into() } else { "no /sys/kernel/btf/vmlinux".into() });
     match &r.attach {
         Err(e) => line("attach probe", format!("not run: {e}")),
@@ -388,6 +398,7 @@ pub fn render(r: &DetectReport) -> String {
         let need = match f.need {
             Need::Required => "required",
             Need::Degrades => "optional, degrades",
+            Need::UsedIfPresent => "used if present",
             Need::Optional => "not used yet",
         };
         o.push_str(&format!("    {:<38} {:>5}+  {:<7} ({}; {})\n", f.name, f.min_kernel, here, f.source, need));

@@ -8,12 +8,14 @@
 //! `synRetries` caps the retries so the kernel fails the connect within a
 //! few of those timeouts by itself. The first retransmission marks the
 //! backend, and the agent aborts every other connect still waiting on it.
+//! Envoy mode approximates the marks with outlier detection for the same
+//! hold.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::errors::ConfigError;
 
 /// Bounds of `synTimeout: auto` (4 × the recent worst handshake).
 pub const AUTO_MIN: Duration = Duration::from_millis(50);

@@ -76,26 +76,16 @@ pub struct AsideStatus {
 }
 
 /// Every listening TCP socket of this network namespace, from
-/// /proc/self/net/tcp and tcp6 (no connect, no bind: nothing is disturbed).
+/// /proc/self/net/tcp and tcp6 through procfs (no connect, no bind: nothing
+/// is disturbed).
 pub fn listeners() -> Vec<Listener> {
-    ["tcp", "tcp6"]
-        .iter()
-        .filter_map(|t| std::fs::read_to_string(format!("/proc/self/net/{t}")).ok())
-        .flat_map(|text| text.lines().skip(1).filter_map(parse_listener).collect::<Vec<_>>())
+    [procfs::net::tcp(), procfs::net::tcp6()]
+        .into_iter()
+        // An address family the kernel lacks has no table.
+        .flat_map(|t| t.unwrap_or_default())
+        .filter(|e| e.state == procfs::net::TcpState::Listen)
+        .map(|e| Listener { addr: e.local_address, uid: e.uid, inode: e.inode })
         .collect()
-}
-
-/// One /proc/net/tcp line: `sl local rem st tx:rx tr:when retrnsmt uid timeout inode`.
-fn parse_listener(line: &str) -> Option<Listener> {
-    let f: Vec<&str> = line.split_whitespace().collect();
-    if f.len() < 10 || f[3] != "0A" {
-        return None;
-    }
-    Some(Listener {
-        addr: crate::envoy::datapath::parse_proc_addr(f[1])?,
-        uid: f[7].parse().ok()?,
-        inode: f[9].parse().ok()?,
-    })
 }
 
 /// Whether a connect to `vip` lands on `listener`: same port and the same
@@ -315,16 +305,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn proc_net_listen_lines_parse_and_others_are_skipped() {
-        let listen = "   0: 0100007F:1D13 00000000:0000 0A 00000000:00000000 00:00000000 00000000   101        0 4242 1 0000000000000000 100 0 0 10 0";
-        let established = "   1: 0100007F:1D13 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 4243 1 0000000000000000 20 4 30 10 -1";
-        if cfg!(target_endian = "little") {
-            assert_eq!(
-                parse_listener(listen),
-                Some(Listener { addr: "127.0.0.1:7443".parse().unwrap(), uid: 101, inode: 4242 })
-            );
-        }
-        assert_eq!(parse_listener(established), None);
+    fn a_listening_socket_is_found_and_a_connected_one_is_not() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let _c = std::net::TcpStream::connect(addr).unwrap();
+        let (_s, peer) = l.accept().unwrap();
+        let all = listeners();
+        let me = nix::unistd::geteuid().as_raw();
+        assert!(all.iter().any(|x| x.addr == addr && x.uid == me), "{all:?}");
+        assert!(all.iter().all(|x| x.addr != peer), "a connected socket is not a listener: {all:?}");
     }
 
     #[test]

@@ -138,12 +138,15 @@ impl ClientOpts {
 
 pub fn wait_client(child: Child) -> ClientReport {
     let out = child.wait_with_output().expect("wait for nllb-testclient");
-    assert!(
-        out.status.success(),
-        "nllb-testclient failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "nllb-testclient failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("nllb-testclient JSON")
+}
+
+/// Ends a client started with a large `count` (SIGTERM): it reports the
+/// connects it made until then.
+pub fn stop_client(child: Child) -> ClientReport {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    wait_client(child)
 }
 
 pub fn run_client(opts: &ClientOpts) -> ClientReport {
@@ -152,13 +155,5 @@ pub fn run_client(opts: &ClientOpts) -> ClientReport {
 
 /// The client binary sits next to the test executables' `deps/` directory.
 pub fn testclient_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("NLLB_TESTCLIENT") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut dir = exe.parent().unwrap().to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    dir.join("nllb-testclient")
+    crate::built_binary("NLLB_TESTCLIENT", "nllb-testclient")
 }

@@ -165,7 +165,7 @@ impl K0sNllb {
         let want = [peer.api_vip(), peer.konnectivity_vip()];
         let pid = peer.pid();
         let listening = wait_for(Duration::from_secs(20), || {
-            let l = nllb::envoy::datapath::listening_sockets(pid).ok()?;
+            let l = nllb::envoy::listeners::listening_sockets(pid).ok()?;
             want.iter().all(|a| l.contains(a)).then_some(())
         });
         assert!(listening.is_some(), "k0s's Envoy did not listen on {want:?}; log:\n{}", peer.log());
@@ -298,6 +298,6 @@ mod tests {
 
     /// YAML through the JSON value the assertions compare with.
     fn yaml(text: &str) -> serde_json::Value {
-        serde_yaml::from_str(text).expect("rendered config is YAML")
+        serde_saphyr::from_str(text).expect("rendered config is YAML")
     }
 }

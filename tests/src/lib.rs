@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use agent::{AGENT_CAPABILITIES, Agent, AgentOpts, nllb_bin};
 pub use cgroup::{TestCgroup, cgroup2_mount};
-pub use client::{ClientOpts, ClientReport, ConnectResult, run_client, testclient_bin, wait_client};
+pub use client::{ClientOpts, ClientReport, ConnectResult, run_client, stop_client, testclient_bin, wait_client};
 pub use net::{Netns, TestHost, TestNet};
 pub use server::Server;
 
@@ -36,6 +36,20 @@ pub fn privileged() -> bool {
 pub fn unique_name(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     format!("{prefix}{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A binary of this workspace: `$env` when set, else `name` in the target
+/// directory the test executables run from (beside their `deps/`).
+pub(crate) fn built_binary(env: &str, name: &str) -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().unwrap().to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
 }
 
 /// Run a command, panicking with its output when it fails.

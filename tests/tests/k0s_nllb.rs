@@ -365,7 +365,7 @@ fn auto_mode_stands_aside_when_k0s_envoy_serves_and_ebpf_cannot_attach() {
     // No second Envoy, nothing bound: the agent has no children, listens on
     // none of the virtual addresses, and k0s's Envoy is the only server.
     assert!(children(pid).is_empty(), "the agent must start nothing: children {:?}", children(pid));
-    let own = nllb::envoy::datapath::listening_sockets(pid).unwrap();
+    let own = nllb::envoy::listeners::listening_sockets(pid).unwrap();
     for vip in [api, konn, v6(api), v6(konn)] {
         assert!(!own.contains(&vip), "the agent must not bind {vip}: {own:?}");
     }

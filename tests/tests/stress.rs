@@ -160,7 +160,7 @@ fn getpeername_stays_exact_after_200000_other_connects() {
         ..Default::default()
     });
     let mut hold = ClientOpts::new(vip, 1, Some(cg.path())).command();
-    hold.arg("--hold").stdin(std::process::Stdio::piped());
+    hold.arg("--peer-after-stdin").stdin(std::process::Stdio::piped());
     let mut holder = hold.spawn().unwrap();
     let mut churned = 0usize;
     while churned < 200_000 {

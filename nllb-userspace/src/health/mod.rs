@@ -27,7 +27,7 @@ pub use select::select;
 pub use state::{BackendHealth, HealthSnapshot};
 pub use transitions::{Reaction, Transitions};
 
-use crate::config::ConfigError;
+use crate::errors::ConfigError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealthError {

@@ -1,5 +1,14 @@
 //! Makes TCP connects from inside a cgroup (and optionally a network
 //! namespace), like a kubelet would, and prints what each one saw as JSON.
+//!
+//! SIGTERM ends the run early: the connects made so far are reported (a
+//! test can keep a client connecting until it has done what it wanted to
+//! do under traffic).
+//!
+//! With `--hold` it instead opens `--count` connections, prints
+//! `HOLD connected`, and then one `HOLD closed <i> errno=<n>` line as each
+//! one ends (errno 0: closed by the peer or still open after the timeout);
+//! the socket destroy tests watch those lines.
 
 use std::{
     io::{Read as _, Write as _},
@@ -8,6 +17,8 @@ use std::{
     path::PathBuf,
     time::{Duration, Instant},
 };
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
 use nllb_tests::{ClientReport, ConnectResult};
@@ -38,7 +49,16 @@ struct Args {
     /// Keep each connection open until stdin closes, then ask getpeername
     /// again (`peer_after_hold`) before the request.
     #[arg(long)]
+    peer_after_stdin: bool,
+    /// Hold the connections open and report how each one ends.
+    #[arg(long)]
     hold: bool,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn stop(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,6 +71,13 @@ fn main() -> anyhow::Result<()> {
         nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
     }
     let timeout = Duration::from_millis(args.timeout_ms);
+    if args.hold {
+        return hold(args.addr, args.count, timeout);
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        nix::sys::signal::signal(nix::sys::signal::Signal::SIGTERM, nix::sys::signal::SigHandler::Handler(stop))?;
+    }
     let start = Instant::now();
     let mut report = ClientReport {
         started_unix_ms: std::time::SystemTime::now()
@@ -59,7 +86,7 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     for i in 0..args.count {
-        if args.deadline_ms.is_some_and(|d| start.elapsed() >= Duration::from_millis(d)) {
+        if STOP.load(Ordering::SeqCst) || args.deadline_ms.is_some_and(|d| start.elapsed() >= Duration::from_millis(d)) {
             break;
         }
         // Open loop: connect i starts at i * interval, whatever earlier ones did.
@@ -71,11 +98,11 @@ fn main() -> anyhow::Result<()> {
             report.results.push(connect_only(args.addr, timeout, start));
             continue;
         }
-        let first = one(args.addr, timeout, start, args.hold);
+        let first = one(args.addr, timeout, start, args.peer_after_stdin);
         let failed = !first.ok;
         report.results.push(first);
         if failed && args.retry {
-            report.results.push(ConnectResult { retry: true, ..one(args.addr, timeout, start, args.hold) });
+            report.results.push(ConnectResult { retry: true, ..one(args.addr, timeout, start, args.peer_after_stdin) });
         }
     }
     println!("{}", serde_json::to_string(&report)?);
@@ -159,4 +186,26 @@ fn one(addr: SocketAddr, timeout: Duration, start: Instant, hold: bool) -> Conne
     }
     r.elapsed_us = t0.elapsed().as_micros() as u64;
     r
+}
+
+/// `count` connections held open until the peer (or a socket destroy)
+/// ends them, or `timeout` passes.
+fn hold(addr: SocketAddr, count: u32, timeout: Duration) -> anyhow::Result<()> {
+    let socks: Vec<TcpStream> = (0..count).map(|_| TcpStream::connect(addr)).collect::<Result<_, _>>()?;
+    println!("HOLD connected");
+    let threads: Vec<_> = socks
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut s)| {
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(timeout));
+                let errno = s.read(&mut [0u8; 1]).err().and_then(|e| e.raw_os_error()).unwrap_or(0);
+                println!("HOLD closed {i} errno={errno}");
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
 }
