@@ -7,6 +7,7 @@ mod agent;
 pub mod fake_apiserver;
 mod cgroup;
 mod client;
+pub mod kube;
 mod net;
 mod server;
 
