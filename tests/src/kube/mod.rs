@@ -196,10 +196,16 @@ impl ControlPlane {
             work,
             _exclusive: exclusive,
         };
-        for i in 0..opts.apiservers {
+        // The first one alone: API servers starting together on an empty
+        // etcd race to create the Service IP allocator, and the losers exit
+        // ("another caller has already initialized the resource"), as
+        // kubeadm's one-node-first bootstrap avoids. The others then start
+        // together.
+        cp.start_apiserver(0);
+        for i in 1..opts.apiservers {
             cp.start_apiserver_nowait(i);
         }
-        for i in 0..opts.apiservers {
+        for i in 1..opts.apiservers {
             cp.wait_ready(i);
         }
         let all: BTreeSet<IpAddr> = ips.iter().copied().collect();
