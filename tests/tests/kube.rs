@@ -254,15 +254,26 @@ fn wait_published(agent: &Agent, want: &BTreeSet<IpAddr>, timeout: Duration) {
     );
 }
 
+/// A control plane and a worker whose agent has discovered every API
+/// server (seeded with controller 0 only). None when the test skips.
+fn discovered(opts: ControlPlaneOpts) -> Option<(ControlPlane, Worker, Vec<IpAddr>)> {
+    let mut cp = ControlPlane::start(&opts)?;
+    let controllers = cp.controllers();
+    let w = worker(&mut cp, controllers[0]);
+    wait_known(&w.agent, &set(&controllers), Duration::from_secs(60));
+    Some((cp, w, controllers))
+}
+
+fn apiservers(n: usize) -> ControlPlaneOpts {
+    ControlPlaneOpts { apiservers: n, ..Default::default() }
+}
+
 /// Both manifests pass the real API server's validation and admission
 /// (`--dry-run=server`), and, applied for real, grant exactly discovery's
 /// reads to the identities they name.
 #[test]
 fn manifests_are_accepted_by_the_real_api_server() {
-    let Some(mut cp) = ControlPlane::start(&ControlPlaneOpts {
-        apiservers: 1,
-        ..Default::default()
-    }) else {
+    let Some(mut cp) = ControlPlane::start(&apiservers(1)) else {
         return;
     };
     let admin = cp.admin();
@@ -315,12 +326,9 @@ fn manifests_are_accepted_by_the_real_api_server() {
 /// kubeconfig `nllb kubeconfig` wrote) land on every one of them.
 #[test]
 fn agent_discovers_the_real_apiservers_and_kubectl_reaches_each_through_the_vip() {
-    let Some(mut cp) = ControlPlane::start(&ControlPlaneOpts::default()) else {
+    let Some((cp, w, controllers)) = discovered(apiservers(3)) else {
         return;
     };
-    let controllers = cp.controllers();
-    let w = worker(&mut cp, controllers[0]);
-    wait_known(&w.agent, &set(&controllers), Duration::from_secs(60));
     let st = status(&w.agent);
     assert_eq!(st["extra"]["discovery"]["source"], "api", "{st}");
     assert_eq!(backends(&st, "known_backends").len(), 3);
@@ -382,16 +390,10 @@ fn agent_discovers_the_real_apiservers_and_kubectl_reaches_each_through_the_vip(
 /// verb back it follows the API again.
 #[test]
 fn forbidden_discovery_is_reported_and_the_set_kept() {
-    let Some(mut cp) = ControlPlane::start(&ControlPlaneOpts {
-        apiservers: 2,
-        ..Default::default()
-    }) else {
+    let Some((mut cp, w, controllers)) = discovered(apiservers(2)) else {
         return;
     };
-    let controllers = cp.controllers();
     let all = set(&controllers);
-    let w = worker(&mut cp, controllers[0]);
-    wait_known(&w.agent, &all, Duration::from_secs(60));
     let admin = cp.admin();
     let role: serde_json::Value =
         serde_json::from_str(&admin.ok(&["get", "role", "nllb", "-n", "default", "-o", "json"]))
@@ -560,13 +562,10 @@ impl Timeline {
 /// EndpointSlice and nllb removes it; it comes back and is re-added.
 #[test]
 fn a_powered_off_controller_is_ejected_removed_and_readded() {
-    let Some(mut cp) = ControlPlane::start(&ControlPlaneOpts::default()) else {
+    let Some((mut cp, w, controllers)) = discovered(apiservers(3)) else {
         return;
     };
-    let controllers = cp.controllers();
     let all = set(&controllers);
-    let w = worker(&mut cp, controllers[0]);
-    wait_known(&w.agent, &all, Duration::from_secs(60));
     wait_published(&w.agent, &all, Duration::from_secs(30));
     let call = |timeout: &str| {
         w.kubectl
@@ -763,16 +762,10 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
 /// another controller, where it lists afresh instead of resuming.)
 #[test]
 fn watch_survives_a_dropped_connection_a_compaction_and_a_restart() {
-    let Some(mut cp) = ControlPlane::start(&ControlPlaneOpts {
-        apiservers: 2,
-        watch_cache: false,
-    }) else {
+    let Some((mut cp, w, controllers)) = discovered(ControlPlaneOpts { apiservers: 2, watch_cache: false }) else {
         return;
     };
-    let controllers = cp.controllers();
     let all = set(&controllers);
-    let w = worker(&mut cp, controllers[0]);
-    wait_known(&w.agent, &all, Duration::from_secs(60));
     let pid = w.agent.pid().unwrap();
     let watch_of = || {
         wait_for(Duration::from_secs(60), || {

@@ -111,7 +111,7 @@ fn build_if_missing() -> Result<PathBuf> {
     }
     let go = go_binary()?;
     say(format!(
-        "kube-apiserver {}, etcd {}: building from their Go modules into {} (once; 10-25 minutes cold on 2 cores)",
+        "kube-apiserver {}, etcd {}: building from their Go modules into {} (once: ~12.5 CPU-minutes, so 6-8 minutes on 2 idle cores, much longer on busy ones)",
         versions.kubernetes,
         versions.etcd,
         dir.display()
