@@ -210,8 +210,12 @@ fn worker(cp: &mut ControlPlane, seed: IpAddr) -> Worker {
 }
 
 fn status(agent: &Agent) -> serde_json::Value {
-    let text = std::fs::read_to_string(agent.run_dir.join("status.json")).unwrap_or_default();
-    serde_json::from_str(&text).unwrap_or_default()
+    status_file(&agent.run_dir.join("status.json"))
+}
+
+/// The agent's status file; Null while it cannot be read.
+fn status_file(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_default()).unwrap_or_default()
 }
 
 fn backends(status: &serde_json::Value, field: &str) -> BTreeSet<IpAddr> {
@@ -410,23 +414,15 @@ fn forbidden_discovery_is_reported_and_the_set_kept() {
                 .any(|x| x == "endpointslices")
         })
         .expect("a rule for endpointslices in deploy/daemonset.yaml's Role");
-    let verbs = |v: &[&str]| {
-        format!(
+    let set_verbs = |v: &[&str]| {
+        let patch = format!(
             r#"[{{"op":"replace","path":"/rules/{rule}/verbs","value":{}}}]"#,
             serde_json::json!(v)
-        )
+        );
+        admin.ok(&["patch", "role", "nllb", "-n", "default", "--type=json", "-p", &patch]);
     };
     let before = unix_ms();
-    admin.ok(&[
-        "patch",
-        "role",
-        "nllb",
-        "-n",
-        "default",
-        "--type=json",
-        "-p",
-        &verbs(&["get", "list"]),
-    ]);
+    set_verbs(&["get", "list"]);
     // The running watch was authorized when it started; the next is not.
     let pid = w.agent.pid().unwrap();
     let conn = wait_for(Duration::from_secs(30), || {
@@ -482,16 +478,7 @@ fn forbidden_discovery_is_reported_and_the_set_kept() {
 
     // Verb restored: the agent follows the API again (controller 1 leaves
     // on a graceful stop, its lease reconciler removes it).
-    admin.ok(&[
-        "patch",
-        "role",
-        "nllb",
-        "-n",
-        "default",
-        "--type=json",
-        "-p",
-        &verbs(&["get", "list", "watch"]),
-    ]);
+    set_verbs(&["get", "list", "watch"]);
     cp.stop_apiserver(1);
     let only0 = set(&controllers[..1]);
     cp.wait_published(&only0, Duration::from_secs(60));
@@ -594,10 +581,7 @@ fn a_powered_off_controller_is_ejected_removed_and_readded() {
             let mut returned = false;
             while !stop.load(Ordering::SeqCst) {
                 let now = start.elapsed();
-                let st: serde_json::Value = serde_json::from_str(
-                    &std::fs::read_to_string(&status_path).unwrap_or_default(),
-                )
-                .unwrap_or_default();
+                let st = status_file(&status_path);
                 let (known, published) = (
                     backends(&st, "known_backends"),
                     backends(&st, "published_backends"),
@@ -849,9 +833,7 @@ fn watch_survives_a_dropped_connection_a_compaction_and_a_restart() {
         );
         std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
-                let st: serde_json::Value =
-                    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_default())
-                        .unwrap_or_default();
+                let st = status_file(&path);
                 if st.is_object() {
                     seen.lock().unwrap().push(backends(&st, "known_backends"));
                 }
