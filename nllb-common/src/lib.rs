@@ -8,6 +8,8 @@
 //! converts.
 #![no_std]
 
+pub mod layout;
+
 /// Bumped whenever a map's layout changes; the agent refuses to adopt pins
 /// from a different layout.
 pub const LAYOUT_VERSION: u32 = 1;
