@@ -1,6 +1,8 @@
 //! `cargo xtask <task>`: everything a person or CI runs, from a fresh machine on.
 
+mod arch;
 mod bench;
+mod build;
 mod cmd;
 mod demo;
 mod paths;
@@ -20,8 +22,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what a fresh machine lacks (Debian packages, nightly + rust-src,
-    /// bpf-linker, Envoy); idempotent, says what it did.
+    /// bpf-linker, Envoy, and for each cross target its Rust target, cross
+    /// compiler and qemu); idempotent, says what it did.
     Setup,
+    /// Build the release `nllb` binary, for this machine or cross-compiled
+    /// (`--target aarch64-unknown-linux-gnu,armv7-unknown-linux-gnueabihf`;
+    /// `arm64`, `armv7`, `riscv64` work too).
+    Build {
+        #[arg(long, value_delimiter = ',')]
+        target: Vec<String>,
+    },
     /// Set up, build `nllb`, run the workspace tests (privileged ones too).
     Test {
         /// Passed on to `cargo test` (write them after `--`).
@@ -66,7 +76,8 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.task {
-        Task::Setup => setup::setup().map(|_| ()),
+        Task::Setup => setup::setup_all().map(|_| ()),
+        Task::Build { target } => build::build(&target),
         Task::Test { cargo_args } => {
             let code = test::test(&cargo_args)?;
             std::process::exit(code);
