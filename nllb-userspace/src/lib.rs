@@ -14,6 +14,7 @@ pub mod kubeconfig;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod platform;
 pub mod sock_destroy;
 pub mod status;
 pub mod sys;
