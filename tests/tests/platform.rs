@@ -2,7 +2,9 @@
 //! and the BPF JIT truthfully, and where no Envoy build exists (armv7,
 //! riscv64) `--mode auto` never runs an Envoy binary, not even to ask its
 //! version. These run on the host and, cross-built, in the kernel-matrix
-//! guests of every architecture (`cargo xtask vm-test --arch ...`).
+//! guests of every architecture (`cargo xtask vm-test --arch ...`). Test
+//! names avoid the word "envoy": the guests report tests so named as not
+//! run (they carry no Envoy), and these must run there.
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
@@ -112,7 +114,7 @@ fn detect_names_the_architecture_and_whether_programs_are_jit_compiled() {
 }
 
 #[test]
-fn where_envoy_has_no_build_auto_never_runs_one() {
+fn auto_never_executes_the_fallback_binary_where_it_has_no_build() {
     let envoy = MarkingEnvoy::new();
     let not_cgroup = NotACgroup::new();
     let cgroup = not_cgroup.0.display().to_string();

@@ -317,6 +317,13 @@ if /nllb detect --help > /tmp/detect-help 2>&1; then
     fi
     echo "NLLB-DETECT-BEGIN $K"; cat /tmp/detect; echo "NLLB-DETECT-END $K"
     if [ $rc = 0 ]; then result smoke::nllb-detect ok; else result smoke::nllb-detect FAILED; fi
+    # A kernel that ships its BPF JIT switched off (Debian's armhf kernels):
+    # would the JIT compile nllb's programs once switched on?
+    if [ "$(cat /proc/sys/net/core/bpf_jit_enable 2>/dev/null)" = 0 ] && echo 1 > /proc/sys/net/core/bpf_jit_enable; then
+        /nllb detect --json > /tmp/detect-jit 2>/dev/null
+        echo "NLLB-JIT-ON $K $(sed -n 's/.*"programs_jited": *\([a-z]*\).*/\1/p' /tmp/detect-jit | head -n 1)"
+        echo 0 > /proc/sys/net/core/bpf_jit_enable
+    fi
 fi
 
 # The agent's memory here: a small config (one service, two controllers

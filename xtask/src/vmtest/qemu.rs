@@ -20,6 +20,9 @@ pub struct GuestRun {
     pub done: bool,
     /// The agent's VmRSS and VmHWM in KiB (small config, idle).
     pub rss_kib: Option<(u64, u64)>,
+    /// On a kernel whose BPF JIT is off: whether it compiles nllb's
+    /// programs once switched on.
+    pub jit_when_enabled: Option<bool>,
 }
 
 pub fn boot(arch: &Arch, vmlinuz: &Path, initrd: &Path, console_log: &Path, timeout: Duration) -> Result<GuestRun> {
@@ -75,7 +78,7 @@ pub fn parse(console: &str) -> GuestRun {
             }
             continue;
         }
-        let Some(at) = ["NLLB-BOOT ", "NLLB-RESULT ", "NLLB-DETECT-BEGIN ", "NLLB-DONE ", "NLLB-RSS "]
+        let Some(at) = ["NLLB-BOOT ", "NLLB-RESULT ", "NLLB-DETECT-BEGIN ", "NLLB-DONE ", "NLLB-RSS ", "NLLB-JIT-ON "]
             .iter()
             .filter_map(|m| line.find(m))
             .min()
@@ -93,6 +96,7 @@ pub fn parse(console: &str) -> GuestRun {
             ["NLLB-DETECT-BEGIN", ..] => detect = Some(Vec::new()),
             ["NLLB-DONE", ..] => run.done = true,
             ["NLLB-RSS", _, rss, hwm, ..] => run.rss_kib = rss.parse().ok().zip(hwm.parse().ok()),
+            ["NLLB-JIT-ON", _, jited, ..] => run.jit_when_enabled = jited.parse().ok(),
             _ => {}
         }
     }
@@ -107,7 +111,7 @@ mod tests {
     fn result_lines_are_scraped_even_after_kernel_noise() {
         let console = "[    1.0] veth: loaded\r\nNLLB-BOOT 6.1 6.1.0-50-amd64\r\n\
             NLLB-RESULT 6.1 smoke::nllb-runs ok\n[ 2.0] x: yNLLB-RESULT 6.1 datapath::refused FAILED 7\n\
-            NLLB-DETECT-BEGIN 6.1\nconnect4 yes\nNLLB-DETECT-END 6.1\nNLLB-RSS 6.1 11520 12032\nNLLB-DONE 6.1\n";
+            NLLB-DETECT-BEGIN 6.1\nconnect4 yes\nNLLB-DETECT-END 6.1\nNLLB-RSS 6.1 11520 12032\nNLLB-JIT-ON 6.1 true\nNLLB-DONE 6.1\n";
         let run = parse(console);
         assert_eq!(run.uname.as_deref(), Some("6.1.0-50-amd64"));
         assert_eq!(
@@ -119,6 +123,7 @@ mod tests {
         );
         assert_eq!(run.detect.as_deref(), Some("connect4 yes"));
         assert_eq!(run.rss_kib, Some((11520, 12032)));
+        assert_eq!(run.jit_when_enabled, Some(true));
         assert!(run.done);
     }
 }

@@ -27,6 +27,9 @@ pub struct KernelReport {
     pub detect: Option<String>,
     /// The agent's VmRSS and VmHWM in KiB (small config, idle).
     pub rss_kib: Option<(u64, u64)>,
+    /// Where the JIT is off by default: whether it compiles nllb's programs
+    /// once `net.core.bpf_jit_enable=1`.
+    pub jit_when_enabled: Option<bool>,
     /// Which build of the agent ran: dev or release.
     pub agent_profile: String,
 }
@@ -58,6 +61,7 @@ impl KernelReport {
             results: Vec::new(),
             detect: None,
             rss_kib: None,
+            jit_when_enabled: None,
             agent_profile: agent_profile.into(),
         }
     }
@@ -75,6 +79,7 @@ impl KernelReport {
         self.finished = run.done;
         self.detect = run.detect;
         self.rss_kib = run.rss_kib;
+        self.jit_when_enabled = run.jit_when_enabled;
         let key = self.key();
         self.results = run
             .results
@@ -197,7 +202,7 @@ pub fn arch_row(r: &KernelReport) -> String {
     };
     let jit = r.detect.as_deref().and_then(bpf_jit).map_or("—".to_string(), |(state, _)| match state.as_str() {
         "jit" => "✅ JIT".to_string(),
-        "interpreted" => "⚠️ interpreted".to_string(),
+        "interpreted" => format!("⚠️ interpreted{}", jit_when_enabled(r)),
         other => other.to_string(),
     });
     let rss = r.rss_kib.map_or("—".to_string(), |(rss, _)| {
@@ -243,6 +248,15 @@ fn merge_arch_rows(text: &str, reports: &[&KernelReport]) -> Option<String> {
     };
     rows.sort_by_key(order);
     Some(format!("{}\n{ARCH_HEADER}{}\n{}", &text[..start], rows.concat(), &text[stop..]))
+}
+
+/// What switching the JIT on would change, where the guest tried it.
+fn jit_when_enabled(r: &KernelReport) -> &'static str {
+    match r.jit_when_enabled {
+        Some(true) => " (JIT off by default; with `bpf_jit_enable=1` the programs are JIT-compiled)",
+        Some(false) => " (JIT off by default; even with `bpf_jit_enable=1` the JIT does not compile them)",
+        None => "",
+    }
 }
 
 /// `platform.bpf_jit.{state,summary}` from `nllb detect --json`.
@@ -410,7 +424,7 @@ fn markdown(arch: &Arch, reports: &[&KernelReport]) -> String {
             r.suite,
             r.package_version.as_deref().unwrap_or("—"),
             r.seconds.map(|t| format!("{t:.0} s")).unwrap_or_else(|| "—".into()),
-            r.detect.as_deref().and_then(bpf_jit).map_or("—".into(), |(_, summary)| summary),
+            r.detect.as_deref().and_then(bpf_jit).map_or("—".into(), |(_, summary)| summary + jit_when_enabled(r)),
             r.rss_kib.map_or("—".into(), |(rss, hwm)| format!(
                 "{:.1} / {:.1} MiB ({} build)",
                 rss as f64 / 1024.0,
