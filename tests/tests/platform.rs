@@ -8,7 +8,7 @@
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
-use nllb_tests::{Agent, AgentOpts, nllb_bin, one_service_config, unique_name};
+use nllb_tests::{Agent, AgentOpts, TestCgroup, nllb_bin, one_service_config, privileged, unique_name};
 
 /// Envoy builds exist for these (`nllb_userspace::platform`).
 const HAS_ENVOY: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch64"));
@@ -86,7 +86,13 @@ fn detect(args: &[&str]) -> (i32, String) {
 
 #[test]
 fn detect_names_the_architecture_and_whether_programs_are_jit_compiled() {
-    let (_, json) = detect(&["--json"]);
+    if !privileged() {
+        return;
+    }
+    // The attach probe loads the real programs under a test cgroup of ours.
+    let cg = TestCgroup::new();
+    let cgroup = cg.path().display().to_string();
+    let (_, json) = detect(&["--json", "--cgroup", &cgroup]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
     let p = &v["platform"];
     assert_eq!(p["arch"], expected_arch(), "{p}");
@@ -109,7 +115,7 @@ fn detect_names_the_architecture_and_whether_programs_are_jit_compiled() {
     if v["ebpf_usable"] == true {
         assert!(jit["programs_jited"].is_boolean(), "the attach probe loaded the programs: {jit}");
     }
-    let (_, text) = detect(&[]);
+    let (_, text) = detect(&["--cgroup", &cgroup]);
     assert!(text.contains("BPF JIT"), "{text}");
 }
 
