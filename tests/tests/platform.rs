@@ -25,57 +25,49 @@ fn expected_arch() -> &'static str {
     }
 }
 
-/// A stand-in Envoy that leaves a mark when anything executes it (and
-/// answers `--version` like the real one, so on architectures where Envoy
-/// may be used, detect accepts it).
-struct MarkingEnvoy {
-    dir: PathBuf,
-}
+/// A directory of ours, removed on drop. Not a cgroup, so the in-kernel
+/// datapath cannot attach there.
+struct TempDir(PathBuf);
 
-impl MarkingEnvoy {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(unique_name("nllb-fake-envoy-"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let script = format!(
-            "#!/bin/sh\ntouch {}\necho 'envoy  version: 0000/1.40.0/Clean/RELEASE/BoringSSL'\n",
-            dir.join("ran").display()
-        );
-        let bin = dir.join("envoy");
-        std::fs::write(&bin, script).unwrap();
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-        Self { dir }
-    }
-
-    fn bin(&self) -> PathBuf {
-        self.dir.join("envoy")
-    }
-
-    fn ran(&self) -> bool {
-        self.dir.join("ran").exists()
-    }
-}
-
-impl Drop for MarkingEnvoy {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A directory that is not a cgroup: the in-kernel datapath cannot attach there.
-struct NotACgroup(PathBuf);
-
-impl NotACgroup {
-    fn new() -> Self {
-        let p = std::env::temp_dir().join(unique_name("nllb-not-cgroup-"));
+impl TempDir {
+    fn new(prefix: &str) -> Self {
+        let p = std::env::temp_dir().join(unique_name(prefix));
         std::fs::create_dir_all(&p).unwrap();
         Self(p)
     }
 }
 
-impl Drop for NotACgroup {
+impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A stand-in Envoy that leaves a mark when anything executes it (and
+/// answers `--version` like the real one, so on architectures where Envoy
+/// may be used, detect accepts it).
+struct MarkingEnvoy(TempDir);
+
+impl MarkingEnvoy {
+    fn new() -> Self {
+        let dir = TempDir::new("nllb-fake-envoy-");
+        let script = format!(
+            "#!/bin/sh\ntouch {}\necho 'envoy  version: 0000/1.40.0/Clean/RELEASE/BoringSSL'\n",
+            dir.0.join("ran").display()
+        );
+        let bin = dir.0.join("envoy");
+        std::fs::write(&bin, script).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Self(dir)
+    }
+
+    fn bin(&self) -> PathBuf {
+        self.0.0.join("envoy")
+    }
+
+    fn ran(&self) -> bool {
+        self.0.0.join("ran").exists()
     }
 }
 
@@ -122,7 +114,7 @@ fn detect_names_the_architecture_and_whether_programs_are_jit_compiled() {
 #[test]
 fn auto_never_executes_the_fallback_binary_where_it_has_no_build() {
     let envoy = MarkingEnvoy::new();
-    let not_cgroup = NotACgroup::new();
+    let not_cgroup = TempDir::new("nllb-not-cgroup-");
     let cgroup = not_cgroup.0.display().to_string();
     let bin = envoy.bin().display().to_string();
     let (code, text) = detect(&["--cgroup", &cgroup, "--envoy-binary", &bin]);

@@ -33,8 +33,8 @@ pub struct Qemu {
     pub machine: &'static [&'static str],
     /// The serial console the kernel writes to.
     pub console: &'static str,
-    /// Firmware the machine needs besides qemu itself (riscv's OpenSBI).
-    pub firmware_package: Option<&'static str>,
+    /// More kernel command line for this machine.
+    pub append: &'static str,
     /// How much slower than an x86-64 guest the tests run here, measured:
     /// the guest stretches its readiness timeouts by 10x this.
     pub slowdown: u32,
@@ -53,7 +53,7 @@ pub const X86_64: Arch = Arch {
         package: "qemu-system-x86",
         machine: &["-accel", "tcg"],
         console: "ttyS0",
-        firmware_package: None,
+        append: "",
         slowdown: 1,
     },
 };
@@ -72,7 +72,9 @@ pub const ARM64: Arch = Arch {
         // cortex-a57: `max` adds pointer authentication, which TCG emulates slowly.
         machine: &["-accel", "tcg", "-M", "virt", "-cpu", "cortex-a57"],
         console: "ttyAMA0",
-        firmware_package: None,
+        // KASLR makes the kernel force page table isolation, whose TLB
+        // flush on every kernel entry is what TCG emulates most slowly.
+        append: "nokaslr",
         slowdown: 2,
     },
 };
@@ -93,7 +95,7 @@ pub const ARMV7: Arch = Arch {
         // highmem=off: a 32-bit kernel cannot reach PCI windows above 4 GiB.
         machine: &["-accel", "tcg", "-M", "virt,highmem=off", "-cpu", "cortex-a15"],
         console: "ttyAMA0",
-        firmware_package: None,
+        append: "",
         slowdown: 2,
     },
 };
@@ -111,7 +113,7 @@ pub const RISCV64: Arch = Arch {
         package: "qemu-system-misc",
         machine: &["-accel", "tcg", "-M", "virt"],
         console: "ttyS0",
-        firmware_package: Some("opensbi"),
+        append: "",
         slowdown: 3,
     },
 };
@@ -160,8 +162,8 @@ impl Arch {
     /// The Debian packages setup installs for this architecture.
     pub fn debian_packages(&self) -> Vec<&'static str> {
         let mut p: Vec<&'static str> = self.cross_gcc.into_iter().flat_map(|(gcc, libc)| [gcc, libc]).collect();
+        // riscv64's firmware (OpenSBI) comes with qemu (qemu-system-data).
         p.push(self.qemu.package);
-        p.extend(self.qemu.firmware_package);
         p
     }
 }

@@ -36,7 +36,7 @@ pub fn boot(arch: &Arch, vmlinuz: &Path, initrd: &Path, console_log: &Path, time
         .arg(vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", &format!("console={} panic=-1", q.console)])
+        .args(["-append", format!("console={} panic=-1 {}", q.console, q.append).trim_end()])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
