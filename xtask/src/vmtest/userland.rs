@@ -219,7 +219,10 @@ fn sysroot_libraries(root: &Path, arch: &Arch, elfs: &[PathBuf]) -> Result<Vec<(
         if let Some(i) = interp {
             let rel = PathBuf::from(i.trim_start_matches('/'));
             if seen.insert(rel.clone()) {
+                // From trixie on, packages put it under usr/ and rely on
+                // base-files' /lib -> usr/lib link, which the sysroot lacks.
                 let src = resolve_in(root, &rel)
+                    .or_else(|| resolve_in(root, &Path::new("usr").join(&rel)))
                     .with_context(|| format!("{}: interpreter {i} not in {}", elf.display(), root.display()))?;
                 out.push((src, rel));
             }
