@@ -3,6 +3,7 @@
 
 mod backend;
 mod bpfstats;
+mod k0s;
 mod loadgen;
 mod netns;
 mod paths;
@@ -38,7 +39,7 @@ struct Cli {
     /// Skip the failover scenarios of the full run.
     #[arg(long)]
     no_failover: bool,
-    /// Only these paths (comma separated: direct, nllb, envoy, haproxy); direct is the baseline, keep it.
+    /// Only these paths (comma separated: direct, nllb, envoy, haproxy, k0s); direct is the baseline, keep it.
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// Nice value for the benchmark and everything it starts (inherited), so

@@ -16,6 +16,7 @@ use nllb_tests::{TestCgroup, TestNet};
 use crate::{
     backend::Backends,
     bpfstats::{self, ProgStats},
+    k0s,
     loadgen::{ClientResult, ClientSpec, Workload},
     paths::{self, AgentOpts, PathUnderTest},
     proxies::{self, EnvoyHealth, K0S_HEALTH},
@@ -76,6 +77,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
     // nllb in Envoy mode gets a cgroup of its own: if a build wrongly
     // attached eBPF programs there, no other path's clients would be affected.
     let envoy_cg = TestCgroup::new();
+    // nllb in place over k0s's Envoy: its own agent, so its own cgroup.
+    let k0s_cg = TestCgroup::new();
     let nllb_bin = find_nllb(opts.nllb_bin.as_deref());
     let envoy_bin = proxies::find_envoy(opts.envoy_bin.as_deref());
     let vip_api = SocketAddr::from(([127, 0, 0, 1], 7443));
@@ -107,12 +110,27 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
         paths::haproxy(dir, &addrs, plain_cg.path(), proxy_cpu, false)
             .unwrap_or_else(|e| PathUnderTest::unavailable("haproxy", "HAProxy", format!("{e:#}"))),
     );
+    let k0s = k0s::Setup {
+        envoy: envoy_bin.as_deref(),
+        dir,
+        backends: &addrs,
+        cpu: proxy_cpu,
+        health: nllb_tests::k0s_nllb::HealthPace::AsK0s,
+    };
+    paths.push(k0s::envoy_path(&k0s, "k0s-envoy", plain_cg.path()));
+    paths.push(k0s::in_place_path(
+        &k0s,
+        &nllb_bin,
+        "k0s-inplace",
+        k0s_cg.path(),
+    ));
     if let Some(only) = &opts.only {
         paths.retain(|p| {
             only.iter().any(|o| {
                 o == &p.info.id
                     || (o == "envoy" && p.info.id.starts_with("envoy"))
                     || (o == "nllb" && p.info.id.starts_with("nllb"))
+                    || k0s::selected(o, &p.info.id)
             })
         });
     }
@@ -648,12 +666,22 @@ fn failover_all(
     // Configurations: (which, post-fault window).
     // Windows: nllb's defaults and HAProxy's checks settle within ~2 s, k0s's
     // Envoy checks need up to 5 × 5 s + the 1 s timeout.
-    let configs: [(&str, u64); 4] = [
+    let configs: [(&str, u64); 6] = [
         ("nllb", 6000),
         ("nllb-envoy", 6000),
         ("envoy-k0s", 30000),
         ("haproxy-checks", 6000),
+        (k0s::ENVOY_ID, 30000),
+        (k0s::IN_PLACE_ID, 6000),
     ];
+    // k0s's Envoy in its steady state (see HealthPace::SteadyState).
+    let k0s_steady = k0s::Setup {
+        envoy,
+        dir,
+        backends: addrs,
+        cpu: proxy_cpu,
+        health: nllb_tests::k0s_nllb::HealthPace::SteadyState,
+    };
     for (which, window) in configs {
         if let Some(only) = &opts.only {
             if !only.iter().any(|o| which.starts_with(o.as_str())) {
@@ -665,6 +693,8 @@ fn failover_all(
             let path = match which {
                 "nllb" => start_nllb_ebpf(nllb, dir, &tag, addrs, nllb_cg, SocketAddr::from(([127, 0, 0, 1], 7443)), SocketAddr::from(([127, 0, 0, 1], 7444)), proxy_cpu),
                 "nllb-envoy" => start_envoy_mode(nllb, envoy, dir, addrs, envoy_cg, proxy_cpu, None),
+                k0s::ENVOY_ID => k0s::envoy_path(&k0s_steady, &tag, plain_cg),
+                k0s::IN_PLACE_ID => k0s::in_place_path(&k0s_steady, nllb, &tag, nllb_cg),
                 "haproxy-checks" => paths::haproxy(dir, addrs, plain_cg, proxy_cpu, true)
                     .unwrap_or_else(|e| PathUnderTest::unavailable("haproxy-checks", "HAProxy, checks + redispatch", format!("{e:#}"))),
                 _ => match envoy {

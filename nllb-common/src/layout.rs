@@ -97,16 +97,25 @@ macro_rules! assert_map_layout {
 assert_map_layout! {
     Vip4Key { addr, port, _pad } = 8, 4;
     Vip6Key { addr, port, _pad } = 20, 4;
-    VipValue { svc_id } = 4, 4;
-    ServiceState { bank, count, flags, generation } = 16, 4;
-    BackendSlot { addr, port, family, stat_id } = 24, 4;
-    OrigDst { addr, port, family, svc_id } = 24, 4;
+    BackendSlot { addr, port, family, stat_id, syn_rto_ms, _pad, cleared_ns } = 40, 8;
+    ServiceTable { svc_id, flags, count4, count6, backends4, backends6 } = 5136, 8;
     BackendKey { addr, port, family } = 20, 4;
-    PassiveMark { failed_ns, failures, _pad } = 16, 8;
-    DatapathConfig { host_netns_cookie, flags, eject_hold_ms, layout_version, _pad } = 24, 8;
+    PassiveMark { failed_ns, recovered_ns, cause, _pad } = 24, 8;
+    SockState {
+        cookie, created_ns, vip, backend, vip_port, backend_port, family, _pad, svc_id, stat_id, syn_rto_jiffies, _pad2
+    } = 72, 8;
+    BackendCounters { connects, refused, syn_timeouts, established } = 32, 8;
+    ServiceCounters { no_backend, all_marked } = 16, 8;
+    DatapathCounters { sockets_full, events_lost, marks_full, syncnt_refused } = 32, 8;
+    DatapathConfig { host_netns_cookie, flags, eject_hold_ms, layout_version, syn_retries, hz, _pad } = 32, 8;
+    TraceControl { until_ns } = 8, 8;
+    Event {
+        ts_ns, pid_tgid, cgroup_id, cookie, kind, cause, svc_id, family, vip_port, vip, backend, backend_port,
+        backend_family, skipped, skipped_port, skipped_family, comm
+    } = 120, 8;
 }
 
-// Plain keys and values: NLLB_SERVICES (u32), NLLB_SOCKETS (u64 cookie),
-// the per-CPU counters (u64). u64 is 8-aligned on every supported target
+// Plain keys and values: the table and counter indexes (u32), NLLB_SOCKETS
+// (u64 cookie). u64 is 8-aligned on every supported target
 // (armv7's AAPCS too; only i686 would differ).
 const _: () = assert!(core::mem::size_of::<u64>() == 8 && core::mem::align_of::<u64>() == 8);

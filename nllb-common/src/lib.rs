@@ -2,61 +2,81 @@
 //!
 //! Every map's name, key and value layout lives here and nowhere else. All
 //! value types are `#[repr(C)]` with explicit padding fields so the layout is
-//! the same on both sides and `bpftool map dump` (BTF) shows named fields.
-//! Addresses and ports are stored in network byte order, exactly as the
-//! kernel hands them to `cgroup/connect4|6` programs, so the hot path never
-//! converts.
+//! the same on both sides, on 32- and 64-bit CPUs, and `bpftool map dump`
+//! (BTF) shows named fields. Addresses and ports are stored in network byte
+//! order, exactly as the kernel hands them to `cgroup/connect4|6` programs, so
+//! the hot path never converts.
+//!
+//! Who writes what (one writer per element, so no update is ever lost):
+//! - the agent writes the virtual-address maps, the service tables inside
+//!   them and `NLLB_CONFIG`;
+//! - the programs write `NLLB_MARKS`, `NLLB_SOCKETS`, the counters and the
+//!   event rings; the agent only deletes marks of backends it no longer
+//!   publishes;
+//! - `nllb trace` readers write `NLLB_TRACE_CTL`.
 #![no_std]
 
+pub mod events;
 pub mod layout;
 
-/// Bumped whenever a map's layout changes; the agent refuses to adopt pins
-/// from a different layout.
-pub const LAYOUT_VERSION: u32 = 1;
+pub use events::{Event, EventKind, MarkCause};
 
-pub const MAX_SERVICES: u32 = 32;
-/// Backends one service can publish per address family.
-pub const MAX_BACKENDS: u32 = 16;
-/// Slots tried after the random pick when the picked backend is passively
-/// ejected. Constant so the verifier sees a bounded, unrolled loop and every
-/// connect costs the same; 4 covers every backend of a typical 3-controller
-/// control plane.
-pub const MAX_PICK_ATTEMPTS: u32 = 4;
-/// Per-(service, backend) connect counters.
-pub const MAX_STATS: u32 = MAX_SERVICES * MAX_BACKENDS * 2;
-/// Rewritten sockets remembered for getpeername (LRU).
+/// Bumped whenever a map's layout changes; the agent refuses to adopt pins
+/// from a different layout and swaps the programs over instead.
+pub const LAYOUT_VERSION: u32 = 2;
+
+/// Services the agent can publish.
+pub const MAX_SERVICES: u32 = 256;
+/// Backend slots a service table holds per address family. A backend may
+/// fill several slots: that is how a weighted pick is published.
+pub const MAX_BACKENDS: u32 = 64;
+/// Per-(service, backend) counter slots, a pool shared by all services
+/// (per CPU: 4096 × 32 bytes).
+pub const MAX_STATS: u32 = 4096;
+/// Live sockets nllb steered and remembers at once (getpeername, passive
+/// health, socket destroy). A socket beyond this is still steered; it only
+/// loses those extras (counted in `DatapathCounters::sockets_full`).
 pub const MAX_SOCKETS: u32 = 65536;
-pub const MAX_VIPS: u32 = 128;
+pub const MAX_VIPS: u32 = 1024;
+/// Backends the kernel can hold a passive mark for.
+pub const MAX_MARKS: u32 = MAX_STATS;
+/// Bytes of each event ring (a power of two, a multiple of the page size).
+pub const EVENT_RING_BYTES: u32 = 64 * 1024;
+pub const TRACE_RING_BYTES: u32 = 1024 * 1024;
 
 pub const FAMILY_V4: u16 = 2; // AF_INET
 pub const FAMILY_V6: u16 = 10; // AF_INET6
-
-/// Index of a service's backend table for one family.
-pub const FAM_IDX_V4: u32 = 0;
-pub const FAM_IDX_V6: u32 = 1;
 
 pub mod maps {
     //! Map names: the eBPF side declares them with these names, the agent
     //! pins them under `<pin-path>/<name>` and `nllb status` reads them.
     pub const VIPS4: &str = "NLLB_VIPS4";
     pub const VIPS6: &str = "NLLB_VIPS6";
-    pub const SERVICES: &str = "NLLB_SERVICES";
-    pub const BACKENDS: &str = "NLLB_BACKENDS";
-    pub const CONNECT_STATS: &str = "NLLB_CONNECT_STATS";
-    pub const NO_BACKEND_STATS: &str = "NLLB_NOBACKEND";
+    /// Never read by a program: its BTF type ids let the agent create the
+    /// per-publish service tables with field names for bpftool.
+    pub const TABLE_PROTO: &str = "NLLB_TABLE_PROTO";
+    pub const MARKS: &str = "NLLB_MARKS";
     pub const SOCKETS: &str = "NLLB_SOCKETS";
-    pub const PASSIVE: &str = "NLLB_PASSIVE";
+    pub const BACKEND_STATS: &str = "NLLB_BACKEND_STATS";
+    pub const SERVICE_STATS: &str = "NLLB_SERVICE_STATS";
+    pub const DATAPATH_STATS: &str = "NLLB_DATAPATH_STATS";
     pub const CONFIG: &str = "NLLB_CONFIG";
-    pub const ALL: [&str; 9] = [
+    pub const EVENTS: &str = "NLLB_EVENTS";
+    pub const TRACE_CTL: &str = "NLLB_TRACE_CTL";
+    pub const TRACE_EVENTS: &str = "NLLB_TRACE_EVENTS";
+    pub const ALL: [&str; 12] = [
         VIPS4,
         VIPS6,
-        SERVICES,
-        BACKENDS,
-        CONNECT_STATS,
-        NO_BACKEND_STATS,
+        TABLE_PROTO,
+        MARKS,
         SOCKETS,
-        PASSIVE,
+        BACKEND_STATS,
+        SERVICE_STATS,
+        DATAPATH_STATS,
         CONFIG,
+        EVENTS,
+        TRACE_CTL,
+        TRACE_EVENTS,
     ];
 }
 
@@ -66,6 +86,10 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "nllb_getpeername4";
     pub const GETPEERNAME6: &str = "nllb_getpeername6";
     pub const SOCK_OPS: &str = "nllb_sock_ops";
+    pub const SOCK_RELEASE: &str = "nllb_sock_release";
+    /// Empty programs at the same hooks: the benchmark's floor.
+    pub const FLOOR_CONNECT4: &str = "nllb_floor_connect4";
+    pub const FLOOR_SOCK_OPS: &str = "nllb_floor_sock_ops";
 }
 
 /// Key of `NLLB_VIPS4`: an IPv4 virtual address and port.
@@ -86,65 +110,61 @@ pub struct Vip6Key {
     pub _pad: u16,
 }
 
-/// Value of both VIP maps: which service a virtual address belongs to.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct VipValue {
-    pub svc_id: u32,
-}
+/// `ServiceTable.flags`: every backend is published because none is
+/// healthy (panic mode).
+pub const TABLE_FLAG_PANIC: u32 = 1;
 
-/// Key of `NLLB_SERVICES`: `svc_id * 2 + family index`.
-pub const fn service_key(svc_id: u32, fam_idx: u32) -> u32 {
-    svc_id * 2 + fam_idx
-}
-
-pub const SERVICE_FLAG_PANIC: u32 = 1;
-
-/// Value of `NLLB_SERVICES`: which of the two banks of backend slots is live
-/// and how many slots it holds.
-///
-/// The agent never edits a live bank. It fills the other bank, then replaces
-/// this value in one hash-map update (the kernel swaps the element pointer
-/// under RCU, so a reader sees the old value or the new one, never a mix).
-/// See `nllb-userspace/src/datapath/backend_table.rs` for the full scheme.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct ServiceState {
-    pub bank: u32,
-    pub count: u32,
-    pub flags: u32,
-    pub generation: u32,
-}
-
-/// Index into `NLLB_BACKENDS` (an array).
-pub const fn backend_index(svc_id: u32, fam_idx: u32, bank: u32, slot: u32) -> u32 {
-    ((service_key(svc_id, fam_idx) * 2 + bank) * MAX_BACKENDS) + slot
-}
-pub const BACKEND_SLOTS: u32 = MAX_SERVICES * 2 * 2 * MAX_BACKENDS;
-
-/// One backend slot: where a connect is sent, and which counter it bumps.
-/// For IPv4 only `addr[0]` is used.
+/// One backend slot of a service table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct BackendSlot {
+    /// For IPv4 only `addr[0]` is used.
     pub addr: [u32; 4],
     pub port: u16,
     pub family: u16,
+    /// Index into `NLLB_BACKEND_STATS`.
     pub stat_id: u32,
+    /// Retransmission timeout for the first SYN of a connect steered here;
+    /// 0 leaves the kernel's default.
+    pub syn_rto_ms: u32,
+    pub _pad: u32,
+    /// CLOCK_MONOTONIC ns at which the agent last cleared this backend's
+    /// passive mark (probes say it is back); marks older than this are void.
+    pub cleared_ns: u64,
 }
 
-/// Value of `NLLB_SOCKETS` (keyed by socket cookie): the virtual address a
-/// rewritten socket dialed, for getpeername and for socket destroy.
+/// The whole state of one service, the value of the one-element array that
+/// each virtual address maps to in `NLLB_VIPS4/6`.
+///
+/// Immutable once linked: the agent creates a new table for every publish and
+/// swaps it in. A connect that looked the old one up keeps reading a complete,
+/// unchanging table until it returns; the kernel frees a table only after an
+/// RCU grace period (see `nllb-userspace/src/datapath/tables.rs`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct OrigDst {
-    pub addr: [u32; 4],
-    pub port: u16,
-    pub family: u16,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceTable {
     pub svc_id: u32,
+    pub flags: u32,
+    pub count4: u32,
+    pub count6: u32,
+    pub backends4: [BackendSlot; MAX_BACKENDS as usize],
+    pub backends6: [BackendSlot; MAX_BACKENDS as usize],
 }
 
-/// Key of `NLLB_PASSIVE`: a backend as seen by sock_ops (remote address).
+impl Default for ServiceTable {
+    fn default() -> Self {
+        ServiceTable {
+            svc_id: 0,
+            flags: 0,
+            count4: 0,
+            count6: 0,
+            backends4: [BackendSlot::default(); MAX_BACKENDS as usize],
+            backends6: [BackendSlot::default(); MAX_BACKENDS as usize],
+        }
+    }
+}
+
+/// Key of `NLLB_MARKS`: a backend as a socket sees it (remote address).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct BackendKey {
@@ -153,22 +173,90 @@ pub struct BackendKey {
     pub family: u16,
 }
 
-/// Value of `NLLB_PASSIVE`. The agent inserts a zeroed entry for every
-/// published backend (so sock_ops only watches our backends); sock_ops sets
-/// `failed_ns` when a connect to it is refused or its SYN times out.
-/// connect4/6 skip a backend whose `failed_ns` is within the hold time;
-/// the agent clears it once probes confirm the backend is back.
+/// Value of `NLLB_MARKS`, written only by the programs, always as a whole
+/// element (so concurrent writers never tear it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PassiveMark {
+    /// CLOCK_MONOTONIC ns of the last failure of a steered connect.
     pub failed_ns: u64,
-    pub failures: u32,
+    /// CLOCK_MONOTONIC ns of the last steered connect that was established.
+    pub recovered_ns: u64,
+    /// `MarkCause` of the last failure.
+    pub cause: u32,
     pub _pad: u32,
+}
+
+/// Value of `NLLB_SOCKETS` (keyed by socket cookie): what nllb did with one
+/// live socket. Inserted by connect4/6, deleted by sock_release.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockState {
+    /// The key again: a reader that raced a delete and a reuse of the
+    /// element sees another cookie here and ignores the entry.
+    pub cookie: u64,
+    /// CLOCK_MONOTONIC ns of the connect.
+    pub created_ns: u64,
+    /// The virtual address dialed (v4 in `vip[0]`), as the application
+    /// passed it (an IPv4-mapped IPv6 address stays mapped).
+    pub vip: [u32; 4],
+    /// The backend the connect was sent to, as the socket sees it.
+    pub backend: [u32; 4],
+    pub vip_port: u16,
+    pub backend_port: u16,
+    /// Family of the socket (`vip` and `backend` are in this family).
+    pub family: u16,
+    pub _pad: u16,
+    pub svc_id: u32,
+    pub stat_id: u32,
+    /// The SYN retransmission timeout given to this socket, in jiffies
+    /// (0: the kernel's default); TIMEOUT_INIT must answer the same every
+    /// time it is asked for one connection.
+    pub syn_rto_jiffies: u32,
+    pub _pad2: u32,
+}
+
+/// Per-CPU counters of one (service, backend) pair, `NLLB_BACKEND_STATS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendCounters {
+    pub connects: u64,
+    /// Steered connects refused (RST), given up or aborted in SYN_SENT.
+    pub refused: u64,
+    /// Steered connects whose SYN had to be retransmitted.
+    pub syn_timeouts: u64,
+    /// Steered connects established.
+    pub established: u64,
+}
+
+/// Per-CPU counters of one service, `NLLB_SERVICE_STATS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceCounters {
+    /// Connects refused because the service had no backend.
+    pub no_backend: u64,
+    /// Connects that found every tried backend marked and took the one
+    /// whose mark is oldest.
+    pub all_marked: u64,
+}
+
+/// Per-CPU counters of the whole datapath, `NLLB_DATAPATH_STATS[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DatapathCounters {
+    /// Steered connects not remembered because `NLLB_SOCKETS` was full.
+    pub sockets_full: u64,
+    /// Events dropped because a ring was full.
+    pub events_lost: u64,
+    /// Marks not recorded because `NLLB_MARKS` was full.
+    pub marks_full: u64,
+    /// Steered connects whose `TCP_SYNCNT` the kernel refused from BPF
+    /// (older kernels): their SYN retries are the system's.
+    pub syncnt_refused: u64,
 }
 
 pub const CONFIG_FLAG_ALL_NETNS: u32 = 1;
 pub const CONFIG_FLAG_PASSIVE: u32 = 2;
-pub const CONFIG_FLAG_SET_RETVAL: u32 = 4;
 
 /// Single entry of `NLLB_CONFIG`.
 #[repr(C)]
@@ -181,7 +269,22 @@ pub struct DatapathConfig {
     /// How long a passive mark ejects a backend without the agent's word.
     pub eject_hold_ms: u32,
     pub layout_version: u32,
+    /// `TCP_SYNCNT` for steered sockets (0 leaves the system's
+    /// `tcp_syn_retries`): with a short first RTO the kernel gives up on a
+    /// silent backend by itself within a few RTOs, agent or not.
+    pub syn_retries: u32,
+    /// The kernel's CONFIG_HZ, to turn `syn_rto_ms` into jiffies.
+    pub hz: u32,
     pub _pad: u32,
+}
+
+/// Single entry of `NLLB_TRACE_CTL`: trace events are emitted while
+/// `bpf_ktime_get_ns() < until_ns`. A reader refreshes it every second, so a
+/// reader that dies stops the events within a few seconds by itself.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceControl {
+    pub until_ns: u64,
 }
 
 #[cfg(feature = "user")]
@@ -191,38 +294,15 @@ mod pod {
     // no pointers, so every bit pattern is valid.
     unsafe impl aya::Pod for Vip4Key {}
     unsafe impl aya::Pod for Vip6Key {}
-    unsafe impl aya::Pod for VipValue {}
-    unsafe impl aya::Pod for ServiceState {}
     unsafe impl aya::Pod for BackendSlot {}
-    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for ServiceTable {}
     unsafe impl aya::Pod for BackendKey {}
     unsafe impl aya::Pod for PassiveMark {}
+    unsafe impl aya::Pod for SockState {}
+    unsafe impl aya::Pod for BackendCounters {}
+    unsafe impl aya::Pod for ServiceCounters {}
+    unsafe impl aya::Pod for DatapathCounters {}
     unsafe impl aya::Pod for DatapathConfig {}
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use core::mem::size_of;
-
-    #[test]
-    fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<Vip4Key>(), 8);
-        assert_eq!(size_of::<Vip6Key>(), 20);
-        assert_eq!(size_of::<ServiceState>(), 16);
-        assert_eq!(size_of::<BackendSlot>(), 24);
-        assert_eq!(size_of::<OrigDst>(), 24);
-        assert_eq!(size_of::<BackendKey>(), 20);
-        assert_eq!(size_of::<PassiveMark>(), 16);
-        assert_eq!(size_of::<DatapathConfig>(), 24);
-    }
-
-    #[test]
-    fn backend_indices_do_not_overlap() {
-        let last = backend_index(MAX_SERVICES - 1, FAM_IDX_V6, 1, MAX_BACKENDS - 1);
-        assert_eq!(last, BACKEND_SLOTS - 1);
-        assert_eq!(backend_index(0, 0, 1, 0), MAX_BACKENDS);
-        assert_eq!(backend_index(0, 1, 0, 0), 2 * MAX_BACKENDS);
-        assert_eq!(backend_index(1, 0, 0, 0), 4 * MAX_BACKENDS);
-    }
+    unsafe impl aya::Pod for TraceControl {}
+    unsafe impl aya::Pod for Event {}
 }

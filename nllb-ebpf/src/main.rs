@@ -1,10 +1,11 @@
 //! nllb's in-kernel datapath.
 //!
 //! connect4/connect6 rewrite a connect to a virtual loopback address onto one
-//! of its service's backends; getpeername4/6 hide the rewrite from the
-//! application; sock_ops watches the outcome of connects to backends and
-//! marks a backend that refuses or drops SYNs, so the next connects avoid it
-//! before any probe notices.
+//! of its service's backends and remember the socket; getpeername4/6 hide the
+//! rewrite from the application; sock_ops bounds the SYN time of steered
+//! connects and marks a backend whose SYNs are refused or go unanswered, so
+//! the next connects avoid it before any probe notices; sock_release forgets
+//! a socket when it closes.
 //!
 //! Every entry point is thin and fails open: when a connect is not ours, or
 //! anything unexpected happens, the program lets it proceed untouched.
@@ -12,7 +13,23 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
-mod datapath;
+mod connect;
+#[cfg(target_arch = "bpf")]
+mod events;
+#[cfg(target_arch = "bpf")]
+mod floor;
+#[cfg(target_arch = "bpf")]
+mod hooks;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod marks;
+#[cfg(target_arch = "bpf")]
+mod passive;
+#[cfg(target_arch = "bpf")]
+mod peer;
+#[cfg(target_arch = "bpf")]
+mod sockets;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
@@ -25,7 +42,9 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     unsafe { core::hint::unreachable_unchecked() }
 }
 
+// The kernel only lets GPL-compatible programs call most helpers; the
+// crate is licensed Apache-2.0 OR GPL-2.0, and this names the GPL side.
 #[cfg(target_arch = "bpf")]
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+static LICENSE: [u8; 7] = *b"GPL v2\0";

@@ -1,32 +1,41 @@
 //! `nllb agent`: installs the datapath, keeps it serving the current plan,
 //! and tears it down on SIGINT/SIGTERM.
+//!
+//! The event loop only waits on events: signals, discovery, health verdicts,
+//! kernel events, the datapath thread's outcomes and a tick. Whatever blocks
+//! runs elsewhere: plan publishing on the datapath thread
+//! (`datapath::worker`), socket destroys on blocking tasks.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use std::sync::Arc;
-
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::watch,
+    sync::{mpsc, watch},
 };
 
 use crate::{
-    config::{Config, ConfigError},
-    config::Mode,
+    config::{Config, ConfigError, Mode},
     datapath::{
         Datapath, DatapathError, DatapathKind,
         ebpf::{EbpfDatapath, EbpfOptions},
+        events::{EventReader, KernelEvent},
+        reaper::Reaper,
+        worker::{Applied, DatapathWorker},
     },
     discovery::DiscoveredSet,
     health::{self, HealthError, HealthSnapshot, Monitor, Transitions},
     metrics::{self, Metrics},
-    model::Plan,
-    status::{AgentStatus, ServiceStatus},
+    model::{BackendFacts, Plan},
+    passive,
+    sock_diag::States,
+    stand_aside::{Selected, select_datapath},
+    status::{AgentStatus, PassiveStatus, ServiceStatus},
     sys,
 };
 
@@ -100,7 +109,11 @@ pub fn validate(opts: &AgentOptions) -> Result<(Config, PathBuf), AgentError> {
         .into());
     }
     if !opts.pin_path.is_absolute() || opts.pin_path.parent().is_none() {
-        return Err(ConfigError::new("--pin-path", "must be an absolute path under a bpffs mount, e.g. /sys/fs/bpf/nllb").into());
+        return Err(ConfigError::new(
+            "--pin-path",
+            "must be an absolute path under a bpffs mount, e.g. /sys/fs/bpf/nllb",
+        )
+        .into());
     }
     Ok((config, cgroup))
 }
@@ -125,6 +138,21 @@ async fn next_discovered(rx: &mut Option<watch::Receiver<DiscoveredSet>>) -> Opt
     }
 }
 
+/// The next batch of kernel events; never resolves without a ring.
+async fn next_events(reader: &mut Option<EventReader>) -> Vec<KernelEvent> {
+    let Some(r) = reader else {
+        return std::future::pending().await;
+    };
+    match r.next_batch().await {
+        Ok(batch) => batch.iter().filter_map(KernelEvent::from_event).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "the kernel's event ring failed; passive marks now reach the agent only through probes");
+            *reader = None;
+            std::future::pending().await
+        }
+    }
+}
+
 fn probe_observer(metrics: &Arc<Metrics>) -> health::ProbeObserver {
     let metrics = metrics.clone();
     Arc::new(move |target, took| {
@@ -133,14 +161,31 @@ fn probe_observer(metrics: &Arc<Metrics>) -> health::ProbeObserver {
     })
 }
 
+/// What a finished socket destroy reports back to the loop.
+struct Aborted {
+    backend: SocketAddr,
+    why: &'static str,
+    result: Result<usize, String>,
+}
+
 struct Agent {
     config: Config,
     opts: AgentOptions,
     cgroup: PathBuf,
-    datapath: Box<dyn Datapath>,
-    service_ids: BTreeMap<String, u32>,
+    datapath: DatapathWorker,
+    events: Option<EventReader>,
+    reaper: Option<Arc<Reaper>>,
+    /// The plan last handed to the datapath thread.
     plan: Plan,
-    seen_passive: BTreeMap<SocketAddr, u32>,
+    /// A reload was accepted; it is reported once its plan is live.
+    reload_pending: bool,
+    /// Backends whose connections close once the plan that dropped them is
+    /// live (closing them earlier would send the reconnects to them again).
+    destroy_after_apply: BTreeSet<SocketAddr>,
+    facts: BTreeMap<SocketAddr, BackendFacts>,
+    aborted: BTreeMap<SocketAddr, u64>,
+    aborted_tx: mpsc::UnboundedSender<Aborted>,
+    aborted_rx: mpsc::UnboundedReceiver<Aborted>,
     metrics: Arc<Metrics>,
     health: Arc<metrics::Health>,
     metrics_addr: Option<SocketAddr>,
@@ -169,7 +214,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         ))));
     }
     let config_text = std::fs::read_to_string(&opts.config_path).unwrap_or_default();
-    let metrics_addr = opts.metrics_addr.or(config.metrics_addr).unwrap_or_else(|| metrics::DEFAULT_ADDR.parse().expect("default address"));
+    let metrics_addr = opts
+        .metrics_addr
+        .or(config.metrics_addr)
+        .unwrap_or_else(|| metrics::DEFAULT_ADDR.parse().expect("default address"));
     if !metrics_addr.ip().is_loopback() {
         tracing::warn!(%metrics_addr, "metrics and health endpoints are reachable from other hosts");
     }
@@ -181,9 +229,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         .await
         .map_err(|e| AgentError::Io(std::io::Error::new(e.kind(), format!("metrics address {metrics_addr}: {e}"))))?;
     // Starts with the cache or the seed, so the first plan never waits for the API.
-    let discovered = config.discovery.kubernetes.clone().map(|k| {
-        crate::discovery::spawn(k, config.services.clone(), opts.state_dir.clone(), config.backends.clone())
-    });
+    let discovered =
+        config.discovery.kubernetes.clone().map(|k| {
+            crate::discovery::spawn(k, config.services.clone(), opts.state_dir.clone(), config.backends.clone())
+        });
     let backends = controllers(&discovered, &config.backends);
     // Before anything is attached, so unreadable TLS material exits 2 clean.
     let monitor = Monitor::spawn(config.health.clone())?;
@@ -195,15 +244,23 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let plan = transitions.react(&config.services, &backends, &health_rx.borrow()).plan;
     let requested = opts.mode.or(config.mode).unwrap_or(Mode::Auto);
     let envoy_binary = opts.envoy_binary.clone().or_else(|| config.envoy.binary.clone());
-    let datapath: Box<dyn Datapath> = match crate::detect::select_mode(requested, &cgroup, envoy_binary.as_deref())? {
-        Mode::Envoy => Box::new(crate::envoy::start_datapath(&config, envoy_binary.as_deref(), &opts.run_dir, &plan)?),
-        Mode::Ebpf | Mode::Auto => Box::new(EbpfDatapath::install(
+    let mut datapath: Box<dyn Datapath> = match select_datapath(requested, &cgroup, envoy_binary.as_deref(), &plan)? {
+        Selected::Aside(aside) => Box::new(aside),
+        Selected::Mode(Mode::Envoy) => Box::new(crate::envoy::start_datapath(
+            &config.envoy,
+            &config.passive,
+            envoy_binary.as_deref(),
+            &opts.run_dir,
+            &plan,
+        )?),
+        Selected::Mode(Mode::Ebpf | Mode::Auto) => Box::new(EbpfDatapath::install(
             EbpfOptions {
                 cgroup: cgroup.clone(),
                 pin_path: opts.pin_path.clone(),
                 host_network_only: config.host_network_only,
                 passive: config.passive.enabled,
                 eject_hold: config.passive.eject_hold,
+                syn_retries: config.passive.syn_retries,
             },
             &plan,
         )?),
@@ -215,15 +272,24 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             tracing::warn!(feature = f.name, min_kernel = %f.min, "this kernel lacks a feature nllb uses; it is disabled");
         }
     }
-    let service_ids = datapath.service_ids();
+    let events = datapath.take_events();
+    let reaper = datapath.reaper();
+    let kind = datapath.kind();
+    let (aborted_tx, aborted_rx) = mpsc::unbounded_channel();
     let mut agent = Agent {
         config,
         opts,
         cgroup,
-        datapath,
-        service_ids,
+        datapath: DatapathWorker::spawn(datapath),
+        events,
+        reaper,
         plan,
-        seen_passive: BTreeMap::new(),
+        reload_pending: false,
+        destroy_after_apply: BTreeSet::new(),
+        facts: BTreeMap::new(),
+        aborted: BTreeMap::new(),
+        aborted_tx,
+        aborted_rx,
         metrics,
         health,
         metrics_addr: Some(metrics_addr),
@@ -234,24 +300,26 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         discovered,
         backends,
     };
-    let kind = agent.datapath.kind();
-    agent.metrics.set_mode(&format!("{kind:?}").to_lowercase());
+    agent.metrics.set_mode(kind.name());
     let result = agent.serve().await;
-    // Envoy is the agent's child: it always goes with the agent.
-    if agent.opts.detach_on_exit || agent.config.detach_on_exit || kind == DatapathKind::Envoy {
-        let shutdown = agent.datapath.shutdown();
-        let _ = std::fs::remove_file(agent.opts.run_dir.join(crate::status::STATUS_FILE));
-        result?;
-        shutdown?;
+    // Envoy is the agent's child: it always goes with the agent (and aside,
+    // nothing stays).
+    let detach = agent.opts.detach_on_exit || agent.config.detach_on_exit || kind != DatapathKind::Ebpf;
+    let run_dir = agent.opts.run_dir.clone();
+    let pin_path = agent.opts.pin_path.clone();
+    let stopped = agent.datapath.stop(detach).await;
+    if detach {
+        let _ = std::fs::remove_file(run_dir.join(crate::status::STATUS_FILE));
     } else {
         // Worker components keep reaching the control plane while the agent
         // restarts or upgrades: the pinned links keep the programs attached.
         tracing::info!(
-            pin_path = %agent.opts.pin_path.display(),
+            pin_path = %pin_path.display(),
             "datapath stays attached with the last published backends; `nllb uninstall` removes it"
         );
-        result?;
     }
+    result?;
+    stopped?;
     Ok(())
 }
 
@@ -264,6 +332,8 @@ impl Agent {
         let mut ticks: u64 = 0;
         self.write_status();
         tracing::info!(services = self.plan.services.len(), "nllb agent ready");
+        let mut systemd = crate::systemd::Notifier::from_env();
+        systemd.ready();
         loop {
             tokio::select! {
                 _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(()) }
@@ -275,17 +345,21 @@ impl Agent {
                     self.monitor.set_targets(health::targets(&self.config.services, &self.backends));
                     self.apply_health();
                 }
+                events = next_events(&mut self.events) => self.on_kernel_events(events),
+                Some(applied) = self.datapath.next_applied() => self.on_applied(applied),
+                Some(aborted) = self.aborted_rx.recv() => self.on_aborted(aborted),
                 _ = tick.tick() => {
                     ticks += 1;
-                    self.watch_passive();
+                    systemd.tick();
                     self.health.beat();
-                    self.metrics.sync_datapath(&self.datapath.counters());
+                    self.datapath.refresh();
+                    self.metrics.sync_datapath(&self.datapath.snapshot());
                     // A ConfigMap update or an edit applies itself: no restart,
                     // no SIGHUP needed (k0s needs a worker restart, #8212).
                     if ticks % 4 == 0 {
                         self.reload_if_changed();
-                        // Probe latencies change without verdicts changing.
-                        self.write_status();
+                        // Handshake times move without verdicts changing.
+                        self.apply_health();
                     }
                 }
                 Ok(()) = self.health_rx.changed() => self.apply_health(),
@@ -328,8 +402,14 @@ impl Agent {
                 return;
             }
         };
-        if config.host_network_only != self.config.host_network_only || config.passive.enabled != self.config.passive.enabled {
-            tracing::warn!("hostNetworkOnly and passive changes take effect after a restart");
+        if config.host_network_only != self.config.host_network_only
+            || config.passive.enabled != self.config.passive.enabled
+            || config.passive.syn_retries != self.config.passive.syn_retries
+            || config.passive.eject_hold != self.config.passive.eject_hold
+        {
+            tracing::warn!(
+                "hostNetworkOnly, passive.enabled, passive.ejectHold and passive.synRetries take effect after a restart"
+            );
         }
         let health_changed =
             serde_json::to_value(&config.health).ok() != serde_json::to_value(&self.config.health).ok();
@@ -358,51 +438,105 @@ impl Agent {
     }
 
     /// Health or the backend set changed: publish the healthy backends (or
-    /// all of them in panic mode), clear passive marks of recovered backends,
-    /// and close nllb's sockets to backends that left.
+    /// all of them in panic mode) with what is known of each, and close
+    /// nllb's connections to backends that left once that is live.
     fn apply_health(&mut self) {
         let snapshot = self.health_rx.borrow_and_update().clone();
         let reaction = self.transitions.react(&self.config.services, &self.backends, &snapshot);
         reaction.log();
+        let now = sys::monotonic_ns();
         for backend in &reaction.recovered {
-            if let Err(e) = self.datapath.clear_passive(*backend) {
-                tracing::warn!(backend = %backend, error = %e, "cannot clear the passive mark");
-            }
+            // Marks the kernel set before now no longer count.
+            self.facts.entry(*backend).or_default().recovered_at_ns = now;
         }
-        if let Err(e) = self.publish(reaction.plan.clone()) {
-            tracing::error!(error = %e, "publishing the backend set failed");
+        let mut plan = reaction.plan.clone();
+        let published: BTreeSet<SocketAddr> = plan.services.iter().flat_map(|s| s.backends.iter().copied()).collect();
+        self.facts.retain(|b, _| published.contains(b));
+        for backend in &published {
+            let worst = snapshot.get(backend).and_then(|h| h.handshake_worst);
+            let facts = self.facts.entry(*backend).or_default();
+            facts.syn_timeout = passive::settle(facts.syn_timeout, self.config.passive.syn_timeout_for(worst));
+            self.metrics.set_syn_timing(*backend, facts.syn_timeout, worst);
         }
-        let doomed = reaction.to_destroy(&self.config.health);
-        if !doomed.is_empty() {
-            let cookies = self.datapath.rewritten_sockets();
-            for backend in doomed {
-                match crate::sock_destroy::destroy_sockets_to(backend, Some(&cookies)) {
-                    Ok(n) => tracing::info!(backend = %backend, sockets = n, "closed established connections through nllb"),
-                    Err(e) => tracing::warn!(backend = %backend, error = %e, "cannot destroy sockets (SOCK_DESTROY)"),
+        plan.backends = self.facts.clone();
+        self.destroy_after_apply.extend(reaction.to_destroy(&self.config.health));
+        if plan != self.plan {
+            self.datapath.apply(plan.clone());
+            self.plan = plan;
+        } else {
+            self.plan_live();
+        }
+        self.write_status();
+    }
+
+    fn on_applied(&mut self, applied: Applied) {
+        match &applied.result {
+            Ok(()) if applied.plan == self.plan => self.plan_live(),
+            Ok(()) => {}
+            Err(e) => tracing::error!(error = %e, "publishing the backend set failed"),
+        }
+        self.write_status();
+    }
+
+    /// The datapath serves the current plan.
+    fn plan_live(&mut self) {
+        if std::mem::take(&mut self.reload_pending) {
+            tracing::info!("reloaded {}: the new config is live", self.opts.config_path.display());
+        }
+        self.destroy_now();
+    }
+
+    /// Closes nllb's connections to the backends waiting for it, on a
+    /// blocking task; the outcome comes back through `aborted_rx`.
+    fn destroy_now(&mut self) {
+        for backend in std::mem::take(&mut self.destroy_after_apply) {
+            self.abort(backend, States::ESTABLISHED.union(States::SYN_SENT), "left the published set");
+        }
+    }
+
+    fn abort(&self, backend: SocketAddr, states: States, why: &'static str) {
+        let Some(reaper) = self.reaper.clone() else {
+            return;
+        };
+        let tx = self.aborted_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = reaper.abort(backend, states).map_err(|e| e.to_string());
+            let _ = tx.send(Aborted { backend, why, result });
+        });
+    }
+
+    fn on_aborted(&mut self, a: Aborted) {
+        match a.result {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(backend = %a.backend, sockets = n, reason = a.why, "closed connections through nllb");
+                if a.why == WHY_MARKED {
+                    *self.aborted.entry(a.backend).or_default() += n as u64;
+                    let labels = metrics::AddrLabels { backend: a.backend.to_string() };
+                    self.metrics.syn_sent_aborted.get_or_create(&labels).inc_by(n as u64);
                 }
             }
+            Err(e) => {
+                tracing::warn!(backend = %a.backend, error = %e, "cannot destroy sockets (SOCK_DESTROY)")
+            }
         }
-        self.write_status();
     }
 
-    fn publish(&mut self, plan: Plan) -> Result<(), DatapathError> {
-        if plan == self.plan {
-            return Ok(());
-        }
-        self.datapath.apply(&plan)?;
-        self.service_ids = self.datapath.service_ids();
-        self.plan = plan;
-        self.write_status();
-        Ok(())
-    }
-
-    fn watch_passive(&mut self) {
-        for f in self.datapath.passive_failures() {
-            let prev = self.seen_passive.insert(f.backend, f.failures);
-            self.metrics.sync_passive(f.backend, f.failures);
-            if prev != Some(f.failures) {
-                tracing::warn!(backend = %f.backend, failures = f.failures, "kernel saw a failed connect: backend passively ejected");
-                self.monitor.report_passive_failure(f.backend);
+    fn on_kernel_events(&mut self, events: Vec<KernelEvent>) {
+        for e in events {
+            match e {
+                KernelEvent::Marked { backend, cause, .. } => {
+                    tracing::warn!(backend = %backend, cause = ?cause, "kernel saw a steered connect fail: backend passively ejected");
+                    // Connects still waiting on it would wait out their SYN
+                    // retries: end them now, their retry goes elsewhere. A
+                    // socket that never connected has no stream to lose.
+                    self.abort(backend, States::SYN_SENT, WHY_MARKED);
+                    self.metrics.passive_ejection(backend);
+                    self.monitor.report_passive_failure(backend);
+                }
+                KernelEvent::Recovered { backend, .. } => {
+                    tracing::info!(backend = %backend, "a steered connect to a marked backend was established: the kernel uses it again");
+                }
             }
         }
     }
@@ -410,11 +544,15 @@ impl Agent {
     fn status_extra(&self) -> BTreeMap<String, serde_json::Value> {
         let mut extra = BTreeMap::new();
         extra.insert("metrics_addr".into(), serde_json::json!(self.metrics_addr.map(|a| a.to_string())));
-        if let Some((key, value)) = self.datapath.status_extra() {
-            if let Some(restarts) = value.get("restarts").and_then(|r| r.as_u64()) {
+        let snapshot = self.datapath.snapshot();
+        if let Some(envoy) = snapshot.envoy {
+            if let Some(restarts) = envoy.get("restarts").and_then(|r| r.as_u64()) {
                 self.metrics.sync_envoy_restarts(restarts);
             }
-            extra.insert(key, value);
+            extra.insert("envoy".into(), envoy);
+        }
+        if let Some(aside) = snapshot.aside {
+            extra.insert(crate::stand_aside::STATUS_KEY.into(), aside);
         }
         if let Some(rx) = &self.discovered {
             let set = rx.borrow();
@@ -424,6 +562,7 @@ impl Agent {
                     "source": format!("{:?}", set.source).to_lowercase(),
                     "generation": set.generation,
                     "controllers": set.controllers,
+                    "last_error": set.last_error,
                 }),
             );
         }
@@ -431,7 +570,8 @@ impl Agent {
     }
 
     fn write_status(&mut self) {
-        for (addr, h) in &self.monitor.snapshot().backends {
+        let health = self.monitor.snapshot();
+        for (addr, h) in &health.backends {
             let labels = metrics::AddrLabels { backend: addr.to_string() };
             self.metrics.backend_healthy.get_or_create(&labels).set(i64::from(h.healthy));
         }
@@ -442,13 +582,14 @@ impl Agent {
             self.metrics.published.get_or_create(&labels).set(s.backends.len() as i64);
             self.metrics.panic_mode.get_or_create(&labels).set(i64::from(s.panic));
         }
+        let snapshot = self.datapath.snapshot();
         let services = self
             .plan
             .services
             .iter()
             .map(|s| ServiceStatus {
                 name: s.name.clone(),
-                id: self.service_ids.get(&s.name).copied(),
+                id: snapshot.services.iter().find(|k| k.name == s.name).and_then(|k| k.id),
                 listen: s.listen.clone(),
                 known_backends: self
                     .config
@@ -461,14 +602,29 @@ impl Agent {
                 panic: s.panic,
             })
             .collect();
+        let passive = self
+            .plan
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .map(|b| PassiveStatus {
+                backend: *b,
+                syn_timeout_ms: self.facts.get(b).and_then(|f| f.syn_timeout).map(|d| d.as_millis() as u64),
+                handshake_worst_ms: health.get(b).and_then(|h| h.handshake_worst).map(|d| d.as_secs_f64() * 1000.0),
+                syn_sent_aborted: self.aborted.get(b).copied().unwrap_or(0),
+            })
+            .collect();
         let status = AgentStatus {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").into(),
-            mode: format!("{:?}", self.datapath.kind()).to_lowercase(),
+            mode: self.datapath.kind().name().into(),
             pin_path: self.opts.pin_path.clone(),
             cgroup: Some(self.cgroup.clone()),
             services,
-            health: serde_json::to_value(self.monitor.snapshot()).unwrap_or_default(),
+            passive,
+            health: serde_json::to_value(&health).unwrap_or_default(),
             extra: self.status_extra(),
             updated_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
         };
@@ -477,3 +633,5 @@ impl Agent {
         }
     }
 }
+
+const WHY_MARKED: &str = "passively marked: aborting connects still waiting for it";

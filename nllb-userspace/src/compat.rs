@@ -1,20 +1,24 @@
-//! Kernel features nllb uses, the first kernel that has each, and probes of
-//! the running machine (what the version alone cannot tell: privileges,
-//! mounts, kernel config, a real load and attach).
+//! Kernel features nllb uses and the first kernel that has each (this
+//! file, the table `nllb detect` and the agent consult), plus probes of the
+//! running machine for what the version alone cannot tell:
+//!
+//! - [`privileges`]: the process's capabilities and whether `bpf()` works;
+//! - [`attach_probe`]: the real programs loaded and attached to a
+//!   throw-away child cgroup.
 //!
 //! Versions come from the kernel commits named in [`FEATURES`] (checked
 //! against the BCC project's "BPF Features by Linux Kernel Version" table,
 //! docs/kernel-versions.md, and the commits' merge windows).
 
-use std::{
-    fmt,
-    fs,
-    io,
-    path::{Path, PathBuf},
-    sync::atomic::{AtomicU32, Ordering},
-};
+mod attach_probe;
+mod privileges;
+
+use std::{fmt, fs, path::Path};
 
 use serde::Serialize;
+
+pub use attach_probe::{AttachProbe, ProgramProbe, probe_attach};
+pub use privileges::{Privileges, probe_bpf_syscall};
 
 /// A kernel release, compared by (major, minor, patch).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -71,6 +75,10 @@ pub enum Feature {
     VmlinuxBtf,
     SockDiagDestroy,
     BpfSockDestroy,
+    SockRelease,
+    MapInMapGracePeriod,
+    SockOpsTimeoutInit,
+    SetsockoptSyncnt,
 }
 
 /// What happens without a feature.
@@ -81,6 +89,8 @@ pub enum Need {
     Required,
     /// The eBPF datapath runs with the named function turned off.
     Degrades,
+    /// Read when the kernel has it; nothing nllb does is lost without it.
+    UsedIfPresent,
     /// Not used today; listed so `nllb detect` shows where a node stands.
     Optional,
 }
@@ -163,15 +173,58 @@ pub const FEATURES: &[FeatureInfo] = &[
     },
     // 457f44363a88 "bpf: Implement BPF ring buffer and verifier support for
     // it" (Andrii Nakryiko; BPF_MAP_TYPE_RINGBUF 5.8 in the BCC table).
-    // aya-log-ebpf 0.2 declares AYA_LOGS as a ring buffer, so the object
-    // does not load without it.
     FeatureInfo {
         feature: Feature::RingBuf,
-        name: "BPF ring buffer (aya-log)",
+        name: "BPF ring buffer",
         min: KernelVersion::new(5, 8),
         need: Need::Required,
-        used_for: "log records from the eBPF programs; the object declares the map",
+        used_for: "the kernel tells the agent of a passive mark at once (and `nllb trace` every decision); the object declares the rings",
         commit: "457f44363a88",
+    },
+    // f5836749c9c0 "bpf: Add BPF_CGROUP_INET_SOCK_RELEASE hook" (Stanislav
+    // Fomichev, July 2020, merged for 5.9).
+    FeatureInfo {
+        feature: Feature::SockRelease,
+        name: "cgroup/sock_release",
+        min: KernelVersion::new(5, 9),
+        need: Need::Required,
+        used_for: "forgets a steered socket when it closes, so per-socket state lives exactly as long as the socket",
+        commit: "f5836749c9c0",
+    },
+    // 1ae80cf31938 "bpf: wait for running BPF programs when updating
+    // map-in-map" (Daniel Colascione, 4.20): a map-of-maps update returns
+    // after an RCU grace period. Inner maps are freed after one by
+    // themselves only from 6.8 (Hou Tao's "bpf: Defer the free of inner map
+    // when necessary"); the agent holds the old table until the update
+    // returned, so both are covered.
+    FeatureInfo {
+        feature: Feature::MapInMapGracePeriod,
+        name: "map-of-maps updates wait for a grace period",
+        min: KernelVersion::new(4, 20),
+        need: Need::Required,
+        used_for: "a service's backends are swapped whole: no connect ever reads a half-published or removed set",
+        commit: "1ae80cf31938",
+    },
+    // 8550f328f45d "bpf: Support for per connection SYN/SYN-ACK RTOs"
+    // (Lawrence Brakmo, 4.13, with sock_ops itself).
+    FeatureInfo {
+        feature: Feature::SockOpsTimeoutInit,
+        name: "sock_ops TIMEOUT_INIT",
+        min: KernelVersion::new(4, 13),
+        need: Need::Degrades,
+        used_for: "a steered connect's first SYN is retransmitted after a few handshake times, not 1 s",
+        commit: "8550f328f45d",
+    },
+    // The kernel refuses options bpf_setsockopt does not know at run time,
+    // not at load time: the datapath counts refusals (`nllb status`,
+    // syncnt_refused), so the matrix shows which kernels take it.
+    FeatureInfo {
+        feature: Feature::SetsockoptSyncnt,
+        name: "bpf_setsockopt(TCP_SYNCNT) in connect4/6",
+        min: KernelVersion::new(5, 10),
+        need: Need::Degrades,
+        used_for: "the kernel gives up on a silent controller within a few SYN timeouts by itself, agent or not",
+        commit: "run-time check",
     },
     // 341dfcf8d78e "btf: expose BTF info through sysfs" (/sys/kernel/btf,
     // August 2019, merged for 5.4); needs CONFIG_DEBUG_INFO_BTF, so probed.
@@ -179,8 +232,8 @@ pub const FEATURES: &[FeatureInfo] = &[
         feature: Feature::VmlinuxBtf,
         name: "kernel BTF (/sys/kernel/btf/vmlinux)",
         min: KernelVersion::new(5, 4),
-        need: Need::Optional,
-        used_for: "CO-RE relocations; nllb's programs need none today",
+        need: Need::UsedIfPresent,
+        used_for: "aya reads it when loading, for CO-RE relocations; nllb's programs need none, so they load without it",
         commit: "341dfcf8d78e",
     },
     // c1e64e298b8c "net: diag: Support destroying TCP sockets" (Lorenzo
@@ -189,8 +242,9 @@ pub const FEATURES: &[FeatureInfo] = &[
         feature: Feature::SockDiagDestroy,
         name: "sock_diag SOCK_DESTROY",
         min: KernelVersion::new(4, 5),
-        need: Need::Optional,
-        used_for: "closing established connections to a removed controller (ss -K)",
+        need: Need::Degrades,
+        used_for: "closes nllb's established connections to a removed or ejected controller \
+                   (health.destroyOnRemove/destroyOnEject, like ss -K); without it they last until the peer closes them",
         commit: "c1e64e298b8c",
     },
     // 4ddbcb886268 "bpf: Add bpf_sock_destroy kfunc" (Aditi Ghag, merged
@@ -222,91 +276,7 @@ pub fn by_version(f: Feature, v: KernelVersion) -> bool {
 /// Features the running kernel lacks by version, with the warning the agent
 /// logs for each (the eBPF loader turns those programs off).
 pub fn missing_features(v: KernelVersion) -> Vec<&'static FeatureInfo> {
-    FEATURES.iter().filter(|f| f.need != Need::Optional && v < f.min).collect()
-}
-
-// ---------------------------------------------------------------------
-// Probes
-// ---------------------------------------------------------------------
-
-/// Effective capabilities of this process, from /proc/self/status.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Privileges {
-    pub euid: u32,
-    /// CapEff as hex, e.g. "000001ffffffffff".
-    pub cap_eff: String,
-    pub cap_sys_admin: bool,
-    pub cap_net_admin: bool,
-    pub cap_bpf: bool,
-    pub cap_perfmon: bool,
-    /// /proc/sys/kernel/unprivileged_bpf_disabled (matters without root).
-    pub unprivileged_bpf_disabled: Option<u32>,
-}
-
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
-impl Privileges {
-    pub fn probe() -> Privileges {
-        let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let cap_eff = status
-            .lines()
-            .find_map(|l| l.strip_prefix("CapEff:"))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_default();
-        let bits = u64::from_str_radix(&cap_eff, 16).unwrap_or(0);
-        let has = |c: u32| bits & (1u64 << c) != 0;
-        Privileges {
-            euid: nix::unistd::geteuid().as_raw(),
-            cap_sys_admin: has(CAP_SYS_ADMIN),
-            cap_net_admin: has(CAP_NET_ADMIN),
-            // Before 5.8 there is no CAP_BPF: CAP_SYS_ADMIN covers it.
-            cap_bpf: has(CAP_BPF),
-            cap_perfmon: has(CAP_PERFMON),
-            cap_eff,
-            unprivileged_bpf_disabled: fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled")
-                .ok()
-                .and_then(|s| s.trim().parse().ok()),
-        }
-    }
-
-    /// Loading and attaching cgroup programs needs CAP_SYS_ADMIN, or
-    /// CAP_BPF + CAP_NET_ADMIN (+ CAP_PERFMON for some helpers) from 5.8.
-    pub fn can_attach_cgroup_programs(&self) -> bool {
-        self.cap_sys_admin || (self.cap_bpf && self.cap_net_admin)
-    }
-}
-
-/// The `bpf()` syscall works: create (and close) a one-element array map.
-pub fn probe_bpf_syscall() -> Result<(), String> {
-    #[repr(C)]
-    struct MapCreate {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-    }
-    const BPF_MAP_CREATE: libc::c_long = 0;
-    const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    let attr = MapCreate { map_type: BPF_MAP_TYPE_ARRAY, key_size: 4, value_size: 4, max_entries: 1 };
-    // SAFETY: bpf(BPF_MAP_CREATE) reads `size` bytes of a valid attr; the
-    // kernel zero-fills the rest of its union.
-    let fd = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, &attr as *const MapCreate, size_of::<MapCreate>() as u32)
-    };
-    if fd < 0 {
-        let e = io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
-            Some(libc::ENOSYS) => "the kernel has no bpf() syscall (CONFIG_BPF_SYSCALL off)".into(),
-            Some(libc::EPERM) => format!("bpf() denied ({e}): run as root or with CAP_BPF/CAP_SYS_ADMIN"),
-            _ => format!("bpf(BPF_MAP_CREATE) failed: {e}"),
-        });
-    }
-    // SAFETY: fd is ours.
-    unsafe { libc::close(fd as i32) };
-    Ok(())
+    FEATURES.iter().filter(|f| matches!(f.need, Need::Required | Need::Degrades) && v < f.min).collect()
 }
 
 pub fn vmlinux_btf() -> bool {
@@ -319,150 +289,6 @@ pub fn kernel_config(option: &str) -> Option<bool> {
     let text = fs::read_to_string(format!("/boot/config-{}", kernel_release())).ok()?;
     Some(text.lines().any(|l| l == format!("{option}=y") || l == format!("{option}=m")))
 }
-
-/// One program of the real eBPF object, loaded and attached (or not).
-#[derive(Clone, Debug, Serialize)]
-pub struct ProgramProbe {
-    pub program: &'static str,
-    pub attached: bool,
-    /// Attached through a bpf_link (what the agent pins).
-    pub bpf_link: bool,
-    pub error: Option<String>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct AttachProbe {
-    /// The temporary cgroup the programs were attached to (removed since).
-    pub cgroup: PathBuf,
-    /// The whole object failed to load (maps or BTF), before any program.
-    pub load_error: Option<String>,
-    pub programs: Vec<ProgramProbe>,
-    /// Every loaded program came out JIT-compiled (false: some run in the
-    /// interpreter); None when none loaded. See [`crate::platform`].
-    pub jited: Option<bool>,
-}
-
-impl AttachProbe {
-    pub fn attached(&self, program: &str) -> bool {
-        self.programs.iter().any(|p| p.program == program && p.attached && p.bpf_link)
-    }
-
-    /// The agent's requirement: both rewrite hooks, through bpf_links.
-    pub fn rewrite_works(&self) -> bool {
-        self.load_error.is_none()
-            && self.attached(nllb_common::programs::CONNECT4)
-            && self.attached(nllb_common::programs::CONNECT6)
-    }
-
-    pub fn first_error(&self) -> Option<String> {
-        self.load_error.clone().or_else(|| {
-            self.programs.iter().find(|p| !p.attached || !p.bpf_link).map(|p| {
-                format!("{}: {}", p.program, p.error.clone().unwrap_or_else(|| "attached without a bpf_link".into()))
-            })
-        })
-    }
-}
-
-/// A uniquely named child cgroup, removed on drop.
-struct ProbeCgroup(PathBuf);
-
-impl ProbeCgroup {
-    fn create(parent: &Path) -> io::Result<ProbeCgroup> {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let p = parent.join(format!("nllb-probe-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
-        fs::create_dir(&p)?;
-        Ok(ProbeCgroup(p))
-    }
-}
-
-impl Drop for ProbeCgroup {
-    fn drop(&mut self) {
-        // A cgroup directory is removed with rmdir, never recursively.
-        if let Err(e) = fs::remove_dir(&self.0) {
-            tracing::warn!(cgroup = %self.0.display(), error = %e, "could not remove the probe cgroup");
-        }
-    }
-}
-
-/// Load the real programs ([`crate::EBPF_OBJECT`]) and attach each to a
-/// fresh child of `parent` (a cgroup v2 directory), then detach, unload and
-/// remove the child. No process is in the child, so no connect anywhere is
-/// affected. Where no child can be made, the probe attaches to `parent`
-/// itself for a moment, with empty maps (no connect is rewritten).
-pub fn probe_attach(parent: &Path) -> Result<AttachProbe, String> {
-    use aya::{
-        EbpfLoader,
-        programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
-    };
-    use nllb_common::programs as p;
-
-    if !crate::sys::is_cgroup2_dir(parent) {
-        return Err(format!("{} is not a cgroup v2 directory", parent.display()));
-    }
-    // A read-only view of the cgroup tree (the DaemonSet mounts it so) has
-    // no room for a child: probe on the target itself then. The probe's
-    // maps are its own and empty, so its programs let every connect proceed.
-    let cg = match ProbeCgroup::create(parent) {
-        Ok(cg) => Some(cg),
-        Err(e) => {
-            tracing::debug!(cgroup = %parent.display(), error = %e, "no probe child cgroup; probing on the target");
-            None
-        }
-    };
-    let target = cg.as_ref().map(|c| c.0.clone()).unwrap_or_else(|| parent.to_path_buf());
-    let mut report = AttachProbe { cgroup: target.clone(), load_error: None, programs: Vec::new(), jited: None };
-    crate::sys::raise_memlock();
-    let mut ebpf = match EbpfLoader::new().load(crate::EBPF_OBJECT) {
-        Ok(e) => e,
-        Err(e) => {
-            report.load_error = Some(crate::errors::chain(&e));
-            return Ok(report);
-        }
-    };
-    let cgroup_fd = fs::File::open(&target).map_err(|e| format!("{}: {e}", target.display()))?;
-    // Links live until the end of this function: dropping them detaches.
-    let mut links: Vec<FdLink> = Vec::new();
-    for name in [p::CONNECT4, p::CONNECT6, p::GETPEERNAME4, p::GETPEERNAME6, p::SOCK_OPS] {
-        let Some(prog) = ebpf.program_mut(name) else {
-            report.programs.push(ProgramProbe {
-                program: name,
-                attached: false,
-                bpf_link: false,
-                error: Some("not in the eBPF object".into()),
-            });
-            continue;
-        };
-        let result: Result<Result<FdLink, String>, aya::programs::ProgramError> = if name == p::SOCK_OPS {
-            (|| {
-                let prog: &mut SockOps = prog.try_into()?;
-                prog.load()?;
-                let id = prog.attach(&cgroup_fd, CgroupAttachMode::Single)?;
-                Ok(FdLink::try_from(prog.take_link(id)?).map_err(|e| e.to_string()))
-            })()
-        } else {
-            (|| {
-                let prog: &mut CgroupSockAddr = prog.try_into()?;
-                prog.load()?;
-                let id = prog.attach(&cgroup_fd, CgroupAttachMode::Single)?;
-                Ok(FdLink::try_from(prog.take_link(id)?).map_err(|e| e.to_string()))
-            })()
-        };
-        report.programs.push(match result {
-            Ok(Ok(link)) => {
-                links.push(link);
-                ProgramProbe { program: name, attached: true, bpf_link: true, error: None }
-            }
-            Ok(Err(e)) => ProgramProbe { program: name, attached: true, bpf_link: false, error: Some(e) },
-            Err(e) => ProgramProbe { program: name, attached: false, bpf_link: false, error: Some(crate::errors::chain(&e)) },
-        });
-    }
-    report.jited = crate::platform::programs_jited(&ebpf);
-    drop(links);
-    drop(ebpf);
-    drop(cg);
-    Ok(report)
-}
-
 
 #[cfg(test)]
 mod tests {

@@ -106,7 +106,11 @@ impl DetectReport {
                 .filter(|f| f.need == Need::Required)
                 .map(|f| format!("{} ({}+)", f.name, f.min))
                 .collect();
-            return Some(format!("kernel {v} is older than {}: lacks {}", compat::min_ebpf_kernel(), missing.join(", ")));
+            return Some(format!(
+                "kernel {v} is older than {}: lacks {}",
+                compat::min_ebpf_kernel(),
+                missing.join(", ")
+            ));
         }
         if let Err(e) = &self.bpf_syscall {
             return Some(e.clone());
@@ -126,10 +130,16 @@ impl DetectReport {
         }
         match &self.attach {
             Err(e) => Some(e.clone()),
-            Ok(a) => Some(format!(
-                "the kernel refused the programs: {}",
-                a.first_error().unwrap_or_else(|| "connect4/connect6 not attached".into())
-            )),
+            Ok(a) => {
+                let refused = a.refused();
+                Some(format!(
+                    "the kernel refused {} ({}){}: {}",
+                    if refused.len() == 1 { "a program" } else { "programs" },
+                    refused.join(", "),
+                    if a.privileges_short() { "; the agent needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON" } else { "" },
+                    a.first_error().unwrap_or_else(|| "connect4/connect6 not attached".into())
+                ))
+            }
         }
     }
 }
@@ -234,7 +244,10 @@ fn feature_statuses(kernel: Option<KernelVersion>, attach: Option<&AttachProbe>,
             let (available, source) = match f.feature {
                 Feature::CgroupConnect => (probed(&[p::CONNECT4, p::CONNECT6]), "probe"),
                 Feature::CgroupGetpeername => (probed(&[p::GETPEERNAME4, p::GETPEERNAME6]), "probe"),
-                Feature::SockOps | Feature::SockOpsCallbacks => (probed(&[p::SOCK_OPS]), "probe"),
+                Feature::SockOps | Feature::SockOpsCallbacks | Feature::SockOpsTimeoutInit => {
+                    (probed(&[p::SOCK_OPS]), "probe")
+                }
+                Feature::SockRelease => (probed(&[p::SOCK_RELEASE]), "probe"),
                 Feature::CgroupBpfLink => (
                     attach
                         .filter(|a| a.load_error.is_none())
@@ -381,11 +394,17 @@ pub fn render(r: &DetectReport) -> String {
             None => "none".into(),
         },
     );
-    line("bpffs", if r.bpffs_mounted { "mounted at /sys/fs/bpf".into() } else { "not mounted (the agent mounts it)".into() });
-    line("BPF syscall", match &r.bpf_syscall {
-        Ok(()) => "ok (created an array map)".into(),
-        Err(e) => e.clone(),
-    });
+    line(
+        "bpffs",
+        if r.bpffs_mounted { "mounted at /sys/fs/bpf".into() } else { "not mounted (the agent mounts it)".into() },
+    );
+    line(
+        "BPF syscall",
+        match &r.bpf_syscall {
+            Ok(()) => "ok (created an array map)".into(),
+            Err(e) => e.clone(),
+        },
+    );
     line("BTF", if r.btf { "/sys/kernel/btf/vmlinux present".into() } else { "no /sys/kernel/btf/vmlinux".into() });
     match &r.attach {
         Err(e) => line("attach probe", format!("not run: {e}")),
@@ -414,6 +433,7 @@ pub fn render(r: &DetectReport) -> String {
         let need = match f.need {
             Need::Required => "required",
             Need::Degrades => "optional, degrades",
+            Need::UsedIfPresent => "used if present",
             Need::Optional => "not used yet",
         };
         o.push_str(&format!("    {:<38} {:>5}+  {:<7} ({}; {})\n", f.name, f.min_kernel, here, f.source, need));

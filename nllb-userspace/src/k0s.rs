@@ -9,9 +9,9 @@ use std::{
     path::Path,
 };
 
-use serde_yaml::Value;
+use serde_json::Value;
 
-use crate::{config::ConfigError, model::Service};
+use crate::{errors::ConfigError, model::Service};
 
 const NLLB: &str = "spec.network.nodeLocalLoadBalancing";
 
@@ -20,12 +20,14 @@ const NLLB: &str = "spec.network.nodeLocalLoadBalancing";
 pub fn services_from_k0s(path: &Path) -> Result<Vec<Service>, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new("--k0s-config", format!("cannot read {}: {e}", path.display())))?;
-    services_from_k0s_str(&text).map_err(|e| ConfigError::new(e.field, format!("{} (in {})", e.message, path.display())))
+    services_from_k0s_str(&text)
+        .map_err(|e| ConfigError::new(e.field, format!("{} (in {})", e.message, path.display())))
 }
 
 pub fn services_from_k0s_str(text: &str) -> Result<Vec<Service>, ConfigError> {
-    let doc: Value = serde_yaml::from_str(text)
-        .map_err(|e| ConfigError::new("--k0s-config", format!("not a YAML k0s cluster config: {e}")))?;
+    // An untyped tree: k0s's schema is large and only a few keys matter.
+    let doc: Value = crate::yaml::from_str(text)
+        .map_err(|e| ConfigError::new("--k0s-config", format!("not a YAML k0s cluster config: {}", e.message)))?;
     if let Some(v) = doc.get("apiVersion") {
         let v = v.as_str().unwrap_or_default();
         if !v.starts_with("k0s.k0sproject.io/") {
@@ -74,15 +76,16 @@ fn lookup<'a>(doc: &'a Value, dotted: &str) -> Option<&'a Value> {
 }
 
 fn port(doc: &Value, dotted: &str, default: u16) -> Result<u16, ConfigError> {
-    let Some(v) = lookup(doc, dotted) else { return Ok(default) };
-    v.as_u64()
-        .and_then(|n| u16::try_from(n).ok())
-        .filter(|p| *p != 0)
-        .ok_or_else(|| ConfigError::new(dotted, format!("{} is not a port: use 1-65535 (k0s default {default})", show(v))))
+    let Some(v) = lookup(doc, dotted) else {
+        return Ok(default);
+    };
+    v.as_u64().and_then(|n| u16::try_from(n).ok()).filter(|p| *p != 0).ok_or_else(|| {
+        ConfigError::new(dotted, format!("{} is not a port: use 1-65535 (k0s default {default})", show(v)))
+    })
 }
 
 fn show(v: &Value) -> String {
-    serde_yaml::to_string(v).map(|s| s.trim().to_string()).unwrap_or_else(|_| format!("{v:?}"))
+    v.to_string()
 }
 
 #[cfg(test)]
@@ -91,7 +94,8 @@ mod tests {
 
     #[test]
     fn defaults_give_k0s_ports_on_both_families() {
-        let s = services_from_k0s_str("apiVersion: k0s.k0sproject.io/v1beta1\nkind: ClusterConfig\nspec: {}\n").unwrap();
+        let s =
+            services_from_k0s_str("apiVersion: k0s.k0sproject.io/v1beta1\nkind: ClusterConfig\nspec: {}\n").unwrap();
         assert_eq!(s[0].listen, vec!["127.0.0.1:7443".parse().unwrap(), "[::1]:7443".parse().unwrap()]);
         assert_eq!(s[0].backend_port, 6443);
         assert_eq!(s[1].listen[1], "[::1]:7132".parse().unwrap());

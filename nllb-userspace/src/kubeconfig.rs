@@ -3,9 +3,9 @@
 //!
 //! Only the cluster used by the current context is rewritten (a kubeconfig
 //! may name other clusters the component never uses; they are left alone).
-//! The file is edited as a YAML tree, not through typed structs, so fields
-//! this code does not know survive; comments do not (YAML libraries drop
-//! them). The copy is written atomically with the input's permissions.
+//! The file is read and written with kube-rs's `Kubeconfig`, which keeps
+//! fields it does not model (its `other` maps), so they survive; comments
+//! do not (YAML libraries drop them), and keys come out in kube-rs's order. The copy is written atomically with the input's permissions.
 //! Relative file paths (CA, client certificate and key, token file) are
 //! relative to the kubeconfig's own directory: when the copy goes to another
 //! directory they are made absolute, so they keep naming the same files.
@@ -17,9 +17,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde_yaml::Value;
+use kube::config::Kubeconfig;
 
-use crate::config::{Config, ConfigError};
+use crate::{config::Config, errors::ConfigError};
 
 /// Default `--config` of `nllb kubeconfig`.
 pub const DEFAULT_CONFIG: &str = "/etc/nllb/config.yaml";
@@ -28,8 +28,8 @@ pub const DEFAULT_CONFIG: &str = "/etc/nllb/config.yaml";
 pub enum KubeconfigError {
     #[error("cannot read kubeconfig {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("kubeconfig {path} is not YAML: {source}")]
-    Parse { path: PathBuf, source: serde_yaml::Error },
+    #[error("kubeconfig {path} is not a kubeconfig: {source}")]
+    Parse { path: PathBuf, source: kube::config::KubeconfigError },
     #[error("kubeconfig {path}: {why}")]
     Shape { path: PathBuf, why: String },
     #[error("cannot write {path}: {source} (is the directory writable?)")]
@@ -74,9 +74,13 @@ pub fn service_server(config: &Config, service: &str) -> Result<String, ConfigEr
         let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
         ConfigError::new("--service", format!("no service {service:?} in the config; it has {names:?}"))
     })?;
-    let addr: SocketAddr = svc.listen.iter().find(|a| a.is_ipv4()).or(svc.listen.first()).copied().ok_or_else(|| {
-        ConfigError::new("--service", format!("service {service:?} has no virtual address"))
-    })?;
+    let addr: SocketAddr = svc
+        .listen
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(svc.listen.first())
+        .copied()
+        .ok_or_else(|| ConfigError::new("--service", format!("service {service:?} has no virtual address")))?;
     Ok(format!("https://{addr}"))
 }
 
@@ -84,15 +88,15 @@ pub fn service_server(config: &Config, service: &str) -> Result<String, ConfigEr
 /// to `server`; returns the server it had.
 pub fn rewrite_kubeconfig(input: &Path, output: &Path, server: &str) -> Result<String, KubeconfigError> {
     let text = std::fs::read_to_string(input).map_err(|source| KubeconfigError::Read { path: input.into(), source })?;
-    let mut doc: Value =
-        serde_yaml::from_str(&text).map_err(|source| KubeconfigError::Parse { path: input.into(), source })?;
+    let mut doc =
+        Kubeconfig::from_yaml(&text).map_err(|source| KubeconfigError::Parse { path: input.into(), source })?;
     let original =
         set_current_server(&mut doc, server).map_err(|why| KubeconfigError::Shape { path: input.into(), why })?;
     let in_dir = absolute_dir(input);
     if in_dir != absolute_dir(output) {
         anchor_relative_paths(&mut doc, &in_dir);
     }
-    let body = serde_yaml::to_string(&doc).expect("a YAML tree always serializes");
+    let body = crate::yaml::to_string(&doc);
     let meta = std::fs::metadata(input).map_err(|source| KubeconfigError::Read { path: input.into(), source })?;
     write_atomically(output, body.as_bytes(), &meta)
         .map_err(|source| KubeconfigError::Write { path: output.into(), source })?;
@@ -101,45 +105,34 @@ pub fn rewrite_kubeconfig(input: &Path, output: &Path, server: &str) -> Result<S
 
 /// Sets the server of the cluster the current context uses (or of the only
 /// cluster, when there is no current context); returns the old one.
-pub fn set_current_server(doc: &mut Value, server: &str) -> Result<String, String> {
-    let current = doc.get("current-context").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
+pub fn set_current_server(doc: &mut Kubeconfig, server: &str) -> Result<String, String> {
+    let current = doc.current_context.as_deref().filter(|s| !s.is_empty());
     let cluster_name = match current {
-        Some(ctx) => {
-            let contexts = doc.get("contexts").and_then(Value::as_sequence).ok_or("has no `contexts` list")?;
-            let entry = contexts
-                .iter()
-                .find(|c| c.get("name").and_then(Value::as_str) == Some(ctx.as_str()))
-                .ok_or_else(|| format!("current-context {ctx:?} is not in `contexts`"))?;
-            entry
-                .get("context")
-                .and_then(|c| c.get("cluster"))
-                .and_then(Value::as_str)
-                .ok_or_else(|| format!("context {ctx:?} names no cluster"))?
-                .to_owned()
-        }
-        None => {
-            let clusters = doc.get("clusters").and_then(Value::as_sequence).ok_or("has no `clusters` list")?;
-            match clusters.as_slice() {
-                [only] => only.get("name").and_then(Value::as_str).unwrap_or_default().to_owned(),
-                _ => return Err("has no current-context and not exactly one cluster; set current-context".into()),
+        Some(ctx) => doc
+            .contexts
+            .iter()
+            .find(|c| c.name == ctx)
+            .ok_or_else(|| format!("current-context {ctx:?} is not in `contexts`"))?
+            .context
+            .as_ref()
+            .map(|c| c.cluster.clone())
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| format!("context {ctx:?} names no cluster"))?,
+        None => match doc.clusters.as_slice() {
+            [only] => only.name.clone(),
+            _ => {
+                return Err("has no current-context and not exactly one cluster; set current-context".into());
             }
-        }
+        },
     };
-    let clusters = doc.get_mut("clusters").and_then(Value::as_sequence_mut).ok_or("has no `clusters` list")?;
-    let cluster = clusters
+    let cluster = doc
+        .clusters
         .iter_mut()
-        .find(|c| c.get("name").and_then(Value::as_str).unwrap_or_default() == cluster_name)
-        .and_then(|c| c.get_mut("cluster"))
-        .and_then(Value::as_mapping_mut)
+        .find(|c| c.name == cluster_name)
+        .and_then(|c| c.cluster.as_mut())
         .ok_or_else(|| format!("cluster {cluster_name:?} is not in `clusters`"))?;
-    let key = Value::from("server");
-    let original = cluster
-        .get(&key)
-        .and_then(Value::as_str)
-        .ok_or_else(|| format!("cluster {cluster_name:?} has no server"))?
-        .to_owned();
-    cluster.insert(key, Value::from(server));
-    Ok(original)
+    let original = cluster.server.replace(server.to_string());
+    original.ok_or_else(|| format!("cluster {cluster_name:?} has no server"))
 }
 
 fn absolute_dir(file: &Path) -> PathBuf {
@@ -148,24 +141,23 @@ fn absolute_dir(file: &Path) -> PathBuf {
 }
 
 /// Makes the file paths a kubeconfig may hold absolute, relative to `dir`.
-pub fn anchor_relative_paths(doc: &mut Value, dir: &Path) {
-    let fix = |section: &str, entry: &str, keys: &[&str], doc: &mut Value| {
-        let Some(list) = doc.get_mut(section).and_then(Value::as_sequence_mut) else { return };
-        for item in list {
-            let Some(m) = item.get_mut(entry).and_then(Value::as_mapping_mut) else { continue };
-            for k in keys {
-                if let Some(v) = m.get_mut(*k)
-                    && let Some(p) = v.as_str()
-                    && !p.is_empty()
-                    && Path::new(p).is_relative()
-                {
-                    *v = Value::from(dir.join(p).to_string_lossy().into_owned());
-                }
-            }
+pub fn anchor_relative_paths(doc: &mut Kubeconfig, dir: &Path) {
+    let anchor = |p: &mut Option<String>| {
+        if let Some(path) = p
+            && !path.is_empty()
+            && Path::new(path.as_str()).is_relative()
+        {
+            *path = dir.join(path.as_str()).to_string_lossy().into_owned();
         }
     };
-    fix("clusters", "cluster", &["certificate-authority"], doc);
-    fix("users", "user", &["client-certificate", "client-key", "tokenFile"], doc);
+    for c in doc.clusters.iter_mut().filter_map(|c| c.cluster.as_mut()) {
+        anchor(&mut c.certificate_authority);
+    }
+    for u in doc.auth_infos.iter_mut().filter_map(|u| u.auth_info.as_mut()) {
+        anchor(&mut u.client_certificate);
+        anchor(&mut u.client_key);
+        anchor(&mut u.token_file);
+    }
 }
 
 /// Temp file in the target's directory, same mode (and owner when we may)
@@ -222,33 +214,46 @@ users:
 preferences: {}
 "#;
 
+    fn parse(text: &str) -> Kubeconfig {
+        Kubeconfig::from_yaml(text).unwrap()
+    }
+
+    fn as_json(doc: &Kubeconfig) -> serde_json::Value {
+        serde_json::to_value(doc).unwrap()
+    }
+
     #[test]
     fn rewrites_only_the_current_cluster_and_keeps_the_rest() {
-        let mut doc: Value = serde_yaml::from_str(KUBELET).unwrap();
-        let before = doc.clone();
+        let mut doc = parse(KUBELET);
+        let before = as_json(&doc);
         let orig = set_current_server(&mut doc, "https://127.0.0.1:7443").unwrap();
         assert_eq!(orig, "https://198.18.1.2:6443");
-        assert_eq!(doc["clusters"][1]["cluster"]["server"], Value::from("https://127.0.0.1:7443"));
-        assert_eq!(doc["clusters"][0], before["clusters"][0]);
-        assert_eq!(doc["users"], before["users"]);
-        assert_eq!(doc["clusters"][1]["cluster"]["certificate-authority"], before["clusters"][1]["cluster"]["certificate-authority"]);
+        let after = as_json(&doc);
+        assert_eq!(after["clusters"][1]["cluster"]["server"], "https://127.0.0.1:7443");
+        assert_eq!(after["clusters"][0], before["clusters"][0]);
+        assert_eq!(after["clusters"][0]["cluster"]["x-unknown-field"], "kept");
+        assert_eq!(after["users"], before["users"]);
+        assert_eq!(
+            after["clusters"][1]["cluster"]["certificate-authority"],
+            before["clusters"][1]["cluster"]["certificate-authority"]
+        );
+        // What is written reads back the same.
+        assert_eq!(as_json(&parse(&crate::yaml::to_string(&doc))), after);
     }
 
     #[test]
     fn relative_paths_are_anchored_to_the_input_directory() {
-        let mut doc: Value = serde_yaml::from_str(&KUBELET.replace("/var/lib/k0s/pki/ca.crt", "pki/ca.crt")).unwrap();
+        let mut doc = parse(&KUBELET.replace("/var/lib/k0s/pki/ca.crt", "pki/ca.crt"));
         anchor_relative_paths(&mut doc, Path::new("/var/lib/k0s"));
-        assert_eq!(doc["clusters"][1]["cluster"]["certificate-authority"], Value::from("/var/lib/k0s/pki/ca.crt"));
+        let v = as_json(&doc);
+        assert_eq!(v["clusters"][1]["cluster"]["certificate-authority"], "/var/lib/k0s/pki/ca.crt");
         // Absolute paths are left alone.
-        assert_eq!(
-            doc["users"][0]["user"]["client-key"],
-            Value::from("/var/lib/kubelet/pki/kubelet-client-current.pem")
-        );
+        assert_eq!(v["users"][0]["user"]["client-key"], "/var/lib/kubelet/pki/kubelet-client-current.pem");
     }
 
     #[test]
     fn missing_context_is_an_error() {
-        let mut doc: Value = serde_yaml::from_str(&KUBELET.replace("current-context: Default", "current-context: nope")).unwrap();
+        let mut doc = parse(&KUBELET.replace("current-context: Default", "current-context: nope"));
         let e = set_current_server(&mut doc, "https://127.0.0.1:7443").unwrap_err();
         assert!(e.contains("\"nope\""), "{e}");
     }

@@ -1,5 +1,6 @@
 //! The nllb agent as a library; `main.rs` is the CLI edge.
 
+pub mod addr;
 pub mod agent;
 pub mod compat;
 pub mod config;
@@ -14,10 +15,14 @@ pub mod kubeconfig;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod passive;
 pub mod platform;
-pub mod sock_destroy;
+pub mod sock_diag;
+pub mod stand_aside;
 pub mod status;
 pub mod sys;
+pub mod systemd;
+pub mod yaml;
 
 /// The eBPF object built from `nllb-ebpf` by build.rs (aya-build).
 pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nllb-ebpf"));

@@ -71,7 +71,7 @@ enum Command {
     /// Exit 0: eBPF works; 3: only Envoy; 4: neither.
     Detect(nllb::detect::DetectArgs),
     /// Print the Envoy configuration envoy mode would generate.
-    EnvoyConfig(nllb::envoy::EnvoyConfigArgs),
+    EnvoyConfig(EnvoyConfigArgs),
     /// Show services, backends and counters from the pinned maps.
     Status {
         #[command(flatten)]
@@ -89,11 +89,51 @@ enum Command {
     Kubeconfig(nllb::kubeconfig::KubeconfigArgs),
 }
 
+/// `nllb envoy-config --config FILE [--work-dir DIR]`.
+#[derive(Clone, Debug, Args)]
+struct EnvoyConfigArgs {
+    #[arg(long)]
+    config: PathBuf,
+    /// The directory the agent would write into (`<run-dir>/envoy`).
+    #[arg(long, default_value = "/run/nllb/envoy")]
+    work_dir: PathBuf,
+}
+
+/// Prints the bootstrap and every dynamic file the agent would write into
+/// the work directory for the config's static backends; 2 for a bad config.
+fn envoy_config(args: &EnvoyConfigArgs) -> i32 {
+    match nllb::config::Config::load(&args.config) {
+        Ok(cfg) => {
+            let plan = nllb::model::Plan::all_backends(&cfg.services, &cfg.backends);
+            let opts = nllb::envoy::render_options(&cfg.envoy, &cfg.passive);
+            print!(
+                "{}",
+                nllb::envoy::render::render_all(&nllb::envoy::render::Layout::new(&args.work_dir), &plan, &opts)
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("nllb envoy-config: {e}");
+            2
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let code = match cli.command {
-        Command::Agent { config, k0s_config, cgroup, loc, state_dir, detach_on_exit, metrics_addr, mode, envoy_binary } => {
+        Command::Agent {
+            config,
+            k0s_config,
+            cgroup,
+            loc,
+            state_dir,
+            detach_on_exit,
+            metrics_addr,
+            mode,
+            envoy_binary,
+        } => {
             let opts = AgentOptions {
                 config_path: config,
                 k0s_config,
@@ -106,7 +146,11 @@ fn main() -> ExitCode {
                 mode,
                 envoy_binary,
             };
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
             match rt.block_on(agent::run(opts)) {
                 Ok(()) => 0,
                 Err(e) => {
@@ -122,10 +166,11 @@ fn main() -> ExitCode {
             } else {
                 print!("{}", status::render(&report));
             }
-            if report.agent_running && report.datapath_installed { 0 } else { 1 }
+            let served = report.datapath_installed || nllb::stand_aside::node_served(&report);
+            if report.agent_running && served { 0 } else { 1 }
         }
         Command::Detect(args) => nllb::detect::run_detect(args),
-        Command::EnvoyConfig(args) => nllb::envoy::run_envoy_config(args),
+        Command::EnvoyConfig(args) => envoy_config(&args),
         Command::Kubeconfig(args) => match nllb::kubeconfig::run(&args) {
             Ok(_) => 0,
             Err(e) => {
@@ -148,4 +193,3 @@ fn main() -> ExitCode {
     };
     ExitCode::from(code as u8)
 }
-

@@ -18,7 +18,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::datapath::ServiceCounters;
+use crate::datapath::DatapathSnapshot;
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9542";
 
@@ -62,6 +62,11 @@ pub struct Metrics {
     pub connects: Family<BackendLabels, Counter>,
     pub refused: Family<ServiceLabels, Counter>,
     pub passive_ejections: Family<AddrLabels, Counter>,
+    pub passive_refused: Family<BackendLabels, Counter>,
+    pub passive_syn_timeouts: Family<BackendLabels, Counter>,
+    pub syn_sent_aborted: Family<AddrLabels, Counter>,
+    pub syn_timeout: Family<AddrLabels, Gauge<f64, AtomicU64>>,
+    pub handshake_worst: Family<AddrLabels, Gauge<f64, AtomicU64>>,
     pub panic_mode: Family<ServiceLabels, Gauge>,
     pub published: Family<ServiceLabels, Gauge>,
     pub mode: Family<ModeLabels, Gauge>,
@@ -86,6 +91,11 @@ impl Metrics {
             connects: Family::default(),
             refused: Family::default(),
             passive_ejections: Family::default(),
+            passive_refused: Family::default(),
+            passive_syn_timeouts: Family::default(),
+            syn_sent_aborted: Family::default(),
+            syn_timeout: Family::default(),
+            handshake_worst: Family::default(),
             panic_mode: Family::default(),
             published: Family::default(),
             mode: Family::default(),
@@ -111,6 +121,31 @@ impl Metrics {
         let build: Family<BuildLabels, Gauge> = Family::default();
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
         registry.register("build_info", "Agent build", build);
+        registry.register(
+            "passive_refused",
+            "Steered connects refused, given up or aborted before they connected",
+            m.passive_refused.clone(),
+        );
+        registry.register(
+            "passive_syn_timeouts",
+            "Steered connects whose first SYN went unanswered within the SYN timeout",
+            m.passive_syn_timeouts.clone(),
+        );
+        registry.register(
+            "syn_sent_aborted",
+            "Steered connects still waiting for a SYN-ACK that the agent aborted when their backend was marked",
+            m.syn_sent_aborted.clone(),
+        );
+        registry.register(
+            "syn_timeout_seconds",
+            "SYN retransmission timeout in force for steered connects",
+            m.syn_timeout.clone(),
+        );
+        registry.register(
+            "handshake_worst_seconds",
+            "Longest recent probe TCP handshake (what synTimeout auto is derived from)",
+            m.handshake_worst.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -122,21 +157,36 @@ impl Metrics {
         counter.inc_by(if absolute >= prev { absolute - prev } else { absolute });
     }
 
-    pub fn sync_datapath(&self, counters: &[ServiceCounters]) {
-        for s in counters {
-            for (backend, n) in &s.per_backend {
+    pub fn sync_datapath(&self, snapshot: &DatapathSnapshot) {
+        for s in &snapshot.services {
+            for (backend, n) in &s.backends {
                 let labels = BackendLabels { service: s.name.clone(), backend: backend.to_string() };
                 let c = self.connects.get_or_create(&labels).clone();
-                self.sync_counter(&c, format!("c/{}/{}", s.name, backend), *n);
+                self.sync_counter(&c, format!("c/{}/{}", s.name, backend), n.connects);
+                let c = self.passive_refused.get_or_create(&labels).clone();
+                self.sync_counter(&c, format!("pr/{}/{}", s.name, backend), n.refused);
+                let c = self.passive_syn_timeouts.get_or_create(&labels).clone();
+                self.sync_counter(&c, format!("ps/{}/{}", s.name, backend), n.syn_timeouts);
             }
             let c = self.refused.get_or_create(&ServiceLabels { service: s.name.clone() }).clone();
             self.sync_counter(&c, format!("r/{}", s.name), s.no_backend);
         }
     }
 
-    pub fn sync_passive(&self, backend: SocketAddr, failures: u32) {
-        let c = self.passive_ejections.get_or_create(&AddrLabels { backend: backend.to_string() }).clone();
-        self.sync_counter(&c, format!("p/{backend}"), u64::from(failures));
+    /// The kernel marked `backend`: one more passive ejection.
+    pub fn passive_ejection(&self, backend: SocketAddr) {
+        self.passive_ejections.get_or_create(&AddrLabels { backend: backend.to_string() }).inc();
+    }
+
+    pub fn set_syn_timing(
+        &self,
+        backend: SocketAddr,
+        syn_timeout: Option<Duration>,
+        handshake_worst: Option<Duration>,
+    ) {
+        let labels = AddrLabels { backend: backend.to_string() };
+        self.syn_timeout.get_or_create(&labels).set(syn_timeout.map_or(0.0, |d| d.as_secs_f64()));
+        self.handshake_worst.get_or_create(&labels).set(handshake_worst.map_or(0.0, |d| d.as_secs_f64()));
     }
 
     pub fn sync_envoy_restarts(&self, restarts: u64) {
@@ -230,9 +280,21 @@ mod tests {
     #[test]
     fn kernel_counters_become_monotonic_counters() {
         let m = Metrics::new();
-        let s = |n| ServiceCounters { name: "apiserver".into(), per_backend: vec![("198.18.1.2:6443".parse().unwrap(), n)], no_backend: 2 };
-        m.sync_datapath(&[s(5)]);
-        m.sync_datapath(&[s(9)]);
+        let s = |n| crate::datapath::DatapathSnapshot {
+            services: vec![crate::datapath::ServiceSnapshot {
+                name: "apiserver".into(),
+                backends: [(
+                    "198.18.1.2:6443".parse().unwrap(),
+                    crate::datapath::BackendCounters { connects: n, ..Default::default() },
+                )]
+                .into(),
+                no_backend: 2,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        m.sync_datapath(&s(5));
+        m.sync_datapath(&s(9));
         let text = m.render();
         assert!(text.contains(r#"nllb_connects_total{service="apiserver",backend="198.18.1.2:6443"} 9"#), "{text}");
         assert!(text.contains(r#"nllb_connects_refused_no_backend_total{service="apiserver"} 2"#), "{text}");

@@ -1,6 +1,10 @@
 //! What the agent serves, independent of how (eBPF or Envoy).
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use serde::Serialize;
 
@@ -23,10 +27,28 @@ pub struct ServicePlan {
     pub panic: bool,
 }
 
+/// What the agent knows of a backend beyond its address. A datapath uses
+/// what it can (the kernel datapath uses all of it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct BackendFacts {
+    /// Retransmission timeout for the first SYN of a connect sent there
+    /// (`passive.synTimeout`); None keeps the kernel's default.
+    pub syn_timeout: Option<Duration>,
+    /// CLOCK_MONOTONIC ns at which probes last saw it come back: passive
+    /// marks older than this no longer count.
+    pub recovered_at_ns: u64,
+    /// Share of new connects relative to the service's other backends
+    /// (0 and 1 both mean an even share).
+    pub weight: u32,
+}
+
 /// Everything a datapath serves; `apply` always gets the whole plan.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Plan {
     pub services: Vec<ServicePlan>,
+    /// Facts about backends of `services`; a backend missing here has the
+    /// defaults.
+    pub backends: BTreeMap<SocketAddr, BackendFacts>,
 }
 
 impl Plan {
@@ -43,6 +65,7 @@ impl Plan {
                     panic: false,
                 })
                 .collect(),
+            backends: BTreeMap::new(),
         }
     }
 }

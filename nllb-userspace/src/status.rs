@@ -7,14 +7,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use nllb_common::{FAM_IDX_V4, FAM_IDX_V6, MAX_BACKENDS, SERVICE_FLAG_PANIC, backend_index, service_key};
+use nllb_common::TABLE_FLAG_PANIC;
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::{
-    DatapathError,
-    encoding::{slot_addr, vip4_addr, vip6_addr},
-    pinned::Maps,
-};
+use crate::datapath::{DatapathError, encoding::slot_addr, events::cause_name, kernel::KernelMaps};
 
 /// What the agent writes to `<run-dir>/status.json` on every change.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -25,6 +21,10 @@ pub struct AgentStatus {
     pub pin_path: PathBuf,
     pub cgroup: Option<PathBuf>,
     pub services: Vec<ServiceStatus>,
+    /// Per published backend: the SYN timeout in force and what it was
+    /// derived from, and the connects aborted when it was marked.
+    #[serde(default)]
+    pub passive: Vec<PassiveStatus>,
     /// Per backend health, filled by the health monitor when enabled.
     #[serde(default)]
     pub health: serde_json::Value,
@@ -42,6 +42,14 @@ pub struct ServiceStatus {
     pub known_backends: Vec<SocketAddr>,
     pub published_backends: Vec<SocketAddr>,
     pub panic: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PassiveStatus {
+    pub backend: SocketAddr,
+    pub syn_timeout_ms: Option<u64>,
+    pub handshake_worst_ms: Option<f64>,
+    pub syn_sent_aborted: u64,
 }
 
 pub const STATUS_FILE: &str = "status.json";
@@ -69,14 +77,27 @@ pub struct KernelService {
     pub backends: Vec<KernelBackend>,
     pub panic: bool,
     pub no_backend_refusals: u64,
+    /// Connects that found every backend marked and took the oldest mark.
+    pub all_marked_picks: u64,
+    /// Id of the service's table map (`bpftool map dump id N`).
+    pub table_map_id: Option<u32>,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct KernelBackend {
     pub addr: SocketAddr,
+    /// Slots it fills in the table (more than 1: a weighted pick).
+    pub slots: u32,
     pub connects: u64,
-    pub passive_failures: u32,
-    pub passively_ejected_at_ns: Option<u64>,
+    /// Steered connects refused, given up or aborted before they connected.
+    pub refused: u64,
+    /// Steered connects whose first SYN was retransmitted.
+    pub syn_timeouts: u64,
+    /// SYN timeout the kernel gives connects steered here (None: the kernel's).
+    pub syn_timeout_ms: Option<u32>,
+    /// The kernel's mark keeps it out of the pick right now.
+    pub passively_ejected: bool,
+    pub last_mark_cause: Option<&'static str>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -94,40 +115,53 @@ pub fn pid_alive(pid: u32) -> bool {
 
 /// Read the services the kernel serves from the pinned maps.
 pub fn read_kernel(pin_path: &Path, agent: Option<&AgentStatus>) -> Result<Vec<KernelService>, DatapathError> {
-    let maps = Maps::open(pin_path)?;
-    let mut by_id: BTreeMap<u32, KernelService> = BTreeMap::new();
-    let entry = |id: u32| -> KernelService {
-        let name = agent.and_then(|a| a.services.iter().find(|s| s.id == Some(id)).map(|s| s.name.clone()));
-        KernelService { id, name, listen: Vec::new(), backends: Vec::new(), panic: false, no_backend_refusals: 0 }
-    };
-    for (k, v) in maps.vips4.iter().filter_map(Result::ok) {
-        by_id.entry(v.svc_id).or_insert_with(|| entry(v.svc_id)).listen.push(vip4_addr(&k));
-    }
-    for (k, v) in maps.vips6.iter().filter_map(Result::ok) {
-        by_id.entry(v.svc_id).or_insert_with(|| entry(v.svc_id)).listen.push(vip6_addr(&k));
-    }
-    for svc in by_id.values_mut() {
-        svc.listen.sort();
-        svc.no_backend_refusals = Maps::sum(&maps.no_backend, svc.id);
-        for fam in [FAM_IDX_V4, FAM_IDX_V6] {
-            let Ok(state) = maps.services.get(&service_key(svc.id, fam), 0) else { continue };
-            svc.panic |= state.flags & SERVICE_FLAG_PANIC != 0;
-            for slot in 0..state.count.min(MAX_BACKENDS) {
-                let Ok(b) = maps.backends.get(&backend_index(svc.id, fam, state.bank & 1, slot), 0) else {
+    let kernel = KernelMaps::open(pin_path)?;
+    let hold_ns = kernel.config().map_or(0, |c| u64::from(c.eject_hold_ms) * 1_000_000);
+    let marks: BTreeMap<SocketAddr, nllb_common::PassiveMark> = kernel.marks().into_iter().collect();
+    let now = crate::sys::monotonic_ns();
+    Ok(kernel
+        .services()
+        .into_iter()
+        .map(|p| {
+            let t = &p.table;
+            let name = agent.and_then(|a| a.services.iter().find(|s| s.id == Some(t.svc_id)).map(|s| s.name.clone()));
+            let counters = kernel.service_counters(t.svc_id);
+            let mut backends: Vec<KernelBackend> = Vec::new();
+            let slots = t.backends4.iter().take(t.count4 as usize).chain(t.backends6.iter().take(t.count6 as usize));
+            for slot in slots {
+                let addr = slot_addr(slot);
+                if let Some(b) = backends.iter_mut().find(|b| b.addr == addr) {
+                    b.slots += 1;
                     continue;
-                };
-                let addr = slot_addr(&b);
-                let mark = maps.passive.get(&crate::datapath::encoding::backend_key(addr), 0).ok();
-                svc.backends.push(KernelBackend {
+                }
+                let c = kernel.backend_counters(slot.stat_id);
+                let mark = marks.get(&addr);
+                let ejected = mark.is_some_and(|m| {
+                    m.failed_ns > slot.cleared_ns.max(m.recovered_ns) && now.saturating_sub(m.failed_ns) < hold_ns
+                });
+                backends.push(KernelBackend {
                     addr,
-                    connects: Maps::sum(&maps.connect_stats, b.stat_id),
-                    passive_failures: mark.map(|m| m.failures).unwrap_or(0),
-                    passively_ejected_at_ns: mark.map(|m| m.failed_ns).filter(|n| *n != 0),
+                    slots: 1,
+                    connects: c.connects,
+                    refused: c.refused,
+                    syn_timeouts: c.syn_timeouts,
+                    syn_timeout_ms: (slot.syn_rto_ms != 0).then_some(slot.syn_rto_ms),
+                    passively_ejected: ejected,
+                    last_mark_cause: mark.filter(|m| m.failed_ns != 0).map(|m| cause_name(m.cause)),
                 });
             }
-        }
-    }
-    Ok(by_id.into_values().collect())
+            KernelService {
+                id: t.svc_id,
+                name,
+                listen: p.listen,
+                backends,
+                panic: t.flags & TABLE_FLAG_PANIC != 0,
+                no_backend_refusals: counters.no_backend,
+                all_marked_picks: counters.all_marked,
+                table_map_id: Some(p.table_id),
+            }
+        })
+        .collect())
 }
 
 pub fn report(pin_path: &Path, run_dir: &Path) -> StatusReport {
@@ -160,10 +194,21 @@ fn published_services(a: &AgentStatus) -> Vec<KernelService> {
             backends: s
                 .published_backends
                 .iter()
-                .map(|b| KernelBackend { addr: *b, connects: 0, passive_failures: 0, passively_ejected_at_ns: None })
+                .map(|b| KernelBackend {
+                    addr: *b,
+                    slots: 1,
+                    connects: 0,
+                    refused: 0,
+                    syn_timeouts: 0,
+                    syn_timeout_ms: None,
+                    passively_ejected: false,
+                    last_mark_cause: None,
+                })
                 .collect(),
             panic: s.panic,
             no_backend_refusals: 0,
+            all_marked_picks: 0,
+            table_map_id: None,
         })
         .collect()
 }
@@ -183,7 +228,9 @@ pub fn render(r: &StatusReport) -> String {
             let _ = writeln!(out, "agent: NOT running (no status file)");
         }
     }
-    if r.agent.as_ref().is_some_and(|a| a.mode == "envoy") && r.agent_running {
+    if r.agent.as_ref().is_some_and(|a| a.mode == "aside") && r.agent_running {
+        let _ = writeln!(out, "datapath: none (mode aside: another process serves the virtual addresses, see below)");
+    } else if r.agent.as_ref().is_some_and(|a| a.mode == "envoy") && r.agent_running {
         let _ = writeln!(out, "datapath: Envoy (supervised by the agent; per-backend counters need envoy.adminPort)");
     } else if !r.datapath_installed {
         let _ = writeln!(out, "datapath: no eBPF maps pinned at {}", r.pin_path.display());
@@ -214,15 +261,30 @@ pub fn render(r: &StatusReport) -> String {
                 .map(|ms| format!("{ms:.1}ms"))
                 .unwrap_or_else(|| "-".into());
             let fails = h.and_then(|h| h.get("consecutive_failures")).and_then(|v| v.as_u64()).unwrap_or(0);
+            let passive_ejections = h.and_then(|h| h.get("passive_ejections")).and_then(|v| v.as_u64()).unwrap_or(0);
+            let p = r.agent.as_ref().and_then(|a| a.passive.iter().find(|p| p.backend == b.addr));
+            let handshake =
+                p.and_then(|p| p.handshake_worst_ms).map(|ms| format!("{ms:.1}ms")).unwrap_or_else(|| "-".into());
+            let syn = b.syn_timeout_ms.map(|ms| format!("{ms}ms")).unwrap_or_else(|| "kernel".into());
             let _ = writeln!(
                 out,
-                "  {:<28} connects {:>8}  {:<9} probe {:>8}  fails {:>2}  passive ejections {}",
+                "  {:<28} connects {:>8}  {:<9} probe {:>8}  fails {:>2}  passive ejections {}{}",
                 b.addr.to_string(),
                 b.connects,
                 verdict,
                 latency,
                 fails,
-                b.passive_failures
+                passive_ejections,
+                if b.passively_ejected { "  [MARKED by the kernel]" } else { "" },
+            );
+            let _ = writeln!(
+                out,
+                "  {:<28} syn timeout {:>6} (worst handshake {handshake})  refused {}  syn timeouts {}  aborted in SYN_SENT {}",
+                "",
+                syn,
+                b.refused,
+                b.syn_timeouts,
+                p.map_or(0, |p| p.syn_sent_aborted),
             );
         }
         if s.backends.is_empty() {
@@ -234,6 +296,9 @@ pub fn render(r: &StatusReport) -> String {
             match serde_json::from_value::<crate::envoy::EnvoyStatus>(v.clone()) {
                 Ok(envoy) if k == "envoy" => {
                     let _ = writeln!(out, "\n{}", crate::envoy::render_status(&envoy));
+                }
+                _ if k == crate::stand_aside::STATUS_KEY => {
+                    let _ = writeln!(out, "\n{}", crate::stand_aside::render_status(v));
                 }
                 _ => {
                     let _ = writeln!(out, "\n{k}: {v}");

@@ -131,3 +131,63 @@ mod tests {
         assert_eq!(unescape_mount("/sys/fs/cgroup"), PathBuf::from("/sys/fs/cgroup"));
     }
 }
+
+/// The kernel's CONFIG_HZ (jiffies per second): sock_ops answers the SYN
+/// timeout in jiffies. From the kernel config when it is on disk, else
+/// measured from /proc/timer_list (jiffies and the monotonic clock, read
+/// 100 ms apart) and rounded to the nearest value a kernel can be built with;
+/// 250 (Debian's default) if neither can be read. Measured once per process.
+pub fn kernel_hz() -> u32 {
+    static HZ: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        if let Some(hz) = hz_from_config() {
+            return hz;
+        }
+        let first = timer_list_sample();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        match (first, timer_list_sample()) {
+            (Some((j0, t0)), Some((j1, t1))) if t1 > t0 && j1 >= j0 => {
+                let measured = (j1 - j0) as f64 * 1e9 / (t1 - t0) as f64;
+                nearest_hz(measured)
+            }
+            _ => {
+                tracing::warn!("cannot tell the kernel's HZ (no kernel config, no /proc/timer_list): assuming 250");
+                250
+            }
+        }
+    })
+}
+
+const HZ_CHOICES: [u32; 4] = [100, 250, 300, 1000];
+
+fn nearest_hz(measured: f64) -> u32 {
+    *HZ_CHOICES
+        .iter()
+        .min_by(|a, b| (f64::from(**a) - measured).abs().total_cmp(&(f64::from(**b) - measured).abs()))
+        .expect("choices")
+}
+
+fn hz_from_config() -> Option<u32> {
+    let release = crate::compat::kernel_release();
+    let text = std::fs::read_to_string(format!("/boot/config-{release}")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("CONFIG_HZ=")).and_then(|v| v.trim().parse().ok())
+}
+
+/// (jiffies, ns) as /proc/timer_list prints them together.
+fn timer_list_sample() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/timer_list").ok()?;
+    let now = text.lines().find_map(|l| l.strip_prefix("now at ")?.strip_suffix(" nsecs")?.trim().parse().ok())?;
+    let jiffies = text.lines().find_map(|l| l.trim().strip_prefix("jiffies:")?.trim().parse().ok())?;
+    Some((jiffies, now))
+}
+
+#[cfg(test)]
+mod hz_tests {
+    #[test]
+    fn hz_rounds_to_a_kernel_value() {
+        assert_eq!(super::nearest_hz(247.0), 250);
+        assert_eq!(super::nearest_hz(104.0), 100);
+        assert_eq!(super::nearest_hz(290.0), 300);
+        assert_eq!(super::nearest_hz(990.0), 1000);
+    }
+}

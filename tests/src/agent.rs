@@ -11,16 +11,12 @@ use crate::{unique_name, wait_for};
 
 /// The nllb binary: `NLLB_BIN`, else `<target>/debug/nllb` next to the tests.
 pub fn nllb_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("NLLB_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut dir = exe.parent().unwrap().to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let bin = dir.join("nllb");
-    assert!(bin.exists(), "{} not found: build it first (`cargo build -p nllb-userspace`) or set NLLB_BIN", bin.display());
+    let bin = crate::built_binary("NLLB_BIN", "nllb");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p nllb-userspace`) or set NLLB_BIN",
+        bin.display()
+    );
     bin
 }
 
@@ -199,6 +195,44 @@ impl Agent {
         let out = self.nllb(&["status", "--json"]);
         assert!(out.status.success(), "nllb status failed: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// Connects the kernel datapath has steered, per backend address, from
+    /// the pinned maps (readable while the agent is down too).
+    pub fn connects_by_backend(&self) -> std::collections::BTreeMap<String, u64> {
+        let out = self.nllb(&["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let mut by = std::collections::BTreeMap::new();
+        for s in v["services"].as_array().into_iter().flatten() {
+            for b in s["backends"].as_array().into_iter().flatten() {
+                if let (Some(addr), Some(n)) = (b["addr"].as_str(), b["connects"].as_u64()) {
+                    *by.entry(addr.to_string()).or_default() += n;
+                }
+            }
+        }
+        by
+    }
+
+    /// Connects the kernel datapath has steered in total.
+    pub fn connects(&self) -> u64 {
+        self.connects_by_backend().values().sum()
+    }
+
+    /// Waits until the datapath has steered `more` connects beyond now (a
+    /// client that keeps connecting has made progress). Each look runs
+    /// `nllb status`, so it looks every 100 ms, not in a tight loop that
+    /// would starve the client on a one-CPU guest.
+    pub fn wait_connects(&self, more: u64, timeout: Duration) {
+        let base = self.connects();
+        let deadline = std::time::Instant::now() + crate::scaled(timeout);
+        while self.connects() < base + more {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fewer than {more} connects after {timeout:?} (from {base}); log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {

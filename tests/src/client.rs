@@ -22,12 +22,30 @@ pub struct ConnectResult {
     pub body: Option<String>,
     /// What getpeername() returned for the connected socket.
     pub peer: Option<String>,
+    /// What getsockname() returned: the client's own address and port.
+    #[serde(default)]
+    pub local: Option<String>,
+    /// The client address the server saw (its `X-Peer` header): equal to
+    /// `local` when the client reached the server directly, another
+    /// address when a proxy connected on its behalf.
+    #[serde(default)]
+    pub server_saw: Option<String>,
     pub elapsed_us: u64,
+    /// This attempt retried a failed one at once (`ClientOpts::retry`).
+    #[serde(default)]
+    pub retry: bool,
+    /// getpeername() again after the connection was held (`--hold`).
+    #[serde(default)]
+    pub peer_after_hold: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ClientReport {
     pub results: Vec<ConnectResult>,
+    /// Wall clock (ms since the epoch) at the client's t = 0, to place an
+    /// event of the test on the client's `t_ms` scale.
+    #[serde(default)]
+    pub started_unix_ms: u64,
 }
 
 impl ClientReport {
@@ -37,6 +55,11 @@ impl ClientReport {
 
     pub fn failed(&self) -> Vec<&ConnectResult> {
         self.results.iter().filter(|r| !r.ok).collect()
+    }
+
+    /// The longest any single connect attempt took.
+    pub fn longest(&self) -> Duration {
+        Duration::from_micros(self.results.iter().map(|r| r.elapsed_us).max().unwrap_or(0))
     }
 
     /// How many connects each server (by body) answered.
@@ -59,6 +82,13 @@ pub struct ClientOpts {
     pub netns: Option<String>,
     pub interval: Duration,
     pub timeout: Duration,
+    /// After a failed connect, try once more at once (what client-go and
+    /// most clients do on a connection error).
+    pub retry: bool,
+    /// Stop after this long even if `count` connects were not made.
+    pub deadline: Option<Duration>,
+    /// Connect and close without a request (fastest churn).
+    pub connect_only: bool,
 }
 
 impl ClientOpts {
@@ -70,6 +100,9 @@ impl ClientOpts {
             netns: None,
             interval: Duration::ZERO,
             timeout: Duration::from_secs(3),
+            retry: false,
+            deadline: None,
+            connect_only: false,
         }
     }
 
@@ -85,6 +118,15 @@ impl ClientOpts {
         if let Some(n) = &self.netns {
             cmd.arg("--netns").arg(n);
         }
+        if self.retry {
+            cmd.arg("--retry");
+        }
+        if self.connect_only {
+            cmd.arg("--connect-only");
+        }
+        if let Some(d) = self.deadline {
+            cmd.arg("--deadline-ms").arg(d.as_millis().to_string());
+        }
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd
     }
@@ -96,12 +138,15 @@ impl ClientOpts {
 
 pub fn wait_client(child: Child) -> ClientReport {
     let out = child.wait_with_output().expect("wait for nllb-testclient");
-    assert!(
-        out.status.success(),
-        "nllb-testclient failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "nllb-testclient failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("nllb-testclient JSON")
+}
+
+/// Ends a client started with a large `count` (SIGTERM): it reports the
+/// connects it made until then.
+pub fn stop_client(child: Child) -> ClientReport {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    wait_client(child)
 }
 
 pub fn run_client(opts: &ClientOpts) -> ClientReport {
@@ -110,13 +155,5 @@ pub fn run_client(opts: &ClientOpts) -> ClientReport {
 
 /// The client binary sits next to the test executables' `deps/` directory.
 pub fn testclient_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("NLLB_TESTCLIENT") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut dir = exe.parent().unwrap().to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    dir.join("nllb-testclient")
+    crate::built_binary("NLLB_TESTCLIENT", "nllb-testclient")
 }

@@ -4,9 +4,11 @@
 //! on drop, also when a test fails.
 
 mod agent;
-pub mod fake_apiserver;
 mod cgroup;
 mod client;
+pub mod fake_apiserver;
+pub mod k0s_nllb;
+pub mod kube;
 mod net;
 mod server;
 
@@ -14,7 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use agent::{AGENT_CAPABILITIES, Agent, AgentOpts, nllb_bin};
 pub use cgroup::{TestCgroup, cgroup2_mount};
-pub use client::{ClientOpts, ClientReport, ConnectResult, run_client, testclient_bin, wait_client};
+pub use client::{ClientOpts, ClientReport, ConnectResult, run_client, stop_client, testclient_bin, wait_client};
 pub use net::{Netns, TestHost, TestNet};
 pub use server::Server;
 
@@ -37,12 +39,23 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// A binary of this workspace: `$env` when set, else `name` in the target
+/// directory the test executables run from (beside their `deps/`).
+pub(crate) fn built_binary(env: &str, name: &str) -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().unwrap().to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
 /// Run a command, panicking with its output when it fails.
 pub fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    let out = std::process::Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
     if !out.status.success() {
         panic!(
             "{cmd} {} failed: {}{}",
@@ -92,13 +105,23 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Programs the agent attaches to its cgroup: connect4/6, getpeername4/6,
+/// sock_ops and sock_release.
+pub const NLLB_PROGRAMS: usize = 6;
+
 /// Programs attached to a cgroup at nllb's hooks, one entry per program
 /// (`"<hook> prog <id>"`). Asks the kernel directly (BPF_PROG_QUERY per
 /// attach type): bpftool's listing gives up on kernels that lack attach
 /// types it knows (5.10).
 pub fn attached_programs(cgroup: &std::path::Path) -> Vec<String> {
-    const HOOKS: [(u32, &str); 5] =
-        [(10, "connect4"), (11, "connect6"), (29, "getpeername4"), (30, "getpeername6"), (3, "sock_ops")];
+    const HOOKS: [(u32, &str); 6] = [
+        (10, "connect4"),
+        (11, "connect6"),
+        (29, "getpeername4"),
+        (30, "getpeername6"),
+        (3, "sock_ops"),
+        (34, "sock_release"),
+    ];
     #[repr(C)]
     struct Query {
         target_fd: u32,
@@ -153,4 +176,23 @@ pub fn vip4(port: u16) -> std::net::SocketAddr {
 /// `[::1]:port`.
 pub fn vip6(port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))
+}
+
+/// The Envoy binary `cargo xtask setup` installed (NLLB_ENVOY_BINARY, PATH,
+/// the venv), or None when the test must skip: not installed (outside CI)
+/// or inside a kernel-matrix guest, which carries no Envoy. Under CI a
+/// missing Envoy fails the test.
+pub fn envoy_binary() -> Option<std::path::PathBuf> {
+    match nllb::envoy::resolve_binary(None) {
+        Ok(p) => Some(p),
+        Err(e) if std::env::var_os("NLLB_IN_VM").is_some() => {
+            eprintln!("SKIPPED in the kernel-matrix guest (no Envoy in the initramfs): {e}");
+            None
+        }
+        Err(e) if std::env::var_os("CI").is_some() => panic!("CI is set but Envoy is missing: {e}"),
+        Err(e) => {
+            eprintln!("SKIPPED: {e}");
+            None
+        }
+    }
 }

@@ -85,6 +85,16 @@ impl TestHost {
         );
     }
 
+    /// The controller's interface goes down (same L2, powered off): the
+    /// host's neighbour lookups for it go unanswered, nothing is refused.
+    pub fn link_down(&self) {
+        self.netns.exec("ip", &["link", "set", &format!("{}p", self.veth), "down"]);
+    }
+
+    pub fn link_up(&self) {
+        self.netns.exec("ip", &["link", "set", &format!("{}p", self.veth), "up"]);
+    }
+
     pub fn unblackhole(&self) {
         self.netns.exec("nft", &["delete", "table", "inet", "nllbtest"]);
     }

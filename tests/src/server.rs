@@ -103,6 +103,9 @@ fn answer(mut conn: TcpStream, name: &str, readyz: &AtomicU8) {
             Ok(n) => got.extend_from_slice(&buf[..n]),
         }
     }
+    // The client address as this server sees it (IPv4 clients arrive
+    // v4-mapped on the dual-stack socket): tells a direct client from a proxy.
+    let peer = conn.peer_addr().map(|p| SocketAddr::new(p.ip().to_canonical(), p.port()).to_string()).unwrap_or_default();
     let request = String::from_utf8_lossy(&got);
     let is_readyz = request.starts_with("GET /readyz");
     let (status, body) = match (is_readyz, readyz.load(Ordering::SeqCst)) {
@@ -116,7 +119,7 @@ fn answer(mut conn: TcpStream, name: &str, readyz: &AtomicU8) {
     };
     let _ = write!(
         conn,
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nX-Peer: {peer}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
 }

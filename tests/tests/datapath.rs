@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use nllb_tests::{vip4, 
-    Agent, AgentOpts, ClientOpts, Netns, TestCgroup, TestNet, attached_programs, free_port, one_service_config,
+    Agent, AgentOpts, ClientOpts, NLLB_PROGRAMS, Netns, TestCgroup, TestNet, attached_programs, free_port, one_service_config,
     privileged, run_client,
 };
 
@@ -242,8 +242,13 @@ fn with_detach_on_exit_sigint_and_sigterm_leave_nothing_attached_or_pinned() {
             extra_args: vec!["--detach-on-exit".into()],
             ..Default::default()
         });
-        assert_eq!(attached_programs(cg.path()).len(), 5, "connect4/6, getpeername4/6, sock_ops");
-        assert!(agent.pin_path.join("NLLB_BACKENDS").exists());
+        assert_eq!(
+            attached_programs(cg.path()).len(),
+            NLLB_PROGRAMS,
+            "connect4/6, getpeername4/6, sock_ops, sock_release: {:?}",
+            attached_programs(cg.path())
+        );
+        assert!(agent.pin_path.join("NLLB_VIPS4").exists());
         agent.signal(sig);
         let status = agent.wait_exit(Duration::from_secs(10)).expect("agent must exit on a signal");
         assert_eq!(status.code(), Some(0), "{}", agent.log());

@@ -2,6 +2,7 @@
 //! API server, with kube-rs as the real client over TLS.
 
 use std::{
+    collections::BTreeSet,
     net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -39,11 +40,7 @@ fn setup() -> Setup {
 }
 
 fn services() -> Vec<Service> {
-    vec![Service {
-        name: "apiserver".into(),
-        listen: vec!["127.0.0.1:7443".parse().unwrap()],
-        backend_port: 6443,
-    }]
+    vec![Service { name: "apiserver".into(), listen: vec!["127.0.0.1:7443".parse().unwrap()], backend_port: 6443 }]
 }
 
 fn tuning() -> Tuning {
@@ -109,11 +106,12 @@ fn cached(s: &Setup) -> Option<Vec<IpAddr>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovers_ready_ipv4_and_ipv6_controllers_from_endpointslices() {
     let s = setup();
-    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[
-        ("198.18.2.2", true),
-        ("198.18.1.2", true),
-        ("198.18.3.2", false),
-    ]));
+    s.api.apply_slice(&endpoint_slice(
+        NS,
+        "kubernetes",
+        SVC,
+        &[("198.18.2.2", true), ("198.18.1.2", true), ("198.18.3.2", false)],
+    ));
     s.api.apply_slice(&endpoint_slice(NS, "kubernetes-v6", SVC, &[("2001:2:0:1::2", true)]));
     let (mut rx, seen) = start(&s, &["198.18.9.2"]);
     let set = wait_for(&mut rx, &["198.18.1.2", "198.18.2.2", "2001:2:0:1::2"]).await;
@@ -179,22 +177,40 @@ async fn relists_after_410_gone() {
 }
 
 /// Dropping every receiver ends discovery: no more requests to the API.
+/// A second discovery (another namespace) runs alongside as the control:
+/// once it has come back from a dropped connection, a discovery that was
+/// still running would have come back too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_stops_when_the_receiver_is_dropped() {
+    const CONTROL: &str = "control";
     let s = setup();
     s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true)]));
-    let cfg = KubernetesDiscovery { kubeconfig: s.kubeconfig.clone(), namespace: NS.into(), service: SVC.into() };
-    let mut rx = nllb::discovery::spawn_with(cfg, services(), s.state.clone(), vec![], tuning());
+    s.api.apply_slice(&endpoint_slice(CONTROL, "kubernetes", SVC, &[("198.18.2.2", true)]));
+    let spawn = |namespace: &str| {
+        let cfg =
+            KubernetesDiscovery { kubeconfig: s.kubeconfig.clone(), namespace: namespace.into(), service: SVC.into() };
+        nllb::discovery::spawn_with(cfg, services(), s.state.join(namespace), vec![], tuning())
+    };
+    let mut rx = spawn(NS);
+    let mut control = spawn(CONTROL);
     wait_for(&mut rx, &["198.18.1.2"]).await;
-    s.api.wait_for_watches(1, Duration::from_secs(10));
+    wait_for(&mut control, &["198.18.2.2"]).await;
+    s.api.wait_for_watches(2, Duration::from_secs(10));
     drop(rx);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = s.api.requests().len();
-    // A live discovery would reconnect after this.
+    // The dropped discovery's watch closes without any further request.
+    nllb_tests::wait_for(Duration::from_secs(5), || (s.api.open_watches() == 1).then_some(()))
+        .unwrap_or_else(|| panic!("the dropped discovery's watch stays open: {:?}", s.api.requests()));
+    let ours = |s: &Setup| s.api.requests().iter().filter(|r| r.contains(&format!(" {NS} "))).count();
+    let before = ours(&s);
+    let control_watches = s.api.count(&format!("WATCH endpointslices {CONTROL}"));
     s.api.drop_connections();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(s.api.requests().len(), before, "discovery still running: {:?}", s.api.requests());
-    assert_eq!(s.api.open_watches(), 0);
+    nllb_tests::wait_for(Duration::from_secs(10), || {
+        (s.api.count(&format!("WATCH endpointslices {CONTROL}")) > control_watches).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the control discovery never came back: {:?}", s.api.requests()));
+    s.api.wait_for_watches(1, Duration::from_secs(10));
+    assert_eq!(ours(&s), before, "the dropped discovery still talks to the API: {:?}", s.api.requests());
+    drop(control);
 }
 
 /// Missing RBAC (403): the seed stays until the API lets discovery in.
@@ -225,8 +241,12 @@ async fn bookmarks_keep_the_resume_point_fresh() {
     for i in 0..5 {
         s.api.apply_slice(&endpoint_slice(NS, "other", "other", &[(&format!("198.18.8.{i}"), true)]));
     }
-    // Several bookmark intervals (500 ms each).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Two bookmarks carrying the latest resourceVersion have gone out: the
+    // first has reached the client by the time the second is sent (one
+    // bookmark interval later).
+    let latest = s.api.resource_version();
+    nllb_tests::wait_for(Duration::from_secs(10), || (s.api.bookmarks_sent(latest) >= 2).then_some(()))
+        .unwrap_or_else(|| panic!("no bookmark at resourceVersion {latest}: {:?}", s.api.requests()));
     let lists = s.api.count("LIST endpointslices");
     s.api.compact();
     s.api.drop_connections();
@@ -242,18 +262,21 @@ async fn dropped_watch_recovers() {
     s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true)]));
     let (mut rx, seen) = start(&s, &[]);
     let set = wait_for(&mut rx, &["198.18.1.2"]).await;
-    for _ in 0..3 {
+    for round in 0..3 {
         s.api.wait_for_watches(1, Duration::from_secs(10));
+        let watches = s.api.count("WATCH endpointslices");
         s.api.drop_connections();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Each dropped watch is re-established.
+        nllb_tests::wait_for(Duration::from_secs(10), || {
+            (s.api.count("WATCH endpointslices") > watches && s.api.open_watches() == 1).then_some(())
+        })
+        .unwrap_or_else(|| panic!("round {round}: no new watch after the drop: {:?}", s.api.requests()));
     }
-    let watches = s.api.count("WATCH endpointslices");
     assert_eq!(rx.borrow().controllers, ips(&["198.18.1.2"]));
-    assert_eq!(rx.borrow().generation, set.generation);
+    assert_eq!(rx.borrow().generation, set.generation, "dropped watches changed nothing");
+    // The re-established watch delivers changes.
     s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", true), ("198.18.4.2", true)]));
     wait_for(&mut rx, &["198.18.1.2", "198.18.4.2"]).await;
-    assert!(s.api.count("WATCH endpointslices") >= watches);
-    assert!(watches >= 3, "each dropped watch is re-established: {:?}", s.api.requests());
     never_empty(&seen);
 }
 
@@ -266,7 +289,10 @@ async fn falls_back_to_endpoints_when_endpointslices_are_not_served() {
     let (mut rx, seen) = start(&s, &[]);
     wait_for(&mut rx, &["198.18.1.2", "2001:2:0:2::2"]).await;
     assert!(
-        s.api.requests().iter().any(|r| r.starts_with("LIST endpoints default") && r.contains("fields=metadata.name=kubernetes")),
+        s.api
+            .requests()
+            .iter()
+            .any(|r| r.starts_with("LIST endpoints default") && r.contains("fields=metadata.name=kubernetes")),
         "{:?}",
         s.api.requests()
     );
@@ -294,12 +320,12 @@ async fn invalid_or_empty_data_keeps_the_last_good_set() {
     let want = ["198.18.1.2", "198.18.2.2"];
 
     // Only unusable addresses: loopback, unspecified, multicast, garbage.
-    s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[
-        ("127.0.0.1", true),
-        ("0.0.0.0", true),
-        ("224.0.0.1", true),
-        ("not-an-ip", true),
-    ]));
+    s.api.apply_slice(&endpoint_slice(
+        NS,
+        "kubernetes",
+        SVC,
+        &[("127.0.0.1", true), ("0.0.0.0", true), ("224.0.0.1", true), ("not-an-ip", true)],
+    ));
     stays(&rx, &want, good.generation).await;
     // Nothing ready.
     s.api.apply_slice(&endpoint_slice(NS, "kubernetes", SVC, &[("198.18.1.2", false)]));
@@ -372,7 +398,15 @@ async fn without_cache_the_seed_is_the_first_value_and_api_confirms() {
     let s = setup();
     let (mut rx, _) = start(&s, &["198.18.2.2", "198.18.1.2", "198.18.2.2"]);
     let first = rx.borrow().clone();
-    assert_eq!(first, DiscoveredSet { controllers: ips(&["198.18.1.2", "198.18.2.2"]), source: Source::Seed, generation: 0 });
+    assert_eq!(
+        first,
+        DiscoveredSet {
+            controllers: ips(&["198.18.1.2", "198.18.2.2"]),
+            source: Source::Seed,
+            generation: 0,
+            last_error: None
+        }
+    );
     // The API lists nothing yet: the seed stays.
     stays(&rx, &["198.18.1.2", "198.18.2.2"], 0).await;
     // Same controllers from the API: published once, now marked as from the API.
@@ -438,23 +472,19 @@ async fn vip_kubeconfig_dials_known_controllers_directly() {
 
 /// The backends the running agent published for its first service, from
 /// its status file.
-fn published(agent: &nllb_tests::Agent) -> Vec<String> {
+fn published(agent: &nllb_tests::Agent) -> BTreeSet<String> {
     let text = std::fs::read_to_string(agent.run_dir.join("status.json")).unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
     // The discovered set (what health filters from), so a probe that
     // times out on a loaded machine cannot make this flaky.
-    let mut out: Vec<String> = v["services"][0]["known_backends"]
+    v["services"][0]["known_backends"]
         .as_array()
         .map(|a| a.iter().filter_map(|b| b.as_str().map(str::to_string)).collect())
-        .unwrap_or_default();
-    out.sort();
-    out
+        .unwrap_or_default()
 }
 
-fn wait_published(agent: &nllb_tests::Agent, want: &[String]) {
-    let mut want = want.to_vec();
-    want.sort();
-    let got = nllb_tests::wait_for(Duration::from_secs(20), || (published(agent) == want).then_some(()));
+fn wait_published(agent: &nllb_tests::Agent, want: &BTreeSet<String>) {
+    let got = nllb_tests::wait_for(Duration::from_secs(20), || (published(agent) == *want).then_some(()));
     assert!(got.is_some(), "agent never published {want:?} (has {:?}); log:\n{}", published(agent), agent.log());
 }
 
@@ -488,7 +518,7 @@ fn agent_discovers_controllers_and_serves_them_through_the_vip() {
         cgroup: cg.path().to_path_buf(),
         ..Default::default()
     });
-    let with_port = |list: &[&String]| list.iter().map(|a| format!("{a}:{PORT}")).collect::<Vec<_>>();
+    let with_port = |list: &[&String]| list.iter().map(|a| format!("{a}:{PORT}")).collect::<BTreeSet<_>>();
     wait_published(&agent, &with_port(&addrs.iter().collect::<Vec<_>>()));
     let report = run_client(&ClientOpts::new(vip, 60, Some(cg.path())));
     assert_eq!(report.ok_count(), 60, "{:?}", report.failed());
@@ -502,9 +532,12 @@ fn agent_discovers_controllers_and_serves_them_through_the_vip() {
     assert!(!report.by_body().contains_key("controller-2"), "removed controller still used: {:?}", report.by_body());
     assert_eq!(report.by_body().len(), 2);
 
-    // The API goes away: the set stays.
+    // The API goes away: discovery notices and the set stays.
+    const KEPT: &str = "keeping the last controller set";
+    let noticed = agent.log().matches(KEPT).count();
     api.stop();
-    std::thread::sleep(Duration::from_secs(2));
+    nllb_tests::wait_for(Duration::from_secs(20), || (agent.log().matches(KEPT).count() > noticed).then_some(()))
+        .unwrap_or_else(|| panic!("discovery never noticed the API going away; log:\n{}", agent.log()));
     assert_eq!(published(&agent), with_port(&[&addrs[0], &addrs[1]]));
     let report = run_client(&ClientOpts::new(vip, 20, Some(cg.path())));
     assert_eq!(report.ok_count(), 20, "{:?}", report.failed());
@@ -530,8 +563,8 @@ fn agent_discovers_controllers_and_serves_them_through_the_vip() {
 /// for 127.0.0.1), learns all three, and serves them.
 #[test]
 fn agent_bootstraps_from_a_kubeconfig_that_points_at_its_own_vip() {
-    use nllb_tests::{Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, free_port, run_client};
     use nllb_tests::fake_apiserver::FakeApiOpts;
+    use nllb_tests::{Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, free_port, run_client};
     if !nllb_tests::privileged() {
         return;
     }
@@ -561,7 +594,7 @@ fn agent_bootstraps_from_a_kubeconfig_that_points_at_its_own_vip() {
     );
     let cg = TestCgroup::new();
     let agent = Agent::start(&AgentOpts { config_yaml: config, cgroup: cg.path().to_path_buf(), ..Default::default() });
-    wait_published(&agent, &addrs.iter().map(|a| format!("{a}:{}", api.addr().port())).collect::<Vec<_>>());
+    wait_published(&agent, &addrs.iter().map(|a| format!("{a}:{}", api.addr().port())).collect());
     assert!(api.count("LIST endpointslices") >= 1, "{:?}", api.requests());
     let report = run_client(&ClientOpts::new(web_vip, 45, Some(cg.path())));
     assert_eq!(report.ok_count(), 45, "{:?}", report.failed());

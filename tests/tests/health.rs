@@ -16,12 +16,12 @@ use std::{
 
 use nllb::health::{HealthConfig, HealthSnapshot, Monitor, select};
 use nllb_tests::{TestNet, privileged, unique_name};
-use tls_server::{FAIL, HANG, Pki, READY, TlsServer};
+use tls_server::{FAIL, HANG, Pki, READY, READY_ONCE, TlsServer};
 
 const PORT: u16 = 6443;
 
 fn config(yaml: &str) -> HealthConfig {
-    serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("bad test config {yaml}: {e}"))
+    nllb::yaml::from_str(yaml).unwrap_or_else(|e| panic!("bad test config {yaml}: {e}"))
 }
 
 /// Polls the monitor until `addr`'s verdict is `healthy`; the time it took.
@@ -182,24 +182,26 @@ async fn flapping_controller_is_not_readmitted_on_single_good_probes() {
     wait_proven(&mon, &[addr(h0)]).await;
     s0.set_mode(FAIL);
     wait_verdict(&mon, addr(h0), false, Duration::from_secs(3)).await.expect("ejected");
-    // Up for 400ms (at most one probe), down for 1.2s, five times.
-    let mut readmitted = 0;
-    let mut best_streak = 0;
-    for _ in 0..5 {
-        s0.set_mode(READY);
-        let until = Instant::now() + Duration::from_millis(400);
-        while Instant::now() < until {
-            let h = mon.snapshot().get(&addr(h0)).cloned().unwrap();
-            readmitted += usize::from(h.healthy);
-            best_streak = best_streak.max(h.consecutive_successes);
+    // Every verdict flip wakes subscribers: a readmission would show here.
+    let rx = mon.subscribe();
+    let probes = Probes::default();
+    mon.observe_probes(probes.observer());
+    // Five times: exactly one good answer (the server itself falls back to
+    // 500 after it, however late the test runs), then failed probes.
+    for round in 0..5 {
+        s0.set_mode(READY_ONCE);
+        let limit = Instant::now() + nllb_tests::scaled(Duration::from_secs(5));
+        while s0.mode() != FAIL {
+            assert!(Instant::now() < limit, "round {round}: no probe reached the server");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        s0.set_mode(FAIL);
-        tokio::time::sleep(Duration::from_millis(1200)).await;
-        assert!(!mon.snapshot().is_healthy(&addr(h0)));
+        // Two more finished probes: the good one (if it had not finished)
+        // and at least one failure after it.
+        let n = probes.all().len();
+        probes.wait_count(n + 2).await;
+        assert!(!mon.snapshot().is_healthy(&addr(h0)), "round {round}: readmitted");
     }
-    assert!(best_streak >= 1, "the test must have let some good probes through");
-    assert_eq!(readmitted, 0, "a flapping controller must stay out until rise=2 good probes in a row");
+    assert!(!rx.has_changed().unwrap(), "a flapping controller must stay out until rise=2 good probes in a row");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,11 +295,60 @@ async fn set_targets_keeps_unchanged_state_and_drops_removed() {
     let after = mon.snapshot().get(&dead).cloned().unwrap();
     assert!(!after.healthy && after.since == before.since, "unchanged target kept its state");
     assert!(mon.snapshot().get(&c).is_some_and(|h| h.healthy && h.last_ok.is_none()), "new target starts healthy");
+    // From here on, every finished probe is recorded.
+    let seen = Probes::default();
+    mon.observe_probes(seen.observer());
     mon.set_targets([b]);
     let snap = mon.snapshot();
     assert_eq!(snap.backends.keys().copied().collect::<Vec<_>>(), vec![b]);
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(mon.snapshot().backends.len(), 1, "removed targets' tasks are gone");
+    // A probe of a removed target still in flight may finish after the
+    // removal; once `b` was probed twice more (two intervals, far longer
+    // than a probe's timeout), nothing else may be probed any more.
+    seen.wait(b, 2).await;
+    seen.clear();
+    seen.wait(b, 2).await;
+    let others: Vec<_> = seen.all().into_iter().filter(|(t, _)| *t != b).collect();
+    assert!(others.is_empty(), "removed targets are still probed: {others:?}");
+    assert_eq!(mon.snapshot().backends.keys().copied().collect::<Vec<_>>(), vec![b]);
+}
+
+/// Every probe a monitor finished: (target, duration), in order.
+#[derive(Clone, Default)]
+struct Probes(std::sync::Arc<std::sync::Mutex<Vec<(SocketAddr, Duration)>>>);
+
+impl Probes {
+    fn observer(&self) -> nllb::health::ProbeObserver {
+        let seen = self.0.clone();
+        std::sync::Arc::new(move |t, d| seen.lock().unwrap().push((t, d)))
+    }
+    fn all(&self) -> Vec<(SocketAddr, Duration)> {
+        self.0.lock().unwrap().clone()
+    }
+    fn clear(&self) {
+        self.0.lock().unwrap().clear();
+    }
+    /// Waits until `target` has been probed `n` times (since the last clear).
+    async fn wait(&self, target: SocketAddr, n: usize) {
+        self.wait_until(
+            |all| all.iter().filter(|(t, _)| *t == target).count() >= n,
+            &format!("{target} probed {n} times"),
+        )
+        .await
+    }
+
+    /// Waits until `n` probes (of any target) have finished since the last clear.
+    async fn wait_count(&self, n: usize) {
+        self.wait_until(|all| all.len() >= n, &format!("{n} probes")).await
+    }
+
+    async fn wait_until(&self, done: impl Fn(&[(SocketAddr, Duration)]) -> bool, what: &str) {
+        let limit = nllb_tests::scaled(Duration::from_secs(10));
+        let start = Instant::now();
+        while !done(&self.all()) {
+            assert!(start.elapsed() < limit, "never saw {what}: {:?}", self.all());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 fn free_port_not(avoid: &[SocketAddr]) -> u16 {
@@ -311,27 +362,38 @@ fn free_port_not(avoid: &[SocketAddr]) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn observer_sees_every_probe_with_its_duration() {
-    use std::sync::{Arc, Mutex};
     let up = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let a = up.local_addr().unwrap();
-    let seen: Arc<Mutex<Vec<(SocketAddr, Duration)>>> = Arc::default();
-    let s2 = seen.clone();
+    let seen = Probes::default();
     let mon = Monitor::spawn(config("probe: tcp\ninterval: 100ms\ntimeout: 50ms")).unwrap();
-    mon.observe_probes(Arc::new(move |t, d| s2.lock().unwrap().push((t, d))));
+    mon.observe_probes(seen.observer());
+    let t0 = Instant::now();
     mon.set_targets([a]);
-    tokio::time::sleep(Duration::from_millis(550)).await;
-    let seen = seen.lock().unwrap().clone();
-    assert!((4..=7).contains(&seen.len()), "about one probe per 100ms: {seen:?}");
+    seen.wait(a, 5).await;
+    let took = t0.elapsed();
+    let seen = seen.all();
+    // Each probe is bounded by the 50ms timeout, so each observation is too.
     assert!(seen.iter().all(|(t, d)| *t == a && *d < Duration::from_millis(50)), "{seen:?}");
+    // Probes are paced by the interval (±10% jitter): five take at least
+    // four intervals; a slow machine only makes them later.
+    assert!(took >= Duration::from_millis(4 * 90), "5 probes in {took:?}: not paced by the 100ms interval");
+    // Every probe was observed: the snapshot counts no more successes than
+    // the observer saw (it may lag a probe behind the observer).
+    let successes = mon.snapshot().get(&a).unwrap().consecutive_successes as usize;
+    assert!(successes <= seen.len() + 1 && successes + 1 >= seen.len(), "{successes} vs {}", seen.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disabled_health_keeps_every_backend_healthy() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let mon = Monitor::spawn(config("enabled: false\nprobe: tcp")).unwrap();
+    // The same target under an enabled monitor: once that one has ejected
+    // it, the disabled one has had every chance to do so too.
+    let control = Monitor::spawn(config("probe: tcp")).unwrap();
+    control.set_targets([dead]);
     mon.set_targets([dead]);
     mon.report_passive_failure(dead);
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    wait_verdict(&control, dead, false, Duration::from_secs(3)).await.expect("the enabled monitor ejects it");
     let h = mon.snapshot().get(&dead).cloned().unwrap();
     assert!(h.healthy && h.last_ok.is_none(), "{h:?}");
     assert_eq!(h.passive_ejections, 1, "passive ejections are still counted");
@@ -352,7 +414,8 @@ fn socket_destroy_aborts_a_connect_stuck_in_syn_sent() {
         (r.map(|_| ()), start.elapsed())
     });
     let n = nllb_tests::wait_for(Duration::from_secs(2), || {
-        let n = nllb::sock_destroy::destroy_sockets_to(target, None).unwrap();
+        let stuck = nllb::sock_diag::sockets_to(target, nllb::sock_diag::States::SYN_SENT).unwrap();
+        let n = nllb::sock_diag::destroy(&stuck).unwrap();
         (n > 0).then_some(n)
     });
     assert_eq!(n, Some(1), "the SYN_SENT socket to the blackholed host is found and destroyed");
@@ -381,7 +444,8 @@ impl Drop for TempDir {
 /// One probe's verdict for `yaml` against `server`.
 async fn probe_once(yaml: &str, server: SocketAddr) -> Result<Duration, String> {
     // These tests are about trust, not timing: room for a loaded machine.
-    let cfg = if yaml.contains("timeout") { config(yaml) } else { config(&format!("{yaml}\ninterval: 3s\ntimeout: 3s")) };
+    let cfg =
+        if yaml.contains("timeout") { config(yaml) } else { config(&format!("{yaml}\ninterval: 3s\ntimeout: 3s")) };
     nllb::health::Prober::new(&cfg).unwrap_or_else(|e| panic!("{yaml}: {e}")).probe(server).await
 }
 
@@ -481,8 +545,8 @@ async fn https_probe_timeout_bounds_a_server_that_accepts_but_never_speaks() {
 
 mod e2e {
     use std::{
-        io::{BufRead, BufReader, Read},
-        net::{SocketAddr, TcpListener, TcpStream},
+        io::{BufRead, BufReader},
+        net::{SocketAddr, TcpListener},
         process::{Command, Stdio},
         sync::{
             Arc,
@@ -563,8 +627,7 @@ mod e2e {
         }
         for passive in [true, false] {
             let net = TestNet::new(3);
-            let mut servers: Vec<_> =
-                net.serve_all(PORT, "c");
+            let mut servers: Vec<_> = net.serve_all(PORT, "c");
             let cg = TestCgroup::new();
             let port = free_port();
             let a = agent(&net, &cg, port, &format!("health:\n  probe: tcp\npassive:\n  enabled: {passive}\n"));
@@ -590,8 +653,7 @@ mod e2e {
         }
         for passive in [true, false] {
             let net = TestNet::new(3);
-            let _servers: Vec<_> =
-                net.serve_all(PORT, "c");
+            let _servers: Vec<_> = net.serve_all(PORT, "c");
             let cg = TestCgroup::new();
             let port = free_port();
             let a = agent(&net, &cg, port, &format!("health:\n  probe: tcp\npassive:\n  enabled: {passive}\n"));
@@ -725,39 +787,9 @@ mod e2e {
         }
     }
 
-    /// Helper process for the socket destroy tests (does nothing unless
-    /// started by them): joins the cgroup, opens connections through the
-    /// VIP, and reports each one's end.
-    #[test]
-    fn hold_client_helper() {
-        let (Ok(cg), Ok(addr), Ok(n)) =
-            (std::env::var("NLLB_HOLD_CGROUP"), std::env::var("NLLB_HOLD_ADDR"), std::env::var("NLLB_HOLD_COUNT"))
-        else {
-            return;
-        };
-        std::fs::write(std::path::Path::new(&cg).join("cgroup.procs"), std::process::id().to_string()).unwrap();
-        let addr: SocketAddr = addr.parse().unwrap();
-        let socks: Vec<TcpStream> =
-            (0..n.parse::<usize>().unwrap()).map(|_| TcpStream::connect(addr).unwrap()).collect();
-        println!("HOLD connected");
-        let threads: Vec<_> = socks
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut s)| {
-                std::thread::spawn(move || {
-                    s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
-                    let r = s.read(&mut [0u8; 1]);
-                    let errno = r.err().and_then(|e| e.raw_os_error()).unwrap_or(0);
-                    println!("HOLD closed {i} errno={errno}");
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
-    }
-
-    /// Runs the helper; returns (seconds after `fault` each socket closed, errno).
+    /// Holds `n` connections through `addr` from a client in `cg`
+    /// (`nllb-testclient --hold`); returns when and how each one ended
+    /// (time after `fault`, errno).
     fn held_connections(
         cg: &TestCgroup,
         addr: SocketAddr,
@@ -765,11 +797,10 @@ mod e2e {
         prepare: impl FnOnce(),
         fault: impl FnOnce(),
     ) -> Vec<(Duration, i32)> {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "e2e::hold_client_helper", "--nocapture", "--test-threads=1"])
-            .env("NLLB_HOLD_CGROUP", cg.path())
-            .env("NLLB_HOLD_ADDR", addr.to_string())
-            .env("NLLB_HOLD_COUNT", n.to_string())
+        let mut child = Command::new(nllb_tests::testclient_bin())
+            .args(["--hold", "--timeout-ms", "4000", "--count", &n.to_string(), "--addr", &addr.to_string()])
+            .arg("--cgroup")
+            .arg(cg.path())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -815,11 +846,15 @@ mod e2e {
                 let h0_addr = format!("{}:{PORT}", h0.v4);
                 b.iter().find(|b| b["addr"] == h0_addr.as_str()).map_or(0, |b| b["connects"].as_u64().unwrap() as usize)
             };
+            // The datapath picks at random: with 24 connections, the chance
+            // that none lands on h0 is 2^-24 (with 8 it was 1 in 256, and a
+            // clean-clone run hit it).
+            const HELD: usize = 24;
             let mut to_h0 = 0;
             let closed = held_connections(
                 &cg,
                 vip(port),
-                8,
+                HELD,
                 || to_h0 = via_nllb_to_h0(),
                 || match how {
                     "remove" => {
@@ -831,7 +866,7 @@ mod e2e {
                 },
             );
             let (n0, n1) = (on_h0.accepted(), on_h1.accepted());
-            assert!(to_h0 > 0 && n0 >= to_h0 && n1 > 0, "nllb sent {to_h0} of 8 to h0; accepted h0/h1: {n0}/{n1}");
+            assert!(to_h0 > 0 && n0 >= to_h0 && n1 > 0, "nllb sent {to_h0} of {HELD} to h0; accepted h0/h1: {n0}/{n1}");
             let aborted: Vec<_> = closed.iter().filter(|(_, e)| *e == libc::ECONNABORTED).collect();
             let slowest = aborted.iter().map(|(t, _)| *t).max().unwrap_or_default();
             println!(
@@ -840,7 +875,7 @@ mod e2e {
                 slowest.as_millis()
             );
             assert_eq!(aborted.len(), to_h0, "exactly the connections to h0 are aborted: {closed:?}");
-            assert_eq!(closed.len(), 8, "every helper connection reported: {closed:?}");
+            assert_eq!(closed.len(), HELD, "every helper connection reported: {closed:?}");
             let bound = if how == "remove" { 1500 } else { 3000 };
             assert!(slowest < Duration::from_millis(bound), "{how}: took {slowest:?}");
             drop(a);

@@ -8,7 +8,7 @@ use nllb::{
     kubeconfig::{KubeconfigArgs, KubeconfigError, rewrite_kubeconfig, service_server},
 };
 use nllb_tests::fake_apiserver::{FakeApiServer, endpoint_slice};
-use serde_yaml::Value;
+use serde_json::Value;
 
 /// Shaped like k0s's /var/lib/k0s/kubelet.conf (bootstrap-rotated client
 /// certs by path), plus an unknown field and a second, unused cluster.
@@ -65,8 +65,8 @@ fn rewrites_the_current_server_and_keeps_everything_else() {
     let original = rewrite_kubeconfig(&input, &output, "https://127.0.0.1:7443").unwrap();
     assert_eq!(original, "https://198.18.1.2:6443");
 
-    let mut before: Value = serde_yaml::from_str(KUBELET_CONF).unwrap();
-    let after: Value = serde_yaml::from_str(&std::fs::read_to_string(&output).unwrap()).unwrap();
+    let mut before: Value = serde_saphyr::from_str(KUBELET_CONF).unwrap();
+    let after: Value = serde_saphyr::from_str(&std::fs::read_to_string(&output).unwrap()).unwrap();
     assert_eq!(after["clusters"][0]["cluster"]["server"], Value::from("https://127.0.0.1:7443"));
     // Apart from that one field the document is identical, unknown fields included.
     before["clusters"][0]["cluster"]["server"] = Value::from("https://127.0.0.1:7443");
@@ -132,7 +132,7 @@ fn kubeconfig_command_end_to_end() {
         k0s_config: None,
     };
     assert_eq!(nllb::kubeconfig::run(&args).unwrap(), "https://198.18.1.2:6443");
-    let after: Value = serde_yaml::from_str(&std::fs::read_to_string(&args.output).unwrap()).unwrap();
+    let after: Value = serde_saphyr::from_str(&std::fs::read_to_string(&args.output).unwrap()).unwrap();
     assert_eq!(after["clusters"][0]["cluster"]["server"], Value::from("https://127.0.0.1:7443"));
 }
 
@@ -256,11 +256,12 @@ fn relative_certificate_paths_survive_a_copy_elsewhere() {
     std::fs::write(&input, KUBELET_CONF.replace("/var/lib/k0s/kubelet/pki/", "pki/")).unwrap();
 
     rewrite_kubeconfig(&input, &dst.join("kubelet.conf"), "https://127.0.0.1:7443").unwrap();
-    let moved: Value = serde_yaml::from_str(&std::fs::read_to_string(dst.join("kubelet.conf")).unwrap()).unwrap();
+    let moved: Value = serde_saphyr::from_str(&std::fs::read_to_string(dst.join("kubelet.conf")).unwrap()).unwrap();
     let abs = std::fs::canonicalize(&src).unwrap().join("pki/kubelet-client-current.pem");
     assert_eq!(moved["users"][0]["user"]["client-certificate"], Value::from(abs.to_str().unwrap()));
 
     rewrite_kubeconfig(&input, &src.join("kubelet-nllb.conf"), "https://127.0.0.1:7443").unwrap();
-    let beside: Value = serde_yaml::from_str(&std::fs::read_to_string(src.join("kubelet-nllb.conf")).unwrap()).unwrap();
+    let beside: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(src.join("kubelet-nllb.conf")).unwrap()).unwrap();
     assert_eq!(beside["users"][0]["user"]["client-certificate"], Value::from("pki/kubelet-client-current.pem"));
 }

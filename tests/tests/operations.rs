@@ -4,13 +4,12 @@
 use std::{process::Command, time::Duration};
 
 use nix::sys::signal::Signal;
-use nllb_tests::{vip4, 
+use nllb_tests::{
     Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, free_port, one_service_config, privileged, run_client,
-    wait_client, wait_for,
+    stop_client, vip4, wait_for,
 };
 
 const BACKEND_PORT: u16 = 6443;
-
 
 #[test]
 fn config_changes_apply_live_and_bad_ones_are_rejected() {
@@ -27,11 +26,14 @@ fn config_changes_apply_live_and_bad_ones_are_rejected() {
         cgroup: cg.path().to_path_buf(),
         ..Default::default()
     });
-    let mut opts = ClientOpts::new(vip4(port), 800, Some(cg.path()));
+    // Connects every 5 ms until stopped, across both edits.
+    let mut opts = ClientOpts::new(vip4(port), u32::MAX, Some(cg.path()));
     opts.interval = Duration::from_millis(5);
     let client = opts.spawn();
 
-    std::thread::sleep(Duration::from_millis(600));
+    // The client's first connects all go to c0 (counted by the kernel).
+    agent.wait_connects(25, Duration::from_secs(10));
+    let before_edit = agent.connects() as usize;
     // File edit (like a ConfigMap update): new backends and a second service.
     let port2 = free_port();
     let two_services = format!(
@@ -43,24 +45,53 @@ fn config_changes_apply_live_and_bad_ones_are_rejected() {
     // Services come first in the generated YAML; keep `backends` after them.
     let yaml = reorder_backends_last(&two_services);
     agent.write_config(&yaml);
-    let applied = wait_for(Duration::from_secs(5), || agent.log().contains("reloaded").then_some(()));
+    // Applied once the status file shows the new backends published; every
+    // connect the kernel counts from then on must go to them.
+    let new_backends: std::collections::BTreeSet<String> =
+        h[1..].iter().map(|ip| format!("{ip}:{BACKEND_PORT}")).collect();
+    let applied = wait_for(Duration::from_secs(10), || {
+        let s = agent.status();
+        let published: std::collections::BTreeSet<String> = s["agent"]["services"][0]["published_backends"]
+            .as_array()?
+            .iter()
+            .filter_map(|b| b.as_str().map(str::to_string))
+            .collect();
+        (published == new_backends).then_some(())
+    });
     assert!(applied.is_some(), "{}", agent.log());
+    // Connects counted for the new backends alone (the removed one's
+    // counter left the status with it): all made after the switch.
+    let moved_by = agent.connects() as usize;
     let k = run_client(&ClientOpts::new(vip4(port2), 10, Some(cg.path())));
     assert_eq!(k.ok_count(), 10, "the added service works at once: {:?}", k.failed());
 
     // A bad edit is rejected and the running config stays.
-    std::thread::sleep(Duration::from_millis(300));
     agent.write_config("services: [ {name: BAD} ]\n");
     let rejected = wait_for(Duration::from_secs(5), || agent.log().contains("reload rejected").then_some(()));
     assert!(rejected.is_some(), "{}", agent.log());
+    agent.wait_connects(25, Duration::from_secs(10));
 
-    let report = wait_client(client);
-    assert!(report.failed().is_empty(), "{} connects failed during reloads: {:?}", report.failed().len(), report.failed());
-    let early: Vec<_> = report.results.iter().filter(|r| r.t_ms < 500).collect();
-    let late: Vec<_> = report.results.iter().filter(|r| r.t_ms > 2500).collect();
-    assert!(early.iter().all(|r| r.body.as_deref() == Some("c0")));
-    assert!(!late.is_empty());
-    assert!(late.iter().all(|r| matches!(r.body.as_deref(), Some("c1" | "c2"))), "traffic moved to the new backends");
+    let report = stop_client(client);
+    assert!(
+        report.failed().is_empty(),
+        "{} connects failed during reloads: {:?}",
+        report.failed().len(),
+        report.failed()
+    );
+    // The client connects one after another: its results are in time
+    // order. The switch to the new backends happens once, after the edit,
+    // and for good: c0 up to some connect, then only c1 and c2, and more
+    // than the connects made before the new set was confirmed published.
+    let bodies: Vec<&str> = report.results.iter().map(|r| r.body.as_deref().unwrap_or("")).collect();
+    let switch = bodies.iter().position(|b| *b != "c0").expect("traffic never moved to the new backends");
+    assert!(switch >= before_edit, "moved at connect {switch}, before the edit (connect {before_edit})");
+    assert!(bodies[switch..].iter().all(|b| matches!(*b, "c1" | "c2")), "traffic moved to the new backends for good");
+    assert!(
+        bodies.len() - switch > moved_by,
+        "connects after the switch: {} of {}",
+        bodies.len() - switch,
+        bodies.len()
+    );
 
     // SIGHUP reloads too.
     agent.write_config(&one_service_config(&[&vip4(port).to_string()], BACKEND_PORT, &h[2..], ""));
@@ -117,7 +148,8 @@ fn metrics_healthz_and_readyz() {
         (total == 40).then_some(text)
     });
     let text = counted.expect("nllb_connects_total must reach 40");
-    for name in ["nllb_backends_published", "nllb_datapath_mode{mode=\"ebpf\"} 1", "nllb_build_info", "nllb_panic_mode"] {
+    for name in ["nllb_backends_published", "nllb_datapath_mode{mode=\"ebpf\"} 1", "nllb_build_info", "nllb_panic_mode"]
+    {
         assert!(text.contains(name), "missing {name}:\n{text}");
     }
 
@@ -144,19 +176,41 @@ fn bpftool_dumps_maps_with_field_names() {
         ..Default::default()
     });
     let dump = |map: &str| {
-        let out = Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(agent.pin_path.join(map)).output().unwrap();
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(agent.pin_path.join(map))
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
-    let backends = dump("NLLB_BACKENDS");
-    let first = &backends[0]["formatted"]["value"];
-    assert_eq!(first["family"], 2, "{backends}");
+    // A virtual address leads to its service's table (a map of its own,
+    // replaced whole on every publish), which bpftool shows with field
+    // names. bpftool prints a map-of-maps' key in hex and its value as the
+    // table's map id.
+    let vips = dump("NLLB_VIPS4");
+    let hex = |v: &serde_json::Value| -> Vec<u8> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|b| u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
+            .collect()
+    };
+    let key = hex(&vips[0]["key"]);
+    assert_eq!(key[..6], [127, 0, 0, 1, 0x1d, 0x13], "127.0.0.1:7443: {vips}");
+    let id = hex(&vips[0]["value"]);
+    let table_id = u32::from_ne_bytes([id[0], id[1], id[2], id[3]]);
+    let out = Command::new("bpftool").args(["-j", "map", "dump", "id", &table_id.to_string()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let t = &table[0]["formatted"]["value"];
+    assert_eq!(t["count4"], 1, "{table}");
+    let first = &t["backends4"][0];
+    assert_eq!(first["family"], 2, "{table}");
     assert_eq!(first["addr"][0], u32::from_ne_bytes([198, 18, 1, 2]));
     assert_eq!(first["port"], 6443u16.to_be());
-    let vips = dump("NLLB_VIPS4");
-    assert_eq!(vips[0]["formatted"]["value"]["svc_id"], 0, "{vips}");
-    let services = dump("NLLB_SERVICES");
-    assert!(services[0]["formatted"]["value"].get("count").is_some(), "{services}");
+    let config = dump("NLLB_CONFIG");
+    assert!(config[0]["formatted"]["value"].get("eject_hold_ms").is_some(), "{config}");
     // Root only: the pin directory and its maps.
     use std::os::unix::fs::PermissionsExt as _;
     let mode = std::fs::metadata(&agent.pin_path).unwrap().permissions().mode() & 0o777;

@@ -14,19 +14,20 @@ use std::{
 };
 
 use nllb_tests::{vip4, 
-    AGENT_CAPABILITIES, Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, attached_programs, bpftool_cgroup_show,
+    AGENT_CAPABILITIES, Agent, AgentOpts, ClientOpts, NLLB_PROGRAMS, TestCgroup, TestNet, attached_programs, bpftool_cgroup_show,
     free_port, nllb_bin, one_service_config, privileged, run_client, unique_name,
 };
 
 const BACKEND_PORT: u16 = 6443;
 
 /// The datapath's programs and the attach type `bpftool cgroup show` lists.
-const PROGRAMS: [(&str, &str); 5] = [
+const PROGRAMS: [(&str, &str); 6] = [
     ("nllb_connect4", "cgroup_inet4_connect"),
     ("nllb_connect6", "cgroup_inet6_connect"),
     ("nllb_getpeername4", "cgroup_inet4_getpeername"),
     ("nllb_getpeername6", "cgroup_inet6_getpeername"),
     ("nllb_sock_ops", "cgroup_sock_ops"),
+    ("nllb_sock_release", "cgroup_inet_sock_release"),
 ];
 const NOBODY: &str = "65534";
 
@@ -185,7 +186,7 @@ fn pins_are_root_only_and_nobody_cannot_rewrite_the_backends() {
         let meta = entry.metadata().unwrap();
         assert_eq!(
             meta.mode() & 0o7777,
-            0o600,
+            if meta.is_dir() { 0o700 } else { 0o600 },
             "{} mode",
             entry.path().display()
         );
@@ -194,7 +195,7 @@ fn pins_are_root_only_and_nobody_cannot_rewrite_the_backends() {
     }
     assert!(pins >= 10, "maps and links are pinned: {pins}");
 
-    let backends_pin = agent.pin_path.join("NLLB_BACKENDS");
+    let backends_pin = agent.pin_path.join("NLLB_CONFIG");
     let pin = backends_pin.to_str().unwrap();
     let before = map_value_hex(pin);
     // What an attacker would run. EACCES (file permissions), not EPERM
@@ -204,8 +205,8 @@ fn pins_are_root_only_and_nobody_cannot_rewrite_the_backends() {
     ];
     update.extend(before.iter().map(String::as_str));
     for (what, args) in [
-        ("update the backend map", update.clone()),
-        ("read the backend map", vec!["map", "dump", "pinned", pin]),
+        ("update the config map", update.clone()),
+        ("read the config map", vec!["map", "dump", "pinned", pin]),
         (
             "detach the connect4 link",
             vec![
@@ -227,7 +228,7 @@ fn pins_are_root_only_and_nobody_cannot_rewrite_the_backends() {
     assert_eq!(map_value_hex(pin), before, "the map must be unchanged");
     assert_eq!(
         attached_programs(cg.path()).len(),
-        5,
+        NLLB_PROGRAMS,
         "nothing was detached"
     );
     let report = run_client(&ClientOpts::new(vip4(port), 20, Some(cg.path())));
@@ -276,7 +277,7 @@ fn a_restarted_agent_locks_a_loosened_pin_directory_again() {
     let port = free_port();
     let mut agent = start_with(&AGENT_CAPABILITIES, &net, cg.path(), port);
     agent.stop(Duration::from_secs(10)).expect("agent exits");
-    let backends_pin = agent.pin_path.join("NLLB_BACKENDS");
+    let backends_pin = agent.pin_path.join("NLLB_CONFIG");
     std::fs::set_permissions(&agent.pin_path, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&backends_pin, std::fs::Permissions::from_mode(0o666)).unwrap();
 
@@ -369,7 +370,7 @@ fn agent_with_exactly_the_documented_capabilities_steers_and_uninstalls() {
     );
     assert_eq!(
         attached_programs(cg.path()).len(),
-        5,
+        NLLB_PROGRAMS,
         "all programs, passive health included: {}",
         agent.log()
     );
@@ -452,7 +453,7 @@ fn agent_with_exactly_the_documented_capabilities_steers_and_uninstalls() {
     assert_eq!(exit.code(), Some(0), "{}", agent.log());
     assert_eq!(
         attached_programs(cg.path()).len(),
-        5,
+        NLLB_PROGRAMS,
         "the datapath outlives the agent"
     );
     let mut uninstall = Command::new(with_only(&AGENT_CAPABILITIES)[0].clone());
@@ -579,20 +580,25 @@ fn without_perfmon_no_program_is_lost_silently() {
         );
         return;
     }
-    // By attach type: without PERFMON aya's feature probes fail too, so
-    // the programs are loaded without names.
-    let attached = bpftool_cgroup_show(cg.path());
     let log = agent.log();
-    for (prog, attach_type) in PROGRAMS {
-        if !attached
-            .iter()
-            .any(|l| l.split_whitespace().nth(1) == Some(attach_type))
-        {
-            assert!(
-                log.contains(prog),
-                "{prog} is not attached and the log does not say so: {log}"
-            );
-            eprintln!("NOTE: without PERFMON this kernel refuses {prog} (logged)");
+    if log.contains("falling back to Envoy") {
+        // auto mode: a required program was refused, so nothing of the
+        // datapath stays and the log names every refused program and the
+        // capability set.
+        assert!(attached_programs(cg.path()).is_empty(), "{log}");
+        for needle in ["nllb_connect4", "CAP_PERFMON"] {
+            assert!(log.contains(needle), "the fallback must name {needle}: {log}");
+        }
+        eprintln!("NOTE: without PERFMON this kernel refuses a required program; the agent fell back to Envoy");
+    } else {
+        // By attach type: without PERFMON aya's feature probes fail too, so
+        // the programs are loaded without names.
+        let attached = bpftool_cgroup_show(cg.path());
+        for (prog, attach_type) in PROGRAMS {
+            if !attached.iter().any(|l| l.split_whitespace().nth(1) == Some(attach_type)) {
+                assert!(log.contains(prog), "{prog} is not attached and the log does not say so: {log}");
+                eprintln!("NOTE: without PERFMON this kernel refuses {prog} (logged)");
+            }
         }
     }
     // The rewrite itself works in every case where the agent started.
@@ -618,7 +624,7 @@ fn attaching_needs_only_a_read_only_view_of_the_cgroup() {
     );
     let port = free_port();
     let _agent = start_with(&AGENT_CAPABILITIES, &net, &ro.path, port);
-    assert_eq!(attached_programs(cg.path()).len(), 5);
+    assert_eq!(attached_programs(cg.path()).len(), NLLB_PROGRAMS);
     let report = run_client(&ClientOpts::new(vip4(port), 5, Some(cg.path())));
     assert_eq!(
         report.by_body().get("controller"),

@@ -5,6 +5,7 @@ mod bench;
 mod build;
 mod cmd;
 mod demo;
+mod kube;
 mod paths;
 mod setup;
 mod test;
@@ -24,7 +25,13 @@ enum Task {
     /// Install what a fresh machine lacks (Debian packages, nightly + rust-src,
     /// bpf-linker, Envoy, and for each cross target its Rust target, cross
     /// compiler and qemu); idempotent, says what it did.
-    Setup,
+    Setup {
+        /// Also build the real control plane for the tests (kube-apiserver
+        /// and etcd, from tests/kube/go.mod); `cargo xtask test` does this
+        /// itself when it runs those tests.
+        #[arg(long)]
+        kube: bool,
+    },
     /// Build the release `nllb` binary, for this machine or cross-compiled
     /// (`--target aarch64-unknown-linux-gnu,armv7-unknown-linux-gnueabihf`;
     /// `arm64`, `armv7`, `riscv64` work too).
@@ -86,7 +93,13 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.task {
-        Task::Setup => setup::setup_all().map(|_| ()),
+        Task::Setup { kube } => {
+            setup::setup_all()?;
+            if kube {
+                kube::binaries()?;
+            }
+            Ok(())
+        }
         Task::Build { target } => build::build(&target),
         Task::Test { cargo_args } => {
             let code = test::test(&cargo_args)?;

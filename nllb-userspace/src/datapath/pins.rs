@@ -3,10 +3,11 @@
 
 use std::{mem::size_of, path::Path};
 
-use aya::maps::{MapData, MapType};
+use aya::maps::{Array, Map, MapData, MapType};
 use nllb_common::{
-    BACKEND_SLOTS, BackendKey, BackendSlot, DatapathConfig, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES, MAX_SOCKETS,
-    MAX_STATS, MAX_VIPS, OrigDst, PassiveMark, ServiceState, Vip4Key, Vip6Key, VipValue, maps,
+    BackendCounters, BackendKey, DatapathConfig, DatapathCounters, EVENT_RING_BYTES, LAYOUT_VERSION, MAX_MARKS,
+    MAX_SERVICES, MAX_SOCKETS, MAX_STATS, MAX_VIPS, PassiveMark, ServiceCounters, ServiceTable, SockState,
+    TRACE_RING_BYTES, TraceControl, Vip4Key, Vip6Key, maps,
 };
 
 #[derive(Debug, PartialEq, Eq)]
@@ -28,19 +29,23 @@ struct Expected {
     entries: u32,
 }
 
-fn expected() -> [Expected; 9] {
+fn expected() -> [Expected; 12] {
     use MapType::*;
     let e = |name, map_type, key, value, entries| Expected { name, map_type, key, value, entries };
+    let u32s = size_of::<u32>();
     [
-        e(maps::VIPS4, Hash, size_of::<Vip4Key>(), size_of::<VipValue>(), MAX_VIPS),
-        e(maps::VIPS6, Hash, size_of::<Vip6Key>(), size_of::<VipValue>(), MAX_VIPS),
-        e(maps::SERVICES, Hash, size_of::<u32>(), size_of::<ServiceState>(), MAX_SERVICES * 2),
-        e(maps::BACKENDS, Array, size_of::<u32>(), size_of::<BackendSlot>(), BACKEND_SLOTS),
-        e(maps::CONNECT_STATS, PerCpuArray, size_of::<u32>(), size_of::<u64>(), MAX_STATS),
-        e(maps::NO_BACKEND_STATS, PerCpuArray, size_of::<u32>(), size_of::<u64>(), MAX_SERVICES),
-        e(maps::SOCKETS, LruHash, size_of::<u64>(), size_of::<OrigDst>(), MAX_SOCKETS),
-        e(maps::PASSIVE, Hash, size_of::<BackendKey>(), size_of::<PassiveMark>(), MAX_SERVICES * MAX_BACKENDS * 2),
-        e(maps::CONFIG, Array, size_of::<u32>(), size_of::<DatapathConfig>(), 1),
+        e(maps::VIPS4, HashOfMaps, size_of::<Vip4Key>(), u32s, MAX_VIPS),
+        e(maps::VIPS6, HashOfMaps, size_of::<Vip6Key>(), u32s, MAX_VIPS),
+        e(maps::TABLE_PROTO, Array, u32s, size_of::<ServiceTable>(), 1),
+        e(maps::MARKS, Hash, size_of::<BackendKey>(), size_of::<PassiveMark>(), MAX_MARKS),
+        e(maps::SOCKETS, Hash, size_of::<u64>(), size_of::<SockState>(), MAX_SOCKETS),
+        e(maps::BACKEND_STATS, PerCpuArray, u32s, size_of::<BackendCounters>(), MAX_STATS),
+        e(maps::SERVICE_STATS, PerCpuArray, u32s, size_of::<ServiceCounters>(), MAX_SERVICES),
+        e(maps::DATAPATH_STATS, PerCpuArray, u32s, size_of::<DatapathCounters>(), 1),
+        e(maps::CONFIG, Array, u32s, size_of::<DatapathConfig>(), 1),
+        e(maps::EVENTS, RingBuf, 0, 0, EVENT_RING_BYTES),
+        e(maps::TRACE_CTL, Array, u32s, size_of::<TraceControl>(), 1),
+        e(maps::TRACE_EVENTS, RingBuf, 0, 0, TRACE_RING_BYTES),
     ]
 }
 
@@ -81,9 +86,10 @@ pub fn inspect(pin_path: &Path) -> PinnedMaps {
             ));
         }
     }
-    let version = crate::datapath::pinned::Maps::open(pin_path)
+    let version = MapData::from_pin(pin_path.join(maps::CONFIG))
         .ok()
-        .and_then(|m| m.config.get(&0, 0).ok())
+        .and_then(|d| Array::<MapData, DatapathConfig>::try_from(Map::Array(d)).ok())
+        .and_then(|a| a.get(&0, 0).ok())
         .map(|c| c.layout_version);
     match version {
         Some(v) if v == layout_version() => PinnedMaps::Compatible,

@@ -6,7 +6,7 @@ use k8s_openapi::api::{core::v1::Endpoints, discovery::v1::EndpointSlice};
 use kube::ResourceExt;
 use tracing::warn;
 
-use crate::config::validate_backend;
+use crate::addr::BackendAddr;
 
 /// An API object that lists controller addresses.
 pub trait ControllerAddresses {
@@ -32,12 +32,7 @@ impl ControllerAddresses for EndpointSlice {
 impl ControllerAddresses for Endpoints {
     fn ready_addresses(&self) -> Vec<String> {
         // `notReadyAddresses` are left out on purpose.
-        self.subsets
-            .iter()
-            .flatten()
-            .flat_map(|s| s.addresses.iter().flatten())
-            .map(|a| a.ip.clone())
-            .collect()
+        self.subsets.iter().flatten().flat_map(|s| s.addresses.iter().flatten()).map(|a| a.ip.clone()).collect()
     }
 }
 
@@ -46,11 +41,13 @@ impl ControllerAddresses for Endpoints {
 pub fn usable_addresses<K: ControllerAddresses + ResourceExt>(obj: &K) -> BTreeSet<IpAddr> {
     let mut out = BTreeSet::new();
     for text in obj.ready_addresses() {
-        match validate_backend(&text) {
+        match text.parse::<BackendAddr>() {
             Ok(ip) => {
-                out.insert(ip);
+                out.insert(ip.get());
             }
-            Err(why) => warn!(object = %obj.name_any(), "ignoring controller address from the API: {why}"),
+            Err(why) => {
+                warn!(object = %obj.name_any(), "ignoring controller address from the API: {why}")
+            }
         }
     }
     out

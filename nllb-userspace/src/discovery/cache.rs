@@ -9,7 +9,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::validate_backend;
+use crate::addr::BackendAddr;
 
 /// File name under the state directory.
 pub const CACHE_FILE: &str = "controllers.json";
@@ -55,7 +55,8 @@ pub fn load(state_dir: &Path, namespace: &str, service: &str) -> Result<Option<V
     // The file may have been edited by hand: hold it to the config's rules.
     let mut out = Vec::new();
     for ip in &set.controllers {
-        let ip = validate_backend(&ip.to_string()).map_err(|why| CacheError::Invalid { path: path.clone(), why })?;
+        let ip =
+            ip.to_string().parse::<BackendAddr>().map_err(|why| CacheError::Invalid { path: path.clone(), why })?.get();
         if !out.contains(&ip) {
             out.push(ip);
         }

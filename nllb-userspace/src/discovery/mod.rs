@@ -9,61 +9,20 @@
 
 mod addresses;
 pub mod cache;
+mod config;
 pub mod route;
 mod watch;
 
-use std::{
-    net::IpAddr,
-    path::PathBuf,
-    time::Duration,
-};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::{config::ConfigError, model::Service};
+use crate::model::Service;
 
 pub use addresses::{ControllerAddresses, usable_addresses};
+pub use config::{DiscoveryConfig, KubernetesDiscovery};
 pub use route::{ApiRoute, api_route, controller_url, redirect_to_controller};
-
-/// `discovery:` in the config.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct DiscoveryConfig {
-    #[serde(default)]
-    pub kubernetes: Option<KubernetesDiscovery>,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct KubernetesDiscovery {
-    pub kubeconfig: PathBuf,
-    #[serde(default = "default_namespace")]
-    pub namespace: String,
-    #[serde(default = "default_service")]
-    pub service: String,
-}
-
-fn default_namespace() -> String {
-    "default".into()
-}
-fn default_service() -> String {
-    "kubernetes".into()
-}
-
-impl DiscoveryConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(k) = &self.kubernetes {
-            if k.namespace.is_empty() {
-                return Err(ConfigError::new("discovery.kubernetes.namespace", "must not be empty, e.g. default"));
-            }
-            if k.service.is_empty() {
-                return Err(ConfigError::new("discovery.kubernetes.service", "must not be empty, e.g. kubernetes"));
-            }
-        }
-        Ok(())
-    }
-}
 
 /// Where the current controller set came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -87,6 +46,17 @@ pub struct DiscoveredSet {
     pub source: Source,
     /// Starts at 0 for the initial value; +1 for each published change.
     pub generation: u64,
+    /// The last failure to read the API (e.g. 403: the RBAC it needs), for
+    /// `nllb status`. Recording one does not wake receivers: the set did
+    /// not change. Kept after recovery; its time tells how old it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<LastError>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LastError {
+    pub message: String,
+    pub at_unix_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -168,13 +138,13 @@ pub fn spawn_with(
     let initial = match &cached {
         Some(c) => {
             info!(controllers = ?c, "controller set from the cache");
-            DiscoveredSet { controllers: c.clone(), source: Source::Cache, generation: 0 }
+            DiscoveredSet { controllers: c.clone(), source: Source::Cache, generation: 0, last_error: None }
         }
         None => {
             let mut s = seed;
             s.sort();
             s.dedup();
-            DiscoveredSet { controllers: s, source: Source::Seed, generation: 0 }
+            DiscoveredSet { controllers: s, source: Source::Seed, generation: 0, last_error: None }
         }
     };
     let (tx, rx) = tokio::sync::watch::channel(initial);

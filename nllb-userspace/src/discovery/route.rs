@@ -16,7 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use kube::config::Config;
 
-use crate::{config::canonical_ip, model::Service};
+use crate::{addr::canonical_ip, model::Service};
 
 /// How to reach the API server named in a kubeconfig.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,8 +31,12 @@ pub enum ApiRoute {
 /// Tells whether `server` (a kubeconfig `server:` URL) is one of the
 /// services' virtual addresses. `localhost` counts as 127.0.0.1 and ::1.
 pub fn api_route(server: &str, services: &[Service]) -> ApiRoute {
-    let Ok(uri) = server.parse::<http::Uri>() else { return ApiRoute::Direct };
-    let Some(host) = uri.host() else { return ApiRoute::Direct };
+    let Ok(uri) = server.parse::<http::Uri>() else {
+        return ApiRoute::Direct;
+    };
+    let Some(host) = uri.host() else {
+        return ApiRoute::Direct;
+    };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("http") { 80 } else { 443 });
     let candidates: Vec<IpAddr> = if host.eq_ignore_ascii_case("localhost") {
@@ -88,7 +92,11 @@ mod tests {
                 listen: vec!["127.0.0.1:7443".parse().unwrap(), "[::1]:7443".parse().unwrap()],
                 backend_port: 6443,
             },
-            Service { name: "konnectivity".into(), listen: vec!["127.0.0.1:7132".parse().unwrap()], backend_port: 8132 },
+            Service {
+                name: "konnectivity".into(),
+                listen: vec!["127.0.0.1:7132".parse().unwrap()],
+                backend_port: 8132,
+            },
         ]
     }
 
@@ -115,7 +123,10 @@ mod tests {
     #[test]
     fn controller_url_keeps_scheme_and_path() {
         let u: http::Uri = "https://127.0.0.1:7443/prefix".parse().unwrap();
-        assert_eq!(controller_url(&u, "198.18.1.2".parse().unwrap(), 6443).to_string(), "https://198.18.1.2:6443/prefix");
+        assert_eq!(
+            controller_url(&u, "198.18.1.2".parse().unwrap(), 6443).to_string(),
+            "https://198.18.1.2:6443/prefix"
+        );
         assert_eq!(
             controller_url(&u, "2001:2:0:1::2".parse().unwrap(), 6443).to_string(),
             "https://[2001:2:0:1::2]:6443/prefix"

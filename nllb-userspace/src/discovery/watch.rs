@@ -17,7 +17,10 @@ use k8s_openapi::api::{core::v1::Endpoints, discovery::v1::EndpointSlice};
 use kube::{
     Api, Client, ResourceExt,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::watcher::{self, Event, watcher},
+    runtime::{
+        utils::Backoff as _,
+        watcher::{self, Event, ExponentialBackoff, watcher},
+    },
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -57,7 +60,7 @@ pub(super) struct Runner {
     pub last_stored: Option<Vec<IpAddr>>,
     target: usize,
     warned_empty: bool,
-    backoff: Backoff,
+    backoff: ExponentialBackoff,
 }
 
 impl Runner {
@@ -69,7 +72,7 @@ impl Runner {
         tx: watch::Sender<DiscoveredSet>,
         last_stored: Option<Vec<IpAddr>>,
     ) -> Self {
-        let backoff = Backoff::new(tuning.backoff_min, tuning.backoff_max);
+        let backoff = backoff(&tuning);
         Runner { cfg, services, state_dir, tuning, tx, last_stored, target: 0, warned_empty: false, backoff }
     }
 
@@ -80,6 +83,7 @@ impl Runner {
                 Ok(c) => c,
                 Err(e) => {
                     warn!("controller discovery: {e}; retrying");
+                    self.record_error(e.to_string());
                     if self.pause().await {
                         return;
                     }
@@ -138,7 +142,8 @@ impl Runner {
             }
         }
         debug!(server = %config.cluster_url, "discovery client");
-        let client = Client::try_from(config).map_err(|source| DiscoveryError::Client { path: path.clone(), source })?;
+        let client =
+            Client::try_from(config).map_err(|source| DiscoveryError::Client { path: path.clone(), source })?;
         Ok((client, dialed))
     }
 
@@ -203,10 +208,18 @@ impl Runner {
                             "controller discovery is forbidden: the kubeconfig's identity needs list/watch of \
                              endpointslices and endpoints there (deploy/rbac.yaml); keeping the last controller set"
                         );
+                        self.record_error(format!(
+                            "forbidden (403) in namespace {}: the kubeconfig's identity needs list and watch of \
+                             endpointslices and endpoints (deploy/rbac.yaml): {}",
+                            self.cfg.namespace, s.message
+                        ));
                     } else {
                         warn!(attempt = errors, "controller discovery: {e}; keeping the last controller set");
+                        self.record_error(e.to_string());
                     }
-                    if dialed.is_some() && errors >= self.tuning.errors_before_switch && self.tx.borrow().controllers.len() > 1
+                    if dialed.is_some()
+                        && errors >= self.tuning.errors_before_switch
+                        && self.tx.borrow().controllers.len() > 1
                     {
                         return Outcome::NextTarget;
                     }
@@ -269,12 +282,24 @@ impl Runner {
             }
         }
         info!(controllers = ?set, generation, "controller set from the API");
-        self.tx.send_replace(DiscoveredSet { controllers: set, source: Source::Api, generation });
+        let last_error = self.tx.borrow().last_error.clone();
+        self.tx.send_replace(DiscoveredSet { controllers: set, source: Source::Api, generation, last_error });
+    }
+
+    /// Keeps `message` for `nllb status` without waking the agent.
+    fn record_error(&self, message: String) {
+        let at_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.tx.send_if_modified(|set| {
+            set.last_error = Some(super::LastError { message, at_unix_ms });
+            false
+        });
     }
 
     /// Sleeps for the next backoff step; true when every receiver is gone.
     async fn pause(&mut self) -> bool {
-        let d = self.backoff.next_delay();
+        let d = self.backoff.next().unwrap_or(self.tuning.backoff_max);
         tokio::select! {
             _ = self.tx.closed() => true,
             _ = tokio::time::sleep(d) => false,
@@ -293,25 +318,17 @@ fn key<K: ResourceExt>(obj: &K) -> String {
     format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
-/// Exponential backoff with jitter, so many workers do not retry in step
-/// after an API server restart.
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
-        Backoff { min, max, current: min }
-    }
-    fn reset(&mut self) {
-        self.current = self.min;
-    }
-    fn next_delay(&mut self) -> Duration {
-        use rand::Rng;
-        let d = self.current;
-        self.current = (self.current * 2).min(self.max);
-        d.mul_f64(rand::thread_rng().gen_range(0.75..1.25)).min(self.max)
-    }
+/// kube-runtime's watcher backoff (exponential, backon underneath) with
+/// the tuning's bounds and jitter, so many workers do not retry in step
+/// after an API server restart. The loop pauses itself rather than wrapping
+/// the stream in `StreamBackoff`: the same delays also pace failed client
+/// set-ups, which happen outside any stream.
+fn backoff(tuning: &Tuning) -> ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(tuning.backoff_min)
+        .with_max_delay(tuning.backoff_max)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into()
 }

@@ -4,23 +4,31 @@
 //! There is no kernel hook here, so nothing sees individual connects; the
 //! agent stays the single source of truth for health and membership and
 //! pushes each plan to Envoy through the files described in [`render`].
+//! This file is process control: write the files, run Envoy under the
+//! [`supervisor`](super::supervisor), wait for listener changes
+//! ([`listeners`](super::listeners)); counters come from the
+//! [`admin`](super::admin) poller.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     fs,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use super::{
+    EnvoyConfig,
+    admin::AdminPoller,
+    listeners::{ListenerWait, expected_listeners, listening_sockets},
     render::{self, Layout, RenderOptions},
-    supervisor::{EnvoyStatus, Launch, Supervisor, SupervisorHandle},
+    status::EnvoyStatus,
+    supervisor::{Launch, Supervisor, SupervisorHandle},
 };
 use crate::{
-    config::Config,
-    datapath::{Datapath, DatapathError, DatapathKind, ServiceCounters},
+    datapath::{Datapath, DatapathError, DatapathKind, DatapathSnapshot},
     model::Plan,
+    passive::PassiveConfig,
 };
 
 /// How long `start` waits for Envoy to listen on every virtual address.
@@ -31,6 +39,8 @@ pub const APPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// its last backend) may live on: Envoy's `--drain-time-s`.
 pub const DRAIN_TIME_S: u32 = 600;
 
+/// Everything Envoy mode is built from (the counterpart of eBPF's
+/// `EbpfOptions`).
 #[derive(Clone, Debug)]
 pub struct EnvoyOptions {
     pub binary: PathBuf,
@@ -44,22 +54,15 @@ pub struct EnvoyOptions {
 }
 
 impl EnvoyOptions {
-    pub fn from_config(cfg: &Config, binary: PathBuf, work_dir: PathBuf) -> EnvoyOptions {
+    /// From the `envoy:` and `passive:` config sections.
+    pub fn new(envoy: &EnvoyConfig, passive: &PassiveConfig, binary: PathBuf, work_dir: PathBuf) -> EnvoyOptions {
         EnvoyOptions {
             binary,
             work_dir,
-            render: render_options(cfg),
-            concurrency: cfg.envoy.concurrency.unwrap_or(super::DEFAULT_CONCURRENCY),
-            log_level: cfg.envoy.log_level.clone().unwrap_or_else(|| super::DEFAULT_LOG_LEVEL.into()),
+            render: super::render_options(envoy, passive),
+            concurrency: envoy.concurrency(),
+            log_level: envoy.log_level(),
         }
-    }
-}
-
-/// Render settings taken from the config.
-pub fn render_options(cfg: &Config) -> RenderOptions {
-    RenderOptions {
-        admin_port: cfg.envoy.admin_port,
-        eject_hold: cfg.passive.enabled.then_some(cfg.passive.eject_hold),
     }
 }
 
@@ -67,6 +70,8 @@ pub struct EnvoyDatapath {
     layout: Layout,
     opts: EnvoyOptions,
     supervisor: Option<Supervisor>,
+    /// Reads `/clusters` in the background when `envoy.adminPort` is set.
+    admin: Option<AdminPoller>,
     plan: Plan,
     /// Contents last written per file, so unchanged files are not touched
     /// (every rename makes Envoy re-read its watched directory).
@@ -85,6 +90,7 @@ impl EnvoyDatapath {
             layout: layout.clone(),
             opts: opts.clone(),
             supervisor: None,
+            admin: None,
             plan: Plan::default(),
             written: BTreeMap::new(),
         };
@@ -112,10 +118,13 @@ impl EnvoyDatapath {
                 opts.binary.display()
             )));
         };
-        if let Err(why) = dp.wait_listening(plan, START_TIMEOUT, Some(generation)) {
+        if let Err(why) = dp.listener_wait(plan, START_TIMEOUT, Some(generation)).block() {
             let log = dp.layout.log_file();
             dp.stop();
             return Err(DatapathError::Other(format!("envoy did not come up: {why} (log: {})", log.display())));
+        }
+        if let Some(port) = opts.render.admin_port {
+            dp.admin = Some(AdminPoller::spawn(port).map_err(|e| io_err(Path::new("envoy-admin poller"), e))?);
         }
         tracing::info!(dir = %layout.dir.display(), "envoy datapath ready");
         Ok(dp)
@@ -127,6 +136,7 @@ impl EnvoyDatapath {
         self.supervisor.as_ref().expect("supervisor runs until shutdown").handle()
     }
 
+    /// Envoy's process state (pid, restarts, last exit).
     pub fn status(&self) -> EnvoyStatus {
         self.supervisor.as_ref().map(|s| s.handle().status()).unwrap_or_default()
     }
@@ -141,7 +151,35 @@ impl EnvoyDatapath {
         self.status().pid.and_then(|pid| listening_sockets(pid).ok()).unwrap_or_default()
     }
 
+    /// Writes the files for `plan` and returns at once. When the change
+    /// adds or removes listeners (visible in the kernel: connects refused
+    /// or accepted), also returns the wait for Envoy to apply it, for the
+    /// caller to run where blocking is fine. [`Datapath::apply`] is this
+    /// plus that wait.
+    pub fn stage(&mut self, plan: &Plan) -> Result<Option<ListenerWait>, DatapathError> {
+        if *plan == self.plan {
+            return Ok(None);
+        }
+        self.write_plan(plan)?;
+        let listeners_changed = expected_listeners(plan) != expected_listeners(&self.plan);
+        self.plan = plan.clone();
+        // An Envoy that is down picks the files up when it comes back.
+        Ok((listeners_changed && self.status().running).then(|| self.listener_wait(plan, APPLY_TIMEOUT, None)))
+    }
+
+    fn listener_wait(&self, plan: &Plan, timeout: Duration, generation: Option<u64>) -> ListenerWait {
+        ListenerWait::new(
+            plan,
+            self.handle(),
+            generation,
+            self.opts.render.admin_port,
+            &self.layout.log_file(),
+            timeout,
+        )
+    }
+
     fn stop(&mut self) {
+        self.admin = None;
         if let Some(mut s) = self.supervisor.take() {
             s.stop();
         }
@@ -160,8 +198,12 @@ impl EnvoyDatapath {
         }
         // Endpoint files of services that left the plan.
         let keep: BTreeSet<PathBuf> = plan.services.iter().map(|s| self.layout.eds_file(&s.name)).collect();
-        let gone: Vec<PathBuf> =
-            self.written.keys().filter(|p| p.starts_with(self.layout.eds_dir()) && !keep.contains(*p)).cloned().collect();
+        let gone: Vec<PathBuf> = self
+            .written
+            .keys()
+            .filter(|p| p.starts_with(self.layout.eds_dir()) && !keep.contains(*p))
+            .cloned()
+            .collect();
         for p in gone {
             let _ = fs::remove_file(&p);
             self.written.remove(&p);
@@ -183,52 +225,6 @@ impl EnvoyDatapath {
         self.written.insert(path.to_path_buf(), contents.to_string());
         Ok(())
     }
-
-    /// Wait until the running Envoy listens on exactly the virtual
-    /// addresses of `plan`'s services that have backends. With
-    /// `generation`, fail at once if that run of Envoy exits.
-    fn wait_listening(&self, plan: &Plan, timeout: Duration, generation: Option<u64>) -> Result<(), String> {
-        let want = expected_listeners(plan);
-        let handle = self.handle();
-        let deadline = Instant::now() + timeout;
-        let mut seen = HashSet::new();
-        let log = self.layout.log_file();
-        let log_start = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-        loop {
-            let st = handle.status();
-            if let Some(g) = generation
-                && (handle.generation() != g || !st.running)
-            {
-                return Err(st.last_exit.unwrap_or_else(|| "envoy exited".into()));
-            }
-            if let Some(pid) = st.pid {
-                seen = listening_sockets(pid).unwrap_or_default();
-                if let Some(port) = self.opts.render.admin_port {
-                    seen.remove(&SocketAddr::from(([127, 0, 0, 1], port)));
-                }
-                if seen == want {
-                    return Ok(());
-                }
-            }
-            // A listener that cannot bind never will: say so now.
-            if let Some(line) = new_log_lines(&log, log_start).into_iter().find(|l| l.contains("cannot bind")) {
-                return Err(line.rsplit("] ").next().unwrap_or(&line).trim().to_string());
-            }
-            if Instant::now() > deadline {
-                let mut missing: Vec<_> = want.difference(&seen).map(|a| a.to_string()).collect();
-                let mut extra: Vec<_> = seen.difference(&want).map(|a| a.to_string()).collect();
-                missing.sort();
-                extra.sort();
-                let last = super::supervisor::last_error_line(&self.layout.log_file()).unwrap_or_default();
-                return Err(format!(
-                    "after {timeout:?} Envoy is not listening on [{}] and still on [{}]; {last}",
-                    missing.join(", "),
-                    extra.join(", ")
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
 }
 
 impl Datapath for EnvoyDatapath {
@@ -236,40 +232,29 @@ impl Datapath for EnvoyDatapath {
         DatapathKind::Envoy
     }
 
+    /// Once this returns, listener changes are live: a service that lost
+    /// its last backend refuses connects. The wait (up to
+    /// [`APPLY_TIMEOUT`]) blocks the calling thread; see [`Self::stage`]
+    /// for running it elsewhere.
     fn apply(&mut self, plan: &Plan) -> Result<(), DatapathError> {
-        if *plan == self.plan {
-            return Ok(());
-        }
-        self.write_plan(plan)?;
-        let listeners_changed = expected_listeners(plan) != expected_listeners(&self.plan);
-        self.plan = plan.clone();
-        // Listener changes are visible in the kernel, so wait for them: once
-        // apply returns, a service without backends refuses connects. An
-        // Envoy that is down picks the files up when it comes back.
-        if listeners_changed
-            && self.status().running
-            && let Err(why) = self.wait_listening(plan, APPLY_TIMEOUT, None)
+        if let Some(wait) = self.stage(plan)?
+            && let Err(why) = wait.block()
         {
             tracing::warn!(%why, "envoy has not applied the new listeners yet");
         }
         Ok(())
     }
 
-    /// Upstream connections per controller, from the admin interface
-    /// (`/clusters`); empty when `envoy.adminPort` is unset or Envoy is down.
-    fn counters(&self) -> Vec<ServiceCounters> {
-        let Some(port) = self.opts.render.admin_port else { return Vec::new() };
-        match admin_get(port, "/clusters?format=json") {
-            Ok(body) => parse_cluster_counters(&body),
-            Err(e) => {
-                tracing::debug!(error = %e, "envoy admin /clusters");
-                Vec::new()
-            }
+    /// Upstream connections per controller, as the admin poller last read
+    /// them (`/clusters`; none when `envoy.adminPort` is unset or Envoy's
+    /// admin does not answer), and the supervisor's view of the process.
+    /// Never waits for Envoy.
+    fn snapshot(&self) -> DatapathSnapshot {
+        DatapathSnapshot {
+            services: self.admin.as_ref().map(AdminPoller::latest).unwrap_or_default(),
+            envoy: serde_json::to_value(self.status()).ok(),
+            ..Default::default()
         }
-    }
-
-    fn status_extra(&self) -> Option<(String, serde_json::Value)> {
-        Some(("envoy".into(), serde_json::to_value(self.status()).unwrap_or_default()))
     }
 
     fn shutdown(&mut self) -> Result<(), DatapathError> {
@@ -311,156 +296,6 @@ fn envoy_args(layout: &Layout, opts: &EnvoyOptions) -> Vec<String> {
     ]
 }
 
-/// Lines Envoy logged after byte `from` (capped to the last 64 KiB).
-fn new_log_lines(log: &Path, from: u64) -> Vec<String> {
-    use std::io::{Read as _, Seek as _, SeekFrom};
-    let Ok(mut f) = fs::File::open(log) else { return Vec::new() };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if len <= from || f.seek(SeekFrom::Start(from.max(len.saturating_sub(64 * 1024)))).is_err() {
-        return Vec::new();
-    }
-    let mut bytes = Vec::new();
-    let _ = f.read_to_end(&mut bytes);
-    String::from_utf8_lossy(&bytes).lines().map(str::to_string).collect()
-}
-
-/// A GET on Envoy's loopback admin interface; the body.
-fn admin_get(port: u16, path: &str) -> std::io::Result<String> {
-    use std::io::{Read as _, Write as _};
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300))?;
-    s.set_read_timeout(Some(Duration::from_millis(500)))?;
-    // Envoy's admin answers HTTP/1.0 with 426, so 1.1 and its chunks.
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp)?;
-    let resp = String::from_utf8_lossy(&resp);
-    let Some((head, body)) = resp.split_once("\r\n\r\n") else { return Ok(String::new()) };
-    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        return Ok(body.to_string());
-    }
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    Ok(out)
-}
-
-/// `cx_total` of every host of every cluster in `/clusters?format=json`.
-fn parse_cluster_counters(body: &str) -> Vec<ServiceCounters> {
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(body) else { return Vec::new() };
-    let empty = Vec::new();
-    let mut out = Vec::new();
-    for c in v["cluster_statuses"].as_array().unwrap_or(&empty) {
-        let mut per_backend = Vec::new();
-        for h in c["host_statuses"].as_array().unwrap_or(&empty) {
-            let sa = &h["address"]["socket_address"];
-            let Some(addr) = sa["address"]
-                .as_str()
-                .and_then(|a| a.parse::<IpAddr>().ok())
-                .zip(sa["port_value"].as_u64().and_then(|p| u16::try_from(p).ok()))
-                .map(|(ip, port)| SocketAddr::new(ip, port))
-            else {
-                continue;
-            };
-            let total = h["stats"]
-                .as_array()
-                .unwrap_or(&empty)
-                .iter()
-                .find(|s| s["name"] == "cx_total")
-                .and_then(|s| s["value"].as_u64().or_else(|| s["value"].as_str()?.parse().ok()))
-                .unwrap_or(0);
-            per_backend.push((addr, total));
-        }
-        if let Some(name) = c["name"].as_str() {
-            out.push(ServiceCounters { name: name.to_string(), per_backend, no_backend: 0 });
-        }
-    }
-    out
-}
-
-fn expected_listeners(plan: &Plan) -> HashSet<SocketAddr> {
-    plan.services.iter().filter(|s| !s.backends.is_empty()).flat_map(|s| s.listen.iter().copied()).collect()
-}
-
 fn io_err(path: &Path, e: std::io::Error) -> DatapathError {
     DatapathError::Other(format!("{}: {e}", path.display()))
-}
-
-/// TCP sockets in LISTEN state owned by `pid`, from its fd table and its
-/// network namespace's /proc/<pid>/net/tcp{,6}.
-pub fn listening_sockets(pid: u32) -> std::io::Result<HashSet<SocketAddr>> {
-    let mut inodes = HashSet::new();
-    for fd in fs::read_dir(format!("/proc/{pid}/fd"))?.flatten() {
-        if let Ok(target) = fs::read_link(fd.path())
-            && let Some(inode) =
-                target.to_str().and_then(|t| t.strip_prefix("socket:[")).and_then(|t| t.strip_suffix(']'))
-        {
-            inodes.insert(inode.to_string());
-        }
-    }
-    let mut out = HashSet::new();
-    for table in ["tcp", "tcp6"] {
-        let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) else { continue };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
-            if f.len() < 10 || f[3] != "0A" || !inodes.contains(f[9]) {
-                continue;
-            }
-            if let Some(addr) = parse_proc_addr(f[1]) {
-                out.insert(addr);
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// `0100007F:1D03` or the 32-hex-digit IPv6 form: each 32-bit word is
-/// printed in host byte order.
-fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
-    let (ip, port) = s.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let words: Option<Vec<[u8; 4]>> = (0..ip.len() / 8)
-        .map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok().map(u32::to_ne_bytes))
-        .collect();
-    let bytes: Vec<u8> = words?.concat();
-    let ip = match bytes.len() {
-        4 => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
-        16 => {
-            let b: [u8; 16] = bytes.try_into().ok()?;
-            IpAddr::V6(Ipv6Addr::from(b))
-        }
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, port))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proc_net_addresses_parse() {
-        if cfg!(target_endian = "little") {
-            assert_eq!(parse_proc_addr("0100007F:1D03"), Some("127.0.0.1:7427".parse().unwrap()));
-            assert_eq!(
-                parse_proc_addr("00000000000000000000000001000000:1D03"),
-                Some("[::1]:7427".parse().unwrap())
-            );
-        }
-    }
-
-    #[test]
-    fn this_process_listening_socket_is_found() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let found = listening_sockets(std::process::id()).unwrap();
-        assert!(found.contains(&l.local_addr().unwrap()), "{found:?}");
-    }
 }

@@ -209,8 +209,7 @@ pub fn endpoints(s: &ServicePlan) -> Value {
 }
 
 fn load_assignment(s: &ServicePlan) -> Value {
-    let lb: Vec<Value> =
-        s.backends.iter().map(|b| json!({"endpoint": {"address": socket_address(*b)}})).collect();
+    let lb: Vec<Value> = s.backends.iter().map(|b| json!({"endpoint": {"address": socket_address(*b)}})).collect();
     let endpoints = if lb.is_empty() { json!([]) } else { json!([{"lb_endpoints": lb}]) };
     json!({"@type": LOAD_ASSIGNMENT, "cluster_name": s.name, "endpoints": endpoints})
 }
@@ -230,8 +229,7 @@ pub fn dynamic_files(layout: &Layout, plan: &Plan, opts: &RenderOptions) -> Vec<
 
 /// The bootstrap followed by every dynamic file.
 pub fn all_files(layout: &Layout, plan: &Plan, opts: &RenderOptions) -> Vec<RenderedFile> {
-    let mut files =
-        vec![RenderedFile { path: layout.bootstrap(), contents: to_yaml(&bootstrap(layout, opts)) }];
+    let mut files = vec![RenderedFile { path: layout.bootstrap(), contents: to_yaml(&bootstrap(layout, opts)) }];
     files.extend(dynamic_files(layout, plan, opts));
     files
 }
@@ -285,7 +283,7 @@ pub fn static_bootstrap(plan: &Plan, opts: &RenderOptions) -> Value {
 }
 
 pub fn to_yaml(v: &Value) -> String {
-    serde_yaml::to_string(v).expect("a JSON value always serializes to YAML")
+    crate::yaml::to_string(v)
 }
 
 fn path_source(file: &Path, dir: &Path) -> Value {
@@ -320,6 +318,7 @@ mod tests {
                 backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
                 panic: false,
             }],
+            backends: Default::default(),
         }
     }
 

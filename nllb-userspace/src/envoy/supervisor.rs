@@ -18,7 +18,9 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use serde::Serialize;
+use backon::{BackoffBuilder as _, ExponentialBuilder};
+
+use super::status::EnvoyStatus;
 
 /// First restart delay; doubled after every crash up to [`BACKOFF_MAX`].
 pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -28,24 +30,6 @@ const STABLE_RUN: Duration = Duration::from_secs(30);
 /// How long Envoy gets to exit after SIGTERM before SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(50);
-
-/// What `nllb status` shows about Envoy.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct EnvoyStatus {
-    pub binary: PathBuf,
-    pub config_dir: PathBuf,
-    pub running: bool,
-    pub pid: Option<u32>,
-    /// Times Envoy was started again after it died.
-    pub restarts: u32,
-    /// How the last run ended, e.g. "killed by signal 9" or "exit status 1:
-    /// <last log line>".
-    pub last_exit: Option<String>,
-    pub last_exit_unix_ms: Option<u64>,
-    pub started_unix_ms: Option<u64>,
-    /// Delay before the next start when Envoy is down.
-    pub next_restart_ms: Option<u64>,
-}
 
 #[derive(Debug, Default)]
 struct State {
@@ -158,8 +142,20 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// The restart delays (backon's exponential policy, no jitter: there is one
+/// Envoy per node). The supervisor sleeps on its own condition variable,
+/// not through backon's `retry`, so that `stop` cuts a pending delay short.
+fn restart_delays() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(BACKOFF_MIN)
+        .with_max_delay(BACKOFF_MAX)
+        .with_factor(2.0)
+        .without_max_times()
+        .build()
+}
+
 fn supervise(shared: &Shared, launch: &Launch) {
-    let mut backoff = BACKOFF_MIN;
+    let mut delays = restart_delays();
     let mut first = true;
     loop {
         if shared.lock().stop {
@@ -207,16 +203,17 @@ fn supervise(shared: &Shared, launch: &Launch) {
         }
         first = false;
         if started.elapsed() >= STABLE_RUN {
-            backoff = BACKOFF_MIN;
+            delays = restart_delays();
         }
-        let delay = backoff;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        let delay = delays.next().unwrap_or(BACKOFF_MAX);
         tracing::info!(delay_ms = delay.as_millis() as u64, "restarting envoy after backoff");
         let mut st = shared.lock();
         st.status.next_restart_ms = Some(delay.as_millis() as u64);
         let deadline = Instant::now() + delay;
         while !st.stop {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
             st = shared.changed.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
@@ -229,6 +226,10 @@ fn spawn(launch: &Launch) -> std::io::Result<Child> {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
+        // systemd's notify socket and watchdog are the agent's, not Envoy's.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .process_group(0);
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork
     // and exec.

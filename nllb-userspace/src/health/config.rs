@@ -2,7 +2,7 @@ use std::{path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::errors::ConfigError;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -73,7 +73,7 @@ pub struct HealthConfig {
 
 impl Default for HealthConfig {
     fn default() -> Self {
-        serde_yaml::from_str("{}").expect("defaults parse")
+        crate::yaml::from_str("{}").expect("the defaults parse")
     }
 }
 

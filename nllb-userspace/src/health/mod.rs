@@ -22,12 +22,12 @@ use std::path::{Path, PathBuf};
 pub use config::{HealthConfig, ProbeKind};
 pub use monitor::{Monitor, ProbeObserver};
 pub use plan::{plan, targets};
-pub use probe::Prober;
+pub use probe::{Handshake, Prober};
 pub use select::select;
 pub use state::{BackendHealth, HealthSnapshot};
 pub use transitions::{Reaction, Transitions};
 
-use crate::config::ConfigError;
+use crate::errors::ConfigError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealthError {

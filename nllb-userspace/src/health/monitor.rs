@@ -177,7 +177,7 @@ async fn probe_loop(shared: Arc<Shared>, prober: Prober, target: SocketAddr, wak
             _ = wake.notified() => {}
         }
         let started = Instant::now();
-        let outcome = prober.probe(target).await;
+        let (outcome, handshake) = prober.probe_measured(target).await;
         let observer = shared.observer.lock().ok().and_then(|o| o.clone());
         if let Some(observe) = observer {
             observe(target, started.elapsed());
@@ -185,7 +185,10 @@ async fn probe_loop(shared: Arc<Shared>, prober: Prober, target: SocketAddr, wak
         let error = outcome.as_ref().err().cloned();
         let now = SystemTime::now();
         shared.tx.send_if_modified(|snap| {
-            let Some(h) = snap.backends.get_mut(&target) else { return false };
+            let Some(h) = snap.backends.get_mut(&target) else {
+                return false;
+            };
+            h.observe_handshake(handshake);
             let flipped = h.observe(outcome, rise, fall, now);
             if flipped && h.healthy {
                 info!(backend = %target, successes = h.consecutive_successes, "backend healthy");

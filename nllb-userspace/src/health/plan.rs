@@ -33,6 +33,7 @@ pub fn plan(services: &[Service], backends: &[IpAddr], snapshot: &HealthSnapshot
                 ServicePlan { name: s.name.clone(), listen: s.listen.clone(), backends, panic }
             })
             .collect(),
+        backends: Default::default(),
     }
 }
 

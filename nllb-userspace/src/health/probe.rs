@@ -20,6 +20,17 @@ use super::{HealthConfig, HealthError, ProbeKind, tls::TlsSettings};
 /// Largest response head read before giving up on finding the status line.
 const MAX_HEAD: usize = 16 * 1024;
 
+/// How a probe's TCP handshake went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handshake {
+    Took(Duration),
+    /// No SYN-ACK within the probe's timeout: the handshake took at least
+    /// that long.
+    TimedOut(Duration),
+    /// Refused or unreachable: says nothing about the round trip.
+    Failed,
+}
+
 /// Runs probes as `health:` says; cheap to share between probe tasks.
 #[derive(Clone)]
 pub struct Prober {
@@ -44,16 +55,31 @@ impl Prober {
     /// Probes `target` once, within the timeout. Ok holds the probe's
     /// latency; Err a one-line reason for status and logs.
     pub async fn probe(&self, target: SocketAddr) -> Result<Duration, String> {
-        let start = Instant::now();
-        match tokio::time::timeout(self.timeout, self.run(target)).await {
-            Ok(Ok(())) => Ok(start.elapsed()),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(format!("timed out after {}", humantime::format_duration(self.timeout))),
-        }
+        self.probe_measured(target).await.0
     }
 
-    async fn run(&self, target: SocketAddr) -> Result<(), String> {
+    /// As `probe`, and how the TCP handshake went (what `passive.synTimeout:
+    /// auto` is derived from).
+    pub async fn probe_measured(&self, target: SocketAddr) -> (Result<Duration, String>, Handshake) {
+        let start = Instant::now();
+        let mut handshake = Handshake::Failed;
+        let outcome = match tokio::time::timeout(self.timeout, self.run(target, &mut handshake)).await {
+            Ok(Ok(())) => Ok(start.elapsed()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                if handshake == Handshake::Failed {
+                    handshake = Handshake::TimedOut(self.timeout);
+                }
+                Err(format!("timed out after {}", humantime::format_duration(self.timeout)))
+            }
+        };
+        (outcome, handshake)
+    }
+
+    async fn run(&self, target: SocketAddr, handshake: &mut Handshake) -> Result<(), String> {
+        let start = Instant::now();
         let tcp = TcpStream::connect(target).await.map_err(|e| format!("connect: {e}"))?;
+        *handshake = Handshake::Took(start.elapsed());
         let _ = tcp.set_nodelay(true);
         match (&self.kind, &self.tls) {
             (ProbeKind::Https, Some((connector, settings))) => {

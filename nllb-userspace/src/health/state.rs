@@ -2,12 +2,14 @@
 //! so the rules can be tested without sockets or clocks.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     net::SocketAddr,
     time::{Duration, SystemTime},
 };
 
 use serde::Serialize;
+
+use super::probe::Handshake;
 
 /// What the agent (and `nllb status`) knows about one backend.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -27,7 +29,18 @@ pub struct BackendHealth {
     /// When `healthy` last changed (or the backend was first seen).
     #[serde(rename = "since_unix_ms", serialize_with = "unix_ms")]
     pub since: SystemTime,
+    /// The longest of the last `HANDSHAKE_WINDOW` probe handshakes (a timed
+    /// out one counts as the probe timeout).
+    #[serde(rename = "handshake_worst_ms", serialize_with = "latency_ms")]
+    pub handshake_worst: Option<Duration>,
+    #[serde(skip)]
+    handshakes: VecDeque<Duration>,
 }
+
+/// Probe handshakes remembered per backend: a few seconds at the default
+/// interval, so a slow spell moves the SYN timeout up at once and a quiet
+/// network brings it back down soon after.
+pub const HANDSHAKE_WINDOW: usize = 8;
 
 fn latency_ms<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
     match d {
@@ -56,7 +69,22 @@ impl BackendHealth {
             consecutive_successes: 0,
             passive_ejections: 0,
             since: now,
+            handshake_worst: None,
+            handshakes: VecDeque::new(),
         }
+    }
+
+    /// Records how a probe's TCP handshake went.
+    pub fn observe_handshake(&mut self, handshake: Handshake) {
+        let took = match handshake {
+            Handshake::Took(d) | Handshake::TimedOut(d) => d,
+            Handshake::Failed => return,
+        };
+        if self.handshakes.len() == HANDSHAKE_WINDOW {
+            self.handshakes.pop_front();
+        }
+        self.handshakes.push_back(took);
+        self.handshake_worst = self.handshakes.iter().max().copied();
     }
 
     /// Records one probe result; returns true when `healthy` flipped.

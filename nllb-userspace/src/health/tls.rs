@@ -1,20 +1,15 @@
 //! TLS client settings for `probe: https`, built once from `health:`.
 
-use std::{
-    fs,
-    net::IpAddr,
-    path::{Path, PathBuf},
-    sync::Arc,
-};
+use std::{fs, net::IpAddr, path::Path, sync::Arc};
 
 use base64::Engine;
+use kube::config::Kubeconfig;
 use rustls::{
     ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{CryptoProvider, ring},
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
 };
-use serde::Deserialize;
 
 use super::{HealthConfig, HealthError};
 
@@ -51,7 +46,7 @@ impl TlsSettings {
         };
         let server_name = match &cfg.server_name {
             Some(name) => Some(ServerName::try_from(name.clone()).map_err(|_| {
-                HealthError::Config(crate::config::ConfigError::new(
+                HealthError::Config(crate::errors::ConfigError::new(
                     "health.serverName",
                     format!("{name:?} is neither a DNS name nor an IP address"),
                 ))
@@ -73,7 +68,7 @@ fn roots(cfg: &HealthConfig) -> Result<RootCertStore, HealthError> {
     } else if let Some(kc) = &cfg.kubeconfig {
         (kubeconfig_ca(kc)?, "health.kubeconfig", kc.clone())
     } else {
-        return Err(HealthError::Config(crate::config::ConfigError::new(
+        return Err(HealthError::Config(crate::errors::ConfigError::new(
             "health.caFile",
             "probe: https needs the CA that signs the API servers' certificates: set caFile, \
              or kubeconfig, or insecureSkipVerify: true",
@@ -101,73 +96,44 @@ fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
-#[derive(Deserialize)]
-struct Kubeconfig {
-    #[serde(default)]
-    clusters: Vec<NamedCluster>,
-    #[serde(default)]
-    contexts: Vec<NamedContext>,
-    #[serde(default, rename = "current-context")]
-    current_context: Option<String>,
-}
-#[derive(Deserialize)]
-struct NamedCluster {
-    name: String,
-    cluster: Cluster,
-}
-#[derive(Deserialize)]
-struct Cluster {
-    #[serde(default, rename = "certificate-authority-data")]
-    ca_data: Option<String>,
-    #[serde(default, rename = "certificate-authority")]
-    ca_path: Option<PathBuf>,
-}
-#[derive(Deserialize)]
-struct NamedContext {
-    name: String,
-    context: Context,
-}
-#[derive(Deserialize)]
-struct Context {
-    cluster: String,
-}
-
-/// The CA of the kubeconfig's current context's cluster (or of its only
+/// The CA of the kubeconfig's current context's cluster (or of its first
 /// cluster): kubelet's kubeconfig on a worker already carries it, so
-/// `probe: https` needs no extra file there.
+/// `probe: https` needs no extra file there. kube-rs reads the file (and
+/// resolves a relative `certificate-authority` against the kubeconfig's
+/// directory, as kubectl does).
 fn kubeconfig_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, HealthError> {
     const FIELD: &str = "health.kubeconfig";
-    let text = fs::read_to_string(path).map_err(|e| HealthError::file(FIELD, path, e.to_string()))?;
-    let kc: Kubeconfig =
-        serde_yaml::from_str(&text).map_err(|e| HealthError::file(FIELD, path, format!("not a kubeconfig: {e}")))?;
+    let kc = Kubeconfig::read_from(path).map_err(|e| {
+        HealthError::file(FIELD, path, format!("not a usable kubeconfig: {}", crate::errors::chain(&e)))
+    })?;
     let wanted = kc
         .current_context
         .as_ref()
         .and_then(|cur| kc.contexts.iter().find(|c| &c.name == cur))
-        .map(|c| c.context.cluster.clone());
-    let cluster = match &wanted {
+        .and_then(|c| c.context.as_ref())
+        .map(|c| c.cluster.clone());
+    let named = match &wanted {
         Some(name) => kc.clusters.iter().find(|c| &c.name == name),
         None => kc.clusters.first(),
     }
     .ok_or_else(|| HealthError::file(FIELD, path, "has no cluster for its current-context".into()))?;
-    if let Some(data) = &cluster.cluster.ca_data {
+    let cluster = named.cluster.clone().unwrap_or_default();
+    if let Some(data) = &cluster.certificate_authority_data {
         let pem = base64::engine::general_purpose::STANDARD
             .decode(data.trim())
             .map_err(|e| HealthError::file(FIELD, path, format!("certificate-authority-data is not base64: {e}")))?;
         return parse_certs(&pem)
             .map_err(|m| HealthError::file(FIELD, path, format!("certificate-authority-data {m}")));
     }
-    if let Some(ca) = &cluster.cluster.ca_path {
-        // kubectl resolves a relative path against the kubeconfig's directory.
-        let ca = path.parent().map(|d| d.join(ca)).unwrap_or_else(|| ca.clone());
-        return read_certs(&ca, FIELD);
+    if let Some(ca) = &cluster.certificate_authority {
+        return read_certs(Path::new(ca), FIELD);
     }
     Err(HealthError::file(
         FIELD,
         path,
         format!(
             "cluster {:?} has neither certificate-authority-data nor certificate-authority; set health.caFile",
-            cluster.name
+            named.name
         ),
     ))
 }

@@ -1,5 +1,14 @@
 //! Makes TCP connects from inside a cgroup (and optionally a network
 //! namespace), like a kubelet would, and prints what each one saw as JSON.
+//!
+//! SIGTERM ends the run early: the connects made so far are reported (a
+//! test can keep a client connecting until it has done what it wanted to
+//! do under traffic).
+//!
+//! With `--hold` it instead opens `--count` connections, prints
+//! `HOLD connected`, and then one `HOLD closed <i> errno=<n>` line as each
+//! one ends (errno 0: closed by the peer or still open after the timeout);
+//! the socket destroy tests watch those lines.
 
 use std::{
     io::{Read as _, Write as _},
@@ -8,6 +17,8 @@ use std::{
     path::PathBuf,
     time::{Duration, Instant},
 };
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
 use nllb_tests::{ClientReport, ConnectResult};
@@ -26,6 +37,28 @@ struct Args {
     interval_ms: u64,
     #[arg(long, default_value_t = 3000)]
     timeout_ms: u64,
+    /// After a failed connect, try once more at once.
+    #[arg(long)]
+    retry: bool,
+    /// Stop after this many milliseconds even before `count` connects.
+    #[arg(long)]
+    deadline_ms: Option<u64>,
+    /// Connect and close, no request: as many connects as possible.
+    #[arg(long)]
+    connect_only: bool,
+    /// Keep each connection open until stdin closes, then ask getpeername
+    /// again (`peer_after_hold`) before the request.
+    #[arg(long)]
+    peer_after_stdin: bool,
+    /// Hold the connections open and report how each one ends.
+    #[arg(long)]
+    hold: bool,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn stop(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,21 +71,64 @@ fn main() -> anyhow::Result<()> {
         nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
     }
     let timeout = Duration::from_millis(args.timeout_ms);
+    if args.hold {
+        return hold(args.addr, args.count, timeout);
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        nix::sys::signal::signal(nix::sys::signal::Signal::SIGTERM, nix::sys::signal::SigHandler::Handler(stop))?;
+    }
     let start = Instant::now();
-    let mut report = ClientReport::default();
+    let mut report = ClientReport {
+        started_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        ..Default::default()
+    };
     for i in 0..args.count {
+        if STOP.load(Ordering::SeqCst) || args.deadline_ms.is_some_and(|d| start.elapsed() >= Duration::from_millis(d)) {
+            break;
+        }
         // Open loop: connect i starts at i * interval, whatever earlier ones did.
         let due = Duration::from_millis(args.interval_ms * u64::from(i));
         if let Some(wait) = due.checked_sub(start.elapsed()) {
             std::thread::sleep(wait);
         }
-        report.results.push(one(args.addr, timeout, start));
+        if args.connect_only {
+            report.results.push(connect_only(args.addr, timeout, start));
+            continue;
+        }
+        let first = one(args.addr, timeout, start, args.peer_after_stdin);
+        let failed = !first.ok;
+        report.results.push(first);
+        if failed && args.retry {
+            report.results.push(ConnectResult { retry: true, ..one(args.addr, timeout, start, args.peer_after_stdin) });
+        }
     }
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
 
-fn one(addr: SocketAddr, timeout: Duration, start: Instant) -> ConnectResult {
+/// A connect and a close; only failures are reported in detail.
+fn connect_only(addr: SocketAddr, timeout: Duration, start: Instant) -> ConnectResult {
+    let t0 = Instant::now();
+    let r = TcpStream::connect_timeout(&addr, timeout);
+    ConnectResult {
+        t_ms: start.elapsed().as_millis() as u64,
+        ok: r.is_ok(),
+        errno: r.as_ref().err().and_then(|e| e.raw_os_error()),
+        error: r.as_ref().err().map(|e| e.to_string()),
+        body: None,
+        peer: None,
+        local: None,
+        server_saw: None,
+        elapsed_us: t0.elapsed().as_micros() as u64,
+        retry: false,
+        peer_after_hold: None,
+    }
+}
+
+fn one(addr: SocketAddr, timeout: Duration, start: Instant, hold: bool) -> ConnectResult {
     let t0 = Instant::now();
     let mut r = ConnectResult {
         t_ms: start.elapsed().as_millis() as u64,
@@ -61,11 +137,20 @@ fn one(addr: SocketAddr, timeout: Duration, start: Instant) -> ConnectResult {
         error: None,
         body: None,
         peer: None,
+        local: None,
+        server_saw: None,
         elapsed_us: 0,
+        retry: false,
+        peer_after_hold: None,
     };
     match TcpStream::connect_timeout(&addr, timeout) {
         Ok(mut s) => {
             r.peer = s.peer_addr().ok().map(|p| p.to_string());
+            r.local = s.local_addr().ok().map(|p| p.to_string());
+            if hold {
+                let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+                r.peer_after_hold = s.peer_addr().ok().map(|p| p.to_string());
+            }
             let _ = s.set_read_timeout(Some(timeout));
             let _ = s.set_write_timeout(Some(timeout));
             let mut resp = Vec::new();
@@ -75,6 +160,11 @@ fn one(addr: SocketAddr, timeout: Duration, start: Instant) -> ConnectResult {
             match io {
                 Ok(_) => {
                     let text = String::from_utf8_lossy(&resp);
+                    r.server_saw = text
+                        .split("\r\n\r\n")
+                        .next()
+                        .and_then(|head| head.lines().find_map(|l| l.strip_prefix("X-Peer: ")))
+                        .map(str::to_string);
                     match text.split_once("\r\n\r\n") {
                         Some((_, body)) if text.starts_with("HTTP/1.1 200") => {
                             r.ok = true;
@@ -96,4 +186,26 @@ fn one(addr: SocketAddr, timeout: Duration, start: Instant) -> ConnectResult {
     }
     r.elapsed_us = t0.elapsed().as_micros() as u64;
     r
+}
+
+/// `count` connections held open until the peer (or a socket destroy)
+/// ends them, or `timeout` passes.
+fn hold(addr: SocketAddr, count: u32, timeout: Duration) -> anyhow::Result<()> {
+    let socks: Vec<TcpStream> = (0..count).map(|_| TcpStream::connect(addr)).collect::<Result<_, _>>()?;
+    println!("HOLD connected");
+    let threads: Vec<_> = socks
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut s)| {
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(timeout));
+                let errno = s.read(&mut [0u8; 1]).err().and_then(|e| e.raw_os_error()).unwrap_or(0);
+                println!("HOLD closed {i} errno={errno}");
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
 }

@@ -28,11 +28,15 @@ type Body = BoxBody<Bytes, Infallible>;
 pub(super) async fn accept_loop(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>, inner: Arc<Inner>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
         let acceptor = acceptor.clone();
         let conn_inner = inner.clone();
         let task = tokio::spawn(async move {
-            let Ok(stream) = acceptor.accept(tcp).await else { return };
+            let Ok(stream) = acceptor.accept(tcp).await else {
+                return;
+            };
             let svc = service_fn(move |req| {
                 let inner = conn_inner.clone();
                 async move { Ok::<_, Infallible>(handle(inner, req)) }
@@ -113,7 +117,9 @@ fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Response<Bo
         match term.split_once('=') {
             Some(("metadata.name", v)) => sel.name = Some(v.to_string()),
             Some(("metadata.namespace", v)) => sel.namespace = Some(v.to_string()),
-            _ => return error(400, "BadRequest", &format!("unsupported field selector {term:?}")),
+            _ => {
+                return error(400, "BadRequest", &format!("unsupported field selector {term:?}"));
+            }
         }
     }
     if watch {
@@ -234,6 +240,7 @@ async fn pump(
                     if tx.is_closed() { return } else { continue }
                 }
                 let rv = inner.store.lock().unwrap().rv;
+                inner.bookmarks.lock().unwrap().push(rv);
                 store::bookmark_line(sel.kind, rv)
             }
             ev = events.recv() => match ev {

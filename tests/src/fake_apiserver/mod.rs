@@ -75,6 +75,8 @@ pub(crate) struct Inner {
     pub open_watches: std::sync::atomic::AtomicUsize,
     /// `ERROR 410 Gone` events sent so far.
     pub gone_sent: std::sync::atomic::AtomicUsize,
+    /// The resourceVersion of every BOOKMARK sent.
+    pub bookmarks: Mutex<Vec<u64>>,
 }
 
 /// A running fake API server; dropping it stops it.
@@ -115,6 +117,7 @@ impl FakeApiServer {
             bookmark_every: opts.bookmark_every,
             open_watches: Default::default(),
             gone_sent: Default::default(),
+            bookmarks: Default::default(),
         });
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
@@ -337,6 +340,11 @@ impl FakeApiServer {
         self.inner.gone_sent.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// BOOKMARK events sent so far whose resourceVersion is at least `rv`.
+    pub fn bookmarks_sent(&self, rv: u64) -> usize {
+        self.inner.bookmarks.lock().unwrap().iter().filter(|b| **b >= rv).count()
+    }
+
     /// Waits (up to `timeout`) until at least `n` watches are open.
     pub fn wait_for_watches(&self, n: usize, timeout: Duration) {
         let end = std::time::Instant::now() + timeout;
@@ -380,7 +388,10 @@ pub fn endpoint_slice(namespace: &str, name: &str, service: &str, endpoints: &[(
             namespace: Some(namespace.into()),
             labels: Some(BTreeMap::from([
                 ("kubernetes.io/service-name".to_string(), service.to_string()),
-                ("endpointslice.kubernetes.io/managed-by".to_string(), "endpointslicemirroring-controller.k8s.io".to_string()),
+                (
+                    "endpointslice.kubernetes.io/managed-by".to_string(),
+                    "endpointslicemirroring-controller.k8s.io".to_string(),
+                ),
             ])),
             ..Default::default()
         },
@@ -405,7 +416,8 @@ pub fn endpoint_slice(namespace: &str, name: &str, service: &str, endpoints: &[(
 /// The Endpoints object `namespace/name` with ready and not-ready addresses.
 pub fn endpoints(namespace: &str, name: &str, ready: &[&str], not_ready: &[&str]) -> Endpoints {
     let addrs = |l: &[&str]| {
-        (!l.is_empty()).then(|| l.iter().map(|ip| EndpointAddress { ip: ip.to_string(), ..Default::default() }).collect())
+        (!l.is_empty())
+            .then(|| l.iter().map(|ip| EndpointAddress { ip: ip.to_string(), ..Default::default() }).collect())
     };
     Endpoints {
         metadata: ObjectMeta { name: Some(name.into()), namespace: Some(namespace.into()), ..Default::default() },

@@ -27,6 +27,8 @@ use tokio::{
 pub const READY: u8 = 0;
 pub const FAIL: u8 = 1;
 pub const HANG: u8 = 2;
+/// Answer 200 once, then behave as FAIL.
+pub const READY_ONCE: u8 = 3;
 
 /// A CA and what it signed.
 pub struct Pki {
@@ -139,7 +141,9 @@ impl TlsServer {
                                         Ok(n) => got.extend_from_slice(&buf[..n]),
                                     }
                                 }
+                                let once = m.compare_exchange(READY_ONCE, FAIL, Ordering::SeqCst, Ordering::SeqCst);
                                 let status = match m.load(Ordering::SeqCst) {
+                                    _ if once.is_ok() => "200 OK",
                                     READY => "200 OK",
                                     FAIL => "500 Internal Server Error",
                                     _ => {
@@ -164,6 +168,10 @@ impl TlsServer {
 
     pub fn set_mode(&self, mode: u8) {
         self.mode.store(mode, Ordering::SeqCst);
+    }
+
+    pub fn mode(&self) -> u8 {
+        self.mode.load(Ordering::SeqCst)
     }
 
     pub fn stop(&mut self) {
