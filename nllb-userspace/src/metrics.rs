@@ -122,7 +122,7 @@ impl Metrics {
         // appears at 1 shows no increase() in Prometheus, so the first
         // rejection would never fire NllbConfigReloadRejected.
         for mode in ["applied", "rejected"] {
-            m.reloads.get_or_create(&ModeLabels { mode: mode.into() });
+            let _ = m.reloads.get_or_create(&ModeLabels { mode: mode.into() });
         }
         let build: Family<BuildLabels, Gauge> = Family::default();
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);

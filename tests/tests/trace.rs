@@ -15,7 +15,7 @@ use std::{
 use nix::sys::signal::{Signal, kill};
 use nllb::datapath::kernel::KernelMaps;
 use nllb_tests::{
-    Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, cgroup2_mount, free_port, nllb_bin, one_service_config,
+    Agent, AgentOpts, ClientOpts, Server, TestCgroup, TestNet, cgroup2_mount, free_port, nllb_bin, one_service_config,
     privileged, vip4, wait_client, wait_for,
 };
 use serde_json::Value;
@@ -29,6 +29,26 @@ fn start_agent(net: Option<&TestNet>, cg: &TestCgroup, port: u16, extra: &str) -
         cgroup: cg.path().to_path_buf(),
         ..Default::default()
     })
+}
+
+/// `hosts` controllers serving in network namespaces, a client cgroup, and
+/// an agent for one service on the returned port (bound in this order so
+/// that they are dropped agent first).
+fn with_controllers(hosts: usize, extra: &str) -> (TestNet, Vec<Server>, TestCgroup, u16, Agent) {
+    let net = TestNet::new(hosts);
+    let servers = net.serve_all(BACKEND_PORT, "c");
+    let cg = TestCgroup::new();
+    let port = free_port();
+    let agent = start_agent(Some(&net), &cg, port, extra);
+    (net, servers, cg, port, agent)
+}
+
+/// An agent for one service without backends, and a client cgroup.
+fn without_backends() -> (TestCgroup, u16, Agent) {
+    let cg = TestCgroup::new();
+    let port = free_port();
+    let agent = start_agent(None, &cg, port, "");
+    (cg, port, agent)
 }
 
 /// `nllb trace --json` against an agent's pins and run dir, its lines
@@ -161,11 +181,7 @@ fn every_connect_is_traced_once_with_its_backend_and_process() {
     if !privileged() {
         return;
     }
-    let net = TestNet::new(3);
-    let _s = net.serve_all(BACKEND_PORT, "c");
-    let cg = TestCgroup::new();
-    let port = free_port();
-    let agent = start_agent(Some(&net), &cg, port, "");
+    let (net, _s, cg, port, agent) = with_controllers(3, "");
     let tracer = Tracer::start(&agent, &[]);
     assert!(trace_until(&agent) > monotonic_ns(), "a reader turns the trace events on");
 
@@ -221,9 +237,7 @@ fn a_connect_to_a_service_without_backends_is_traced_as_refused() {
     if !privileged() {
         return;
     }
-    let cg = TestCgroup::new();
-    let port = free_port();
-    let agent = start_agent(None, &cg, port, "");
+    let (cg, port, agent) = without_backends();
     let tracer = Tracer::start(&agent, &["--service", "apiserver"]);
     let client = ClientOpts::new(vip4(port), 5, Some(cg.path())).spawn();
     let pid = client.id();
@@ -251,11 +265,7 @@ fn a_killed_controller_is_traced_as_a_passive_mark() {
     if !privileged() {
         return;
     }
-    let net = TestNet::new(3);
-    let mut servers = net.serve_all(BACKEND_PORT, "c");
-    let cg = TestCgroup::new();
-    let port = free_port();
-    let agent = start_agent(Some(&net), &cg, port, "");
+    let (net, mut servers, cg, port, agent) = with_controllers(3, "");
     let tracer = Tracer::start(&agent, &[]);
     let clients: Vec<Child> = (0..4)
         .map(|_| {
@@ -297,14 +307,10 @@ fn a_vanished_controller_is_traced_with_the_connects_the_agent_aborted() {
     if !privileged() {
         return;
     }
-    let net = TestNet::new(3);
-    let _s = net.serve_all(BACKEND_PORT, "c");
-    let cg = TestCgroup::new();
-    let port = free_port();
     // Probes off, a 1 s SYN timeout: connects pile up in SYN_SENT on the
     // blackholed controller until the first retransmission marks it, and
     // the agent aborts the rest.
-    let agent = start_agent(Some(&net), &cg, port, "health:\n  enabled: false\npassive:\n  synTimeout: 1s\n");
+    let (net, _s, cg, port, agent) = with_controllers(3, "health:\n  enabled: false\npassive:\n  synTimeout: 1s\n");
     let tracer = Tracer::start(&agent, &[]);
     net.hosts()[0].blackhole();
     let clients: Vec<Child> = (0..8)
@@ -361,9 +367,7 @@ fn one_reader_at_a_time_and_the_events_stop_when_it_goes() {
     if !privileged() {
         return;
     }
-    let cg = TestCgroup::new();
-    let port = free_port();
-    let agent = start_agent(None, &cg, port, "");
+    let (_cg, _port, agent) = without_backends();
     let notes = agent.run_dir.join("trace.sock");
 
     let first = Tracer::start(&agent, &[]);
@@ -404,11 +408,7 @@ fn tracing_works_with_only_the_pinned_datapath_left() {
     if !privileged() {
         return;
     }
-    let net = TestNet::new(1);
-    let _s = net.serve_all(BACKEND_PORT, "c");
-    let cg = TestCgroup::new();
-    let port = free_port();
-    let mut agent = start_agent(Some(&net), &cg, port, "");
+    let (_net, _s, cg, port, mut agent) = with_controllers(1, "");
     assert!(agent.stop(Duration::from_secs(10)).is_some_and(|s| s.success()));
     let tracer = Tracer::start(&agent, &[]);
     let report = wait_client(ClientOpts::new(vip4(port), 5, Some(cg.path())).spawn());
@@ -457,11 +457,7 @@ impl BpfStats {
 #[ignore = "a measurement: cargo xtask test -- -p nllb-tests --test trace connect4_cost -- --ignored --nocapture"]
 fn connect4_cost_with_and_without_a_reader() {
     assert!(privileged(), "needs root");
-    let net = TestNet::new(1);
-    let _s = net.serve_all(BACKEND_PORT, "c");
-    let cg = TestCgroup::new();
-    let port = free_port();
-    let agent = start_agent(Some(&net), &cg, port, "");
+    let (_net, _s, cg, port, agent) = with_controllers(1, "");
     let _stats = BpfStats::enable();
     const N: u32 = 20_000;
     let phase = |name: &str| -> f64 {
