@@ -5,7 +5,14 @@ use std::fmt::Write as _;
 
 use crate::results::{Measurement, Results, WorkloadResult};
 
-fn ratio(v: f64, base: f64) -> String {
+mod failover;
+mod goals;
+mod kernel;
+mod svg;
+
+pub use svg::svg;
+
+pub(crate) fn ratio(v: f64, base: f64) -> String {
     if base > 0.0 && v.is_finite() {
         format!("{:.2}×", v / base)
     } else {
@@ -13,7 +20,7 @@ fn ratio(v: f64, base: f64) -> String {
     }
 }
 
-fn label<'a>(r: &'a Results, id: &'a str) -> &'a str {
+pub(crate) fn label<'a>(r: &'a Results, id: &'a str) -> &'a str {
     r.paths
         .iter()
         .find(|p| p.id == id)
@@ -32,6 +39,20 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
     let mut s = String::new();
     let m = &r.machine;
     let _ = writeln!(s, "# Benchmarks\n");
+    if r.quick {
+        let _ = writeln!(
+            s,
+            "> **QUICK RUN** (`--quick`): {} round(s) of {:.1} s per workload, a tenth of the connects per in-kernel \
+             figure{}. These figures are for development; the full run (`cargo xtask bench`) replaces this file.\n",
+            r.settings.rounds,
+            r.settings.run_ms as f64 / 1000.0,
+            if r.failover.is_empty() {
+                ", no failover"
+            } else {
+                ""
+            }
+        );
+    }
     let _ = writeln!(
         s,
         "nllb against a direct connection, Envoy and HAProxy, measured side by side in one run \
@@ -40,11 +61,16 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
     );
     let _ = writeln!(
         s,
+        "This run took {:.0} s (wall time). Load average (1 min) {:.2} at the start, {:.2} at the end.\n",
+        r.wall_s, m.load_start, m.load_end
+    );
+    let _ = writeln!(
+        s,
         "## Run it\n\n\
          ```sh\n\
-         cargo xtask bench            # full run (about 5 minutes on 2 cores): rewrites this file, the chart and bench/results/latest.json\n\
-         cargo xtask bench --quick    # under a minute: bench/results/quick.json, prints the tables, leaves this file alone\n\
-         cargo run --release -p nllb-bench -- --help   # the same binary directly (as root): --only, --no-failover, --nllb-bin, ...\n\
+         cargo xtask bench            # full run (about 10 minutes on 2 cores): rewrites this file, the chart and bench/results/latest.json\n\
+         cargo xtask bench --quick    # about 2 minutes: bench/results/quick.json, prints the tables, leaves this file alone\n\
+         cargo run --release -p nllb-bench -- --help   # the same binary directly (as root): --only, --no-failover, --no-kernel, ...\n\
          ```\n\n\
          It needs root (network namespaces, cgroups, BPF), `haproxy`, `nft`, `bpftool` and Envoy from the project's venv \
          (`cargo xtask setup`). Without a path's binary the path is listed as not measured, with the reason.\n"
@@ -99,12 +125,6 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
          during the run, divided by operations. Kernel work done in softirq context on behalf of other \
          processes is not attributed to anyone, for any path alike.\n"
     );
-    if r.quick {
-        let _ = writeln!(
-            s,
-            "> **Quick run** (`--quick`): short, single round, no failover. Use the full run for figures to quote.\n"
-        );
-    }
     let _ = writeln!(s, "| path | what it is |\n|---|---|");
     for p in &r.paths {
         let state = if p.available {
@@ -129,6 +149,7 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
             "\n![throughput, median latency and CPU per operation relative to direct]({c})\n"
         );
     }
+    goals::section(&mut s, r);
 
     for w in &r.workloads {
         let Some(base) = w.runs.get("direct") else {
@@ -196,56 +217,7 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
         }
     }
 
-    let _ = writeln!(s, "\n## Cost of the connect program\n");
-    if r.bpf.is_empty() {
-        let _ = writeln!(
-            s,
-            "Not measured: the nllb eBPF path did not run (see the path table)."
-        );
-    } else {
-        let _ = writeln!(
-            s,
-            "From the kernel's own accounting (`kernel.bpf_stats_enabled=1` during the nllb runs, restored after), \
-             summed over every nllb eBPF run of this benchmark. \"Best / median measurement\" is ns per run within single \
-             client runs (those with at least 100 program runs): on a busy machine cache misses and interrupts inflate some.\n\n\
-             | program | attach type | runs | total ns | ns per run | best / median measurement |\n|---|---|---:|---:|---:|---:|"
-        );
-        for b in r.bpf.iter().filter(|b| b.run_cnt > 0) {
-            let mut each = b.per_measurement_ns.clone();
-            each.sort_by(f64::total_cmp);
-            let spread = if each.is_empty() {
-                "–".into()
-            } else {
-                format!("{:.0} / {:.0}", each[0], each[each.len() / 2])
-            };
-            let _ = writeln!(
-                s,
-                "| `{}` | {} | {} | {} | {:.0} | {spread} |",
-                b.name, b.attach_type, b.run_cnt, b.run_time_ns, b.ns_per_run
-            );
-        }
-        if let (Some(c4), Some(crr)) = (
-            r.bpf
-                .iter()
-                .find(|b| b.attach_type.contains("inet4_connect")),
-            r.workloads.iter().find(|w| w.id == "crr_c1"),
-        ) {
-            if let Some(n) = crr.runs.get("nllb") {
-                let _ = writeln!(
-                    s,
-                    "\nPer connect, `nllb_connect4` costs {:.0} ns, {:.2}% of the {:.0} µs median connect–request–response–close at concurrency 1. \
-                     Programs that did not run (IPv6, getpeername: the load generator does not call it) are left out.",
-                    c4.ns_per_run,
-                    c4.ns_per_run / 10.0 / n.client.p50_us.max(1.0),
-                    n.client.p50_us
-                );
-            }
-        }
-        let _ = writeln!(
-            s,
-            "\nThe sock_ops program runs several times per connection (each state change it subscribes to)."
-        );
-    }
+    kernel::section(&mut s, r);
 
     let _ = writeln!(s, "\n## Footprint\n");
     let _ = writeln!(
@@ -270,60 +242,7 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
         );
     }
 
-    let _ = writeln!(s, "\n## Failover\n");
-    if r.failover.is_empty() {
-        let _ = writeln!(
-            s,
-            "Not measured in this run: {}.",
-            r.failover_note
-                .as_deref()
-                .unwrap_or("no failover configuration was available")
-        );
-    } else {
-        let f0 = &r.failover[0];
-        let _ = writeln!(
-            s,
-            "Open-loop client at {} connects/s (each connect–request–response–close, timeout {} ms) through the path; \
-             after 2 s one of the three controllers is killed (`rst`: its server closes, connects are refused) or \
-             blackholed (`blackhole`: nftables drops everything inside its namespace). \"Last failure\" is when the \
-             last failed attempt started, counted from the fault: the time until connects stop failing.\n\n\
-             | path | fault | attempts | failed | last failure after fault | recovered in window |\n|---|---|---:|---:|---:|---|",
-            f0.rate, f0.timeout_ms
-        );
-        for f in &r.failover {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} | {} | {} |",
-                f.label,
-                f.fault,
-                f.attempts,
-                f.failed_after_fault,
-                f.last_failure_ms
-                    .map_or("none failed".into(), |v| format!("{:.2} s", v / 1000.0)),
-                if f.recovered {
-                    format!("yes ({:.0} s window)", f.window_ms as f64 / 1000.0)
-                } else {
-                    format!("**no** ({:.0} s window)", f.window_ms as f64 / 1000.0)
-                }
-            );
-        }
-        let _ = writeln!(s);
-        let mut seen = Vec::new();
-        for f in &r.failover {
-            if !seen.contains(&&f.label) {
-                seen.push(&f.label);
-                let _ = writeln!(
-                    s,
-                    "- **{}**: {}",
-                    f.label,
-                    f.note.as_deref().unwrap_or("").replace('\n', " ")
-                );
-            }
-        }
-        if let Some(n) = &r.failover_note {
-            let _ = writeln!(s, "\nNot measured: {n}.");
-        }
-    }
+    failover::section(&mut s, r);
 
     let _ = writeln!(s, "\n## Where nllb is not ahead\n");
     let notes = honest_notes(r);
@@ -420,24 +339,17 @@ fn honest_notes(r: &Results) -> Vec<String> {
             }
         }
     }
-    for b in r
-        .bpf
-        .iter()
-        .filter(|b| b.attach_type.contains("inet4_connect"))
-    {
-        if b.ns_per_run > 200.0 {
-            notes.push(format!(
-                "The connect program averaged {:.0} ns per connect, above the ~200 ns a rewrite with one or two map lookups should cost \
-                 (ANCHORS.md); the best single measurement was {:.0} ns.",
-                b.ns_per_run,
-                b.per_measurement_ns.iter().copied().fold(f64::INFINITY, f64::min)
-            ));
-        }
+    for g in goals::goals(r).iter().filter(|g| g.met == Some(false)) {
+        notes.push(format!(
+            "Goal not met: {} (goal {}): {}.",
+            g.what, g.target, g.measured
+        ));
     }
     for f in &r.failover {
         if f.path == "nllb" && f.failed_after_fault > 0 {
             notes.push(format!(
-                "Failover ({}): {} connects failed through nllb before the dead controller was ejected (last at {:.2} s).",
+                "Failover ({}): {} connects failed through nllb before the dead controller was ejected (last at {:.2} s); \
+                 a connect-time balancer cannot retry a connect elsewhere, a proxy can.",
                 f.fault,
                 f.failed_after_fault,
                 f.last_failure_ms.unwrap_or(0.0) / 1000.0
@@ -465,174 +377,4 @@ fn honest_notes(r: &Results) -> Vec<String> {
             .into(),
     );
     notes
-}
-
-fn color(id: &str) -> &'static str {
-    match id {
-        "direct" => "#8c8c8c",
-        "nllb" => "#2ca02c",
-        "nllb-envoy" | "envoy" => "#ff7f0e",
-        "haproxy" => "#1f77b4",
-        _ => "#9467bd",
-    }
-}
-
-fn esc(t: &str) -> String {
-    t.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-/// Three panels of grouped bars, each bar a path's figure as a percentage of
-/// direct: throughput (higher is better), p99 latency and CPU per operation
-/// (lower is better).
-pub fn svg(r: &Results) -> String {
-    type Metric = fn(&Measurement, bool) -> f64;
-    let panels: [(&str, Metric, bool); 3] = [
-        (
-            "Throughput, % of direct (higher is better)",
-            |m, bulk| if bulk { m.client.gbit_s } else { m.client.rate },
-            true,
-        ),
-        (
-            "Median (p50) latency, % of direct (lower is better; p99 is in the tables)",
-            |m, _| m.client.p50_us,
-            false,
-        ),
-        (
-            "CPU per operation (client + proxy), % of direct (lower is better)",
-            |m, _| m.cpu_us_per_op,
-            true,
-        ),
-    ];
-    let paths: Vec<&str> = r
-        .paths
-        .iter()
-        .filter(|p| p.available)
-        .map(|p| p.id.as_str())
-        .collect();
-    let (w, ph, top, left) = (980.0, 230.0, 70.0, 60.0);
-    let h = top + panels.len() as f64 * (ph + 60.0) + 10.0;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="22" font-size="16" font-weight="bold" text-anchor="middle">nllb vs direct, Envoy, HAProxy — kernel {}, {} cores{}</text>"#,
-        w / 2.0,
-        esc(&r.machine.kernel),
-        r.machine.nproc,
-        if r.quick { " (quick run)" } else { "" }
-    );
-    // Legend.
-    let mut lx = left;
-    for id in &paths {
-        let _ = writeln!(
-            s,
-            r#"<rect x="{lx}" y="36" width="12" height="12" fill="{}"/><text x="{}" y="46">{}</text>"#,
-            color(id),
-            lx + 16.0,
-            esc(label(r, id))
-        );
-        lx += 30.0 + 7.0 * label(r, id).chars().count() as f64;
-    }
-    for (pi, (title, metric, _)) in panels.iter().enumerate() {
-        let y0 = top + pi as f64 * (ph + 60.0);
-        let groups: Vec<(&WorkloadResult, Vec<(&str, f64)>)> = r
-            .workloads
-            .iter()
-            .filter(|wl| !(pi == 1 && wl.id == "bulk"))
-            .filter_map(|wl| {
-                let bulk = wl.id == "bulk";
-                let base = metric(wl.runs.get("direct")?, bulk);
-                (base > 0.0).then(|| {
-                    (
-                        wl,
-                        paths
-                            .iter()
-                            .filter_map(|id| {
-                                wl.runs
-                                    .get(*id)
-                                    .map(|m| (*id, 100.0 * metric(m, bulk) / base))
-                            })
-                            .collect(),
-                    )
-                })
-            })
-            .collect();
-        let max = groups
-            .iter()
-            .flat_map(|g| g.1.iter().map(|v| v.1))
-            .fold(100.0f64, f64::max);
-        let scale_max = (max / 50.0).ceil() * 50.0;
-        let _ = writeln!(
-            s,
-            r#"<text x="{left}" y="{}" font-size="13" font-weight="bold">{}</text>"#,
-            y0 + 14.0,
-            esc(title)
-        );
-        let (py, pheight) = (y0 + 24.0, ph - 24.0);
-        let pw = w - left - 20.0;
-        // Grid lines every 50 %.
-        let mut g = 0.0;
-        while g <= scale_max {
-            let y = py + pheight - pheight * g / scale_max;
-            let stroke = if g == 100.0 { "#444" } else { "#ddd" };
-            let _ = writeln!(
-                s,
-                r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="{stroke}"/><text x="{}" y="{:.1}" text-anchor="end" fill="#555">{g:.0}%</text>"##,
-                left + pw,
-                left - 4.0,
-                y + 4.0
-            );
-            g += 50.0;
-        }
-        let gw = pw / groups.len().max(1) as f64;
-        for (gi, (wl, bars)) in groups.iter().enumerate() {
-            let gx = left + gi as f64 * gw;
-            let bw = (gw - 20.0) / bars.len().max(1) as f64;
-            for (bi, (id, v)) in bars.iter().enumerate() {
-                let bh = pheight * v / scale_max;
-                let x = gx + 10.0 + bi as f64 * bw;
-                let y = py + pheight - bh;
-                let _ = writeln!(
-                    s,
-                    r#"<rect x="{x:.1}" y="{y:.1}" width="{:.1}" height="{bh:.1}" fill="{}"><title>{}: {v:.0}%</title></rect>"#,
-                    bw - 2.0,
-                    color(id),
-                    esc(label(r, id))
-                );
-                let _ = writeln!(
-                    s,
-                    r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{v:.0}</text>"#,
-                    x + (bw - 2.0) / 2.0,
-                    y - 3.0
-                );
-            }
-            let short = short_title(&wl.id, r.settings.high_concurrency);
-            let _ = writeln!(
-                s,
-                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-                gx + gw / 2.0,
-                py + pheight + 16.0,
-                esc(&short)
-            );
-        }
-    }
-    s.push_str("</svg>\n");
-    s
-}
-
-fn short_title(id: &str, c: usize) -> String {
-    match id {
-        "crr_c1" => "connect+req+close ×1".into(),
-        "rr_c1" => "req/resp, 1 conn".into(),
-        "bulk" => "bulk, 1 conn".into(),
-        x if x == format!("crr_c{c}") => format!("connect+req+close ×{c}"),
-        x if x == format!("rr_c{c}") => format!("req/resp, {c} conns"),
-        x => x.into(),
-    }
 }
