@@ -45,3 +45,45 @@ impl Floor {
         Ok(Floor { _ebpf: ebpf })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use nllb_tests::{TestCgroup, privileged};
+
+    use super::*;
+    use crate::bpfstats;
+
+    /// The floor is exactly the two empty programs, at the hooks nllb uses,
+    /// and leaves the cgroup bare when dropped.
+    #[test]
+    fn attaches_both_empty_programs_and_detaches_on_drop() {
+        if !privileged() {
+            return;
+        }
+        let cg = TestCgroup::new();
+        let floor = Floor::attach(cg.path()).expect("attaching the floor");
+        let seen: BTreeSet<(String, String)> = bpfstats::attached(cg.path())
+            .expect("bpftool cgroup show")
+            .into_iter()
+            .map(|p| (p.name, p.attach_type))
+            .collect();
+        let want: BTreeSet<(String, String)> = [
+            (
+                FLOOR_CONNECT4.to_string(),
+                "cgroup_inet4_connect".to_string(),
+            ),
+            (FLOOR_SOCK_OPS.to_string(), "cgroup_sock_ops".to_string()),
+        ]
+        .into();
+        assert_eq!(seen, want);
+        drop(floor);
+        assert_eq!(
+            bpfstats::attached(cg.path())
+                .expect("bpftool cgroup show")
+                .len(),
+            0
+        );
+    }
+}

@@ -43,7 +43,21 @@ impl Nllb<'_> {
     ) -> anyhow::Result<PathUnderTest> {
         let bin = self.bin.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
         paths::agent_supports(bin, "--cgroup")?;
-        let o = AgentOpts {
+        let o = self.agent_opts(bin, tag, cgroup, (api, bulk), "mode: ebpf\n", true);
+        paths::nllb_agent(&o, id, label, Some(note))
+    }
+
+    /// The agent's options: this run's directories, backends and core.
+    fn agent_opts<'b>(
+        &'b self,
+        bin: &'b Path,
+        tag: &'b str,
+        cgroup: &'b Path,
+        (api, bulk): (SocketAddr, SocketAddr),
+        extra_config: &'b str,
+        ebpf: bool,
+    ) -> AgentOpts<'b> {
+        AgentOpts {
             nllb: bin,
             dir: self.dir,
             tag,
@@ -51,11 +65,10 @@ impl Nllb<'_> {
             cgroup,
             api,
             bulk,
-            extra_config: "mode: ebpf\n",
+            extra_config,
             cpu: self.cpu,
-            ebpf: true,
-        };
-        paths::nllb_agent(&o, id, label, Some(note))
+            ebpf,
+        }
     }
 
     /// The "nllb (eBPF)" row: virtual addresses 127.0.0.1:7443 and :7444.
@@ -87,18 +100,7 @@ impl Nllb<'_> {
                 SocketAddr::from(([127, 0, 0, 1], proxies::free_port()?)),
             );
             let extra = format!("mode: envoy\nenvoy:\n  binary: \"{}\"\n", envoy.display());
-            let o = AgentOpts {
-                nllb: bin,
-                dir: self.dir,
-                tag,
-                backends: self.backends,
-                cgroup,
-                api,
-                bulk,
-                extra_config: &extra,
-                cpu: self.cpu,
-                ebpf: false,
-            };
+            let o = self.agent_opts(bin, tag, cgroup, (api, bulk), &extra, false);
             let note = "real `nllb agent --mode envoy`, default settings (the agent writes Envoy's config and runs it); \
                         CPU/RSS are agent + Envoy";
             paths::nllb_agent(&o, ENVOY_ID, ENVOY_LABEL, Some(note.into()))

@@ -202,3 +202,101 @@ pub fn section(s: &mut String, r: &Results) {
          tracing on.\n"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{bpfstats::ProgStats, connects::LegResult};
+
+    fn prog(attach: &str, run_cnt: u64, run_time_ns: u64) -> ProgStats {
+        ProgStats {
+            attach_type: attach.into(),
+            run_cnt,
+            run_time_ns,
+            ..Default::default()
+        }
+    }
+
+    fn cost(id: &str, connects: u64, programs: Vec<ProgStats>) -> CostCase {
+        CostCase {
+            id: id.into(),
+            connects,
+            programs,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn above_floor_is_all_programs_per_connect_minus_the_floors() {
+        let k = KernelCost {
+            cases: vec![
+                // 1,000 connects: connect4 once and sock_ops 5 times each.
+                cost(
+                    "floor-vip",
+                    1000,
+                    vec![
+                        prog("cgroup_inet4_connect", 1000, 100_000),
+                        prog("cgroup_sock_ops", 5000, 400_000),
+                    ],
+                ),
+                cost(
+                    "nllb-vip",
+                    1000,
+                    vec![
+                        prog("cgroup_inet4_connect", 1000, 900_000),
+                        prog("cgroup_sock_ops", 5000, 500_000),
+                    ],
+                ),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            above_floor(&k, "nllb-vip", "floor-vip"),
+            Some(1400.0 - 500.0)
+        );
+        // No accounting (no programs seen) or a missing row: no figure.
+        let mut none = k.clone();
+        none.cases[1].programs.clear();
+        assert_eq!(above_floor(&none, "nllb-vip", "floor-vip"), None);
+        assert_eq!(above_floor(&k, "nllb-vip-full", "floor-vip-full"), None);
+    }
+
+    #[test]
+    fn latency_ratio_is_against_the_cgroup_without_programs() {
+        let leg = |id: &str, p50_ns| CostCase {
+            id: id.into(),
+            latency: LegResult {
+                p50_ns,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let k = KernelCost {
+            latency: vec![leg("plain", 20_000.0), leg("nllb", 20_300.0)],
+            ..Default::default()
+        };
+        assert!((vs_plain(&k, "nllb").unwrap() - 1.015).abs() < 1e-9);
+        assert_eq!(vs_plain(&k, "floor"), None);
+    }
+
+    #[test]
+    fn scale_spread_is_per_axis() {
+        let point = |axis: &str, n, ns| ScalePoint {
+            axis: axis.into(),
+            n,
+            case: cost(
+                "scale",
+                100,
+                vec![prog("cgroup_inet4_connect", 100, ns * 100)],
+            ),
+        };
+        let points = vec![
+            point("backends", 1, 300),
+            point("backends", 64, 330),
+            point("services", 1, 900),
+        ];
+        assert_eq!(spread(&points, "backends"), Some((300.0, 330.0)));
+        // One point is no curve.
+        assert_eq!(spread(&points, "services"), None);
+    }
+}

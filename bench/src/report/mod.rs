@@ -89,9 +89,11 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
             s,
             "- Machine noise measured just before the run: a 1 ms sleep on the client core woke up late by {w50:.2} ms (median), \
          {w99:.1} ms (p99), {wmax:.1} ms (worst) — on an idle machine all three are well under 1 ms.{}",
-            if w99 > 2.0 {
+            if w99 > 2.0 || m.load_start.max(m.load_end) > m.nproc as f64 {
                 " **This run's machine was busy: every latency tail and every rate below is inflated by other work; \
-             compare median latencies and CPU per operation, and ratios, not absolute rates.**"
+             compare median latencies and CPU per operation, and ratios, not absolute rates. Every comparison is side by side \
+             and interleaved within the run (paths alternate round by round, cgroups batch by batch), so the load hits \
+             both sides of a ratio alike.**"
             } else {
                 ""
             }
