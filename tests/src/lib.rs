@@ -8,6 +8,7 @@ mod cgroup;
 mod client;
 pub mod fake_apiserver;
 pub mod k0s_nllb;
+pub mod kube;
 mod net;
 mod server;
 
