@@ -24,7 +24,8 @@ pub const BULK_PORT: u16 = 6444;
 pub struct Backends {
     rt: Runtime,
     servers: Vec<Option<Vec<JoinHandle<()>>>>,
-    sink: Option<JoinHandle<()>>,
+    /// Loopback listeners that accept and drop (`loopback_sink`).
+    sinks: Vec<JoinHandle<()>>,
     netns: Vec<String>,
     names: Vec<String>,
 }
@@ -43,7 +44,7 @@ impl Backends {
         let mut b = Backends {
             rt,
             servers: Vec::new(),
-            sink: None,
+            sinks: Vec::new(),
             netns: hosts.iter().map(|h| h.netns.name.clone()).collect(),
             names: (1..=hosts.len())
                 .map(|i| format!("controller-{i}"))
@@ -94,19 +95,17 @@ impl Backends {
 
 impl Backends {
     /// A listener on loopback in the host's own namespace that accepts and
-    /// drops: the peer of a connect that is not to a virtual address.
+    /// drops: the peer of a connect that is not to a virtual address, and a
+    /// backend that holds no descriptor for a connection the client keeps
+    /// open (the table-at-capacity figure). Each call adds one.
     pub fn loopback_sink(&mut self) -> anyhow::Result<SocketAddr> {
         let l = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
         let l = deep_backlog(l)?;
         let addr = l.local_addr()?;
         let _guard = self.rt.enter();
         let l = TcpListener::from_std(l)?;
-        if let Some(old) = self
-            .sink
-            .replace(self.rt.spawn(accept_loop(l, |s| async move { drop(s) })))
-        {
-            old.abort();
-        }
+        self.sinks
+            .push(self.rt.spawn(accept_loop(l, |s| async move { drop(s) })));
         Ok(addr)
     }
 }

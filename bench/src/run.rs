@@ -177,12 +177,16 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
         match ebpf.and_then(|p| p.pin.as_deref().map(|pin| (p, pin))) {
             Some((p, pin)) => {
                 let other = backends.loopback_sink()?;
+                let sinks = (0..4)
+                    .map(|_| backends.loopback_sink())
+                    .collect::<anyhow::Result<Vec<_>>>()?;
                 let setup = kernel_cost::Setup {
                     nllb_cg: &p.cgroup,
                     pin,
                     vip: p.api,
                     backend: SocketAddr::from((addrs[0], ECHO_PORT)),
                     other,
+                    sinks,
                     plain_cg: plain_cg.path(),
                     client_cpu,
                     reader_cpu: backend_cpu,

@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -38,7 +38,7 @@ const _: () = assert!(
 );
 
 /// Virtual address of service `i`: 127.77.0.0/16, which nothing else uses.
-fn vip(i: u32) -> SocketAddr {
+pub fn vip(i: u32) -> SocketAddr {
     SocketAddr::from((
         Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 77, 0, 1)) + i),
         7443,
@@ -63,7 +63,7 @@ fn backend_addrs(host: &TestHost, n: usize) -> anyhow::Result<Vec<SocketAddr>> {
     Ok(out)
 }
 
-fn plan(services: u32, backends: &[SocketAddr]) -> Plan {
+pub fn plan(services: u32, backends: &[SocketAddr]) -> Plan {
     Plan {
         services: (0..services)
             .map(|i| ServicePlan {
@@ -91,8 +91,32 @@ fn plan(services: u32, backends: &[SocketAddr]) -> Plan {
     }
 }
 
+/// nllb's datapath on a cgroup of the benchmark's own, pinned at `pin`.
 /// Removes the pins (and so detaches the programs) on drop, also on error.
-struct Installed(EbpfDatapath);
+pub struct Installed(pub EbpfDatapath, pub PathBuf);
+
+impl Installed {
+    /// `name` tells this run's datapaths apart in bpffs.
+    pub fn new(cgroup: &Path, name: &str, plan: &Plan) -> anyhow::Result<Installed> {
+        let pin = PathBuf::from(format!(
+            "/sys/fs/bpf/nllb-bench-{}-{name}",
+            std::process::id()
+        ));
+        let dp = EbpfDatapath::install(
+            EbpfOptions {
+                cgroup: cgroup.to_path_buf(),
+                pin_path: pin.clone(),
+                host_network_only: true,
+                passive: true,
+                eject_hold: Duration::from_secs(10),
+                syn_retries: 2,
+            },
+            plan,
+        )
+        .with_context(|| format!("installing nllb's datapath on the {name} cgroup"))?;
+        Ok(Installed(dp, pin))
+    }
+}
 
 impl Drop for Installed {
     fn drop(&mut self) {
@@ -110,24 +134,7 @@ pub fn measure(
     let _stats = StatsEnabled::new()?;
     let cg = TestCgroup::new();
     let all = backend_addrs(host, MAX_BACKENDS as usize)?;
-    let pin = PathBuf::from(format!(
-        "/sys/fs/bpf/nllb-bench-{}-scale",
-        std::process::id()
-    ));
-    let mut dp = Installed(
-        EbpfDatapath::install(
-            EbpfOptions {
-                cgroup: cg.path().to_path_buf(),
-                pin_path: pin,
-                host_network_only: true,
-                passive: true,
-                eject_hold: Duration::from_secs(10),
-                syn_retries: 2,
-            },
-            &plan(1, &all[..1]),
-        )
-        .context("installing nllb's datapath on the scale cgroup")?,
-    );
+    let mut dp = Installed::new(cg.path(), "scale", &plan(1, &all[..1]))?;
     let per_point = if quick { 1_500 } else { 10_000 };
     let points: Vec<(&str, u32, u32, usize)> = BACKENDS
         .iter()

@@ -79,16 +79,21 @@ pub fn goals(r: &Results) -> Vec<Goal> {
         format!(" ({} of {} held)", h.held, h.wanted)
     });
     let full = k.and_then(|k| above_floor(k, "nllb-vip-full", "floor-vip-full"));
+    // The same programs and cgroup with room in the table, just before it
+    // was filled (older results: the agent's figure above).
+    let room = k
+        .and_then(|k| above_floor(k, "nllb-vip-room", "floor-vip-room"))
+        .or(empty);
     g.push(Goal::new(
         format!("… with the per-socket table full{held}"),
         "≤ 1.0 µs, not above the figure with room in the table (+10%)",
         full.map(|v| {
-            let grew = empty
+            let grew = room
                 .map(|e| format!(" ({:+.0} ns vs room in the table)", v - e))
                 .unwrap_or_default();
             (
                 format!("{}{grew}", us(v)),
-                Some(v <= 1000.0 && empty.is_none_or(|e| v <= 1.1 * e)),
+                Some(v <= 1000.0 && room.is_none_or(|e| v <= 1.1 * e)),
             )
         }),
     ));
@@ -281,7 +286,7 @@ mod tests {
 
     #[test]
     fn scale_spread_is_per_axis() {
-        let point = |axis: &str, n, ns| ScalePoint {
+        let point = |axis: &str, n, ns: u64| ScalePoint {
             axis: axis.into(),
             n,
             case: cost(

@@ -90,8 +90,11 @@ fn cost(s: &mut String, k: &KernelCost) {
         let full = case(k, "nllb-vip-full");
         let _ = writeln!(
             s,
-            "\n**Table at capacity.** A holder process in nllb's cgroup kept {} of {} connections open through the virtual \
-             address{} (NLLB_SOCKETS holds {}). During the \"table full\" rows the kernel could not remember {} of {} \
+            "\n**Table at capacity.** nllb's programs (the datapath library the agent runs) on a cgroup of the benchmark's \
+             own, their one service leading to loopback listeners that accept and drop (so a held connection costs the \
+             listener no descriptor): holder processes in that cgroup kept {} of {} connections open through its virtual \
+             address{} (NLLB_SOCKETS holds {}). The \"table with room\" rows were measured on the same cgroup just \
+             before the holders filled it. During the \"table full\" rows the kernel could not remember {} of {} \
              steered connects (`sockets_full`){}; getpeername answered the virtual address for {} of them (a socket nllb \
              could not remember gets the controller's address: the documented degradation).",
             h.held,
