@@ -94,9 +94,10 @@ fn cost(s: &mut String, k: &KernelCost) {
              own, their one service leading to loopback listeners that accept and drop (so a held connection costs the \
              listener no descriptor): holder processes in that cgroup kept {} of {} connections open through its virtual \
              address{} (NLLB_SOCKETS holds {}). The \"table with room\" rows were measured on the same cgroup just \
-             before the holders filled it. During the \"table full\" rows the kernel could not remember {} of {} \
-             steered connects (`sockets_full`){}; getpeername answered the virtual address for {} of them (a socket nllb \
-             could not remember gets the controller's address: the documented degradation).",
+             before the holders filled it. During the \"table full\" rows the kernel could not remember {} steered \
+             connects (`sockets_full`, counting the run's 100 warm-up connects beside the {} measured){}; getpeername \
+             answered the virtual address for {} of the measured ones (a socket nllb could not remember gets the \
+             controller's address: the documented degradation).",
             h.held,
             h.wanted,
             h.first_error
