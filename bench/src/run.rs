@@ -35,6 +35,9 @@ pub struct Options {
     pub high_concurrency: usize,
 }
 
+/// A path's id and how to start it (only if `--only` selects it).
+type Starter<'a> = (&'a str, Box<dyn Fn() -> PathUnderTest + 'a>);
+
 pub struct TempDir(pub PathBuf);
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -102,7 +105,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
         nllb: &nllb,
         health: nllb_tests::k0s_nllb::HealthPace::AsK0s,
     };
-    let starters: Vec<(&str, Box<dyn Fn() -> PathUnderTest + '_>)> = vec![
+    let starters: Vec<Starter<'_>> = vec![
         (
             "direct",
             Box::new(|| paths::direct(addrs[0], plain_cg.path())),

@@ -186,11 +186,10 @@ pub fn run(
             let mut by_rate: Vec<_> = rs.iter().collect();
             by_rate.sort_by(|a, b| a.0.rate.total_cmp(&b.0.rate));
             let proxy = by_rate[by_rate.len() / 2].1.clone();
-            if id == &format!("crr_c{c}") {
-                if let (Some(f), Some(u)) = (footprint.iter_mut().find(|f| f.path == path), &proxy)
-                {
-                    f.load = Some(u.clone());
-                }
+            if id == &format!("crr_c{c}")
+                && let (Some(f), Some(u)) = (footprint.iter_mut().find(|f| f.path == path), &proxy)
+            {
+                f.load = Some(u.clone());
             }
             runs.insert(
                 path,

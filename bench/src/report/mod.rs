@@ -362,16 +362,15 @@ fn honest_notes(r: &Results) -> Vec<String> {
         .workloads
         .iter()
         .find(|w| w.id.starts_with("rr_c") && w.id != "rr_c1")
+        && let (Some(n), Some(d)) = (w.runs.get("nllb"), w.runs.get("direct"))
     {
-        if let (Some(n), Some(d)) = (w.runs.get("nllb"), w.runs.get("direct")) {
-            notes.push(format!(
-                "Noise floor: over persistent connections nllb does no work after the connect, so its traffic is the same as \
-                 direct's; the gap between the two on \"{}\" ({:.2}× in rate) is what chance alone did in this run. \
-                 Differences smaller than that mean nothing.",
-                w.title,
-                n.client.rate / d.client.rate.max(1e-9)
-            ));
-        }
+        notes.push(format!(
+            "Noise floor: over persistent connections nllb does no work after the connect, so its traffic is the same as \
+             direct's; the gap between the two on \"{}\" ({:.2}× in rate) is what chance alone did in this run. \
+             Differences smaller than that mean nothing.",
+            w.title,
+            n.client.rate / d.client.rate.max(1e-9)
+        ));
     }
     notes.push(
         "Everything runs on one 2-core machine shared with other work: backends, client and proxies compete \
