@@ -37,6 +37,7 @@ use crate::{
     stand_aside::{Selected, select_datapath},
     status::{AgentStatus, PassiveStatus, ServiceStatus},
     sys,
+    trace::notes::{AbortCause, NoteSender},
 };
 
 #[derive(Clone, Debug)]
@@ -175,6 +176,8 @@ struct Agent {
     datapath: DatapathWorker,
     events: Option<EventReader>,
     reaper: Option<Arc<Reaper>>,
+    /// Tells an attached `nllb trace` which connects were aborted.
+    notes: Arc<NoteSender>,
     /// The plan last handed to the datapath thread.
     plan: Plan,
     /// A reload was accepted; it is reported once its plan is live.
@@ -229,13 +232,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         .await
         .map_err(|e| AgentError::Io(std::io::Error::new(e.kind(), format!("metrics address {metrics_addr}: {e}"))))?;
     // Starts with the cache or the seed, so the first plan never waits for the API.
-    let discovered =
-        config.discovery.kubernetes.clone().map(|k| {
-            crate::discovery::spawn(k, config.services.clone(), opts.state_dir.clone(), config.backends.clone())
-        });
-    let backends = controllers(&discovered, &config.backends);
     // Before anything is attached, so unreadable TLS material exits 2 clean.
     let monitor = Monitor::spawn(config.health.clone())?;
+    let discovered = config.discovery.kubernetes.clone().map(|k| {
+        let rejected = Some(rejected_backends(monitor.subscribe()));
+        crate::discovery::spawn(k, config.services.clone(), opts.state_dir.clone(), config.backends.clone(), rejected)
+    });
+    let backends = controllers(&discovered, &config.backends);
     monitor.observe_probes(probe_observer(&metrics));
     monitor.set_targets(health::targets(&config.services, &backends));
     let health_rx = monitor.subscribe();
@@ -276,6 +279,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let reaper = datapath.reaper();
     let kind = datapath.kind();
     let (aborted_tx, aborted_rx) = mpsc::unbounded_channel();
+    let notes = Arc::new(NoteSender::new(&opts.run_dir));
     let mut agent = Agent {
         config,
         opts,
@@ -283,6 +287,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         datapath: DatapathWorker::spawn(datapath),
         events,
         reaper,
+        notes,
         plan,
         reload_pending: false,
         destroy_after_apply: BTreeSet::new(),
@@ -499,8 +504,16 @@ impl Agent {
             return;
         };
         let tx = self.aborted_tx.clone();
+        let notes = self.notes.clone();
         tokio::task::spawn_blocking(move || {
-            let result = reaper.abort(backend, states).map_err(|e| e.to_string());
+            let result = match reaper.abort(backend, states) {
+                Ok(destroyed) => {
+                    let cause = if why == WHY_MARKED { AbortCause::BackendMarked } else { AbortCause::BackendRemoved };
+                    notes.aborted(cause, &destroyed);
+                    Ok(destroyed.len())
+                }
+                Err(e) => Err(e.to_string()),
+            };
             let _ = tx.send(Aborted { backend, why, result });
         });
     }
@@ -635,3 +648,26 @@ impl Agent {
 }
 
 const WHY_MARKED: &str = "passively marked: aborting connects still waiting for it";
+
+/// The backends the health checks reject, kept current by a task that ends
+/// with the monitor.
+fn rejected_backends(mut health: watch::Receiver<HealthSnapshot>) -> crate::discovery::Rejected {
+    let rejected = |h: &HealthSnapshot| -> BTreeSet<SocketAddr> {
+        h.backends.iter().filter(|(_, b)| !b.healthy).map(|(a, _)| *a).collect()
+    };
+    let (tx, rx) = watch::channel(rejected(&health.borrow_and_update()));
+    tokio::spawn(async move {
+        while health.changed().await.is_ok() {
+            let now = rejected(&health.borrow_and_update());
+            tx.send_if_modified(|r| {
+                let changed = *r != now;
+                *r = now;
+                changed
+            });
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    rx
+}

@@ -16,11 +16,13 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod passive;
+pub mod platform;
 pub mod sock_diag;
 pub mod stand_aside;
 pub mod status;
 pub mod sys;
 pub mod systemd;
+pub mod trace;
 pub mod yaml;
 
 /// The eBPF object built from `nllb-ebpf` by build.rs (aya-build).

