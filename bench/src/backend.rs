@@ -24,6 +24,8 @@ pub const BULK_PORT: u16 = 6444;
 pub struct Backends {
     rt: Runtime,
     servers: Vec<Option<Vec<JoinHandle<()>>>>,
+    /// Loopback listeners that accept and drop (`loopback_sink`).
+    sinks: Vec<JoinHandle<()>>,
     netns: Vec<String>,
     names: Vec<String>,
 }
@@ -42,6 +44,7 @@ impl Backends {
         let mut b = Backends {
             rt,
             servers: Vec::new(),
+            sinks: Vec::new(),
             netns: hosts.iter().map(|h| h.netns.name.clone()).collect(),
             names: (1..=hosts.len())
                 .map(|i| format!("controller-{i}"))
@@ -90,6 +93,32 @@ impl Backends {
     }
 }
 
+impl Backends {
+    /// A listener on loopback in the host's own namespace that accepts and
+    /// drops: the peer of a connect that is not to a virtual address, and a
+    /// backend that holds no descriptor for a connection the client keeps
+    /// open (the table-at-capacity figure). Each call adds one.
+    pub fn loopback_sink(&mut self) -> anyhow::Result<SocketAddr> {
+        let l = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let l = deep_backlog(l)?;
+        let addr = l.local_addr()?;
+        let _guard = self.rt.enter();
+        let l = TcpListener::from_std(l)?;
+        self.sinks
+            .push(self.rt.spawn(accept_loop(l, |s| async move { drop(s) })));
+        Ok(addr)
+    }
+}
+
+/// Deep backlog: at high connect rates a short one drops SYNs and the
+/// benchmark would measure SYN retransmits instead of the path.
+fn deep_backlog(l: std::net::TcpListener) -> anyhow::Result<std::net::TcpListener> {
+    // SAFETY: listen() on a socket we own; calling it again only resizes the backlog.
+    unsafe { libc::listen(l.as_raw_fd(), 4096) };
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
 fn bind_in_netns(netns: &str, port: u16) -> anyhow::Result<std::net::TcpListener> {
     let path = format!("/run/netns/{netns}");
     let ns = File::open(&path).with_context(|| format!("opening {path}"))?;
@@ -99,12 +128,7 @@ fn bind_in_netns(netns: &str, port: u16) -> anyhow::Result<std::net::TcpListener
             nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
             let l = std::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))
                 .with_context(|| format!("binding port {port} in {netns}"))?;
-            // Deep backlog: at high connect rates a short one drops SYNs and
-            // the benchmark would measure SYN retransmits instead of the path.
-            // SAFETY: listen() on a socket we own; calling it again only resizes the backlog.
-            unsafe { libc::listen(l.as_raw_fd(), 4096) };
-            l.set_nonblocking(true)?;
-            Ok(l)
+            deep_backlog(l)
         })
         .join()
         .expect("bind thread panicked")
@@ -205,29 +229,26 @@ mod tests {
         );
         assert!(r.bytes > 1_000_000, "bulk moved only {} bytes", r.bytes);
 
+        // Open-loop attempts against a stopped, then a restarted backend.
+        let open_loop = || {
+            run_workload_for_test(
+                echo,
+                &Workload::OpenLoop {
+                    rate: 100,
+                    duration_ms: 300,
+                    timeout_ms: 500,
+                },
+            )
+        };
         b.stop_one(0);
-        let r = run_workload_for_test(
-            echo,
-            &Workload::OpenLoop {
-                rate: 100,
-                duration_ms: 300,
-                timeout_ms: 500,
-            },
-        );
+        let r = open_loop();
         assert_eq!(r.attempts.len(), 30);
         assert!(
             r.attempts.iter().all(|a| !a.ok),
             "connects to a stopped backend must fail"
         );
         b.start_one(0).unwrap();
-        let r = run_workload_for_test(
-            echo,
-            &Workload::OpenLoop {
-                rate: 100,
-                duration_ms: 300,
-                timeout_ms: 500,
-            },
-        );
+        let r = open_loop();
         assert!(
             r.attempts.iter().all(|a| a.ok),
             "restarted backend must answer: {:?}",

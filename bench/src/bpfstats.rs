@@ -24,6 +24,11 @@ impl StatsEnabled {
             prev: prev.trim().to_string(),
         })
     }
+
+    /// Whether the accounting is on now (someone else may have turned it on).
+    pub fn is_on() -> bool {
+        std::fs::read_to_string(SYSCTL).is_ok_and(|v| v.trim() != "0")
+    }
 }
 
 impl Drop for StatsEnabled {
@@ -86,11 +91,40 @@ pub fn attached(cgroup: &Path) -> anyhow::Result<Vec<ProgStats>> {
         )?)?;
         progs.push(ProgStats {
             id,
-            name: p["name"].as_str().unwrap_or_default().to_string(),
+            name: full_name(p["name"].as_str().unwrap_or_default()),
             attach_type: p["attach_type"].as_str().unwrap_or_default().to_string(),
             run_time_ns: info["run_time_ns"].as_u64().unwrap_or(0),
             run_cnt: info["run_cnt"].as_u64().unwrap_or(0),
         });
     }
     Ok(progs)
+}
+
+/// The kernel keeps 15 characters of a program's name: give nllb's back in full.
+fn full_name(short: &str) -> String {
+    use nllb_common::programs::*;
+    [
+        CONNECT4,
+        CONNECT6,
+        GETPEERNAME4,
+        GETPEERNAME6,
+        SOCK_OPS,
+        SOCK_RELEASE,
+        FLOOR_CONNECT4,
+        FLOOR_SOCK_OPS,
+    ]
+    .into_iter()
+    .find(|full| !short.is_empty() && full.starts_with(short))
+    .unwrap_or(short)
+    .to_string()
+}
+
+/// What each program in `after` ran since `before` (same program ids);
+/// programs that did not run are left out.
+pub fn delta(before: &[ProgStats], after: &[ProgStats]) -> Vec<ProgStats> {
+    after
+        .iter()
+        .filter_map(|a| before.iter().find(|b| b.id == a.id).map(|b| a.since(b)))
+        .filter(|d| d.run_cnt > 0)
+        .collect()
 }

@@ -18,7 +18,8 @@ use nllb_tests::k0s_nllb::{self, HealthPace, K0sNllbOptions, K0sPorts};
 
 use crate::{
     backend::{BULK_PORT, ECHO_PORT},
-    paths::{self, AgentOpts, PathInfo, PathUnderTest},
+    nllb_paths::Nllb,
+    paths::{PathInfo, PathUnderTest},
     proxies::Proc,
 };
 
@@ -67,23 +68,20 @@ fn health_note(health: HealthPace) -> &'static str {
     }
 }
 
-/// What both rows start from.
+/// What both rows start from: the run's Envoy, directories, backends and
+/// core (Envoy and the agent run there), and k0s's health-check pace.
 pub struct Setup<'a> {
-    pub envoy: Option<&'a Path>,
-    pub dir: &'a Path,
-    pub backends: &'a [Ipv4Addr],
-    /// Envoy and the agent run here (taskset).
-    pub cpu: Option<usize>,
+    pub nllb: &'a Nllb<'a>,
     pub health: HealthPace,
 }
 
 /// "k0s NLLB (Envoy, k0s settings)": clients in `cgroup` (nothing attached).
 pub fn envoy_path(s: &Setup<'_>, tag: &str, cgroup: &Path) -> PathUnderTest {
-    let health = s.health;
-    let Some(envoy) = s.envoy else {
+    let (health, n) = (s.health, s.nllb);
+    let Some(envoy) = n.envoy else {
         return PathUnderTest::unavailable(ENVOY_ID, ENVOY_LABEL, "no Envoy binary".into());
     };
-    match start_envoy(envoy, s.dir, tag, s.backends, health, s.cpu) {
+    match start_envoy(envoy, n.dir, tag, n.backends, health, n.cpu) {
         Ok((p, api, bulk)) => PathUnderTest {
             info: PathInfo {
                 id: ENVOY_ID.into(),
@@ -100,6 +98,7 @@ pub fn envoy_path(s: &Setup<'_>, tag: &str, cgroup: &Path) -> PathUnderTest {
             bulk,
             cgroup: cgroup.to_path_buf(),
             proc: Some(p),
+            pin: None,
             cleanup: None,
         },
         Err(e) => PathUnderTest::unavailable(ENVOY_ID, ENVOY_LABEL, format!("{e:#}")),
@@ -110,54 +109,25 @@ pub fn envoy_path(s: &Setup<'_>, tag: &str, cgroup: &Path) -> PathUnderTest {
 /// settings) on the same virtual addresses, attached to `cgroup`, where the
 /// clients run. The path's process is the agent (its CPU and RSS); Envoy
 /// runs beside it, idle for these clients, and stops with the path.
-pub fn in_place_path(
-    s: &Setup<'_>,
-    nllb: &Result<std::path::PathBuf, String>,
-    tag: &str,
-    cgroup: &Path,
-) -> PathUnderTest {
-    let Setup {
-        dir,
-        backends,
-        cpu,
-        health,
-        ..
-    } = *s;
-    let unavailable = |why: String| PathUnderTest::unavailable(IN_PLACE_ID, IN_PLACE_LABEL, why);
-    let Some(envoy) = s.envoy else {
-        return unavailable("no Envoy binary".into());
-    };
-    let bin = match nllb {
-        Ok(b) => b,
-        Err(e) => return unavailable(e.clone()),
-    };
+pub fn in_place_path(s: &Setup<'_>, tag: &str, cgroup: &Path) -> PathUnderTest {
+    let (health, n) = (s.health, s.nllb);
     let r = (|| {
-        paths::agent_supports(bin, "--cgroup")?;
-        let (k0s, api, bulk) =
-            start_envoy(envoy, dir, &format!("{tag}-envoy"), backends, health, cpu)?;
-        let o = AgentOpts {
-            nllb: bin,
-            dir,
-            tag,
-            backends,
-            cgroup,
-            api,
-            bulk,
-            extra_config: "mode: ebpf\n",
-            cpu,
-            ebpf: true,
-        };
-        let mut path = paths::nllb_agent(
-            &o,
-            IN_PLACE_ID,
-            IN_PLACE_LABEL,
-            Some(format!(
-                "k0s's Envoy as in the row above{} on {api} and {bulk}, with the real `nllb agent` (eBPF, default settings) \
-                 on the same addresses in front of it; CPU/RSS are the agent's, k0s's Envoy (idle for these clients) \
-                 adds its own RSS",
-                health_note(health)
-            )),
+        let envoy = n.envoy.ok_or_else(|| anyhow::anyhow!("no Envoy binary"))?;
+        let (k0s, api, bulk) = start_envoy(
+            envoy,
+            n.dir,
+            &format!("{tag}-envoy"),
+            n.backends,
+            health,
+            n.cpu,
         )?;
+        let note = format!(
+            "k0s's Envoy as in the row above{} on {api} and {bulk}, with the real `nllb agent` (eBPF, default settings) \
+             on the same addresses in front of it; CPU/RSS are the agent's, k0s's Envoy (idle for these clients) \
+             adds its own RSS",
+            health_note(health)
+        );
+        let mut path = n.ebpf_agent(tag, cgroup, api, bulk, IN_PLACE_ID, IN_PLACE_LABEL, note)?;
         // Envoy goes after the agent has gone and its pins are removed.
         let uninstall = path.cleanup.take();
         path.cleanup = Some(Box::new(move || {
@@ -168,7 +138,7 @@ pub fn in_place_path(
         }));
         anyhow::Ok(path)
     })();
-    r.unwrap_or_else(|e| unavailable(format!("{e:#}")))
+    r.unwrap_or_else(|e| PathUnderTest::unavailable(IN_PLACE_ID, IN_PLACE_LABEL, format!("{e:#}")))
 }
 
 /// Whether `--only` names one of these rows (`k0s` selects both).

@@ -3,15 +3,23 @@
 
 mod backend;
 mod bpfstats;
+mod child;
+mod connects;
+mod failover;
+mod floor;
 mod k0s;
+mod kernel_cost;
 mod loadgen;
 mod netns;
+mod nllb_paths;
 mod paths;
 mod procstat;
 mod proxies;
 mod report;
 mod results;
 mod run;
+mod scale;
+mod workloads;
 
 use std::path::{Path, PathBuf};
 
@@ -39,6 +47,12 @@ struct Cli {
     /// Skip the failover scenarios of the full run.
     #[arg(long)]
     no_failover: bool,
+    /// Run the failover scenarios in a --quick run too.
+    #[arg(long, conflicts_with = "no_failover")]
+    failover: bool,
+    /// Skip the in-kernel cost and scale sections.
+    #[arg(long)]
+    no_kernel: bool,
     /// Only these paths (comma separated: direct, nllb, envoy, haproxy, k0s); direct is the baseline, keep it.
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
@@ -65,6 +79,18 @@ enum Cmd {
         #[arg(long)]
         spec: String,
     },
+    /// Internal: connect+close loops from several cgroups, interleaved.
+    #[command(hide = true)]
+    Connects {
+        #[arg(long)]
+        spec: String,
+    },
+    /// Internal: hold many connections until stdin closes.
+    #[command(hide = true)]
+    Hold {
+        #[arg(long)]
+        spec: String,
+    },
     /// Regenerate BENCHMARKS.md and the chart from a results file.
     Report {
         #[arg(default_value = "bench/results/latest.json")]
@@ -86,6 +112,14 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
+        Some(Cmd::Connects { spec }) => {
+            let spec: connects::LoopSpec = serde_json::from_str(&spec).context("parsing --spec")?;
+            println!("{}", serde_json::to_string(&connects::run_loop(&spec)?)?);
+            Ok(())
+        }
+        Some(Cmd::Hold { spec }) => {
+            connects::run_hold(&serde_json::from_str(&spec).context("parsing --spec")?)
+        }
         Some(Cmd::Report { results }) => {
             let path = if results.is_absolute() {
                 results
@@ -99,6 +133,7 @@ fn main() -> anyhow::Result<()> {
             write_docs(&root, &r)
         }
         None => {
+            raise_nofile();
             if cli.nice != 0 {
                 // Before any thread exists: threads and children inherit it.
                 // SAFETY: setpriority has no memory-safety preconditions.
@@ -115,7 +150,8 @@ fn main() -> anyhow::Result<()> {
                 nllb_bin: cli.nllb_bin,
                 envoy_bin: cli.envoy_bin,
                 pin: !cli.no_pin,
-                failover: !cli.quick && !cli.no_failover,
+                failover: cli.failover || (!cli.quick && !cli.no_failover),
+                kernel: !cli.no_kernel,
                 only: cli.only,
                 high_concurrency: cli.concurrency,
             };
@@ -159,4 +195,25 @@ fn write_docs(root: &Path, r: &results::Results) -> anyhow::Result<()> {
         root.join("docs/bench-chart.svg").display()
     );
     Ok(())
+}
+
+/// The table-at-capacity figure holds 65,536 connections (and the backends
+/// in this process accept them): raise the open-file limit for us and the
+/// children, which inherit it.
+fn raise_nofile() {
+    let want = 1 << 18;
+    // SAFETY: setrlimit with a valid struct; root may raise the hard limit.
+    let ok = unsafe {
+        let lim = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: want,
+        };
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0
+    };
+    if !ok {
+        eprintln!(
+            "warning: could not raise the open-file limit to {want}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }

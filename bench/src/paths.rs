@@ -15,7 +15,7 @@ use crate::{
     backend::{BULK_PORT, ECHO_PORT},
     bpfstats,
     procstat::{self, Usage},
-    proxies::{self, EnvoyHealth, Proc},
+    proxies::{self, Proc},
 };
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -34,6 +34,8 @@ pub struct PathUnderTest {
     /// The cgroup the client joins.
     pub cgroup: PathBuf,
     pub proc: Option<Proc>,
+    /// The agent's pin path (nllb's eBPF paths): its maps, for the kernel figures.
+    pub pin: Option<PathBuf>,
     /// Runs after the process is stopped (removing pins it left).
     pub cleanup: Option<Box<dyn FnOnce()>>,
 }
@@ -60,6 +62,7 @@ impl PathUnderTest {
             bulk: SocketAddr::from(([127, 0, 0, 1], 0)),
             cgroup: PathBuf::new(),
             proc: None,
+            pin: None,
             cleanup: None,
         }
     }
@@ -85,6 +88,7 @@ pub fn direct(host: Ipv4Addr, cgroup: &Path) -> PathUnderTest {
         bulk: SocketAddr::from((host, BULK_PORT)),
         cgroup: cgroup.to_path_buf(),
         proc: None,
+        pin: None,
         cleanup: None,
     }
 }
@@ -137,49 +141,7 @@ pub fn haproxy(
         bulk: SocketAddr::from(([127, 0, 0, 1], bulk)),
         cgroup: cgroup.to_path_buf(),
         proc: Some(p),
-        cleanup: None,
-    })
-}
-
-/// Envoy with a static config shaped like k0s's (see `proxies::envoy_config`).
-#[allow(clippy::too_many_arguments)]
-pub fn envoy_static(
-    id: &str,
-    label: &str,
-    note: &str,
-    envoy: &Path,
-    dir: &Path,
-    backends: &[Ipv4Addr],
-    health: Option<&EnvoyHealth>,
-    cgroup: &Path,
-    cpu: Option<usize>,
-) -> anyhow::Result<PathUnderTest> {
-    let (api, bulk) = (proxies::free_port()?, proxies::free_port()?);
-    let cfg = dir.join(format!("{id}.yaml"));
-    std::fs::write(&cfg, proxies::envoy_config(api, bulk, backends, health))?;
-    let log = dir.join(format!("{id}.log"));
-    let mut cmd = Command::new(envoy);
-    cmd.arg("-c").arg(&cfg).args([
-        "--concurrency",
-        "1",
-        "--disable-hot-restart",
-        "--log-level",
-        "warn",
-    ]);
-    let mut p = Proc::spawn(id, cmd, &log, cpu)?;
-    let api = SocketAddr::from(([127, 0, 0, 1], api));
-    p.wait_listening(api, &log)?;
-    Ok(PathUnderTest {
-        info: PathInfo {
-            id: id.into(),
-            label: label.into(),
-            available: true,
-            note: Some(note.into()),
-        },
-        api,
-        bulk: SocketAddr::from(([127, 0, 0, 1], bulk)),
-        cgroup: cgroup.to_path_buf(),
-        proc: Some(p),
+        pin: None,
         cleanup: None,
     })
 }
@@ -268,6 +230,7 @@ pub fn nllb_agent(
         bulk: o.bulk,
         cgroup: o.cgroup.to_path_buf(),
         proc: Some(p),
+        pin: o.ebpf.then(|| pin.clone()),
         cleanup: Some(Box::new(uninstall)),
     };
     let p = path.proc.as_mut().expect("set above");

@@ -162,78 +162,6 @@ pub fn haproxy_config(
     c
 }
 
-/// Envoy health checking as k0s configures it (TCP, interval 5 s, timeout
-/// 1 s, healthy 3, unhealthy 5).
-///
-/// One deliberate difference: `no_traffic_interval` is set to the interval.
-/// k0s leaves Envoy's default (60 s), and Envoy schedules the check after one
-/// that ran before any traffic with it, so for the first minute after Envoy
-/// starts a dead controller is noticed only after up to ~60 s + 4 × 5 s. The
-/// benchmark measures the steady state instead, without a minute of warm-up.
-pub struct EnvoyHealth {
-    pub interval_ms: u64,
-    pub timeout_ms: u64,
-    pub healthy: u32,
-    pub unhealthy: u32,
-}
-
-pub const K0S_HEALTH: EnvoyHealth = EnvoyHealth {
-    interval_ms: 5000,
-    timeout_ms: 1000,
-    healthy: 3,
-    unhealthy: 5,
-};
-
-/// A static Envoy `tcp_proxy` shaped like k0s's node-local load balancer
-/// (RANDOM, connect_timeout 0.25 s, one worker thread).
-pub fn envoy_config(
-    api_port: u16,
-    bulk_port: u16,
-    backends: &[Ipv4Addr],
-    health: Option<&EnvoyHealth>,
-) -> String {
-    let mut c = String::from("static_resources:\n  listeners:\n");
-    for (name, listen) in [("api", api_port), ("bulk", bulk_port)] {
-        let _ = write!(
-            c,
-            "  - name: {name}\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}\n    \
-             filter_chains:\n    - filters:\n      - name: envoy.filters.network.tcp_proxy\n        typed_config:\n          \
-             \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\n          \
-             stat_prefix: {name}\n          cluster: {name}\n"
-        );
-    }
-    c.push_str("  clusters:\n");
-    for (name, port) in [("api", ECHO_PORT), ("bulk", BULK_PORT)] {
-        let _ = write!(
-            c,
-            "  - name: {name}\n    type: STATIC\n    connect_timeout: 0.25s\n    lb_policy: RANDOM\n"
-        );
-        if let Some(h) = health {
-            let _ = write!(
-                c,
-                "    health_checks:\n    - timeout: {}s\n      interval: {}s\n      no_traffic_interval: {}s\n      \
-                 healthy_threshold: {}\n      unhealthy_threshold: {}\n      tcp_health_check: {{}}\n",
-                h.timeout_ms as f64 / 1000.0,
-                h.interval_ms as f64 / 1000.0,
-                h.interval_ms as f64 / 1000.0,
-                h.healthy,
-                h.unhealthy
-            );
-        }
-        let _ = write!(
-            c,
-            "    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n"
-        );
-        for b in backends {
-            let _ = writeln!(
-                c,
-                "        - endpoint: {{address: {{socket_address: {{address: {b}, port_value: {port}}}}}}}"
-            );
-        }
-    }
-    c
-}
-
 /// The Envoy binary: `--envoy-bin`, `envoy` inside the project's venv
 /// (the real binary, not the Python wrapper, so its pid is Envoy's), or PATH.
 pub fn find_envoy(explicit: Option<&Path>) -> Option<PathBuf> {
@@ -292,29 +220,5 @@ mod tests {
         assert!(c.contains("bind 127.0.0.1:1000"));
         assert!(c.contains("server c1 198.19.201.2:6443"));
         assert!(c.contains("server c0 198.19.200.2:6444"));
-    }
-
-    #[test]
-    fn envoy_config_is_yaml_with_k0s_health() {
-        let c = envoy_config(
-            1000,
-            1001,
-            &[Ipv4Addr::new(198, 19, 200, 2)],
-            Some(&K0S_HEALTH),
-        );
-        let v: serde_json::Value = serde_yaml_compat(&c);
-        let cl = &v["static_resources"]["clusters"][0];
-        assert_eq!(cl["health_checks"][0]["unhealthy_threshold"], 5);
-        assert_eq!(cl["health_checks"][0]["interval"], "5s");
-        assert_eq!(cl["health_checks"][0]["no_traffic_interval"], "5s");
-        assert_eq!(
-            cl["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
-                ["port_value"],
-            6443
-        );
-    }
-
-    fn serde_yaml_compat(s: &str) -> serde_json::Value {
-        serde_yaml::from_str(s).expect("generated Envoy config is valid YAML")
     }
 }

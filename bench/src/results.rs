@@ -4,7 +4,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{bpfstats::ProgStats, loadgen::ClientResult, paths::PathInfo, procstat::Usage};
+use crate::{
+    bpfstats::ProgStats, connects::LegResult, loadgen::ClientResult, paths::PathInfo,
+    procstat::Usage,
+};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Results {
@@ -20,6 +23,18 @@ pub struct Results {
     pub footprint: Vec<Footprint>,
     pub failover: Vec<FailoverResult>,
     pub failover_note: Option<String>,
+    /// In-kernel cost per connect against the floor, latency of other
+    /// connects, table at capacity, tracing off vs on.
+    #[serde(default)]
+    pub kernel: Option<KernelCost>,
+    #[serde(default)]
+    pub scale: Vec<ScalePoint>,
+    /// Why a kernel or scale figure is missing.
+    #[serde(default)]
+    pub kernel_notes: Vec<String>,
+    /// Wall time of the whole run, seconds.
+    #[serde(default)]
+    pub wall_s: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -126,10 +141,91 @@ pub struct FailoverResult {
     pub failed_after_fault: u64,
     /// Start of the last failed attempt, relative to the fault (ms); `None` when none failed.
     pub last_failure_ms: Option<f64>,
+    /// The longest any attempt waited (to success, error or its timeout)
+    /// among those in flight at the fault or started after it, ms.
+    #[serde(default)]
+    pub longest_wait_ms: f64,
     /// Whether the last second of the window was free of failures.
     pub recovered: bool,
     pub window_ms: u64,
     /// Failed attempts per 500 ms bucket from the start of the run.
     pub failures_per_500ms: Vec<u32>,
     pub fault_at_ms: f64,
+}
+
+/// One kind of connect, from one cgroup, in one interleaved run.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CostCase {
+    pub id: String,
+    pub label: String,
+    /// Connect attempts (each runs the connect hook once).
+    pub connects: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// What each program attached to the cgroup ran during the run (deltas;
+    /// only programs that ran). Empty while `kernel.bpf_stats_enabled` was off.
+    pub programs: Vec<ProgStats>,
+    /// socket + connect + getpeername + close, as the client timed it.
+    pub latency: LegResult,
+}
+
+impl CostCase {
+    /// All programs' run time per connect, ns.
+    pub fn ns_per_connect(&self) -> f64 {
+        let total: u64 = self.programs.iter().map(|p| p.run_time_ns).sum();
+        if self.connects == 0 {
+            0.0
+        } else {
+            total as f64 / self.connects as f64
+        }
+    }
+
+    /// The program at this attach type (bpftool's name, e.g. "cgroup_inet4_connect").
+    pub fn program(&self, attach_type: &str) -> Option<&ProgStats> {
+        self.programs.iter().find(|p| p.attach_type == attach_type)
+    }
+}
+
+/// In-kernel cost per connect and what it does to a connect's latency
+/// (issue 12's goals), and tracing off vs on (issue 16).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct KernelCost {
+    /// Connect+close to a loopback listener from a cgroup without programs
+    /// (twice: the A/A pair shows the noise), one with the floor and nllb's,
+    /// interleaved, with run-time accounting off.
+    pub latency: Vec<CostCase>,
+    /// Whether `kernel.bpf_stats_enabled` was on anyway during `latency`.
+    pub latency_stats_on: bool,
+    /// Floor and nllb side by side: connects that are not to a virtual
+    /// address, to a virtual address, and to one with the table full.
+    pub cases: Vec<CostCase>,
+    pub held: Option<Held>,
+    /// nllb's connects to the virtual address with no trace reader and with
+    /// one (runs alternate; summed per kind).
+    pub tracing: Vec<CostCase>,
+    /// Trace events the reader drained during the traced runs, and events
+    /// the kernel dropped (ring full) meanwhile.
+    pub trace_events: u64,
+    pub trace_events_lost: u64,
+    /// What could not be measured, and why.
+    pub notes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Held {
+    pub wanted: u64,
+    pub held: u64,
+    pub first_error: Option<String>,
+    /// Measurement connects the kernel steered but could not remember
+    /// (`sockets_full`): equal to the connects when the table was full.
+    pub not_remembered: u64,
+}
+
+/// Per-connect cost with a given table size (scale curve).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ScalePoint {
+    /// "backends" (one service with n backends) or "services" (n services).
+    pub axis: String,
+    pub n: u32,
+    pub case: CostCase,
 }

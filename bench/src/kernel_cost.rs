@@ -1,0 +1,446 @@
+//! What nllb costs a connect inside the kernel (issue 12's goals), next to
+//! the floor (empty programs at the same hooks) in the same interleaved
+//! client run; what it does to the latency of connects that are not to a
+//! virtual address; the same with nllb's per-socket table full; and tracing
+//! off vs on (issue 16).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use anyhow::Context;
+use nllb::datapath::{events::EventReader, kernel::KernelMaps};
+use nllb_common::{MAX_SOCKETS, maps};
+use nllb_tests::TestCgroup;
+
+use crate::{
+    bpfstats::{self, StatsEnabled},
+    child,
+    connects::{HoldSpec, Holder, Leg, LoopResult, LoopSpec},
+    floor::Floor,
+    results::{CostCase, Held, KernelCost},
+};
+
+/// A leg of an interleaved run, with the name its figures go under.
+pub struct Case {
+    pub id: &'static str,
+    pub label: String,
+    pub leg: Leg,
+}
+
+impl Case {
+    pub fn new(
+        id: &'static str,
+        label: impl Into<String>,
+        cgroup: &Path,
+        targets: Vec<SocketAddr>,
+    ) -> Case {
+        Case {
+            id,
+            label: label.into(),
+            leg: Leg {
+                cgroup: cgroup.to_path_buf(),
+                targets,
+            },
+        }
+    }
+}
+
+/// Runs `cases` interleaved in one client process (after a short warm-up
+/// that is not counted: ARP, caches); with `stats`, also what every
+/// program attached to each case's cgroup ran meanwhile.
+pub fn interleaved(
+    cases: &[Case],
+    per_leg: u64,
+    cpu: Option<usize>,
+    stats: bool,
+) -> anyhow::Result<Vec<CostCase>> {
+    let legs: Vec<Leg> = cases.iter().map(|c| c.leg.clone()).collect();
+    let warm = LoopSpec {
+        legs: legs.clone(),
+        per_leg: 100,
+        batch: 50,
+        cpu,
+    };
+    let _: LoopResult = child::run("connects", &warm)?;
+    let snapshot = || -> anyhow::Result<Vec<Vec<bpfstats::ProgStats>>> {
+        cases
+            .iter()
+            .map(|c| {
+                if stats {
+                    bpfstats::attached(&c.leg.cgroup)
+                } else {
+                    Ok(Vec::new())
+                }
+            })
+            .collect()
+    };
+    let before = snapshot()?;
+    let r: LoopResult = child::run(
+        "connects",
+        &LoopSpec {
+            legs,
+            per_leg,
+            batch: 250,
+            cpu,
+        },
+    )?;
+    let after = snapshot()?;
+    Ok(cases
+        .iter()
+        .zip(r.legs)
+        .zip(before.iter().zip(&after))
+        .map(|((c, l), (b, a))| CostCase {
+            id: c.id.into(),
+            label: c.label.clone(),
+            connects: l.attempts,
+            errors: l.errors,
+            first_error: l.first_error.clone(),
+            programs: bpfstats::delta(b, a),
+            latency: l,
+        })
+        .collect())
+}
+
+pub struct Setup<'a> {
+    /// The running agent's cgroup and pin path (the "nllb (eBPF)" path).
+    pub nllb_cg: &'a Path,
+    pub pin: &'a Path,
+    pub vip: SocketAddr,
+    /// A controller's address, where the virtual address leads.
+    pub backend: SocketAddr,
+    /// A loopback listener: a connect that is not to a virtual address.
+    pub other: SocketAddr,
+    /// Loopback listeners that accept and drop: the backends of the
+    /// table-at-capacity figure (several, so the held connections do not
+    /// run out of source ports towards one address).
+    pub sinks: Vec<SocketAddr>,
+    pub plain_cg: &'a Path,
+    pub client_cpu: Option<usize>,
+    /// Where the trace reader runs (not the client's core).
+    pub reader_cpu: Option<usize>,
+    pub quick: bool,
+}
+
+pub fn measure(s: &Setup<'_>) -> anyhow::Result<KernelCost> {
+    let floor_cg = TestCgroup::new();
+    let _floor = Floor::attach(floor_cg.path())?;
+    let plain2_cg = TestCgroup::new();
+    let per_leg = if s.quick { 2_000 } else { 20_000 };
+    let mut k = KernelCost::default();
+
+    eprintln!("== connect+close latency, interleaved (run-time accounting off)");
+    k.latency_stats_on = StatsEnabled::is_on();
+    k.latency = interleaved(
+        &[
+            Case::new("plain", "no program", s.plain_cg, vec![s.other]),
+            Case::new(
+                "plain-2",
+                "no program (A/A: a second such cgroup)",
+                plain2_cg.path(),
+                vec![s.other],
+            ),
+            Case::new(
+                "floor",
+                "empty programs (floor)",
+                floor_cg.path(),
+                vec![s.other],
+            ),
+            Case::new("nllb", "nllb", s.nllb_cg, vec![s.other]),
+        ],
+        per_leg * 2,
+        s.client_cpu,
+        false,
+    )?;
+
+    let _stats = StatsEnabled::new()?;
+    eprintln!("== in-kernel cost per connect: not to a virtual address, to one");
+    let other = |id_floor, id_nllb| {
+        [
+            Case::new(
+                id_floor,
+                "floor, connect not to a virtual address",
+                floor_cg.path(),
+                vec![s.other],
+            ),
+            Case::new(
+                id_nllb,
+                "nllb, connect not to a virtual address",
+                s.nllb_cg,
+                vec![s.other],
+            ),
+        ]
+    };
+    k.cases.extend(interleaved(
+        &other("floor-other", "nllb-other"),
+        per_leg,
+        s.client_cpu,
+        true,
+    )?);
+    let vip = |id_floor, id_nllb, table: &str| {
+        [
+            Case::new(
+                id_floor,
+                format!("floor, connect to the controller itself{table}"),
+                floor_cg.path(),
+                vec![s.backend],
+            ),
+            Case::new(
+                id_nllb,
+                format!("nllb, connect to the virtual address{table}"),
+                s.nllb_cg,
+                vec![s.vip],
+            ),
+        ]
+    };
+    k.cases.extend(interleaved(
+        &vip("floor-vip", "nllb-vip", ""),
+        per_leg,
+        s.client_cpu,
+        true,
+    )?);
+
+    eprintln!("== the same with nllb's per-socket table full ({MAX_SOCKETS} live steered sockets)");
+    match table_full(s, &floor_cg, per_leg) {
+        Ok((cases, held)) => {
+            k.cases.extend(cases);
+            k.held = Some(held);
+        }
+        Err(e) => k
+            .notes
+            .push(format!("table at capacity: not measured: {e:#}")),
+    }
+
+    eprintln!("== tracing off vs on (a reader drains the trace ring)");
+    if let Err(e) = tracing(s, per_leg, &mut k) {
+        k.notes
+            .push(format!("tracing off vs on: not measured: {e:#}"));
+    }
+    Ok(k)
+}
+
+/// Held connections per holder process: under the open-file limit a
+/// process may have here (root without CAP_SYS_RESOURCE cannot raise it).
+const PER_HOLDER: u64 = 16_384;
+
+/// The same programs as the agent's (nllb's datapath library), installed on
+/// a cgroup of the benchmark's own whose service leads to the loopback
+/// sinks: a sink keeps no descriptor for a held connection, so the machine's
+/// open-file limits bound only the holders, which split the table between
+/// them. Measured with room in the table first, then full.
+fn table_full(
+    s: &Setup<'_>,
+    floor_cg: &TestCgroup,
+    per_leg: u64,
+) -> anyhow::Result<(Vec<CostCase>, Held)> {
+    let cg = TestCgroup::new();
+    let dp = crate::scale::Installed::new(cg.path(), "full", &crate::scale::plan(1, &s.sinks))?;
+    let vip = crate::scale::vip(0);
+    let maps = KernelMaps::open(&dp.1).context("opening the bench datapath's pinned maps")?;
+    let cases = |id_floor: &'static str, id_nllb: &'static str, table: &str| {
+        [
+            Case::new(
+                id_floor,
+                format!("floor, connect to a loopback listener{table}"),
+                floor_cg.path(),
+                vec![s.sinks[0]],
+            ),
+            Case::new(
+                id_nllb,
+                format!(
+                    "nllb (same programs, bench cgroup), connect to its virtual address{table}"
+                ),
+                cg.path(),
+                vec![vip],
+            ),
+        ]
+    };
+    let mut out = interleaved(
+        &cases("floor-vip-room", "nllb-vip-room", ", table with room"),
+        per_leg,
+        s.client_cpu,
+        true,
+    )?;
+    let wanted = u64::from(MAX_SOCKETS);
+    let mut holders = Vec::new();
+    let mut held = Held {
+        wanted,
+        ..Held::default()
+    };
+    while held.held < wanted {
+        let count = PER_HOLDER.min(wanted - held.held);
+        let h = Holder::start(&HoldSpec {
+            cgroup: cg.path().to_path_buf(),
+            target: vip,
+            count,
+            cpu: s.client_cpu,
+        })?;
+        held.held += h.report.held;
+        // A holder retries a failed connect; one that stopped short has
+        // run out of something (ports, memory): more holders would too.
+        let short = h.report.held < count;
+        if short {
+            held.first_error = h.report.first_error.clone();
+        }
+        holders.push(h);
+        if short {
+            break;
+        }
+    }
+    eprintln!(
+        "   holding {} sockets in {} processes{}",
+        held.held,
+        holders.len(),
+        held.first_error
+            .as_deref()
+            .map(|e| format!(" (stopped: {e})"))
+            .unwrap_or_default()
+    );
+    let full_before = maps.datapath_counters().sockets_full;
+    out.extend(interleaved(
+        &cases("floor-vip-full", "nllb-vip-full", ", table full"),
+        per_leg,
+        s.client_cpu,
+        true,
+    )?);
+    held.not_remembered = maps.datapath_counters().sockets_full - full_before;
+    drop(holders);
+    drop(dp);
+    Ok((out, held))
+}
+
+fn tracing(s: &Setup<'_>, per_leg: u64, k: &mut KernelCost) -> anyhow::Result<()> {
+    let mut maps = KernelMaps::open(s.pin).context("opening the agent's pinned maps")?;
+    let reader = TraceReader::start(s.pin.to_path_buf(), s.reader_cpu)?;
+    let lost_before = maps.datapath_counters().events_lost;
+    let (mut off, mut on) = (CostCase::default(), CostCase::default());
+    let rounds = 3;
+    for round in 0..rounds * 2 {
+        let traced = round % 2 == 1;
+        // An hour ahead: the programs trace until this run's end, when it is
+        // set back to 0; a reader (`nllb trace`) renews it the same way.
+        maps.set_trace_until(if traced {
+            nllb::sys::monotonic_ns() + 3_600_000_000_000
+        } else {
+            0
+        })?;
+        let case = Case::new("nllb-vip", "", s.nllb_cg, vec![s.vip]);
+        let r = interleaved(
+            std::slice::from_ref(&case),
+            per_leg / rounds,
+            s.client_cpu,
+            true,
+        );
+        maps.set_trace_until(0)?;
+        let r = r?.remove(0);
+        add(if traced { &mut on } else { &mut off }, &r);
+    }
+    // The ring is drained as fast as the reader wakes; give it a moment for
+    // the last wake-up.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    k.trace_events = reader.stop();
+    k.trace_events_lost = maps.datapath_counters().events_lost - lost_before;
+    for c in [&mut off, &mut on] {
+        c.latency.p50_ns = crate::workloads::median(&c.latency.batch_p50_ns);
+    }
+    off.id = "trace-off".into();
+    off.label = "no trace reader".into();
+    on.id = "trace-on".into();
+    on.label = "tracing on, a reader draining the ring".into();
+    k.tracing = vec![off, on];
+    Ok(())
+}
+
+/// Sums `r` into `into` (same programs: one cgroup).
+fn add(into: &mut CostCase, r: &CostCase) {
+    into.connects += r.connects;
+    into.errors += r.errors;
+    into.first_error = into.first_error.take().or(r.first_error.clone());
+    for p in &r.programs {
+        match into.programs.iter_mut().find(|q| q.id == p.id) {
+            Some(q) => {
+                q.run_cnt += p.run_cnt;
+                q.run_time_ns += p.run_time_ns;
+            }
+            None => into.programs.push(p.clone()),
+        }
+    }
+    into.latency.attempts += r.latency.attempts;
+    into.latency.batch_p50_ns.extend(&r.latency.batch_p50_ns);
+}
+
+/// A trace reader like `nllb trace`: drains `NLLB_TRACE_EVENTS` on a
+/// thread of its own and counts what it read.
+struct TraceReader {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    count: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TraceReader {
+    fn start(pin: PathBuf, cpu: Option<usize>) -> anyhow::Result<TraceReader> {
+        let count = Arc::new(AtomicU64::new(0));
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        let n = count.clone();
+        let thread = std::thread::spawn(move || {
+            if let Some(cpu) = cpu {
+                let _ = crate::loadgen::pin_current(cpu);
+            }
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return drop(ready_tx.send(Err(e.into()))),
+            };
+            rt.block_on(async move {
+                let mut r = match EventReader::open_pinned(&pin, maps::TRACE_EVENTS) {
+                    Ok(r) => r,
+                    Err(e) => return drop(ready_tx.send(Err(e.into()))),
+                };
+                let _ = ready_tx.send(Ok(()));
+                loop {
+                    tokio::select! {
+                        b = r.next_batch() => match b {
+                            Ok(b) => { n.fetch_add(b.len() as u64, Ordering::Relaxed); }
+                            Err(_) => break,
+                        },
+                        _ = &mut stopped => break,
+                    }
+                }
+            });
+        });
+        ready.recv().context("trace reader thread")??;
+        Ok(TraceReader {
+            stop: Some(stop),
+            count,
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(mut self) -> u64 {
+        self.shutdown();
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for TraceReader {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
