@@ -11,6 +11,15 @@ use std::net::SocketAddr;
 use super::kernel::SocketTable;
 use crate::sock_diag::{self, SockDiagError, SocketInfo, States};
 
+/// One of nllb's sockets: what sock_diag reported, when it connected
+/// (CLOCK_MONOTONIC ns) and the id of the service it was steered for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Steered {
+    pub socket: SocketInfo,
+    pub created_ns: u64,
+    pub svc_id: u32,
+}
+
 pub struct Reaper {
     sockets: SocketTable,
 }
@@ -22,11 +31,18 @@ impl Reaper {
 
     /// nllb's sockets to `backend` in `states`, oldest connect first.
     pub fn sockets_to(&self, backend: SocketAddr, states: States) -> Result<Vec<(SocketInfo, u64)>, SockDiagError> {
-        let mut ours: Vec<(SocketInfo, u64)> = sock_diag::sockets_to(backend, states)?
+        Ok(self.steered_to(backend, states)?.into_iter().map(|s| (s.socket, s.created_ns)).collect())
+    }
+
+    /// The same with the service each socket was steered for.
+    pub fn steered_to(&self, backend: SocketAddr, states: States) -> Result<Vec<Steered>, SockDiagError> {
+        let mut ours: Vec<Steered> = sock_diag::sockets_to(backend, states)?
             .into_iter()
-            .filter_map(|s| self.sockets.get(s.cookie).map(|st| (s, st.created_ns)))
+            .filter_map(|s| {
+                self.sockets.get(s.cookie).map(|st| Steered { created_ns: st.created_ns, svc_id: st.svc_id, socket: s })
+            })
             .collect();
-        ours.sort_by_key(|(_, created)| *created);
+        ours.sort_by_key(|s| s.created_ns);
         Ok(ours)
     }
 
