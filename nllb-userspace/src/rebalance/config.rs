@@ -52,7 +52,7 @@ pub struct ServiceRebalance {
 }
 
 /// The global section with each service's overrides, validated.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct RebalanceSettings {
     pub global: RebalanceConfig,
     pub services: BTreeMap<String, RebalanceOverride>,
@@ -61,12 +61,6 @@ pub struct RebalanceSettings {
 impl Default for RebalanceConfig {
     fn default() -> Self {
         crate::yaml::from_str("{}").expect("the defaults parse")
-    }
-}
-
-impl Default for RebalanceSettings {
-    fn default() -> Self {
-        RebalanceSettings { global: RebalanceConfig::default(), services: BTreeMap::new() }
     }
 }
 

@@ -143,9 +143,8 @@ impl State {
         for sp in &plan.services {
             let known_service = self.services.contains_key(&sp.name);
             for b in &sp.backends {
-                let key = (sp.name.clone(), *b);
-                if !self.joined.contains_key(&key) {
-                    self.joined.insert(key, now);
+                if let std::collections::btree_map::Entry::Vacant(e) = self.joined.entry((sp.name.clone(), *b)) {
+                    e.insert(now);
                     if known_service && !first {
                         returned.insert(*b);
                     }
