@@ -5,11 +5,11 @@
 
 use aya_ebpf::{
     EbpfContext,
+    btf_maps::RingBuf,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        generated::bpf_get_current_cgroup_id,
+        bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        generated::{bpf_get_current_cgroup_id, bpf_get_current_comm},
     },
-    maps::ring_buf::RingBufEntry,
     programs::SockAddrContext,
 };
 use nllb_common::{BackendKey, BackendSlot, Event, EventKind};
@@ -31,19 +31,29 @@ pub fn tracing() -> bool {
 /// A mark or a recovery of `key`: to the agent, and to a tracer if any.
 #[inline(always)]
 pub fn backend_event(kind: EventKind, cause: u32, key: &BackendKey, cookie: u64, svc_id: u32, now: u64) {
-    let fill = |e: &mut Event| {
-        e.ts_ns = now;
-        e.kind = kind as u32;
-        e.cause = cause;
-        e.cookie = cookie;
-        e.svc_id = svc_id;
-        e.backend = key.addr;
-        e.backend_port = key.port;
-        e.backend_family = key.family;
+    // Every field written here (no `Default`): see `emit`.
+    let e = Event {
+        ts_ns: now,
+        pid_tgid: 0,
+        cgroup_id: 0,
+        cookie,
+        kind: kind as u32,
+        cause,
+        svc_id,
+        family: key.family,
+        vip_port: 0,
+        vip: [0; 4],
+        backend: key.addr,
+        backend_port: key.port,
+        backend_family: key.family,
+        skipped: [0; 4],
+        skipped_port: 0,
+        skipped_family: 0,
+        comm: [0; 16],
     };
-    emit(NLLB_EVENTS.reserve(0), fill);
+    emit(&NLLB_EVENTS, &e);
     if tracing() {
-        emit(NLLB_TRACE_EVENTS.reserve(0), fill);
+        emit(&NLLB_TRACE_EVENTS, &e);
     }
 }
 
@@ -59,47 +69,58 @@ pub fn trace_decision(ctx: &SockAddrContext, svc_id: u32, dialed: &Dialed, decis
     if !tracing() {
         return;
     }
-    emit(NLLB_TRACE_EVENTS.reserve(0), |e| {
-        e.pid_tgid = bpf_get_current_pid_tgid();
-        // SAFETY: plain helper calls; the context pointer is valid.
-        unsafe {
-            e.ts_ns = bpf_ktime_get_ns();
-            e.cgroup_id = bpf_get_current_cgroup_id();
-            e.cookie = bpf_get_socket_cookie(ctx.as_ptr());
+    let none = BackendKey::default();
+    let (kind, cause, backend, backend_port, backend_family, skipped) = match decision {
+        Decision::Steer { slot, backend, cause, skipped } => {
+            (EventKind::Steer, cause, backend, slot.port, dialed.family, skipped.unwrap_or(&none))
         }
-        if let Ok(comm) = bpf_get_current_comm() {
-            e.comm = comm;
-        }
-        e.svc_id = svc_id;
-        e.family = dialed.family;
-        e.vip = dialed.addr;
-        e.vip_port = dialed.port;
-        match decision {
-            Decision::Steer { slot, backend, cause, skipped } => {
-                e.kind = EventKind::Steer as u32;
-                e.cause = cause;
-                e.backend = backend;
-                e.backend_port = slot.port;
-                e.backend_family = dialed.family;
-                if let Some(s) = skipped {
-                    e.skipped = s.addr;
-                    e.skipped_port = s.port;
-                    e.skipped_family = s.family;
-                }
-            }
-            Decision::Refuse => e.kind = EventKind::Refuse as u32,
-        }
-    });
+        Decision::Refuse => (EventKind::Refuse, 0, [0; 4], 0, 0, &none),
+    };
+    // SAFETY: plain helper calls; the context pointer is valid.
+    let (ts_ns, cgroup_id, cookie) =
+        unsafe { (bpf_ktime_get_ns(), bpf_get_current_cgroup_id(), bpf_get_socket_cookie(ctx.as_ptr())) };
+    let e = Event {
+        ts_ns,
+        pid_tgid: bpf_get_current_pid_tgid(),
+        cgroup_id,
+        cookie,
+        kind: kind as u32,
+        cause,
+        svc_id,
+        family: dialed.family,
+        vip_port: dialed.port,
+        vip: dialed.addr,
+        backend,
+        backend_port,
+        backend_family,
+        skipped: skipped.addr,
+        skipped_port: skipped.port,
+        skipped_family: skipped.family,
+        comm: current_comm(),
+    };
+    emit(&NLLB_TRACE_EVENTS, &e);
 }
 
+/// The task's name. aya's wrapper zeroes a byte array, which this toolchain
+/// turns into a memset call (see `emit`); two words are zeroed by two stores.
 #[inline(always)]
-fn emit(entry: Option<RingBufEntry<Event>>, fill: impl FnOnce(&mut Event)) {
-    let Some(mut entry) = entry else {
+fn current_comm() -> [u8; 16] {
+    let mut words = [0u64; 2];
+    // SAFETY: the helper writes at most 16 bytes into `words`.
+    unsafe { bpf_get_current_comm(words.as_mut_ptr().cast(), 16) };
+    // SAFETY: 16 bytes either way, any bit pattern is a valid [u8; 16].
+    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) }
+}
+
+/// The record is built on the stack, every field written (a derived
+/// `Default` becomes a memset call whose variable stack offsets the verifier
+/// refuses without CAP_PERFMON), and copied in by the helper
+/// (`bpf_ringbuf_output`) rather than written into reserved ring memory,
+/// whose pointer the compiler may merge across call sites (also refused
+/// without CAP_PERFMON). Copying 120 bytes costs nothing next to a connect.
+#[inline(always)]
+fn emit<const N: usize>(ring: &RingBuf<Event, N>, e: &Event) {
+    if ring.output(e, 0).is_err() {
         bump_datapath(|c| c.events_lost += 1);
-        return;
-    };
-    let mut e = Event::default();
-    fill(&mut e);
-    entry.write(e);
-    entry.submit(0);
+    }
 }

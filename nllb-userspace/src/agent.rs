@@ -587,6 +587,7 @@ impl Agent {
                     "source": format!("{:?}", set.source).to_lowercase(),
                     "generation": set.generation,
                     "controllers": set.controllers,
+                    "last_error": set.last_error,
                 }),
             );
         }

@@ -126,10 +126,16 @@ impl DetectReport {
         }
         match &self.attach {
             Err(e) => Some(e.clone()),
-            Ok(a) => Some(format!(
-                "the kernel refused the programs: {}",
-                a.first_error().unwrap_or_else(|| "connect4/connect6 not attached".into())
-            )),
+            Ok(a) => {
+                let refused = a.refused();
+                Some(format!(
+                    "the kernel refused {} ({}){}: {}",
+                    if refused.len() == 1 { "a program" } else { "programs" },
+                    refused.join(", "),
+                    if a.privileges_short() { "; the agent needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON" } else { "" },
+                    a.first_error().unwrap_or_else(|| "connect4/connect6 not attached".into())
+                ))
+            }
         }
     }
 }

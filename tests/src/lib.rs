@@ -9,6 +9,7 @@ mod client;
 pub mod fake_apiserver;
 mod hold_server;
 pub mod k0s_nllb;
+pub mod kube;
 mod net;
 mod server;
 mod watches;

@@ -400,7 +400,12 @@ async fn without_cache_the_seed_is_the_first_value_and_api_confirms() {
     let first = rx.borrow().clone();
     assert_eq!(
         first,
-        DiscoveredSet { controllers: ips(&["198.18.1.2", "198.18.2.2"]), source: Source::Seed, generation: 0 }
+        DiscoveredSet {
+            controllers: ips(&["198.18.1.2", "198.18.2.2"]),
+            source: Source::Seed,
+            generation: 0,
+            last_error: None
+        }
     );
     // The API lists nothing yet: the seed stays.
     stays(&rx, &["198.18.1.2", "198.18.2.2"], 0).await;

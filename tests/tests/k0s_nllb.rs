@@ -19,7 +19,7 @@ use std::{
 };
 
 use nllb_tests::{
-    Agent, AgentOpts, ClientOpts, ClientReport, Server, TestCgroup, TestNet,
+    Agent, AgentOpts, ClientOpts, ClientReport, ConnectResult, Server, TestCgroup, TestNet,
     k0s_nllb::{CONTROLLER_API_PORT, CONTROLLER_KONNECTIVITY_PORT, HealthPace, K0sNllb, K0sNllbOptions, K0sPorts},
     privileged, run_client, wait_client, wait_for,
 };
@@ -198,14 +198,18 @@ struct Figures {
 /// `fault_unix_ms`: when the fault was inflicted (wall clock).
 fn figures(r: &ClientReport, fault_unix_ms: u64) -> Figures {
     assert!(r.started_unix_ms > 0 && r.started_unix_ms <= fault_unix_ms, "client start {} ms", r.started_unix_ms);
-    let fault_ms = fault_unix_ms - r.started_unix_ms;
-    let after: Vec<_> = r.results.iter().filter(|x| x.t_ms >= fault_ms).collect();
+    let fault_us = (fault_unix_ms - r.started_unix_ms) * 1000;
+    let fault_ms = fault_us / 1000;
+    // A connect belongs to the fault when it ended after it: one that started
+    // just before a kill and was waiting for its answer fails because of it.
+    let ended_us = |x: &&ConnectResult| x.t_ms * 1000 + x.elapsed_us;
+    let (after, before): (Vec<_>, Vec<_>) = r.results.iter().partition(|x| ended_us(x) >= fault_us);
     Figures {
         connects: r.results.len(),
         failed: after.iter().filter(|x| !x.ok).count(),
-        failed_before_fault: r.results.iter().filter(|x| x.t_ms < fault_ms && !x.ok).count(),
+        failed_before_fault: before.iter().filter(|x| !x.ok).count(),
         longest_wait: Duration::from_micros(after.iter().map(|x| x.elapsed_us).max().unwrap_or(0)),
-        last_failure: after.iter().filter(|x| !x.ok).map(|x| Duration::from_millis(x.t_ms - fault_ms)).max(),
+        last_failure: after.iter().filter(|x| !x.ok).map(|x| Duration::from_millis(x.t_ms.saturating_sub(fault_ms))).max(),
     }
 }
 

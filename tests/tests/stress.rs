@@ -98,6 +98,9 @@ fn republishing_under_load_never_leaks_a_stale_or_foreign_backend() {
     }
     let reports: Vec<_> = clients.into_iter().map(wait_client).collect();
     let c4_at_end = servers[4].served();
+    // Every publish pinned a new table; only the two live ones stay.
+    let table_pins = std::fs::read_dir(pin_path.join("tables")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(table_pins, 2, "after {publishes} publishes, one pinned table per service");
     dp.shutdown().unwrap();
 
     let bodies = |i: usize| -> BTreeMap<String, usize> { reports[i].by_body() };

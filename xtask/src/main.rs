@@ -3,6 +3,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod kube;
 mod paths;
 mod setup;
 mod test;
@@ -21,7 +22,13 @@ struct Cli {
 enum Task {
     /// Install what a fresh machine lacks (Debian packages, nightly + rust-src,
     /// bpf-linker, Envoy); idempotent, says what it did.
-    Setup,
+    Setup {
+        /// Also build the real control plane for the tests (kube-apiserver
+        /// and etcd, from tests/kube/go.mod); `cargo xtask test` does this
+        /// itself when it runs those tests.
+        #[arg(long)]
+        kube: bool,
+    },
     /// Set up, build `nllb`, run the workspace tests (privileged ones too).
     Test {
         /// Passed on to `cargo test` (write them after `--`).
@@ -66,7 +73,13 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.task {
-        Task::Setup => setup::setup().map(|_| ()),
+        Task::Setup { kube } => {
+            setup::setup()?;
+            if kube {
+                kube::binaries()?;
+            }
+            Ok(())
+        }
         Task::Test { cargo_args } => {
             let code = test::test(&cargo_args)?;
             std::process::exit(code);

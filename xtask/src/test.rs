@@ -1,7 +1,7 @@
 //! `cargo xtask test`: set-up, build the agent binary, run every test.
 
 use crate::paths::{cargo, target_dir};
-use crate::{cmd, setup};
+use crate::{cmd, kube, setup};
 use anyhow::Result;
 
 /// Returns the exit code of `cargo test` so CI sees the tests' verdict.
@@ -15,6 +15,13 @@ pub fn test(extra: &[String]) -> Result<i32> {
     println!("[test] NLLB_BIN={}", nllb.display());
     let mut c = cargo();
     tools.apply(&mut c).env("NLLB_BIN", &nllb).arg("test");
+    // The tests against a real control plane need kube-apiserver and etcd:
+    // built here (once) rather than skipped, so CI always runs them.
+    if runs_kube_tests(extra) {
+        let dir = kube::binaries()?;
+        println!("[test] NLLB_KUBE_BIN_DIR={}", dir.display());
+        c.env("NLLB_KUBE_BIN_DIR", &dir);
+    }
     // nllb-ebpf only builds for the BPF target (through nllb-userspace's build
     // script); a package picked by the caller replaces the whole-workspace run.
     let picks_package = extra.iter().take_while(|a| *a != "--").any(|a| a == "-p" || a.starts_with("--package"));
@@ -27,4 +34,49 @@ pub fn test(extra: &[String]) -> Result<i32> {
     println!("[test] {}", cmd::display(&c));
     let status = c.status()?;
     Ok(status.code().unwrap_or(1))
+}
+
+/// Whether the cargo arguments can select the `kube*` test targets of
+/// nllb-tests: not when they pick only other packages or other `--test`s.
+fn runs_kube_tests(extra: &[String]) -> bool {
+    let args: Vec<&str> = extra.iter().map(String::as_str).take_while(|a| *a != "--").collect();
+    let values = |flag: &str| -> Vec<&str> {
+        let long = format!("{flag}=");
+        let mut out = Vec::new();
+        for (i, a) in args.iter().enumerate() {
+            if *a == flag {
+                out.extend(args.get(i + 1).copied());
+            } else if let Some(v) = a.strip_prefix(&long) {
+                out.push(v);
+            }
+        }
+        out
+    };
+    let mut packages = values("-p");
+    packages.extend(values("--package"));
+    if !packages.is_empty() && !packages.contains(&"nllb-tests") {
+        return false;
+    }
+    let tests = values("--test");
+    tests.is_empty() || tests.iter().any(|t| t.starts_with("kube"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs_kube_tests;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn kube_tests_run_unless_the_arguments_exclude_them() {
+        assert!(runs_kube_tests(&[]));
+        assert!(runs_kube_tests(&args("-p nllb-tests")));
+        assert!(runs_kube_tests(&args("-p nllb-tests --test kube")));
+        assert!(runs_kube_tests(&args("--package=nllb-tests --test=kube_failover")));
+        assert!(!runs_kube_tests(&args("-p nllb-tests --test datapath")));
+        assert!(!runs_kube_tests(&args("-p nllb-userspace")));
+        assert!(!runs_kube_tests(&args("-p nllb-userspace -- --test kube")));
+    }
 }

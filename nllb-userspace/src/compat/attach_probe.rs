@@ -43,9 +43,26 @@ impl AttachProbe {
                 .all(|(name, _)| self.attached(name))
     }
 
+    /// Every program the kernel did not attach through a bpf_link.
+    pub fn refused(&self) -> Vec<&'static str> {
+        self.programs.iter().filter(|p| !p.attached || !p.bpf_link).map(|p| p.program).collect()
+    }
+
+    /// A refusal that says the process lacks a privilege (without
+    /// CAP_PERFMON the verifier treats the loader as unprivileged).
+    pub fn privileges_short(&self) -> bool {
+        self.programs.iter().filter_map(|p| p.error.as_deref()).any(|e| e.contains("prohibited for !root"))
+    }
+
+    /// The error that matters most: the object's, else a required
+    /// program's, else an optional one's.
     pub fn first_error(&self) -> Option<String> {
+        let required = |name: &str| crate::datapath::ebpf::PROGRAMS.iter().any(|(n, r)| *n == name && *r);
+        let failed = |p: &&ProgramProbe| !p.attached || !p.bpf_link;
         self.load_error.clone().or_else(|| {
-            self.programs.iter().find(|p| !p.attached || !p.bpf_link).map(|p| {
+            let mut failing: Vec<&ProgramProbe> = self.programs.iter().filter(failed).collect();
+            failing.sort_by_key(|p| !required(p.program));
+            failing.first().map(|p| {
                 format!("{}: {}", p.program, p.error.clone().unwrap_or_else(|| "attached without a bpf_link".into()))
             })
         })

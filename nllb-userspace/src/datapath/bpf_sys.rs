@@ -2,6 +2,8 @@
 //! - opening a pinned link and keeping its pin (`PinnedLink::from_pin`
 //!   exists, but its fd is private and `unpin` removes the pin);
 //! - swapping a link's program in place, and detaching a link now;
+//! - reading a map-in-map's raw value (the inner map's id) without opening
+//!   the inner map by id, which needs CAP_SYS_ADMIN;
 //! - creating a map with BTF type ids (aya's `Array::create` has none, so
 //!   bpftool would show the service tables as hex), which needs the BTF ids
 //!   of a map the loader created (`MapInfo` does not expose them).
@@ -227,4 +229,30 @@ pub fn create_map_like(shape: &MapShape, name: &str) -> io::Result<OwnedFd> {
     let fd = sys_bpf(BPF_MAP_CREATE, &mut attr)?;
     // SAFETY: the kernel returned a new fd that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// The id of the inner map stored at `key` of a map-in-map (what a lookup
+/// from userspace returns).
+pub fn inner_map_id<K>(outer: BorrowedFd<'_>, key: &K) -> io::Result<u32> {
+    let mut id = 0u32;
+    let mut attr = ElemAttr {
+        map_fd: outer.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const K as usize as u64,
+        value: &mut id as *mut u32 as usize as u64,
+        flags: 0,
+    };
+    sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)?;
+    Ok(id)
 }

@@ -134,7 +134,7 @@ impl EbpfDatapath {
                 map.pin(&staged).map_err(|source| DatapathError::Pin { path: staged.display().to_string(), source })?;
             }
         }
-        let mut kernel = KernelMaps::take(&mut ebpf)?;
+        let mut kernel = KernelMaps::take(&mut ebpf, &opts.pin_path)?;
         let config = DatapathConfig {
             host_netns_cookie: sys::netns_cookie().unwrap_or(0),
             flags: if opts.host_network_only { 0 } else { CONFIG_FLAG_ALL_NETNS }
@@ -187,7 +187,12 @@ impl EbpfDatapath {
 /// operator left with looser modes.
 fn restrict_pins(pin_path: &Path) -> Result<(), DatapathError> {
     for entry in fs::read_dir(pin_path)?.flatten() {
-        fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o600))?;
+        if entry.file_type()?.is_dir() {
+            fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o700))?;
+            restrict_pins(&entry.path())?;
+        } else {
+            fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o600))?;
+        }
     }
     Ok(())
 }
@@ -308,6 +313,14 @@ pub fn remove_pins(pin_path: &Path) -> Result<usize, DatapathError> {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
+        if name == super::kernel::TABLES_DIR {
+            for table in fs::read_dir(entry.path())?.flatten() {
+                fs::remove_file(table.path())?;
+                removed += 1;
+            }
+            fs::remove_dir(entry.path())?;
+            continue;
+        }
         let ours = name.starts_with("link_") || name.starts_with("staged_") || maps::ALL.contains(&name.as_str());
         if ours {
             if name.starts_with("link_")

@@ -12,12 +12,22 @@
 //! the old table. The agent keeps its own reference to the old tables until
 //! the last swap returned: kernels before 6.8 free an inner map whose last
 //! reference the swap dropped without waiting for that grace period.
+//!
+//! Each published table is also pinned as `<pin path>/tables/<map id>`:
+//! opening a map by id needs CAP_SYS_ADMIN, which neither the agent nor
+//! `nllb status` has with the documented capabilities, while a pin needs
+//! only access to the file. Pins of tables no address leads to any more are
+//! pruned after every apply.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
-    os::fd::AsFd as _,
-    path::Path,
+    fs,
+    os::{
+        fd::{AsFd as _, OwnedFd},
+        unix::fs::PermissionsExt as _,
+    },
+    path::{Path, PathBuf},
 };
 
 use aya::{
@@ -66,23 +76,38 @@ pub struct KernelMaps {
     datapath_stats: PerCpuArray<MapData, DatapathCounters>,
     config: Array<MapData, DatapathConfig>,
     trace_ctl: Array<MapData, TraceControl>,
+    /// The outer maps' own fds, to read table ids (`HashOfMaps` keeps its fd
+    /// private).
+    vips4_fd: OwnedFd,
+    vips6_fd: OwnedFd,
+    tables_dir: PathBuf,
 }
+
+/// Where the tables of the maps pinned at `pin_path` are pinned.
+pub fn tables_dir(pin_path: &Path) -> PathBuf {
+    pin_path.join(TABLES_DIR)
+}
+
+pub const TABLES_DIR: &str = "tables";
 
 impl KernelMaps {
     /// Takes the maps out of a freshly loaded object (they stay pinned if
     /// they were); the event rings stay in the object for their readers.
-    pub fn take(ebpf: &mut Ebpf) -> Result<KernelMaps, DatapathError> {
-        Self::build(|name| {
+    pub fn take(ebpf: &mut Ebpf, pin_path: &Path) -> Result<KernelMaps, DatapathError> {
+        Self::build(pin_path, |name| {
             ebpf.take_map(name).ok_or_else(|| DatapathError::Other(format!("eBPF object has no map {name}")))
         })
     }
 
     /// Opens the maps pinned under `pin_path`.
     pub fn open(pin_path: &Path) -> Result<KernelMaps, DatapathError> {
-        Self::build(|name| open_pinned(pin_path, name))
+        Self::build(pin_path, |name| open_pinned(pin_path, name))
     }
 
-    fn build(mut get: impl FnMut(&'static str) -> Result<Map, DatapathError>) -> Result<KernelMaps, DatapathError> {
+    fn build(
+        pin_path: &Path,
+        mut get: impl FnMut(&'static str) -> Result<Map, DatapathError>,
+    ) -> Result<KernelMaps, DatapathError> {
         let proto = match get(maps::TABLE_PROTO)? {
             Map::Array(data) => data,
             _ => {
@@ -91,9 +116,22 @@ impl KernelMaps {
         };
         let table_shape = bpf_sys::map_shape(proto.fd().as_fd())
             .map_err(|e| DatapathError::Other(format!("reading {}: {e}", maps::TABLE_PROTO)))?;
+        let (vips4, vips6) = (get(maps::VIPS4)?, get(maps::VIPS6)?);
+        let own_fd = |m: &Map, name: &str| match m {
+            Map::HashOfMaps(data) => data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| DatapathError::Other(format!("duplicating the fd of {name}: {e}"))),
+            _ => Err(DatapathError::Other(format!("{name} is not a hash of maps"))),
+        };
+        let (vips4_fd, vips6_fd) = (own_fd(&vips4, maps::VIPS4)?, own_fd(&vips6, maps::VIPS6)?);
         Ok(KernelMaps {
-            vips4: HashOfMaps::try_from(get(maps::VIPS4)?).map_err(map_err(maps::VIPS4))?,
-            vips6: HashOfMaps::try_from(get(maps::VIPS6)?).map_err(map_err(maps::VIPS6))?,
+            vips4: HashOfMaps::try_from(vips4).map_err(map_err(maps::VIPS4))?,
+            vips6: HashOfMaps::try_from(vips6).map_err(map_err(maps::VIPS6))?,
+            vips4_fd,
+            vips6_fd,
+            tables_dir: tables_dir(pin_path),
             table_shape,
             marks: HashMap::try_from(get(maps::MARKS)?).map_err(map_err(maps::MARKS))?,
             sockets: HashMap::try_from(get(maps::SOCKETS)?).map_err(map_err(maps::SOCKETS))?,
@@ -113,6 +151,11 @@ impl KernelMaps {
         let data = MapData::from_fd(fd).map_err(map_err("nllb_table"))?;
         let mut new: TableMap = Array::try_from(Map::Array(data)).map_err(map_err("nllb_table"))?;
         new.set(0, table, 0).map_err(map_err("nllb_table"))?;
+        let id = new.map().info().map_err(map_err("nllb_table"))?.id();
+        fs::create_dir_all(&self.tables_dir)
+            .and_then(|()| fs::set_permissions(&self.tables_dir, fs::Permissions::from_mode(0o700)))
+            .and_then(|()| new.map().pin(self.tables_dir.join(id.to_string())).map_err(std::io::Error::other))
+            .map_err(|e| DatapathError::Other(format!("pinning a service table in {}: {e}", self.tables_dir.display())))?;
         // Held until every swap below returned (see the module comment).
         let mut old: Vec<TableMap> = Vec::new();
         for addr in listen {
@@ -159,21 +202,18 @@ impl KernelMaps {
     /// addresses of one service share it).
     pub fn services(&self) -> Vec<PublishedService> {
         let mut by_table: BTreeMap<u32, PublishedService> = BTreeMap::new();
-        let mut add = |listen: SocketAddr, inner: Result<TableMap, aya::maps::MapError>| {
-            let Ok(inner) = inner else { return };
-            let Ok(info) = inner.map().info() else { return };
-            let entry = by_table.entry(info.id()).or_insert_with(|| PublishedService {
-                listen: Vec::new(),
-                table: inner.get(&0, 0).unwrap_or_default(),
-                table_id: info.id(),
-            });
-            entry.listen.push(listen);
-        };
-        for key in self.vips4.keys().filter_map(Result::ok) {
-            add(vip4_addr(&key), self.vips4.get(&key, 0));
-        }
-        for key in self.vips6.keys().filter_map(Result::ok) {
-            add(vip6_addr(&key), self.vips6.get(&key, 0));
+        for (listen, id) in self.table_ids() {
+            if let Some(entry) = by_table.get_mut(&id) {
+                entry.listen.push(listen);
+                continue;
+            }
+            match self.open_table(id) {
+                Ok(inner) => {
+                    let table = inner.get(&0, 0).unwrap_or_default();
+                    by_table.insert(id, PublishedService { listen: vec![listen], table, table_id: id });
+                }
+                Err(e) => tracing::warn!(%listen, table = id, error = %e, "cannot read a service table"),
+            }
         }
         let mut out: Vec<PublishedService> = by_table.into_values().collect();
         for s in &mut out {
@@ -181,6 +221,43 @@ impl KernelMaps {
         }
         out.sort_by_key(|s| s.table.svc_id);
         out
+    }
+
+    /// Each virtual address with the id of the table it leads to.
+    fn table_ids(&self) -> Vec<(SocketAddr, u32)> {
+        let v4 = self.vips4.keys().filter_map(Result::ok).filter_map(|k| {
+            bpf_sys::inner_map_id(self.vips4_fd.as_fd(), &k).ok().map(|id| (vip4_addr(&k), id))
+        });
+        let v6 = self.vips6.keys().filter_map(Result::ok).filter_map(|k| {
+            bpf_sys::inner_map_id(self.vips6_fd.as_fd(), &k).ok().map(|id| (vip6_addr(&k), id))
+        });
+        v4.chain(v6).collect()
+    }
+
+    /// A table by its pin, else by id (an agent that predates the pins;
+    /// needs CAP_SYS_ADMIN).
+    fn open_table(&self, id: u32) -> Result<TableMap, String> {
+        let pin = self.tables_dir.join(id.to_string());
+        let data = match MapData::from_pin(&pin) {
+            Ok(data) => data,
+            Err(by_pin) => MapData::from_id(id).map_err(|by_id| {
+                format!("no pin {} ({by_pin}) and opening it by id failed ({by_id}; needs CAP_SYS_ADMIN)", pin.display())
+            })?,
+        };
+        Array::try_from(Map::Array(data)).map_err(|e| e.to_string())
+    }
+
+    /// Removes the pins of tables no virtual address leads to any more.
+    pub fn prune_table_pins(&self) {
+        let live: BTreeSet<String> = self.table_ids().into_iter().map(|(_, id)| id.to_string()).collect();
+        let Ok(entries) = fs::read_dir(&self.tables_dir) else { return };
+        for entry in entries.flatten() {
+            if !live.contains(entry.file_name().to_string_lossy().as_ref())
+                && let Err(e) = fs::remove_file(entry.path())
+            {
+                tracing::warn!(pin = %entry.path().display(), error = %e, "stale table pin not removed");
+            }
+        }
     }
 
     /// Backends the kernel holds a passive mark for.

@@ -59,6 +59,7 @@ impl Tables {
         }
         let published: BTreeSet<SocketAddr> = plan.services.iter().flat_map(|s| s.backends.iter().copied()).collect();
         kernel.retain_marks(&published);
+        kernel.prune_table_pins();
         Ok(())
     }
 

@@ -46,6 +46,17 @@ pub struct DiscoveredSet {
     pub source: Source,
     /// Starts at 0 for the initial value; +1 for each published change.
     pub generation: u64,
+    /// The last failure to read the API (e.g. 403: the RBAC it needs), for
+    /// `nllb status`. Recording one does not wake receivers: the set did
+    /// not change. Kept after recovery; its time tells how old it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<LastError>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LastError {
+    pub message: String,
+    pub at_unix_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,13 +138,13 @@ pub fn spawn_with(
     let initial = match &cached {
         Some(c) => {
             info!(controllers = ?c, "controller set from the cache");
-            DiscoveredSet { controllers: c.clone(), source: Source::Cache, generation: 0 }
+            DiscoveredSet { controllers: c.clone(), source: Source::Cache, generation: 0, last_error: None }
         }
         None => {
             let mut s = seed;
             s.sort();
             s.dedup();
-            DiscoveredSet { controllers: s, source: Source::Seed, generation: 0 }
+            DiscoveredSet { controllers: s, source: Source::Seed, generation: 0, last_error: None }
         }
     };
     let (tx, rx) = tokio::sync::watch::channel(initial);

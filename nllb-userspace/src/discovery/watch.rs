@@ -83,6 +83,7 @@ impl Runner {
                 Ok(c) => c,
                 Err(e) => {
                     warn!("controller discovery: {e}; retrying");
+                    self.record_error(e.to_string());
                     if self.pause().await {
                         return;
                     }
@@ -207,8 +208,14 @@ impl Runner {
                             "controller discovery is forbidden: the kubeconfig's identity needs list/watch of \
                              endpointslices and endpoints there (deploy/rbac.yaml); keeping the last controller set"
                         );
+                        self.record_error(format!(
+                            "forbidden (403) in namespace {}: the kubeconfig's identity needs list and watch of \
+                             endpointslices and endpoints (deploy/rbac.yaml): {}",
+                            self.cfg.namespace, s.message
+                        ));
                     } else {
                         warn!(attempt = errors, "controller discovery: {e}; keeping the last controller set");
+                        self.record_error(e.to_string());
                     }
                     if dialed.is_some()
                         && errors >= self.tuning.errors_before_switch
@@ -275,7 +282,19 @@ impl Runner {
             }
         }
         info!(controllers = ?set, generation, "controller set from the API");
-        self.tx.send_replace(DiscoveredSet { controllers: set, source: Source::Api, generation });
+        let last_error = self.tx.borrow().last_error.clone();
+        self.tx.send_replace(DiscoveredSet { controllers: set, source: Source::Api, generation, last_error });
+    }
+
+    /// Keeps `message` for `nllb status` without waking the agent.
+    fn record_error(&self, message: String) {
+        let at_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.tx.send_if_modified(|set| {
+            set.last_error = Some(super::LastError { message, at_unix_ms });
+            false
+        });
     }
 
     /// Sleeps for the next backoff step; true when every receiver is gone.
