@@ -232,13 +232,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         .await
         .map_err(|e| AgentError::Io(std::io::Error::new(e.kind(), format!("metrics address {metrics_addr}: {e}"))))?;
     // Starts with the cache or the seed, so the first plan never waits for the API.
-    let discovered =
-        config.discovery.kubernetes.clone().map(|k| {
-            crate::discovery::spawn(k, config.services.clone(), opts.state_dir.clone(), config.backends.clone())
-        });
-    let backends = controllers(&discovered, &config.backends);
     // Before anything is attached, so unreadable TLS material exits 2 clean.
     let monitor = Monitor::spawn(config.health.clone())?;
+    let discovered = config.discovery.kubernetes.clone().map(|k| {
+        let rejected = Some(rejected_backends(monitor.subscribe()));
+        crate::discovery::spawn(k, config.services.clone(), opts.state_dir.clone(), config.backends.clone(), rejected)
+    });
+    let backends = controllers(&discovered, &config.backends);
     monitor.observe_probes(probe_observer(&metrics));
     monitor.set_targets(health::targets(&config.services, &backends));
     let health_rx = monitor.subscribe();
@@ -661,3 +661,26 @@ impl Agent {
 }
 
 const WHY_MARKED: &str = "passively marked: aborting connects still waiting for it";
+
+/// The backends the health checks reject, kept current by a task that ends
+/// with the monitor.
+fn rejected_backends(mut health: watch::Receiver<HealthSnapshot>) -> crate::discovery::Rejected {
+    let rejected = |h: &HealthSnapshot| -> BTreeSet<SocketAddr> {
+        h.backends.iter().filter(|(_, b)| !b.healthy).map(|(a, _)| *a).collect()
+    };
+    let (tx, rx) = watch::channel(rejected(&health.borrow_and_update()));
+    tokio::spawn(async move {
+        while health.changed().await.is_ok() {
+            let now = rejected(&health.borrow_and_update());
+            tx.send_if_modified(|r| {
+                let changed = *r != now;
+                *r = now;
+                changed
+            });
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    rx
+}

@@ -55,7 +55,7 @@ fn tuning() -> Tuning {
 
 fn start(s: &Setup, seed: &[&str]) -> (watch::Receiver<DiscoveredSet>, Arc<Mutex<Vec<DiscoveredSet>>>) {
     let cfg = KubernetesDiscovery { kubeconfig: s.kubeconfig.clone(), namespace: NS.into(), service: SVC.into() };
-    let rx = nllb::discovery::spawn_with(cfg, services(), s.state.clone(), ips(seed), tuning());
+    let rx = nllb::discovery::spawn_with(cfg, services(), s.state.clone(), ips(seed), tuning(), None);
     (rx.clone(), record(rx))
 }
 
@@ -189,7 +189,7 @@ async fn discovery_stops_when_the_receiver_is_dropped() {
     let spawn = |namespace: &str| {
         let cfg =
             KubernetesDiscovery { kubeconfig: s.kubeconfig.clone(), namespace: namespace.into(), service: SVC.into() };
-        nllb::discovery::spawn_with(cfg, services(), s.state.join(namespace), vec![], tuning())
+        nllb::discovery::spawn_with(cfg, services(), s.state.join(namespace), vec![], tuning(), None)
     };
     let mut rx = spawn(NS);
     let mut control = spawn(CONTROL);
@@ -444,7 +444,7 @@ async fn vip_kubeconfig_dials_known_controllers_directly() {
         backend_port: api.addr().port(),
     }];
     let cfg = KubernetesDiscovery { kubeconfig, namespace: NS.into(), service: SVC.into() };
-    let mut rx = nllb::discovery::spawn_with(cfg, services, dir.path().join("state"), vec![h1.v4, h2.v4], tuning());
+    let mut rx = nllb::discovery::spawn_with(cfg, services, dir.path().join("state"), vec![h1.v4, h2.v4], tuning(), None);
     wait_for(&mut rx, &[&v1, &v2]).await;
     assert!(api.count("LIST endpointslices") >= 1);
 

@@ -111,9 +111,16 @@ pub fn spawn(
     services: Vec<Service>,
     state_dir: PathBuf,
     seed: Vec<IpAddr>,
+    rejected: Option<Rejected>,
 ) -> tokio::sync::watch::Receiver<DiscoveredSet> {
-    spawn_with(cfg, services, state_dir, seed, Tuning::default())
+    spawn_with(cfg, services, state_dir, seed, Tuning::default(), rejected)
 }
+
+/// Backends (controller address and port) the agent's health checks reject
+/// right now. Discovery never watches through such a controller when
+/// another one is known: a watch on a controller that went silent would
+/// otherwise only end at the client's read timeout, minutes later.
+pub type Rejected = tokio::sync::watch::Receiver<std::collections::BTreeSet<std::net::SocketAddr>>;
 
 /// Starts discovery on the current tokio runtime and returns the channel
 /// the agent follows. `services` are the config's services: they tell
@@ -127,6 +134,7 @@ pub fn spawn_with(
     state_dir: PathBuf,
     seed: Vec<IpAddr>,
     tuning: Tuning,
+    rejected: Option<Rejected>,
 ) -> tokio::sync::watch::Receiver<DiscoveredSet> {
     let cached = match cache::load(&state_dir, &cfg.namespace, &cfg.service) {
         Ok(c) => c,
@@ -148,7 +156,7 @@ pub fn spawn_with(
         }
     };
     let (tx, rx) = tokio::sync::watch::channel(initial);
-    let runner = watch::Runner::new(cfg, services, state_dir, tuning, tx, cached);
+    let runner = watch::Runner::new(cfg, services, state_dir, tuning, tx, cached, rejected);
     tokio::spawn(runner.run());
     rx
 }

@@ -7,7 +7,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::Duration,
 };
@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::{
-    DiscoveredSet, DiscoveryError, KubernetesDiscovery, Source, Tuning,
+    DiscoveredSet, DiscoveryError, KubernetesDiscovery, Rejected, Source, Tuning,
     addresses::{ControllerAddresses, usable_addresses},
     cache::{self, CachedSet},
     route::{ApiRoute, api_route, redirect_to_controller},
@@ -61,6 +61,14 @@ pub(super) struct Runner {
     target: usize,
     warned_empty: bool,
     backoff: ExponentialBackoff,
+    rejected: Option<Rejected>,
+}
+
+/// The controller a watch goes through, when the kubeconfig names nllb's
+/// own virtual address.
+#[derive(Clone, Copy)]
+struct Dialed {
+    backend: SocketAddr,
 }
 
 impl Runner {
@@ -71,9 +79,14 @@ impl Runner {
         tuning: Tuning,
         tx: watch::Sender<DiscoveredSet>,
         last_stored: Option<Vec<IpAddr>>,
+        rejected: Option<Rejected>,
     ) -> Self {
         let backoff = backoff(&tuning);
-        Runner { cfg, services, state_dir, tuning, tx, last_stored, target: 0, warned_empty: false, backoff }
+        Runner { cfg, services, state_dir, tuning, tx, last_stored, target: 0, warned_empty: false, backoff, rejected }
+    }
+
+    fn is_rejected(&self, backend: SocketAddr) -> bool {
+        self.rejected.as_ref().is_some_and(|r| r.borrow().contains(&backend))
     }
 
     pub async fn run(mut self) {
@@ -116,7 +129,7 @@ impl Runner {
     /// A client for the kubeconfig, re-read each time so rotated client
     /// certificates are picked up. Returns the controller dialed when the
     /// kubeconfig names a virtual address (see `route`).
-    async fn client(&self) -> Result<(Client, Option<IpAddr>), DiscoveryError> {
+    async fn client(&self) -> Result<(Client, Option<Dialed>), DiscoveryError> {
         let path = &self.cfg.kubeconfig;
         let kerr = |source| DiscoveryError::Kubeconfig { path: path.clone(), source };
         let kubeconfig = Kubeconfig::read_from(path).map_err(kerr)?;
@@ -136,9 +149,15 @@ impl Runner {
             // it works when the agent itself is in an attached cgroup and
             // something else published backends.
             if !known.is_empty() {
-                let ip = known[self.target % known.len()];
+                // From the current target on, the first controller the
+                // health checks do not reject (else the target itself).
+                let n = known.len();
+                let ip = (0..n)
+                    .map(|i| known[(self.target + i) % n])
+                    .find(|ip| !self.is_rejected(SocketAddr::new(*ip, backend_port)))
+                    .unwrap_or(known[self.target % n]);
                 redirect_to_controller(&mut config, ip, backend_port, &tls_server_name);
-                dialed = Some(ip);
+                dialed = Some(Dialed { backend: SocketAddr::new(ip, backend_port) });
             }
         }
         debug!(server = %config.cluster_url, "discovery client");
@@ -147,7 +166,7 @@ impl Runner {
         Ok((client, dialed))
     }
 
-    async fn watch<K>(&mut self, api: Api<K>, wc: watcher::Config, dialed: Option<IpAddr>, slices: bool) -> Outcome
+    async fn watch<K>(&mut self, api: Api<K>, wc: watcher::Config, dialed: Option<Dialed>, slices: bool) -> Outcome
     where
         K: kube::Resource + ControllerAddresses + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
     {
@@ -159,6 +178,16 @@ impl Runner {
         loop {
             let item = tokio::select! {
                 _ = self.tx.closed() => return Outcome::Closed,
+                Some(()) = rejection_changed(&mut self.rejected), if dialed.is_some() => {
+                    if let Some(d) = dialed
+                        && self.is_rejected(d.backend)
+                        && self.tx.borrow().controllers.iter().any(|ip| !self.is_rejected(SocketAddr::new(*ip, d.backend.port())))
+                    {
+                        info!(controller = %d.backend.ip(), "the health checks rejected the controller discovery watches through; switching");
+                        return Outcome::NextTarget;
+                    }
+                    continue;
+                }
                 item = stream.next() => item,
             };
             let changed = match item {
@@ -178,10 +207,12 @@ impl Runner {
                 }
                 Some(Ok(Event::Apply(obj))) => {
                     objects.insert(key(&obj), usable_addresses(&obj));
+                    self.backoff.reset();
                     true
                 }
                 Some(Ok(Event::Delete(obj))) => {
                     objects.remove(&key(&obj));
+                    self.backoff.reset();
                     true
                 }
                 Some(Err(e)) => {
@@ -230,13 +261,15 @@ impl Runner {
                 }
             };
             if changed {
+                // Only a watch event resets the backoff: a list that works
+                // before a watch that is refused (RBAC without `watch`) must
+                // not turn the retries into a relist loop.
                 errors = 0;
-                self.backoff.reset();
                 self.publish(&objects);
-                if let Some(ip) = dialed
-                    && !self.tx.borrow().controllers.contains(&ip)
+                if let Some(d) = dialed
+                    && !self.tx.borrow().controllers.contains(&d.backend.ip())
                 {
-                    info!(controller = %ip, "the controller discovery dials left the set; switching");
+                    info!(controller = %d.backend.ip(), "the controller discovery dials left the set; switching");
                     self.target = 0;
                     return Outcome::NextTarget;
                 }
@@ -304,6 +337,14 @@ impl Runner {
             _ = self.tx.closed() => true,
             _ = tokio::time::sleep(d) => false,
         }
+    }
+}
+
+/// Resolves when the rejected set changed; never without a sender.
+async fn rejection_changed(rejected: &mut Option<Rejected>) -> Option<()> {
+    match rejected {
+        Some(r) => r.changed().await.ok(),
+        None => std::future::pending().await,
     }
 }
 
