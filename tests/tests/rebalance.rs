@@ -4,7 +4,7 @@
 //! cgroup that dial again whenever their connection ends (as watches and
 //! konnectivity tunnels do).
 //!
-//! The tests shorten `healthyFor` (15 s by default) to 3 s and `interval`
+//! The tests shorten `healthyFor` (10 s by default) to 3 s and `interval`
 //! (30 s) to 2 s so the scenario does not wait for them; the rules behind
 //! the defaults are unit tests in `nllb-userspace/src/rebalance`.
 

@@ -72,7 +72,7 @@ impl RebalanceConfig {
         check_rate("rebalance.maxPerMinute", self.max_per_minute)?;
         check_margin("rebalance.margin", self.margin)?;
         if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.healthy_for) {
-            return Err(ConfigError::new("rebalance.healthyFor", "must be from 1s to 1h, e.g. 15s"));
+            return Err(ConfigError::new("rebalance.healthyFor", "must be from 1s to 1h, e.g. 10s"));
         }
         if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.interval) {
             return Err(ConfigError::new("rebalance.interval", "must be from 1s to 1h, e.g. 30s"));
@@ -155,7 +155,7 @@ fn default_margin() -> f64 {
     0.5
 }
 fn default_healthy_for() -> Duration {
-    Duration::from_secs(15)
+    Duration::from_secs(10)
 }
 fn default_interval() -> Duration {
     Duration::from_secs(30)
@@ -177,7 +177,7 @@ mod tests {
         assert!(c.enabled);
         assert_eq!(c.max_per_minute, 12);
         assert!((c.margin - 0.5).abs() < 1e-9);
-        assert_eq!(c.healthy_for, Duration::from_secs(15));
+        assert_eq!(c.healthy_for, Duration::from_secs(10));
         assert_eq!(c.interval, Duration::from_secs(30));
         c.validate().unwrap();
     }

@@ -480,16 +480,16 @@ mod tests {
         let back = t0 + secs(120);
         returned_at(&mut s, t0, back);
         let spread = conns(&[(1, 0), (2, 16), (3, 14)]);
-        // Before healthyFor (15 s): nothing, however uneven.
-        assert!(s.due(back + secs(10)).is_some(), "the regular look");
-        let o = s.counted(&spread, &ids(), back + secs(10));
+        // Before healthyFor (10 s): nothing, however uneven.
+        assert!(s.due(back + secs(8)).is_some(), "the regular look");
+        let o = s.counted(&spread, &ids(), back + secs(8));
         assert_eq!(o, Outcome::default(), "not settled: no weights, no moves");
-        // Then a look between 15 s and 15 s + one spacing (5 s) of jitter.
-        let woke = (101..=300)
+        // Then a look between 10 s and 10 s + one spacing (5 s) of jitter.
+        let woke = (81..=300)
             .map(|x| back + Duration::from_millis(100 * x))
             .find(|t| s.due(*t).is_some())
             .expect("a look after settling");
-        assert!(woke >= back + secs(15) && woke <= back + Duration::from_millis(20_200), "{:?}", woke - back);
+        assert!(woke >= back + secs(10) && woke <= back + Duration::from_millis(15_200), "{:?}", woke - back);
         let o = s.counted(&spread, &ids(), woke);
         assert!(o.replan && o.moves.is_empty(), "weights are published before anything is ended: {o:?}");
         assert_eq!(s.weight(a(1)), 18);
@@ -557,22 +557,22 @@ mod tests {
         let t0 = Instant::now();
         let mut s = State::new(RebalanceSettings::default(), t0, Some(1));
         s.observe(&plan(&[1, 2]), &[], t0);
-        assert_eq!(s.settle(a(1), t0), secs(15));
+        assert_eq!(s.settle(a(1), t0), secs(10));
         let mut t = t0;
         for n in 0..4 {
             t += secs(30);
             s.observe(&plan(&[2]), &[], t);
             t += secs(5);
             s.observe(&plan(&[1, 2]), &[a(1)], t);
-            assert_eq!(s.settle(a(1), t), secs(15) * (1 << n), "return {}", n + 1);
+            assert_eq!(s.settle(a(1), t), secs(10) * (1 << n), "return {}", n + 1);
         }
         assert!(!s.can_give(a(1), t + secs(59)) && s.can_give(a(1), t + secs(60)));
-        assert!(!s.can_receive("api", a(1), t + secs(119)) && s.can_receive("api", a(1), t + secs(120)));
+        assert!(!s.can_receive("api", a(1), t + secs(79)) && s.can_receive("api", a(1), t + secs(80)));
         // Ten quiet minutes later a return waits healthyFor again.
         t += FLAP_WINDOW;
         s.observe(&plan(&[2]), &[], t);
         s.observe(&plan(&[1, 2]), &[a(1)], t + secs(1));
-        assert_eq!(s.settle(a(1), t + secs(1)), secs(15));
+        assert_eq!(s.settle(a(1), t + secs(1)), secs(10));
     }
 
     #[test]
