@@ -1,19 +1,32 @@
 # syntax=docker/dockerfile:1
 #
-# nllb agent image: a Debian slim base with only the `nllb` binary (plus
-# ca-certificates, and the shell/mount/stat the DaemonSet's bpffs init step
-# uses).
+# nllb agent image: a Debian slim base with only the `nllb` binary (plus the
+# CA bundle, and the shell/mount/stat the DaemonSet's bpffs init step uses).
 #
 #   docker build -t ghcr.io/nllb/nllb:0.1.0 .
+#   docker buildx build --platform linux/amd64,linux/arm64,linux/arm/v7 \
+#       -t ghcr.io/nllb/nllb:0.1.0 --push .
 #
 # Building the eBPF programs needs a nightly toolchain with rust-src and
 # bpf-linker built against that nightly's own LLVM (see docs/deploy.md);
 # the builder stage sets both up, the same way `cargo xtask setup` does.
+#
+# Multi-platform builds need no emulation: the builder runs on the build
+# machine's platform ($BUILDPLATFORM) and cross-compiles for $TARGETPLATFORM
+# with Debian's cross gcc, exactly as `cargo xtask build --target` does
+# (xtask/src/arch.rs: rustup target, gcc-<gnu> + libc6-dev-<arch>-cross,
+# CARGO_TARGET_<TRIPLE>_LINKER / CC_<triple> / AR_<triple>). The eBPF object
+# is the same bpfel object on every platform. The final stage runs nothing
+# (no RUN), so no step executes a foreign binary.
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
 
-FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS builder
+FROM --platform=$BUILDPLATFORM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS builder
+# Set by buildx (and by plain `docker build` to the engine's own platform).
+ARG TARGETPLATFORM
+ARG TARGETARCH
+ARG TARGETVARIANT
 # The nightly the eBPF crate is known to build with (LLVM 22): bpf-linker
 # must link against exactly this LLVM, so it is pinned, not "latest".
 ARG RUST_NIGHTLY=nightly-2026-05-19
@@ -39,21 +52,45 @@ RUN sysroot="$(rustup run nightly rustc --print sysroot)" \
       --no-default-features --features "llvm-${llvm_major}" --root /opt/bpf-linker \
  && /opt/bpf-linker/bin/bpf-linker --version
 ENV PATH=/opt/bpf-linker/bin:${PATH}
+# The target platform as Rust, GNU and Debian name it; a cross compiler
+# and the target's C library (ring has C code) unless it is the builder's own.
+# hadolint ignore=DL3008
+RUN case "${TARGETARCH}${TARGETVARIANT}" in \
+      amd64)  triple="x86_64-unknown-linux-gnu";     gnu="x86_64-linux-gnu";    deb="amd64"; gcc="gcc-x86-64-linux-gnu" ;; \
+      arm64)  triple="aarch64-unknown-linux-gnu";    gnu="aarch64-linux-gnu";   deb="arm64"; gcc="gcc-aarch64-linux-gnu" ;; \
+      armv7)  triple="armv7-unknown-linux-gnueabihf"; gnu="arm-linux-gnueabihf"; deb="armhf"; gcc="gcc-arm-linux-gnueabihf" ;; \
+      *) echo "unsupported platform ${TARGETPLATFORM}: nllb builds for linux/amd64, linux/arm64, linux/arm/v7" >&2; exit 1 ;; \
+    esac \
+ && host="$(rustc -vV | sed -n 's/^host: //p')" \
+ && { echo "triple=${triple}"; echo "gnu=${gnu}"; echo "cross=$([ "${triple}" = "${host}" ] && echo no || echo yes)"; } > /opt/target.env \
+ && if [ "${triple}" != "${host}" ]; then \
+      rustup target add "${triple}" \
+      && apt-get update \
+      && apt-get install -y --no-install-recommends "${gcc}" "libc6-dev-${deb}-cross" \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p nllb-userspace --bin nllb \
- && install -D -m 0755 target/release/nllb /out/nllb
+    triple='' gnu='' cross='' \
+ && . /opt/target.env \
+ && if [ "${cross}" = yes ]; then \
+      upper="$(echo "${triple}" | tr 'a-z-' 'A-Z_')" && lower="$(echo "${triple}" | tr '-' '_')" \
+      && export "CARGO_TARGET_${upper}_LINKER=${gnu}-gcc" "CC_${lower}=${gnu}-gcc" "AR_${lower}=${gnu}-ar"; \
+    fi \
+ && cargo build --release --locked -p nllb-userspace --bin nllb --target "${triple}" \
+ && install -D -m 0755 "target/${triple}/release/nllb" /out/nllb \
+ && install -D -m 0644 /etc/ssl/certs/ca-certificates.crt /out/ca-certificates.crt
 
+# The target platform's image (buildx picks it); the same Debian release as
+# the builder, so the binary's glibc is there.
 FROM debian:${DEBIAN_RELEASE}-slim
-# Unpinned on purpose: the release's current ca-certificates carries its
-# security updates.
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
- && rm -rf /var/lib/apt/lists/*
+# The CA bundle comes from the builder (the same Debian release's current
+# ca-certificates, installed in rust:*-bookworm): certificates are the same
+# on every platform, and copying them needs no emulated apt-get here.
 COPY --from=builder /out/nllb /usr/local/bin/nllb
+COPY --from=builder /out/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 LABEL org.opencontainers.image.title="nllb" \
       org.opencontainers.image.description="In-kernel node-local load balancer for Kubernetes workers" \
       org.opencontainers.image.licenses="Apache-2.0"

@@ -17,6 +17,7 @@
 #![no_std]
 
 pub mod events;
+pub mod layout;
 
 pub use events::{Event, EventKind, MarkCause};
 
@@ -212,6 +213,7 @@ pub struct SockState {
     /// (0: the kernel's default); TIMEOUT_INIT must answer the same every
     /// time it is asked for one connection.
     pub syn_rto_jiffies: u32,
+    pub _pad2: u32,
 }
 
 /// Per-CPU counters of one (service, backend) pair, `NLLB_BACKEND_STATS`.

@@ -50,6 +50,7 @@ pub fn remember(
         svc_id,
         stat_id: slot.stat_id,
         syn_rto_jiffies: if passive { ms_to_jiffies(slot.syn_rto_ms, cfg.hz) } else { 0 },
+        _pad2: 0,
     };
     if NLLB_SOCKETS.insert(&cookie, &state, 0).is_err() {
         bump_datapath(|c| c.sockets_full += 1);

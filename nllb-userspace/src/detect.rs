@@ -13,7 +13,9 @@ use serde::Serialize;
 use crate::{
     compat::{self, AttachProbe, FEATURES, Feature, KernelVersion, Need, Privileges},
     config::Mode,
-    envoy, sys,
+    envoy,
+    platform::{self, Platform},
+    sys,
 };
 
 pub const EXIT_EBPF: i32 = 0;
@@ -62,6 +64,8 @@ pub struct DetectReport {
     /// The real programs loaded and attached to a temporary child cgroup.
     pub attach: Result<AttachProbe, String>,
     pub features: Vec<FeatureStatus>,
+    /// The CPU architecture: is there an Envoy for it, is the BPF JIT on.
+    pub platform: Platform,
     pub envoy: EnvoyProbe,
     /// What `--mode auto` picks and why.
     pub auto_mode: Mode,
@@ -160,7 +164,13 @@ pub fn detect_with(target_cgroup: Option<&Path>, envoy_binary: Option<&Path>) ->
     };
     let btf = compat::vmlinux_btf();
     let features = feature_statuses(kernel, attach.as_ref().ok(), btf);
-    let envoy = probe_envoy(envoy_binary);
+    let platform = platform::probe(attach.as_ref().ok().and_then(|a| a.jited));
+    // Where no Envoy build exists, auto never runs one (not even to ask
+    // its version): the in-kernel datapath is the only one.
+    let envoy = match &platform.no_envoy {
+        Some(why) => EnvoyProbe { binary: None, version: None, error: Some(why.clone()) },
+        None => probe_envoy(envoy_binary),
+    };
     let mut report = DetectReport {
         kernel_release,
         kernel,
@@ -173,6 +183,7 @@ pub fn detect_with(target_cgroup: Option<&Path>, envoy_binary: Option<&Path>) ->
         btf,
         attach,
         features,
+        platform,
         envoy,
         auto_mode: Mode::Envoy,
         reason: String::new(),
@@ -192,9 +203,16 @@ fn decide(r: &DetectReport) -> (Mode, String) {
         if !degraded.is_empty() {
             why.push_str(&format!(" (without {})", degraded.join(", ")));
         }
+        if let Some(only) = &r.platform.no_envoy {
+            why.push_str(&format!("; {only}"));
+        }
         return (Mode::Ebpf, why);
     }
     let blocker = r.ebpf_blocker().unwrap_or_default();
+    if let Some(only) = &r.platform.no_envoy {
+        // The only candidate; it cannot run (exit status 4).
+        return (Mode::Ebpf, format!("eBPF datapath unavailable: {blocker}; {only}"));
+    }
     if r.envoy.usable() {
         (Mode::Envoy, format!("eBPF datapath unavailable: {blocker}"))
     } else {
@@ -272,6 +290,8 @@ pub enum ModeError {
     EnvoyUnavailable(String),
     #[error("--mode auto: the eBPF datapath cannot run here ({ebpf}) and Envoy is not available ({envoy})")]
     Neither { ebpf: String, envoy: String },
+    #[error("--mode auto: the eBPF datapath cannot run here ({ebpf}); {only}")]
+    InKernelOnly { ebpf: String, only: String },
 }
 
 /// The datapath the agent runs, from `--mode` / `mode:` (`requested`) and
@@ -292,12 +312,13 @@ pub fn select_mode(requested: Mode, cgroup: &Path, envoy_binary: Option<&Path>) 
     }
     let report = detect_with(Some(cgroup), envoy_binary);
     if report.ebpf_usable() {
-        tracing::info!(mode = "ebpf", reason = %report.reason, "datapath selected");
+        tracing::info!(mode = "ebpf", reason = %report.reason, bpf_jit = %report.platform.bpf_jit.summary, "datapath selected");
         return Ok(Mode::Ebpf);
     }
     let blocker = report.ebpf_blocker().unwrap_or_default();
     match requested {
         Mode::Ebpf => Err(ModeError::EbpfUnavailable(blocker)),
+        _ if let Some(only) = report.platform.no_envoy => Err(ModeError::InKernelOnly { ebpf: blocker, only }),
         _ if report.envoy.usable() => {
             tracing::warn!(mode = "envoy", reason = %blocker, "eBPF datapath unavailable: falling back to Envoy");
             Ok(Mode::Envoy)
@@ -345,6 +366,14 @@ pub fn render(r: &DetectReport) -> String {
     let mut o = String::new();
     let mut line = |k: &str, v: String| o.push_str(&format!("  {k:<14} {v}\n"));
     line("kernel", format!("{} ({})", r.kernel_release, r.kernel.map(|k| k.to_string()).unwrap_or("unparsed".into())));
+    line(
+        "architecture",
+        match &r.platform.no_envoy {
+            None => format!("{} (Envoy exists for it)", r.platform.arch),
+            Some(why) => format!("{}: {why}", r.platform.arch),
+        },
+    );
+    line("BPF JIT", r.platform.bpf_jit.summary.clone());
     let p = &r.privileges;
     line(
         "privileges",

@@ -16,6 +16,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod passive;
+pub mod platform;
 pub mod rebalance;
 pub mod sock_diag;
 pub mod stand_aside;

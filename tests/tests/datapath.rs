@@ -147,7 +147,10 @@ fn service_without_backends_is_refused_at_once() {
         let report = run_client(&ClientOpts::new(addr, 5, Some(cg.path())));
         for r in &report.results {
             assert_eq!(r.errno, Some(libc::ECONNREFUSED), "{r:?}");
-            assert!(r.elapsed_us < 100_000, "refusal must be immediate, took {} us", r.elapsed_us);
+            // Immediate: far below the first SYN retransmit (1 s) that a
+            // connect sent anywhere would wait for.
+            let bound = nllb_tests::scaled(std::time::Duration::from_millis(300));
+            assert!(r.elapsed_us < bound.as_micros() as u64, "refusal must be immediate, took {} us", r.elapsed_us);
         }
     }
     let status = agent.status();

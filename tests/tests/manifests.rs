@@ -1065,7 +1065,8 @@ fn dockerfile_stages() -> Vec<Stage> {
             continue;
         }
         if op == "FROM" {
-            let mut parts = rest.split_whitespace();
+            // `--platform=$BUILDPLATFORM` (the cross-compiling builder) is a flag.
+            let mut parts = rest.split_whitespace().filter(|w| !w.starts_with("--"));
             let mut from = parts.next().expect("FROM image").to_string();
             for (k, v) in &args {
                 from = from.replace(&format!("${{{k}}}"), v);
@@ -1134,9 +1135,21 @@ fn dockerfile_builds_in_one_stage_and_ships_only_the_binary() {
         .collect();
     assert_eq!(
         copies,
-        [format!("--from={builder_name} /out/nllb /usr/local/bin/nllb").as_str()],
-        "only the binary is copied"
+        [
+            format!("--from={builder_name} /out/nllb /usr/local/bin/nllb").as_str(),
+            format!("--from={builder_name} /out/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt").as_str()
+        ],
+        "only the binary (and the CA bundle) is copied"
     );
+    // Multi-platform builds cross-compile on the build platform: nothing in
+    // the final (target-platform) stage runs, so no emulation is needed.
+    assert!(
+        last.instructions.iter().all(|(op, _)| op != "RUN"),
+        "the final stage runs nothing (it would need emulation under buildx)"
+    );
+    let builder_from = text_of_from(builder_name);
+    assert!(builder_from.contains("--platform=$BUILDPLATFORM"), "the builder runs on the build platform: {builder_from}");
+    assert!(runs.contains("--target \"${triple}\""), "the builder cross-compiles for the target platform");
     for (op, rest) in &last.instructions {
         assert!(
             !rest.contains("cargo") && !rest.contains("rustup"),
@@ -1167,6 +1180,15 @@ fn dockerfile_builds_in_one_stage_and_ships_only_the_binary() {
             .any(|l| l.trim().trim_end_matches('/') == "target"),
         "the build context leaves target/ out"
     );
+}
+
+/// The `FROM` line of the stage named `name`, flags included.
+fn text_of_from(name: &str) -> String {
+    read("Dockerfile")
+        .lines()
+        .find(|l| l.trim_start().to_uppercase().starts_with("FROM ") && l.trim_end().ends_with(&format!(" AS {name}")))
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[test]

@@ -200,8 +200,17 @@ fn bpftool_dumps_maps_with_field_names() {
     assert_eq!(key[..6], [127, 0, 0, 1, 0x1d, 0x13], "127.0.0.1:7443: {vips}");
     let id = hex(&vips[0]["value"]);
     let table_id = u32::from_ne_bytes([id[0], id[1], id[2], id[3]]);
+    // The table is pinned under its map id too, so the same works without
+    // CAP_SYS_ADMIN (which `map dump id` needs).
+    let pinned_table = agent.pin_path.join("tables").join(table_id.to_string());
+    assert!(pinned_table.exists(), "{} is not pinned", pinned_table.display());
     let out = Command::new("bpftool").args(["-j", "map", "dump", "id", &table_id.to_string()]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bpftool map dump id {table_id}: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
     let table: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let t = &table[0]["formatted"]["value"];
     assert_eq!(t["count4"], 1, "{table}");

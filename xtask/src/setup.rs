@@ -2,8 +2,9 @@
 //! lacks, and only that. Every step checks first, so a second run is quick
 //! and says "already there" for each item.
 
+use crate::arch::{self, Arch};
 use crate::cmd;
-use crate::paths::{cache_dir, cargo};
+use crate::paths::{cache_dir, cargo, workspace_root};
 use anyhow::{Context as _, Result, bail};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -70,7 +71,7 @@ fn say(msg: impl AsRef<str>) {
 }
 
 pub fn setup() -> Result<Tools> {
-    debian_packages()?;
+    debian_packages(DEBIAN_PACKAGES)?;
     let toolchain = nightly_toolchain()?;
     let bpf_linker_dir = bpf_linker(&toolchain)?;
     let envoy = envoy()?;
@@ -85,8 +86,44 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+/// `cargo xtask setup`: the host's tools and those of every cross target
+/// (other tasks install only the architectures they are asked for).
+pub fn setup_all() -> Result<Tools> {
+    let tools = setup()?;
+    cross(&arch::cross().collect::<Vec<_>>())?;
+    Ok(tools)
+}
+
+/// What building for and booting `arches` needs: their Rust targets,
+/// Debian's cross compilers (ring has C code) and the qemu for their
+/// kernels. One apt run and one rustup run for all of them.
+pub fn cross(arches: &[&Arch]) -> Result<()> {
+    let packages: Vec<&str> = arches.iter().flat_map(|a| a.debian_packages()).collect();
+    if !packages.is_empty() {
+        debian_packages(&packages)?;
+    }
+    let triples: Vec<&str> = arches.iter().filter(|a| !a.is_host()).map(|a| a.triple).collect();
+    rust_targets(&triples)
+}
+
+/// `rustup target add` for the toolchain this cargo runs (the stable one
+/// the workspace builds with), for the targets not there yet.
+fn rust_targets(triples: &[&str]) -> Result<()> {
+    if triples.is_empty() {
+        return Ok(());
+    }
+    let installed = cmd::output(Command::new("rustup").args(["target", "list", "--installed"]).current_dir(workspace_root()))?;
+    let missing: Vec<&str> = triples.iter().copied().filter(|t| !installed.lines().any(|l| l.trim() == *t)).collect();
+    if missing.is_empty() {
+        say(format!("rust targets: {} already installed", triples.join(" ")));
+        return Ok(());
+    }
+    say(format!("rust targets: installing {}", missing.join(" ")));
+    cmd::run(Command::new("rustup").args(["target", "add"]).args(&missing).current_dir(workspace_root()))
+}
+
+fn debian_packages(wanted: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = wanted
         .iter()
         .copied()
         .filter(|p| {
@@ -95,7 +132,8 @@ fn debian_packages() -> Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        say(format!("debian packages: all {} already installed", DEBIAN_PACKAGES.len()));
+        let what = if wanted.len() > 3 { format!("all {}", wanted.len()) } else { wanted.join(" ") };
+        say(format!("debian packages: {what} already installed"));
         return Ok(());
     }
     if !is_root() {

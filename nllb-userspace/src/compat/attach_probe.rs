@@ -26,6 +26,9 @@ pub struct AttachProbe {
     /// The whole object failed to load (maps or BTF), before any program.
     pub load_error: Option<String>,
     pub programs: Vec<ProgramProbe>,
+    /// Every loaded program came out JIT-compiled (false: some run in the
+    /// interpreter); None when none loaded. See [`crate::platform`].
+    pub jited: Option<bool>,
 }
 
 impl AttachProbe {
@@ -115,7 +118,7 @@ pub fn probe_attach(parent: &Path) -> Result<AttachProbe, String> {
         }
     };
     let target = cg.as_ref().map(|c| c.0.clone()).unwrap_or_else(|| parent.to_path_buf());
-    let mut report = AttachProbe { cgroup: target.clone(), load_error: None, programs: Vec::new() };
+    let mut report = AttachProbe { cgroup: target.clone(), load_error: None, programs: Vec::new(), jited: None };
     crate::sys::raise_memlock();
     let mut ebpf = match EbpfLoader::new().load(crate::EBPF_OBJECT) {
         Ok(e) => e,
@@ -142,6 +145,7 @@ pub fn probe_attach(parent: &Path) -> Result<AttachProbe, String> {
             }
         });
     }
+    report.jited = crate::platform::programs_jited(&ebpf);
     drop(links);
     drop(ebpf);
     drop(cg);

@@ -4,6 +4,8 @@
 //! unpacks concatenated gzip'd cpio archives in order, so the shared part is
 //! packed once per run.
 
+use super::kernels::Kernel;
+use super::userland::Userland;
 use crate::cmd;
 use anyhow::{Context as _, Result, bail};
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,9 +29,18 @@ pub struct TestBinary {
     pub path: PathBuf,
 }
 
+/// What the guest needs to know about itself: its architecture and how much
+/// slower than an x86-64 guest it runs (timeouts scale by it).
+pub struct GuestEnv<'a> {
+    pub arch: &'a str,
+    pub slowdown: u32,
+}
+
 /// Builds the shared archive in `work` and returns its path.
 pub fn shared_archive(
     work: &Path,
+    userland: &Userland,
+    guest: &GuestEnv<'_>,
     nllb: &Path,
     tests: &[TestBinary],
     host_bins: &[PathBuf],
@@ -44,23 +55,21 @@ pub fn shared_archive(
     std::fs::create_dir_all(root.join("var"))?;
     std::os::unix::fs::symlink("../run", root.join("var/run"))?;
 
-    let busybox = Path::new("/bin/busybox");
-    if !busybox.is_file() {
-        bail!("/bin/busybox missing; `cargo xtask setup` installs busybox-static");
-    }
-    std::fs::copy(busybox, root.join("bin/busybox"))?;
+    std::fs::copy(userland.busybox()?, root.join("bin/busybox"))?;
+    set_executable(&root.join("bin/busybox"))?;
 
+    let strip = userland.strip();
     let mut elf: Vec<PathBuf> = Vec::new();
     for tool in GUEST_TOOLS {
-        let host = which(tool).with_context(|| format!("`{tool}` not found; `cargo xtask setup` installs it"))?;
+        let path = userland.tool(tool)?;
         let dest = root.join("usr/sbin").join(tool);
-        copy_stripped(&host, &dest)?;
-        elf.push(host);
+        copy_stripped(&strip, &path, &dest)?;
+        elf.push(path);
     }
-    copy_stripped(nllb, &root.join("nllb"))?;
+    copy_stripped(&strip, nllb, &root.join("nllb"))?;
     elf.push(nllb.to_path_buf());
     for t in tests {
-        copy_stripped(&t.path, &root.join("tests").join(&t.name))?;
+        copy_stripped(&strip, &t.path, &root.join("tests").join(&t.name))?;
         elf.push(t.path.clone());
     }
     // /tests/list says which executables are test binaries to run.
@@ -72,17 +81,18 @@ pub fn shared_archive(
     // at their host path, which env!("CARGO_BIN_EXE_...") compiled in.
     for b in host_bins {
         let name = b.file_name().context("binary path without a file name")?;
-        copy_stripped(b, &root.join("tests").join(name))?;
-        copy_stripped(b, &root.join(b.strip_prefix("/").unwrap_or(b)))?;
+        copy_stripped(&strip, b, &root.join("tests").join(name))?;
+        copy_stripped(&strip, b, &root.join(b.strip_prefix("/").unwrap_or(b)))?;
         elf.push(b.clone());
     }
-    for lib in shared_libraries(&elf)? {
-        let dest = root.join(lib.strip_prefix("/").unwrap_or(&lib));
+    for (lib, rel) in userland.libraries(&elf)? {
+        let dest = root.join(rel);
         if !dest.exists() {
             std::fs::create_dir_all(dest.parent().unwrap())?;
             std::fs::copy(&lib, &dest).with_context(|| format!("copying {}", lib.display()))?;
         }
     }
+    std::fs::write(root.join("guest-env"), format!("ARCH={}\nSLOWDOWN={}\n", guest.arch, guest.slowdown))?;
     let init = root.join("init");
     std::fs::write(&init, INIT)?;
     set_executable(&init)?;
@@ -92,13 +102,20 @@ pub fn shared_archive(
     Ok(out)
 }
 
-/// Per-kernel archive: modules (decompressed, in load order) and the label.
-/// Returns the full initrd (shared + this) in `dir`.
-pub fn kernel_initrd(dir: &Path, shared: &Path, label: &str, modules_dir: &Path) -> Result<PathBuf> {
+/// Per-kernel archive: modules (decompressed, in load order), the label and
+/// the kernel's build configuration at `/boot/config-<release>`, where
+/// `nllb detect` reads options such as the BPF JIT's. Returns the full
+/// initrd (shared + this) in `dir`.
+pub fn kernel_initrd(dir: &Path, shared: &Path, label: &str, kernel: &Kernel) -> Result<PathBuf> {
+    let modules_dir = &kernel.modules;
     let root = dir.join("kernel-root");
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(root.join("modules"))?;
     std::fs::write(root.join("kernel-label"), format!("{label}\n"))?;
+    if let Some(config) = &kernel.config {
+        std::fs::create_dir_all(root.join("boot"))?;
+        std::fs::copy(config, root.join("boot").join(format!("config-{}", kernel.release)))?;
+    }
     let order = resolve_modules(modules_dir, &root.join("modules"))?;
     std::fs::write(root.join("modules/order"), order.join("\n") + "\n")?;
     let part = dir.join("kernel.cpio.gz");
@@ -219,18 +236,10 @@ fn pre_softdeps(ko: &[u8]) -> Vec<String> {
         .collect()
 }
 
-fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
-}
-
 /// Debug info is most of a debug build's size and useless in the guest.
-fn copy_stripped(src: &Path, dest: &Path) -> Result<()> {
+fn copy_stripped(strip: &str, src: &Path, dest: &Path) -> Result<()> {
     std::fs::create_dir_all(dest.parent().unwrap())?;
-    cmd::output(Command::new("strip").arg("--strip-debug").arg("-o").arg(dest).arg(src))
+    cmd::output(Command::new(strip).arg("--strip-debug").arg("-o").arg(dest).arg(src))
         .or_else(|_| std::fs::copy(src, dest).map(|_| String::new()).map_err(anyhow::Error::from))
         .with_context(|| format!("copying {} into the initramfs", src.display()))?;
     set_executable(dest)
@@ -240,26 +249,6 @@ fn set_executable(p: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))?;
     Ok(())
-}
-
-/// Absolute library paths (including the dynamic loader) that `ldd` lists.
-fn shared_libraries(bins: &[PathBuf]) -> Result<BTreeSet<PathBuf>> {
-    let mut libs = BTreeSet::new();
-    for b in bins {
-        let out = cmd::raw_output(Command::new("ldd").arg(b))?;
-        // A static binary makes ldd fail: it needs nothing.
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let line = line.trim();
-            let path = match line.split_once(" => ") {
-                Some((_, rest)) => rest.split_whitespace().next(),
-                None => line.split_whitespace().next(),
-            };
-            if let Some(p) = path.filter(|p| p.starts_with('/')) {
-                libs.insert(PathBuf::from(p));
-            }
-        }
-    }
-    Ok(libs)
 }
 
 /// `find . | busybox cpio -o -H newc -R 0:0 | gzip` (no cpio binary needed).
@@ -276,6 +265,8 @@ fn pack(root: &Path, out: &Path) -> Result<()> {
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/usr/sbin:/sbin:/usr/bin:/bin HOME=/root
+# ARCH, SLOWDOWN (how much slower than an x86-64 guest this one runs).
+. /guest-env
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
@@ -295,13 +286,14 @@ done
 # Kernel messages on the console would cut into result lines (module
 # loading above still shows its errors).
 echo "1 4 1 7" > /proc/sys/kernel/printk
-echo "NLLB-BOOT $K $(uname -r)"
-# NLLB_IN_VM / NLLB_TIMEOUT_SCALE: TCG runs ~10x slower than the host; a
-# harness can stretch its readiness timeouts by this factor.
-export CI=1 NLLB_BIN=/nllb RUST_BACKTRACE=1 NLLB_IN_VM=1 NLLB_TIMEOUT_SCALE=10
+echo "NLLB-BOOT $K $(uname -r) $ARCH"
+echo "NLLB-INFO $K bpf_jit_enable=$(cat /proc/sys/net/core/bpf_jit_enable 2>/dev/null || echo absent)"
+# NLLB_IN_VM / NLLB_TIMEOUT_SCALE: TCG runs ~10x slower than the host (more
+# for other CPUs); a harness can stretch its readiness timeouts by this factor.
+export CI=1 NLLB_BIN=/nllb RUST_BACKTRACE=1 NLLB_IN_VM=1 NLLB_TIMEOUT_SCALE=$((10 * SLOWDOWN))
 
 result() { echo "NLLB-RESULT $K $1 $2"; }
-run_one() { timeout 300 "$t" --exact "$name" --test-threads=1 < /dev/null > /tmp/log 2>&1; }
+run_one() { timeout $((300 * SLOWDOWN)) "$t" --exact "$name" --test-threads=1 < /dev/null > /tmp/log 2>&1; }
 
 # Smoke tests: the agent binary runs here, and (once it exists) lists
 # the kernel features it detects.
@@ -325,7 +317,48 @@ if /nllb detect --help > /tmp/detect-help 2>&1; then
     fi
     echo "NLLB-DETECT-BEGIN $K"; cat /tmp/detect; echo "NLLB-DETECT-END $K"
     if [ $rc = 0 ]; then result smoke::nllb-detect ok; else result smoke::nllb-detect FAILED; fi
+    # A kernel that ships its BPF JIT switched off (Debian's armhf kernels):
+    # would the JIT compile nllb's programs once switched on?
+    if [ "$(cat /proc/sys/net/core/bpf_jit_enable 2>/dev/null)" = 0 ] && echo 1 > /proc/sys/net/core/bpf_jit_enable; then
+        /nllb detect --json > /tmp/detect-jit 2>/dev/null
+        echo "NLLB-JIT-ON $K $(sed -n 's/.*"programs_jited": *\([a-z]*\).*/\1/p' /tmp/detect-jit | head -n 1)"
+        echo 0 > /proc/sys/net/core/bpf_jit_enable
+    fi
 fi
+
+# The agent's memory here: a small config (one service, two controllers
+# that never answer, so panic mode publishes both and probes keep running),
+# sampled once the datapath is installed and ten probe rounds have run.
+rss() {
+    cg=/sys/fs/cgroup/nllb-rss; pins=/sys/fs/bpf/nllb-rss
+    mkdir -p $cg /tmp/rss
+    printf 'services:\n  - name: apiserver\n    listen: ["127.0.0.1:7443"]\n    backendPort: 6443\nbackends: ["198.18.0.1", "198.18.0.2"]\n' > /tmp/rss/config.yaml
+    /nllb agent --config /tmp/rss/config.yaml --cgroup $cg --pin-path $pins --run-dir /tmp/rss \
+        --state-dir /tmp/rss --metrics-addr 127.0.0.1:19542 --detach-on-exit > /tmp/rss/log 2>&1 &
+    pid=$!
+    i=0; ok=
+    while [ $i -lt $((60 * SLOWDOWN)) ] && kill -0 $pid 2>/dev/null; do
+        if /nllb status --pin-path $pins --run-dir /tmp/rss > /dev/null 2>&1; then ok=1; break; fi
+        sleep 1; i=$((i + 1))
+    done
+    # Steady state: twenty probes done (a bounded wait: the figure is a
+    # measurement, the check above is what passes or fails).
+    i=0
+    while [ -n "$ok" ] && [ $i -lt $((15 * SLOWDOWN)) ]; do
+        n=$(wget -q -O - http://127.0.0.1:19542/metrics 2>/dev/null | sed -n 's/^nllb_probe_duration_seconds_count{.*} //p' | awk '{s+=$1} END {print s+0}')
+        [ "${n:-0}" -ge 20 ] && break
+        sleep 1; i=$((i + 1))
+    done
+    if [ -n "$ok" ]; then
+        echo "NLLB-RSS $K $(sed -n 's/^VmRSS:[^0-9]*\([0-9]*\).*/\1/p' /proc/$pid/status) $(sed -n 's/^VmHWM:[^0-9]*\([0-9]*\).*/\1/p' /proc/$pid/status)"
+        result smoke::agent-rss ok
+    else
+        sed "s/^/  | /" /tmp/rss/log; result smoke::agent-rss FAILED
+    fi
+    kill -TERM $pid 2>/dev/null; wait $pid
+    rmdir $cg 2>/dev/null
+}
+case "$(cat /tests/filter)" in ""|*smoke*) rss ;; esac
 
 for b in $(cat /tests/list); do
     t=/tests/$b

@@ -1,7 +1,8 @@
 //! Debian kernels for the matrix, fetched with an apt configuration of our
-//! own (lists, cache and sources under `$NLLB_CACHE/kernels`), so the
-//! system's apt sources and state are never touched.
+//! own (see [`super::apt`]) for the guest's architecture.
 
+use super::apt::{Apt, dep_names};
+use crate::arch::Arch;
 use crate::cmd;
 use crate::paths::cache_dir;
 use anyhow::{Context as _, Result, bail};
@@ -23,23 +24,44 @@ pub const KERNELS: &[KernelSpec] = &[
     KernelSpec { label: "7", suite: "sid" },
 ];
 
-/// Accepts labels (`6.1`, `7`, `7.x`) and suite names (`bookworm`).
-pub fn select(wanted: &[String]) -> Result<Vec<KernelSpec>> {
-    if wanted.is_empty() {
-        return Ok(KERNELS.to_vec());
+/// The kernels `--arch` runs when `--kernels` is not given: every one on
+/// x86-64; elsewhere the oldest one Debian ships for the architecture in a
+/// supported release and the newest (sid), which keeps a TCG run short.
+pub fn default_labels(arch: &Arch) -> &'static [&'static str] {
+    match arch.debian {
+        "amd64" => &["5.10", "6.1", "6.12", "7"],
+        "riscv64" => &["6.12", "7"],
+        _ => &["6.1", "7"],
     }
+}
+
+/// Why a suite has no kernel for an architecture (checked before any fetch).
+fn unavailable(arch: &Arch, spec: &KernelSpec) -> Option<String> {
+    (arch.debian == "riscv64" && matches!(spec.suite, "bullseye" | "bookworm")).then(|| {
+        format!(
+            "riscv64 was not a release architecture of Debian {} (it became one with trixie, 13), so the archive has no \
+             riscv64 kernel {}; the oldest riscv64 kernel there is 6.12 (trixie)",
+            spec.suite, spec.label
+        )
+    })
+}
+
+/// Accepts labels (`6.1`, `7`, `7.x`) and suite names (`bookworm`).
+pub fn select(arch: &Arch, wanted: &[String]) -> Result<Vec<KernelSpec>> {
+    let wanted: Vec<String> =
+        if wanted.is_empty() { default_labels(arch).iter().map(|l| l.to_string()).collect() } else { wanted.to_vec() };
     wanted
         .iter()
         .map(|w| {
             let w = w.trim().trim_end_matches(".x");
-            KERNELS
-                .iter()
-                .find(|k| k.label == w || k.suite == w)
-                .copied()
-                .with_context(|| {
-                    let known: Vec<_> = KERNELS.iter().map(|k| format!("{} ({})", k.label, k.suite)).collect();
-                    format!("unknown kernel `{w}` in --kernels; known: {}", known.join(", "))
-                })
+            let spec = KERNELS.iter().find(|k| k.label == w || k.suite == w).copied().with_context(|| {
+                let known: Vec<_> = KERNELS.iter().map(|k| format!("{} ({})", k.label, k.suite)).collect();
+                format!("unknown kernel `{w}` in --kernels; known: {}", known.join(", "))
+            })?;
+            if let Some(why) = unavailable(arch, &spec) {
+                bail!("--kernels {w} --arch {}: {why}", arch.name);
+            }
+            Ok(spec)
         })
         .collect()
 }
@@ -53,129 +75,60 @@ pub struct Kernel {
     pub release: String,
     pub vmlinuz: PathBuf,
     pub modules: PathBuf,
+    /// The build configuration Debian ships beside the image.
+    pub config: Option<PathBuf>,
 }
 
-struct Apt {
-    dir: PathBuf,
+/// The versioned image package behind `linux-image-<flavour>`, and the
+/// packages holding its files: the image itself up to 6.12; from 7.x on
+/// the image is a meta package over linux-binary-* and linux-modules-*.
+fn resolve(apt: &Apt, arch: &Arch) -> Result<(String, String, Vec<String>)> {
+    let meta = format!("linux-image-{}", arch.kernel_flavour);
+    let version = apt.show(&meta, "Version")?;
+    let image = dep_names(&apt.show(&meta, "Depends")?)
+        .into_iter()
+        .find(|d| d.starts_with("linux-image-"))
+        .with_context(|| format!("{meta} depends on no linux-image-* package"))?;
+    let parts: Vec<String> = dep_names(&apt.show(&image, "Depends")?)
+        .into_iter()
+        .filter(|d| d.starts_with("linux-binary-") || d.starts_with("linux-modules-"))
+        .collect();
+    let debs = if parts.is_empty() { vec![image.clone()] } else { parts };
+    Ok((image, version, debs))
 }
 
-impl Apt {
-    fn new(spec: &KernelSpec, mirror: &str) -> Result<Self> {
-        let dir = cache_dir().join("kernels/apt").join(spec.suite);
-        for sub in ["lists/partial", "cache/archives/partial"] {
-            std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.join(sub).display()))?;
-        }
-        let sources = format!(
-            "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {mirror} {} main\n",
-            spec.suite
-        );
-        std::fs::write(dir.join("sources.list"), sources)?;
-        Ok(Self { dir })
-    }
-
-    fn cmd(&self, program: &str) -> Command {
-        let mut c = Command::new(program);
-        let d = &self.dir;
-        for (k, v) in [
-            ("Dir::Etc::SourceList", d.join("sources.list")),
-            ("Dir::Etc::SourceParts", "/dev/null".into()),
-            ("Dir::State::Lists", d.join("lists")),
-            ("Dir::State::Status", "/dev/null".into()),
-            ("Dir::Cache", d.join("cache")),
-            // Only the package lists: no translations or AppStream data.
-            ("Acquire::Languages", "none".into()),
-            ("Acquire::IndexTargets::deb::DEP-11::DefaultEnabled", "false".into()),
-            ("Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled", "false".into()),
-            ("Acquire::IndexTargets::deb::DEP-11-icons-small::DefaultEnabled", "false".into()),
-            ("Acquire::IndexTargets::deb::CNF::DefaultEnabled", "false".into()),
-            ("APT::Sandbox::User", "root".into()),
-        ] {
-            c.arg("-o").arg(format!("{k}={}", v.display()));
-        }
-        c.arg("-q");
-        c
-    }
-
-    fn has_lists(&self) -> bool {
-        std::fs::read_dir(self.dir.join("lists"))
-            .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().ends_with("_Packages")))
-            .unwrap_or(false)
-    }
-
-    fn update(&self) -> Result<()> {
-        cmd::output(self.cmd("apt-get").arg("update")).map(|_| ())
-    }
-
-    /// `(field value)` of the first stanza of `apt-cache show pkg`.
-    fn show(&self, pkg: &str, field: &str) -> Result<String> {
-        let out = cmd::output(self.cmd("apt-cache").args(["show", pkg]))?;
-        let stanza = out.split("\n\n").next().unwrap_or_default();
-        stanza
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{field}: ")))
-            .map(str::to_owned)
-            .with_context(|| format!("`apt-cache show {pkg}` has no {field} field"))
-    }
-
-    /// The versioned image package behind `linux-image-amd64`, and the
-    /// packages holding its files: the image itself up to 6.12; from 7.x on
-    /// the image is a meta package over linux-binary-* and linux-modules-*.
-    fn resolve(&self) -> Result<(String, String, Vec<String>)> {
-        let version = self.show("linux-image-amd64", "Version")?;
-        let image = dep_names(&self.show("linux-image-amd64", "Depends")?)
-            .into_iter()
-            .find(|d| d.starts_with("linux-image-"))
-            .context("linux-image-amd64 depends on no linux-image-* package")?;
-        let parts: Vec<String> = dep_names(&self.show(&image, "Depends")?)
-            .into_iter()
-            .filter(|d| d.starts_with("linux-binary-") || d.starts_with("linux-modules-"))
-            .collect();
-        let debs = if parts.is_empty() { vec![image.clone()] } else { parts };
-        Ok((image, version, debs))
-    }
-}
-
-/// Package names of a Depends field (alternatives: the first one).
-fn dep_names(depends: &str) -> Vec<String> {
-    depends
-        .split(',')
-        .filter_map(|d| d.split('|').next()?.split_whitespace().next().map(str::to_owned))
-        .collect()
-}
-
-/// Fetches (or finds cached) and unpacks the kernel for `spec`.
-pub fn fetch(spec: KernelSpec, mirror: &str) -> Result<Kernel> {
+/// Fetches (or finds cached) and unpacks the kernel for `spec` on `arch`.
+pub fn fetch(spec: KernelSpec, arch: &Arch, mirror: &str) -> Result<Kernel> {
     // The cache is shared by every work tree on the machine: one fetch per
-    // suite at a time (apt's own lock would make a second one fail).
-    let lock_path = cache_dir().join("kernels").join(format!("{}.lock", spec.suite));
+    // suite and architecture at a time (apt's own lock would make a second
+    // one fail).
+    let lock_path = cache_dir().join("kernels").join(format!("{}-{}.lock", spec.suite, arch.debian));
     std::fs::create_dir_all(lock_path.parent().unwrap())?;
     let lock_file = std::fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
     let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| e)
         .with_context(|| format!("locking {}", lock_path.display()))?;
-    fetch_locked(spec, mirror)
+    fetch_locked(spec, arch, mirror)
 }
 
-fn fetch_locked(spec: KernelSpec, mirror: &str) -> Result<Kernel> {
-    let apt = Apt::new(&spec, mirror)?;
-    if !apt.has_lists() {
-        apt.update().with_context(|| format!("apt-get update for {}", spec.suite))?;
-    }
-    let (image, version, debs) = apt.resolve()?;
+fn fetch_locked(spec: KernelSpec, arch: &Arch, mirror: &str) -> Result<Kernel> {
+    let apt = Apt::new(spec.suite, arch.debian, mirror)?;
+    apt.ensure_lists().with_context(|| format!("apt-get update for {} ({})", spec.suite, arch.debian))?;
+    let (image, version, debs) = resolve(&apt, arch)
+        .with_context(|| format!("Debian {} has no {} kernel for {}", spec.suite, arch.kernel_flavour, arch.debian))?;
     let root = cache_dir().join("kernels").join(spec.suite).join(&image);
     if !root.join(".complete").exists() {
-        let debs_dir = cache_dir().join("kernels/debs").join(spec.suite);
+        let debs_dir = cache_dir().join("kernels/debs").join(format!("{}-{}", spec.suite, arch.debian));
         std::fs::create_dir_all(&debs_dir)?;
-        let download = |debs: &[String]| cmd::output(apt.cmd("apt-get").arg("download").args(debs).current_dir(&debs_dir));
-        if download(&debs).is_err() {
+        if apt.download(&debs, &debs_dir).is_err() {
             // The archive moved on since our lists were fetched (sid does
             // often): refresh them and resolve again.
             apt.update()?;
-            let (image2, _, debs2) = apt.resolve()?;
+            let (image2, _, debs2) = resolve(&apt, arch)?;
             if image2 != image {
-                return fetch_locked(spec, mirror);
+                return fetch_locked(spec, arch, mirror);
             }
-            download(&debs2)?;
+            apt.download(&debs2, &debs_dir)?;
         }
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root)?;
@@ -192,11 +145,16 @@ fn fetch_locked(spec: KernelSpec, mirror: &str) -> Result<Kernel> {
     }
     let version = std::fs::read_to_string(root.join(".complete"))?.trim().to_owned();
     let (release, modules) = modules_dir(&root)?;
-    let vmlinuz = [root.join("boot").join(format!("vmlinuz-{release}")), modules.join("vmlinuz")]
+    // vmlinuz everywhere but riscv64, whose Debian image is an
+    // uncompressed `vmlinux`; from 7.x both live in the modules directory.
+    let vmlinuz = ["vmlinuz", "vmlinux"]
         .into_iter()
+        .flat_map(|n| [root.join("boot").join(format!("{n}-{release}")), modules.join(n)])
         .find(|p| p.is_file())
         .with_context(|| format!("no vmlinuz for {release} under {}", root.display()))?;
-    Ok(Kernel { version, release, vmlinuz, modules })
+    let config =
+        [root.join("boot").join(format!("config-{release}")), modules.join("config")].into_iter().find(|p| p.is_file());
+    Ok(Kernel { version, release, vmlinuz, modules, config })
 }
 
 fn modules_dir(root: &Path) -> Result<(String, PathBuf)> {
@@ -252,17 +210,20 @@ pub fn debian_mirror() -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn depends_field_gives_package_names() {
-        let d = "dracut | initramfs-tools (>= 0.120+deb8u2), linux-base-7.2.13+deb14-amd64 (= 7.2.13-1), linux-binary-7.2.13+deb14-amd64 (= 7.2.13-1)";
-        assert_eq!(dep_names(d), ["dracut", "linux-base-7.2.13+deb14-amd64", "linux-binary-7.2.13+deb14-amd64"]);
-    }
+    use crate::arch::{ARM64, RISCV64, X86_64};
 
     #[test]
     fn kernels_are_selected_by_label_or_suite() {
-        let s = select(&["7.x".into(), "bookworm".into()]).unwrap();
+        let s = select(&X86_64, &["7.x".into(), "bookworm".into()]).unwrap();
         assert_eq!(s.iter().map(|k| k.suite).collect::<Vec<_>>(), ["sid", "bookworm"]);
-        assert!(select(&["4.19".into()]).is_err());
+        assert!(select(&X86_64, &["4.19".into()]).is_err());
+    }
+
+    #[test]
+    fn each_arch_has_its_default_kernels_and_riscv64_says_why_it_has_no_6_1() {
+        assert_eq!(select(&X86_64, &[]).unwrap().len(), 4);
+        assert_eq!(select(&ARM64, &[]).unwrap().iter().map(|k| k.label).collect::<Vec<_>>(), ["6.1", "7"]);
+        let e = select(&RISCV64, &["6.1".into()]).unwrap_err().to_string();
+        assert!(e.contains("not a release architecture of Debian bookworm"), "{e}");
     }
 }

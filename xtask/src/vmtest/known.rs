@@ -3,7 +3,9 @@
 //! (as "known failure", with the reason) without failing CI. Everything not
 //! listed is required on every kernel.
 //!
-//! Format, one per line: `<kernel label or *> <test> # reason`.
+//! Format, one per line: `<kernel> <test> # reason`, where `<kernel>` is a
+//! label (`6.1`: x86-64), `<arch>:<label>` (`armv7:6.1`), `<arch>:*`, or
+//! `*` (every kernel of every architecture).
 
 use anyhow::{Context as _, Result, bail};
 use std::path::Path;
@@ -34,9 +36,14 @@ impl KnownFailures {
         Ok(Self(list))
     }
 
-    /// The reason when `test` is a known failure on `kernel`.
+    /// The reason when `test` is a known failure on `kernel` (a label, or
+    /// `<arch>:<label>`).
     pub fn reason(&self, kernel: &str, test: &str) -> Option<&str> {
-        self.0.iter().find(|(k, t, _)| (k == "*" || k == kernel) && t == test).map(|(_, _, r)| r.as_str())
+        let arch_any = kernel.split_once(':').map(|(a, _)| format!("{a}:*"));
+        self.0
+            .iter()
+            .find(|(k, t, _)| (k == "*" || k == kernel || Some(k) == arch_any.as_ref()) && t == test)
+            .map(|(_, _, r)| r.as_str())
     }
 }
 
@@ -51,5 +58,10 @@ mod tests {
         assert_eq!(k.reason("6.1", "a::b"), None);
         assert_eq!(k.reason("7", "c::d"), Some(""));
         assert!(KnownFailures::parse("5.10 a b").is_err());
+        let k = KnownFailures::parse("armv7:* e::f # slow\narm64:6.1 g::h\n").unwrap();
+        assert_eq!(k.reason("armv7:7", "e::f"), Some("slow"));
+        assert_eq!(k.reason("arm64:7", "g::h"), None);
+        assert_eq!(k.reason("arm64:6.1", "g::h"), Some(""));
+        assert_eq!(k.reason("6.1", "g::h"), None);
     }
 }

@@ -1,62 +1,117 @@
 //! `cargo xtask vm-test`: the kernel compatibility matrix. Boots real Debian
-//! kernels under qemu and runs the datapath tests inside each guest.
+//! kernels under qemu and runs the datapath tests inside each guest, on
+//! x86-64 or, cross-built, on arm64, armv7 and riscv64 (`--arch`).
 
+mod apt;
+mod build;
 mod initramfs;
 mod kernels;
 mod known;
 mod qemu;
 mod report;
+mod userland;
 
-use crate::paths::{cargo, target_dir};
-use crate::{cmd, setup};
-use anyhow::{Context as _, Result};
-use initramfs::TestBinary;
+use crate::arch::{self, Arch};
+use crate::setup;
+use anyhow::Result;
+use initramfs::GuestEnv;
 use kernels::KernelSpec;
 use report::KernelReport;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use userland::Userland;
 
-/// Whole-guest time limit (boot + all tests); NLLB_VM_TIMEOUT overrides (seconds).
+/// Whole-guest time limit (boot + all tests); NLLB_VM_TIMEOUT overrides
+/// (seconds). Scaled by the architecture's slowdown under TCG.
 const DEFAULT_TIMEOUT_SECS: u64 = 1800;
 
-/// Returns the exit status: 0 when every test passed on every kernel.
-pub fn vm_test(wanted: &[String], jobs: usize, filter: &str, binaries: &[String]) -> Result<i32> {
-    let specs = kernels::select(wanted)?;
-    let tools = setup::setup()?;
-    let target = target_dir()?;
-    let work = target.join("vm-test");
-    std::fs::create_dir_all(&work)?;
+pub struct Options<'a> {
+    pub arches: &'a [String],
+    pub kernels: &'a [String],
+    pub jobs: usize,
+    pub filter: &'a str,
+    pub binaries: &'a [String],
+    /// Build the agent (not the tests) in release mode, as deployed.
+    pub release_agent: bool,
+}
 
-    say("building nllb and the nllb-tests test binaries");
-    cmd::run(tools.apply(&mut cargo()).args(["build", "-q", "-p", "nllb-userspace", "--bin", "nllb"]))?;
-    let nllb = target.join("debug/nllb");
-    let (mut tests, host_bins) = build_tests(&tools)?;
-    if !binaries.iter().any(|b| b == "all") {
-        tests.retain(|t| binaries.contains(&t.name));
+/// One architecture's guest image: what every kernel of it boots with.
+struct ArchRun {
+    arch: &'static Arch,
+    work: PathBuf,
+    shared: PathBuf,
+    /// dev or release: which build of the agent the guests run.
+    agent_profile: String,
+}
+
+/// Returns the exit status: 0 when every test passed on every kernel.
+pub fn vm_test(o: &Options<'_>) -> Result<i32> {
+    let arches: Vec<&'static Arch> = if o.arches.is_empty() {
+        vec![&arch::X86_64]
+    } else {
+        let mut v = Vec::new();
+        for a in o.arches {
+            let a = arch::find(a)?;
+            if !v.contains(&a) {
+                v.push(a);
+            }
+        }
+        v
+    };
+    // Every kernel is checked before anything is built.
+    let mut jobs: Vec<(&'static Arch, KernelSpec)> = Vec::new();
+    for a in &arches {
+        for k in kernels::select(a, o.kernels)? {
+            jobs.push((a, k));
+        }
     }
-    say(&format!(
-        "test binaries for the guest: {}",
-        if tests.is_empty() { "none yet (smoke tests only)".into() } else { tests.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ") }
-    ));
-    let shared = initramfs::shared_archive(&work, &nllb, &tests, &host_bins, filter)?;
+    let tools = setup::setup()?;
+    setup::cross(&arches)?;
+    let target = crate::paths::target_dir()?;
+
+    let started = Instant::now();
+    let built = build::build(&tools, &arches, o.binaries, o.release_agent)?;
+    say(&format!("built in {:.0} s", started.elapsed().as_secs_f64()));
     let mirror = kernels::debian_mirror()?;
-    let timeout = Duration::from_secs(
-        std::env::var("NLLB_VM_TIMEOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_TIMEOUT_SECS),
-    );
+    let mut runs = Vec::new();
+    for a in &arches {
+        let b = built.iter().find(|b| b.arch == *a).expect("every arch was built");
+        say(&format!(
+            "{}: test binaries for the guest: {}",
+            a.name,
+            if b.tests.is_empty() { "none (smoke tests only)".into() } else { b.tests.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ") }
+        ));
+        let userland = Userland::for_arch(a, &mirror)?;
+        say(&format!("{}: guest userland: {}", a.name, userland.describe()));
+        let work = if a.is_host() { target.join("vm-test") } else { target.join("vm-test").join(a.name) };
+        std::fs::create_dir_all(&work)?;
+        let guest = GuestEnv { arch: a.name, slowdown: a.qemu.slowdown };
+        let shared = initramfs::shared_archive(&work, &userland, &guest, &b.nllb, &b.tests, &b.bins, o.filter)?;
+        runs.push(ArchRun { arch: a, work, shared, agent_profile: if o.release_agent { "release" } else { "dev" }.into() });
+    }
+    let base_timeout =
+        std::env::var("NLLB_VM_TIMEOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_TIMEOUT_SECS);
 
     let known_path = crate::paths::workspace_root().join("xtask/vm-known-failures.txt");
     let known = known::KnownFailures::load(&known_path)?;
 
-    let queue = Mutex::new(specs.iter().copied().enumerate().collect::<Vec<_>>());
+    // Longest first (slow architectures, then newest kernels), so parallel
+    // guests finish close together.
+    let mut queue: Vec<(usize, &'static Arch, KernelSpec)> =
+        jobs.iter().copied().enumerate().map(|(i, (a, k))| (i, a, k)).collect();
+    queue.sort_by_key(|(i, a, _)| (a.qemu.slowdown, *i));
+    let queue = Mutex::new(queue);
     let reports: Mutex<Vec<(usize, KernelReport)>> = Mutex::new(Vec::new());
     std::thread::scope(|s| {
-        for _ in 0..jobs.max(1) {
+        for _ in 0..o.jobs.max(1) {
             s.spawn(|| {
                 loop {
-                    let Some((i, spec)) = queue.lock().unwrap().pop() else { break };
-                    let r = run_kernel(spec, &work, &shared, &mirror, timeout, &known);
-                    say(&format!("{}: {}", spec.label, r.summary()));
+                    let Some((i, a, spec)) = queue.lock().unwrap().pop() else { break };
+                    let run = runs.iter().find(|r| r.arch == a).expect("every arch has an image");
+                    let timeout = Duration::from_secs(base_timeout * u64::from(a.qemu.slowdown));
+                    let r = run_kernel(run, spec, &mirror, timeout, &known);
+                    say(&format!("{}: {}", r.key(), r.summary()));
                     reports.lock().unwrap().push((i, r));
                 }
             });
@@ -66,26 +121,38 @@ pub fn vm_test(wanted: &[String], jobs: usize, filter: &str, binaries: &[String]
     reports.sort_by_key(|(i, _)| *i);
     let reports: Vec<KernelReport> = reports.into_iter().map(|(_, r)| r).collect();
 
-    let json = target.join("vm-matrix.json");
-    let md = crate::paths::workspace_root().join("docs/kernel-matrix.md");
-    report::write(&reports, &json, &md, &crate::paths::workspace_root().join("README.md"))?;
-    println!("\n{}", report::markdown_table(&reports));
-    say(&format!("wrote {} and {}", json.display(), md.display()));
-    let failed: Vec<&str> = reports.iter().filter(|r| !r.passed()).map(|r| r.label.as_str()).collect();
+    let root = crate::paths::workspace_root();
+    for a in &arches {
+        let mine: Vec<&KernelReport> = reports.iter().filter(|r| r.arch == a.name).collect();
+        let (json, md) = if a.is_host() {
+            (target.join("vm-matrix.json"), root.join("docs/kernel-matrix.md"))
+        } else {
+            (target.join(format!("vm-matrix-{}.json", a.name)), root.join(format!("docs/kernel-matrix-{}.md", a.name)))
+        };
+        report::write(a, &mine, &json, &md, &root.join("README.md"))?;
+        println!("\n{}", report::markdown_table(&mine));
+        say(&format!("wrote {} and {}", json.display(), md.display()));
+    }
+    let failed: Vec<String> = reports.iter().filter(|r| !r.passed()).map(|r| r.key()).collect();
     let total = |status: &str| reports.iter().map(|r| r.count(status)).sum::<usize>();
     let known_count = total("known-failure");
     if known_count > 0 {
         say(&format!("{known_count} known failures, listed with reasons in {}", known_path.display()));
     }
-    // A closing line CI's log reader understands.
     if total("flaky") > 0 {
         say(&format!("{} tests passed only on their retry (flaky under TCG?)", total("flaky")));
     }
+    for r in &reports {
+        say(&format!("{}: guest {}", r.key(), r.seconds.map(|s| format!("{s:.0} s")).unwrap_or_else(|| "—".into())));
+    }
+    say(&format!("total {:.0} s", started.elapsed().as_secs_f64()));
+    // A closing line CI's log reader understands.
     println!("vm-test: {} passed, {} failed", total("ok") + total("flaky"), total("FAILED"));
     if failed.is_empty() {
         Ok(0)
     } else {
-        say(&format!("FAILED on: {} (console logs in {})", failed.join(", "), work.display()));
+        let dirs: Vec<String> = runs.iter().map(|r| r.work.display().to_string()).collect();
+        say(&format!("FAILED on: {} (console logs under {})", failed.join(", "), dirs.join(", ")));
         Ok(1)
     }
 }
@@ -95,26 +162,26 @@ fn say(msg: &str) {
 }
 
 fn run_kernel(
+    run: &ArchRun,
     spec: KernelSpec,
-    work: &Path,
-    shared: &Path,
     mirror: &str,
     timeout: Duration,
     known: &known::KnownFailures,
 ) -> KernelReport {
-    let mut report = KernelReport::new(spec);
+    let mut report = KernelReport::new(run.arch, spec, &run.agent_profile);
+    let key = report.key();
     let result = (|| -> Result<()> {
-        say(&format!("{}: fetching the {} kernel", spec.label, spec.suite));
-        let kernel = kernels::fetch(spec, mirror)?;
+        say(&format!("{key}: fetching the {} {} kernel", spec.suite, run.arch.kernel_flavour));
+        let kernel = kernels::fetch(spec, run.arch, mirror)?;
         report.package_version = Some(kernel.version.clone());
         report.release = Some(kernel.release.clone());
-        let dir = work.join(spec.label);
+        let dir = run.work.join(spec.label);
         std::fs::create_dir_all(&dir)?;
-        let initrd = initramfs::kernel_initrd(&dir, shared, spec.label, &kernel.modules)?;
+        let initrd = initramfs::kernel_initrd(&dir, &run.shared, spec.label, &kernel)?;
         let console = dir.join("console.log");
-        say(&format!("{}: booting {} ({}), console in {}", spec.label, kernel.release, kernel.version, console.display()));
-        let run = qemu::boot(&kernel.vmlinuz, &initrd, &console, timeout)?;
-        report.fill(run, known);
+        say(&format!("{key}: booting {} ({}), console in {}", kernel.release, kernel.version, console.display()));
+        let guest = qemu::boot(run.arch, &kernel.vmlinuz, &initrd, &console, timeout)?;
+        report.fill(guest, known);
         Ok(())
     })();
     if let Err(e) = result {
@@ -123,36 +190,11 @@ fn run_kernel(
     report
 }
 
-/// `cargo test -p nllb-tests --no-run`: the test executables, and the
-/// package's binaries (tests reach them at their compiled-in paths).
-fn build_tests(tools: &setup::Tools) -> Result<(Vec<TestBinary>, Vec<PathBuf>)> {
-    let out = cmd::output(
-        tools
-            .apply(&mut cargo())
-            .args(["test", "-p", "nllb-tests", "--no-run", "--message-format=json-render-diagnostics"]),
-    )?;
-    let mut tests = Vec::new();
-    let mut bins = Vec::new();
-    for line in out.lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        if msg["reason"] != "compiler-artifact" {
-            continue;
-        }
-        let Some(exe) = msg["executable"].as_str() else { continue };
-        let name = msg["target"]["name"].as_str().context("artifact without target name")?;
-        let kinds: Vec<&str> =
-            msg["target"]["kind"].as_array().into_iter().flatten().filter_map(|k| k.as_str()).collect();
-        if msg["profile"]["test"] == true {
-            // Integration tests keep their name; unit tests of a lib or bin
-            // target get a suffix so they never shadow the bin itself.
-            let name = match kinds.first() {
-                Some(&"test") | None => name.to_owned(),
-                Some(kind) => format!("{name}-{kind}-unittests"),
-            };
-            tests.push(TestBinary { name, path: exe.into() });
-        } else if kinds.contains(&"bin") {
-            bins.push(PathBuf::from(exe));
-        }
-    }
-    Ok((tests, bins))
+/// Where one architecture's binaries ended up.
+pub struct Built {
+    pub arch: &'static Arch,
+    pub nllb: PathBuf,
+    pub tests: Vec<initramfs::TestBinary>,
+    pub bins: Vec<PathBuf>,
 }
+

@@ -1,6 +1,7 @@
 //! Booting one kernel under qemu (TCG: the host's KVM is unusable for stock
 //! kernels) and scraping the guest's result lines from its console.
 
+use crate::arch::Arch;
 use anyhow::{Context as _, Result};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -17,23 +18,30 @@ pub struct GuestRun {
     pub detect: Option<String>,
     /// The guest reached the end of its init script.
     pub done: bool,
+    /// The agent's VmRSS and VmHWM in KiB (small config, idle).
+    pub rss_kib: Option<(u64, u64)>,
+    /// On a kernel whose BPF JIT is off: whether it compiles nllb's
+    /// programs once switched on.
+    pub jit_when_enabled: Option<bool>,
 }
 
-pub fn boot(vmlinuz: &Path, initrd: &Path, console_log: &Path, timeout: Duration) -> Result<GuestRun> {
+pub fn boot(arch: &Arch, vmlinuz: &Path, initrd: &Path, console_log: &Path, timeout: Duration) -> Result<GuestRun> {
     let log = std::fs::File::create(console_log).with_context(|| format!("creating {}", console_log.display()))?;
     let start = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-smp", "1", "-m", "512M", "-nographic", "-no-reboot"])
+    let q = &arch.qemu;
+    let mut child = Command::new(q.binary)
+        .args(q.machine)
+        .args(["-smp", "1", "-m", "512M", "-nographic", "-no-reboot"])
         .arg("-kernel")
         .arg(vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1"])
+        .args(["-append", format!("console={} panic=-1 {}", q.console, q.append).trim_end()])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
-        .context("starting qemu-system-x86_64 (`cargo xtask setup` installs qemu-system-x86)")?;
+        .with_context(|| format!("starting {} (`cargo xtask setup` installs {})", q.binary, q.package))?;
     let mut timed_out = false;
     loop {
         if child.try_wait()?.is_some() {
@@ -70,7 +78,7 @@ pub fn parse(console: &str) -> GuestRun {
             }
             continue;
         }
-        let Some(at) = ["NLLB-BOOT ", "NLLB-RESULT ", "NLLB-DETECT-BEGIN ", "NLLB-DONE "]
+        let Some(at) = ["NLLB-BOOT ", "NLLB-RESULT ", "NLLB-DETECT-BEGIN ", "NLLB-DONE ", "NLLB-RSS ", "NLLB-JIT-ON "]
             .iter()
             .filter_map(|m| line.find(m))
             .min()
@@ -87,6 +95,8 @@ pub fn parse(console: &str) -> GuestRun {
             )),
             ["NLLB-DETECT-BEGIN", ..] => detect = Some(Vec::new()),
             ["NLLB-DONE", ..] => run.done = true,
+            ["NLLB-RSS", _, rss, hwm, ..] => run.rss_kib = rss.parse().ok().zip(hwm.parse().ok()),
+            ["NLLB-JIT-ON", _, jited, ..] => run.jit_when_enabled = jited.parse().ok(),
             _ => {}
         }
     }
@@ -101,7 +111,7 @@ mod tests {
     fn result_lines_are_scraped_even_after_kernel_noise() {
         let console = "[    1.0] veth: loaded\r\nNLLB-BOOT 6.1 6.1.0-50-amd64\r\n\
             NLLB-RESULT 6.1 smoke::nllb-runs ok\n[ 2.0] x: yNLLB-RESULT 6.1 datapath::refused FAILED 7\n\
-            NLLB-DETECT-BEGIN 6.1\nconnect4 yes\nNLLB-DETECT-END 6.1\nNLLB-DONE 6.1\n";
+            NLLB-DETECT-BEGIN 6.1\nconnect4 yes\nNLLB-DETECT-END 6.1\nNLLB-RSS 6.1 11520 12032\nNLLB-JIT-ON 6.1 true\nNLLB-DONE 6.1\n";
         let run = parse(console);
         assert_eq!(run.uname.as_deref(), Some("6.1.0-50-amd64"));
         assert_eq!(
@@ -112,6 +122,8 @@ mod tests {
             ]
         );
         assert_eq!(run.detect.as_deref(), Some("connect4 yes"));
+        assert_eq!(run.rss_kib, Some((11520, 12032)));
+        assert_eq!(run.jit_when_enabled, Some(true));
         assert!(run.done);
     }
 }
