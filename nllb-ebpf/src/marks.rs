@@ -47,9 +47,10 @@ pub fn mark(key: &BackendKey, cause: MarkCause, cookie: u64, svc_id: u32) {
 }
 
 /// A steered connect to `key` was established: a mark set before now no
-/// longer counts. Only a marked backend is written to.
+/// longer counts. Only a marked backend is written to. `socket` gives the
+/// connect's cookie and service id, for the event.
 #[inline(always)]
-pub fn recover(key: &BackendKey, cookie: impl FnOnce() -> u64) -> bool {
+pub fn recover(key: &BackendKey, socket: impl FnOnce() -> (u64, u32)) -> bool {
     // SAFETY: copied out at once.
     let Some(prev) = unsafe { NLLB_MARKS.get(key) }.copied() else {
         return false;
@@ -61,6 +62,7 @@ pub fn recover(key: &BackendKey, cookie: impl FnOnce() -> u64) -> bool {
     let now = unsafe { bpf_ktime_get_ns() };
     let next = PassiveMark { recovered_ns: now, ..prev };
     let _ = NLLB_MARKS.insert(key, &next, 0);
-    events::backend_event(EventKind::Recover, 0, key, cookie(), 0, now);
+    let (cookie, svc_id) = socket();
+    events::backend_event(EventKind::Recover, 0, key, cookie, svc_id, now);
     true
 }

@@ -86,7 +86,7 @@ fn timeout_init(ctx: &SockOpsContext) {
 fn established(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags((ctx.cb_flags() & !OUR_FLAGS) as i32);
     // Cheap for an unmarked backend: one hash lookup that misses.
-    marks::recover(&remote_key(ctx), || sockets::of_sock_ops(ctx).map(|s| s.cookie).unwrap_or(0));
+    marks::recover(&remote_key(ctx), || sockets::of_sock_ops(ctx).map_or((0, 0), |s| (s.cookie, s.svc_id)));
 }
 
 #[inline(always)]

@@ -38,6 +38,7 @@ use crate::{
     stand_aside::{Selected, select_datapath},
     status::{AgentStatus, PassiveStatus, ServiceStatus},
     sys,
+    trace::notes::{AbortCause, NoteSender},
 };
 
 #[derive(Clone, Debug)]
@@ -176,6 +177,8 @@ struct Agent {
     datapath: DatapathWorker,
     events: Option<EventReader>,
     reaper: Option<Arc<Reaper>>,
+    /// Tells an attached `nllb trace` which connects were aborted.
+    notes: Arc<NoteSender>,
     /// The plan last handed to the datapath thread.
     plan: Plan,
     /// A reload was accepted; it is reported once its plan is live.
@@ -280,6 +283,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let kind = datapath.kind();
     let (aborted_tx, aborted_rx) = mpsc::unbounded_channel();
     let rebalance = Rebalance::new(config.rebalance.clone(), reaper.clone());
+    let notes = Arc::new(NoteSender::new(&opts.run_dir));
     let mut agent = Agent {
         config,
         opts,
@@ -287,6 +291,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         datapath: DatapathWorker::spawn(datapath),
         events,
         reaper,
+        notes,
         plan,
         reload_pending: false,
         destroy_after_apply: BTreeSet::new(),
@@ -524,8 +529,16 @@ impl Agent {
             return;
         };
         let tx = self.aborted_tx.clone();
+        let notes = self.notes.clone();
         tokio::task::spawn_blocking(move || {
-            let result = reaper.abort(backend, states).map_err(|e| e.to_string());
+            let result = match reaper.abort(backend, states) {
+                Ok(destroyed) => {
+                    let cause = if why == WHY_MARKED { AbortCause::BackendMarked } else { AbortCause::BackendRemoved };
+                    notes.aborted(cause, &destroyed);
+                    Ok(destroyed.len())
+                }
+                Err(e) => Err(e.to_string()),
+            };
             let _ = tx.send(Aborted { backend, why, result });
         });
     }

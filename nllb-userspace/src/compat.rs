@@ -310,7 +310,7 @@ mod tests {
         assert!(by_version(Feature::CgroupGetpeername, v5_10));
         assert!(!by_version(Feature::BpfSockDestroy, v5_10));
         assert!(by_version(Feature::BpfSockDestroy, KernelVersion::new(6, 12)));
-        assert_eq!(min_ebpf_kernel(), KernelVersion::new(5, 8));
+        assert_eq!(min_ebpf_kernel(), KernelVersion::new(5, 9), "cgroup/sock_release");
         assert!(missing_features(v5_10).is_empty());
         let old: Vec<_> = missing_features(v5_4).iter().map(|f| f.feature).collect();
         assert!(old.contains(&Feature::CgroupBpfLink) && old.contains(&Feature::RingBuf), "{old:?}");

@@ -23,6 +23,7 @@ pub mod stand_aside;
 pub mod status;
 pub mod sys;
 pub mod systemd;
+pub mod trace;
 pub mod yaml;
 
 /// The eBPF object built from `nllb-ebpf` by build.rs (aya-build).

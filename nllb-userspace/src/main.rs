@@ -79,6 +79,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stream the datapath's decisions live, one line each: steered,
+    /// skipped, refused, marks, recoveries, connects the agent aborted.
+    Trace {
+        #[command(flatten)]
+        loc: Locations,
+        #[command(flatten)]
+        args: nllb::trace::TraceArgs,
+    },
     /// Remove programs, links and pins left under the pin path.
     Uninstall {
         #[command(flatten)]
@@ -169,6 +177,13 @@ fn main() -> ExitCode {
             let served = report.datapath_installed || nllb::stand_aside::node_served(&report);
             if report.agent_running && served { 0 } else { 1 }
         }
+        Command::Trace { loc, args } => match nllb::trace::run(&loc.pin_path, &loc.run_dir, &args) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("nllb trace: {}", nllb::errors::chain(&e));
+                e.exit_code()
+            }
+        },
         Command::Detect(args) => nllb::detect::run_detect(args),
         Command::EnvoyConfig(args) => envoy_config(&args),
         Command::Kubeconfig(args) => match nllb::kubeconfig::run(&args) {

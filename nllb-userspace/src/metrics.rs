@@ -124,6 +124,12 @@ impl Metrics {
         registry.register("datapath_mode", "The datapath serving the virtual addresses", m.mode.clone());
         registry.register("envoy_restarts", "Times the supervised Envoy was restarted", m.envoy_restarts.clone());
         registry.register("config_reloads", "Config reloads by result", m.reloads.clone());
+        // Both results exported from the start, at 0: a series that first
+        // appears at 1 shows no increase() in Prometheus, so the first
+        // rejection would never fire NllbConfigReloadRejected.
+        for mode in ["applied", "rejected"] {
+            let _ = m.reloads.get_or_create(&ModeLabels { mode: mode.into() });
+        }
         let build: Family<BuildLabels, Gauge> = Family::default();
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
         registry.register("build_info", "Agent build", build);

@@ -129,17 +129,16 @@ pub fn sockets_to(backend: SocketAddr, states: States) -> Result<Vec<SocketInfo>
 /// the meantime (ENOENT, or ESTALE when another socket took the same address
 /// pair) are not errors. Returns how many were destroyed.
 pub fn destroy(sockets: &[SocketInfo]) -> Result<usize, SockDiagError> {
+    Ok(destroy_each(sockets)?.into_iter().filter(|d| *d).count())
+}
+
+/// [`destroy`], saying for each socket (in order) whether it was destroyed.
+pub fn destroy_each(sockets: &[SocketInfo]) -> Result<Vec<bool>, SockDiagError> {
     if sockets.is_empty() {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let mut nl = DiagSocket::open()?;
-    let mut destroyed = 0;
-    for socket in sockets {
-        if nl.destroy(socket)? {
-            destroyed += 1;
-        }
-    }
-    Ok(destroyed)
+    sockets.iter().map(|socket| nl.destroy(socket)).collect()
 }
 
 /// What [`sockets_to`] found, and how many replies the kernel sent for it

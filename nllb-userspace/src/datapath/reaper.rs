@@ -8,6 +8,8 @@
 
 use std::net::SocketAddr;
 
+use nllb_common::SockState;
+
 use super::kernel::SocketTable;
 use crate::sock_diag::{self, SockDiagError, SocketInfo, States};
 
@@ -29,29 +31,37 @@ impl Reaper {
         Reaper { sockets }
     }
 
-    /// nllb's sockets to `backend` in `states`, oldest connect first.
-    pub fn sockets_to(&self, backend: SocketAddr, states: States) -> Result<Vec<(SocketInfo, u64)>, SockDiagError> {
-        Ok(self.steered_to(backend, states)?.into_iter().map(|s| (s.socket, s.created_ns)).collect())
-    }
-
-    /// The same with the service each socket was steered for.
-    pub fn steered_to(&self, backend: SocketAddr, states: States) -> Result<Vec<Steered>, SockDiagError> {
-        let mut ours: Vec<Steered> = sock_diag::sockets_to(backend, states)?
+    /// nllb's sockets to `backend` in `states` with what nllb remembers of
+    /// each, oldest connect first.
+    fn ours(&self, backend: SocketAddr, states: States) -> Result<Vec<(SocketInfo, SockState)>, SockDiagError> {
+        let mut ours: Vec<(SocketInfo, SockState)> = sock_diag::sockets_to(backend, states)?
             .into_iter()
-            .filter_map(|s| {
-                self.sockets.get(s.cookie).map(|st| Steered { created_ns: st.created_ns, svc_id: st.svc_id, socket: s })
-            })
+            .filter_map(|s| self.sockets.get(s.cookie).map(|st| (s, st)))
             .collect();
-        ours.sort_by_key(|s| s.created_ns);
+        ours.sort_by_key(|(_, st)| st.created_ns);
         Ok(ours)
     }
 
-    /// Destroys nllb's sockets to `backend` in `states`; returns how many.
-    pub fn abort(&self, backend: SocketAddr, states: States) -> Result<usize, SockDiagError> {
-        let ours: Vec<SocketInfo> = self.sockets_to(backend, states)?.into_iter().map(|(s, _)| s).collect();
-        if ours.is_empty() {
-            return Ok(0);
-        }
-        sock_diag::destroy(&ours)
+    /// nllb's sockets to `backend` in `states`, oldest connect first.
+    pub fn sockets_to(&self, backend: SocketAddr, states: States) -> Result<Vec<(SocketInfo, u64)>, SockDiagError> {
+        Ok(self.ours(backend, states)?.into_iter().map(|(s, st)| (s, st.created_ns)).collect())
+    }
+
+    /// nllb's sockets to `backend` in `states` with the service each was
+    /// steered for, oldest connect first (rebalancing counts them).
+    pub fn steered_to(&self, backend: SocketAddr, states: States) -> Result<Vec<Steered>, SockDiagError> {
+        Ok(self
+            .ours(backend, states)?
+            .into_iter()
+            .map(|(socket, st)| Steered { socket, created_ns: st.created_ns, svc_id: st.svc_id })
+            .collect())
+    }
+
+    /// Destroys nllb's sockets to `backend` in `states`; returns what nllb
+    /// remembered of each one destroyed (`nllb trace` shows them).
+    pub fn abort(&self, backend: SocketAddr, states: States) -> Result<Vec<SockState>, SockDiagError> {
+        let (infos, states): (Vec<SocketInfo>, Vec<SockState>) = self.ours(backend, states)?.into_iter().unzip();
+        let destroyed = sock_diag::destroy_each(&infos)?;
+        Ok(states.into_iter().zip(destroyed).filter_map(|(st, done)| done.then_some(st)).collect())
     }
 }
