@@ -171,7 +171,14 @@ fn bpftool_dumps_maps_with_field_names() {
     }
     let cg = TestCgroup::new();
     let agent = Agent::start(&AgentOpts {
-        config_yaml: one_service_config(&["127.0.0.1:7443"], BACKEND_PORT, &["198.18.1.2".parse().unwrap()], ""),
+        // No probes: the backend does not exist, and the panic-mode publish
+        // the probes would trigger replaces the table between the two dumps.
+        config_yaml: one_service_config(
+            &["127.0.0.1:7443"],
+            BACKEND_PORT,
+            &["198.18.1.2".parse().unwrap()],
+            "health:\n  enabled: false\n",
+        ),
         cgroup: cg.path().to_path_buf(),
         ..Default::default()
     });
