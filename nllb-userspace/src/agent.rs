@@ -33,6 +33,7 @@ use crate::{
     metrics::{self, Metrics},
     model::{BackendFacts, Plan},
     passive,
+    rebalance::Rebalance,
     sock_diag::States,
     stand_aside::{Selected, select_datapath},
     status::{AgentStatus, PassiveStatus, ServiceStatus},
@@ -201,6 +202,8 @@ struct Agent {
     discovered: Option<watch::Receiver<DiscoveredSet>>,
     /// The controller set in force: discovered, cached, or the seed.
     backends: Vec<IpAddr>,
+    /// Moves long-lived connections back to controllers that return (issue 17).
+    rebalance: Rebalance,
 }
 
 pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
@@ -279,6 +282,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let reaper = datapath.reaper();
     let kind = datapath.kind();
     let (aborted_tx, aborted_rx) = mpsc::unbounded_channel();
+    let rebalance = Rebalance::new(config.rebalance.clone(), reaper.clone());
     let notes = Arc::new(NoteSender::new(&opts.run_dir));
     let mut agent = Agent {
         config,
@@ -304,6 +308,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         transitions,
         discovered,
         backends,
+        rebalance,
     };
     agent.metrics.set_mode(kind.name());
     let result = agent.serve().await;
@@ -353,12 +358,14 @@ impl Agent {
                 events = next_events(&mut self.events) => self.on_kernel_events(events),
                 Some(applied) = self.datapath.next_applied() => self.on_applied(applied),
                 Some(aborted) = self.aborted_rx.recv() => self.on_aborted(aborted),
+                Some(report) = self.rebalance.next_report() => self.on_rebalance(report),
                 _ = tick.tick() => {
                     ticks += 1;
                     systemd.tick();
                     self.health.beat();
                     self.datapath.refresh();
                     self.metrics.sync_datapath(&self.datapath.snapshot());
+                    self.rebalance.tick();
                     // A ConfigMap update or an edit applies itself: no restart,
                     // no SIGHUP needed (k0s needs a worker restart, #8212).
                     if ticks % 4 == 0 {
@@ -436,6 +443,7 @@ impl Agent {
         }
         self.backends = controllers(&self.discovered, &config.backends);
         self.monitor.set_targets(health::targets(&config.services, &self.backends));
+        self.rebalance.set_settings(config.rebalance.clone());
         self.config = config;
         self.metrics.reloads.get_or_create(&metrics::ModeLabels { mode: "applied".into() }).inc();
         tracing::info!("reloaded {}", self.opts.config_path.display());
@@ -464,6 +472,8 @@ impl Agent {
             self.metrics.set_syn_timing(*backend, facts.syn_timeout, worst);
         }
         plan.backends = self.facts.clone();
+        self.rebalance.observe(&plan, &reaction.recovered);
+        self.rebalance.weigh(&mut plan);
         self.destroy_after_apply.extend(reaction.to_destroy(&self.config.health));
         if plan != self.plan {
             self.datapath.apply(plan.clone());
@@ -475,6 +485,11 @@ impl Agent {
     }
 
     fn on_applied(&mut self, applied: Applied) {
+        if applied.result.is_ok() {
+            // Exactly the weights the kernel now serves (rebalancing ends
+            // connections only once they are live).
+            self.rebalance.plan_live(&applied.plan);
+        }
         match &applied.result {
             Ok(()) if applied.plan == self.plan => self.plan_live(),
             Ok(()) => {}
@@ -489,6 +504,16 @@ impl Agent {
             tracing::info!("reloaded {}: the new config is live", self.opts.config_path.display());
         }
         self.destroy_now();
+    }
+
+    /// A rebalancing count or move finished (`crate::rebalance`); new
+    /// weights are published with the plan.
+    fn on_rebalance(&mut self, report: crate::rebalance::Report) {
+        if self.rebalance.on_report(report, &self.datapath.snapshot(), &self.metrics) {
+            self.apply_health();
+        } else {
+            self.write_status();
+        }
     }
 
     /// Closes nllb's connections to the backends waiting for it, on a
@@ -637,6 +662,7 @@ impl Agent {
             cgroup: Some(self.cgroup.clone()),
             services,
             passive,
+            rebalance: self.rebalance.status(),
             health: serde_json::to_value(&health).unwrap_or_default(),
             extra: self.status_extra(),
             updated_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod model;
 pub mod passive;
 pub mod platform;
+pub mod rebalance;
 pub mod sock_diag;
 pub mod stand_aside;
 pub mod status;

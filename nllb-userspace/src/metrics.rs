@@ -72,6 +72,9 @@ pub struct Metrics {
     pub mode: Family<ModeLabels, Gauge>,
     pub envoy_restarts: Counter,
     pub reloads: Family<ModeLabels, Counter>,
+    pub established: Family<BackendLabels, Gauge>,
+    pub rebalance_moves: Family<BackendLabels, Counter>,
+    pub rebalance_weight: Family<AddrLabels, Gauge>,
     /// Last absolute value seen per kernel counter, to feed monotonic deltas.
     last: Mutex<HashMap<String, u64>>,
 }
@@ -101,6 +104,9 @@ impl Metrics {
             mode: Family::default(),
             envoy_restarts: Counter::default(),
             reloads: Family::default(),
+            established: Family::default(),
+            rebalance_moves: Family::default(),
+            rebalance_weight: Family::default(),
             last: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
@@ -152,7 +158,45 @@ impl Metrics {
             "Longest recent probe TCP handshake (what synTimeout auto is derived from)",
             m.handshake_worst.clone(),
         );
+        registry.register(
+            "established_connections",
+            "Established connections nllb steered, per backend, at the last count",
+            m.established.clone(),
+        );
+        registry.register(
+            "rebalance_moves",
+            "Connections rebalancing ended at a backend so they reconnect to a less loaded one",
+            m.rebalance_moves.clone(),
+        );
+        registry.register(
+            "rebalance_weight",
+            "Slots of a backend in its service's table (more than 1 while it draws reconnects)",
+            m.rebalance_weight.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Established connections per (service, backend) as just counted; the
+    /// move counters of those backends show up from here on, at 0.
+    pub fn set_established<'a>(&self, counts: impl Iterator<Item = (&'a str, SocketAddr, usize)>) {
+        self.established.clear();
+        for (service, backend, n) in counts {
+            let labels = BackendLabels { service: service.into(), backend: backend.to_string() };
+            self.established.get_or_create(&labels).set(n as i64);
+            let _ = self.rebalance_moves.get_or_create(&labels);
+        }
+    }
+
+    pub fn set_rebalance_weights(&self, weights: impl Iterator<Item = (SocketAddr, u32)>) {
+        self.rebalance_weight.clear();
+        for (backend, w) in weights {
+            self.rebalance_weight.get_or_create(&AddrLabels { backend: backend.to_string() }).set(i64::from(w));
+        }
+    }
+
+    pub fn rebalance_move(&self, service: &str, backend: SocketAddr) {
+        let labels = BackendLabels { service: service.into(), backend: backend.to_string() };
+        self.rebalance_moves.get_or_create(&labels).inc();
     }
 
     /// Feed an absolute kernel counter into a monotonic Prometheus counter.

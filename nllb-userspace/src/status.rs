@@ -25,6 +25,10 @@ pub struct AgentStatus {
     /// derived from, and the connects aborted when it was marked.
     #[serde(default)]
     pub passive: Vec<PassiveStatus>,
+    /// Per published (service, backend): nllb's established connections and
+    /// the ones rebalancing moved (issue 17).
+    #[serde(default)]
+    pub rebalance: Vec<RebalanceStatus>,
     /// Per backend health, filled by the health monitor when enabled.
     #[serde(default)]
     pub health: serde_json::Value,
@@ -50,6 +54,18 @@ pub struct PassiveStatus {
     pub syn_timeout_ms: Option<u64>,
     pub handshake_worst_ms: Option<f64>,
     pub syn_sent_aborted: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RebalanceStatus {
+    pub service: String,
+    pub backend: SocketAddr,
+    /// At the last count (None: not counted yet).
+    pub established: Option<u64>,
+    /// Connections rebalancing ended here so they reconnect elsewhere.
+    pub moves: u64,
+    /// Slots in the service's table (more than 1: it draws reconnects).
+    pub weight: u32,
 }
 
 pub const STATUS_FILE: &str = "status.json";
@@ -286,6 +302,12 @@ pub fn render(r: &StatusReport) -> String {
                 b.syn_timeouts,
                 p.map_or(0, |p| p.syn_sent_aborted),
             );
+            let rebalance =
+                r.agent.as_ref().and_then(|a| a.rebalance.iter().find(|x| x.service == name && x.backend == b.addr));
+            if let Some(rb) = rebalance {
+                let established = rb.established.map_or_else(|| "-".into(), |n| n.to_string());
+                let _ = writeln!(out, "  {:<28} established {established}  rebalance moves {}", "", rb.moves);
+            }
         }
         if s.backends.is_empty() {
             let _ = writeln!(out, "  (no backends published: connects are refused)");

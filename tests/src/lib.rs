@@ -7,18 +7,22 @@ mod agent;
 mod cgroup;
 mod client;
 pub mod fake_apiserver;
+mod hold_server;
 pub mod k0s_nllb;
 pub mod kube;
 mod net;
 mod server;
+mod watches;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use agent::{AGENT_CAPABILITIES, Agent, AgentOpts, nllb_bin};
 pub use cgroup::{TestCgroup, cgroup2_mount};
 pub use client::{ClientOpts, ClientReport, ConnectResult, run_client, stop_client, testclient_bin, wait_client};
+pub use hold_server::HoldServer;
 pub use net::{Netns, TestHost, TestNet};
 pub use server::Server;
+pub use watches::Watches;
 
 /// Whether privileged tests can run. Without root they skip with a message,
 /// except under CI (`CI` set), where skipping would hide a failure.

@@ -75,6 +75,12 @@ impl TestHost {
         Server::start(&self.netns, port, name)
     }
 
+    /// Hold long-lived connections on `port` as controller `name` (see
+    /// [`HoldServer`](crate::HoldServer)).
+    pub fn hold(&self, port: u16, name: &str) -> crate::HoldServer {
+        crate::HoldServer::start(&self.netns, port, name)
+    }
+
     /// Drop every packet to and from this host (a blackholed controller:
     /// SYNs time out instead of being refused).
     pub fn blackhole(&self) {

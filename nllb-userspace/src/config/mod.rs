@@ -5,7 +5,8 @@
 //! This module only composes: each subsystem owns its section and its
 //! checks (`health:` in [`crate::health`], `discovery:` in
 //! [`crate::discovery`], `envoy:` in [`crate::envoy`], `passive:` in
-//! [`crate::passive`]), addresses are checked by [`crate::addr`], and errors
+//! [`crate::passive`], `rebalance:` and `services[].rebalance` in
+//! [`crate::rebalance`]), addresses are checked by [`crate::addr`], and errors
 //! are [`crate::errors::ConfigError`]. Nothing here is imported back by
 //! them. What is left here are the agent's own top-level keys.
 
@@ -19,6 +20,7 @@ pub use crate::errors::ConfigError;
 use crate::{
     addr::BackendAddr, discovery::DiscoveryConfig, envoy::EnvoyConfig, health::HealthConfig, model::Service,
     passive::PassiveConfig,
+    rebalance::{RebalanceConfig, RebalanceSettings},
 };
 pub use services::ServiceConfig;
 
@@ -64,6 +66,8 @@ pub struct ConfigFile {
     #[serde(default)]
     pub envoy: EnvoyConfig,
     #[serde(default)]
+    pub rebalance: RebalanceConfig,
+    #[serde(default)]
     pub metrics_addr: Option<String>,
     /// Remove the datapath when the agent exits (default: keep it serving).
     #[serde(default)]
@@ -85,6 +89,7 @@ pub struct Config {
     pub passive: PassiveConfig,
     pub discovery: DiscoveryConfig,
     pub envoy: EnvoyConfig,
+    pub rebalance: RebalanceSettings,
     pub metrics_addr: Option<SocketAddr>,
     pub detach_on_exit: bool,
 }
@@ -138,6 +143,12 @@ impl ConfigFile {
         self.discovery.validate()?;
         self.envoy.validate()?;
         self.passive.validate()?;
+        let overrides = self
+            .services
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| Some((format!("services[{i}].rebalance"), s.name.as_str(), s.rebalance.as_ref()?)));
+        let rebalance = self.rebalance.compose(overrides)?;
         Ok(Config {
             services,
             backends,
@@ -147,6 +158,7 @@ impl ConfigFile {
             passive: self.passive,
             discovery: self.discovery,
             envoy: self.envoy,
+            rebalance,
             metrics_addr,
             detach_on_exit: self.detach_on_exit,
         })
@@ -223,6 +235,23 @@ hostNetworkOnly: true
         assert_eq!(e.field, "backends[0]");
         let e = err(&format!("{base}backends: [\"not-an-ip\"]\n"));
         assert_eq!(e.field, "backends[0]");
+    }
+
+    #[test]
+    fn rebalance_is_global_with_per_service_overrides_checked_against_it() {
+        let c = Config::parse(&format!("{GOOD}rebalance:\n  maxPerMinute: 6\n  healthyFor: 30s\n")).unwrap();
+        assert_eq!(c.rebalance.service("apiserver").max_per_minute, 6);
+        let konnectivity = |rebalance: &str| {
+            GOOD.replace("    backendPort: 8132\n", &format!("    backendPort: 8132\n    rebalance: {rebalance}\n"))
+        };
+        let c = Config::parse(&konnectivity("{enabled: false}")).unwrap();
+        assert!(!c.rebalance.service("konnectivity").enabled && c.rebalance.service("apiserver").enabled);
+        let e = err(&konnectivity("{maxPerMinute: 60}"));
+        assert_eq!(e.field, "services[1].rebalance.maxPerMinute");
+        let e = err(&format!("{GOOD}rebalance:\n  margin: -1\n"));
+        assert_eq!(e.field, "rebalance.margin");
+        let e = err(&konnectivity("{healthyFor: 1s}"));
+        assert_eq!(e.field, "services[1].rebalance.healthyFor", "only the global section has it: {e}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::{
     addr::{BackendAddr, VirtualAddr},
     errors::ConfigError,
     model::Service,
+    rebalance::RebalanceOverride,
 };
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -21,6 +22,9 @@ pub struct ServiceConfig {
     pub name: String,
     pub listen: Vec<VirtualAddr>,
     pub backend_port: u32,
+    /// What this service sets differently from `rebalance:`.
+    #[serde(default)]
+    pub rebalance: Option<RebalanceOverride>,
 }
 
 /// The services as the datapath needs them: `derived` (already valid)

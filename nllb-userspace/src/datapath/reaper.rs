@@ -13,6 +13,15 @@ use nllb_common::SockState;
 use super::kernel::SocketTable;
 use crate::sock_diag::{self, SockDiagError, SocketInfo, States};
 
+/// One of nllb's sockets: what sock_diag reported, when it connected
+/// (CLOCK_MONOTONIC ns) and the id of the service it was steered for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Steered {
+    pub socket: SocketInfo,
+    pub created_ns: u64,
+    pub svc_id: u32,
+}
+
 pub struct Reaper {
     sockets: SocketTable,
 }
@@ -36,6 +45,16 @@ impl Reaper {
     /// nllb's sockets to `backend` in `states`, oldest connect first.
     pub fn sockets_to(&self, backend: SocketAddr, states: States) -> Result<Vec<(SocketInfo, u64)>, SockDiagError> {
         Ok(self.ours(backend, states)?.into_iter().map(|(s, st)| (s, st.created_ns)).collect())
+    }
+
+    /// nllb's sockets to `backend` in `states` with the service each was
+    /// steered for, oldest connect first (rebalancing counts them).
+    pub fn steered_to(&self, backend: SocketAddr, states: States) -> Result<Vec<Steered>, SockDiagError> {
+        Ok(self
+            .ours(backend, states)?
+            .into_iter()
+            .map(|(socket, st)| Steered { socket, created_ns: st.created_ns, svc_id: st.svc_id })
+            .collect())
     }
 
     /// Destroys nllb's sockets to `backend` in `states`; returns what nllb

@@ -9,6 +9,13 @@
 //! `HOLD connected`, and then one `HOLD closed <i> errno=<n>` line as each
 //! one ends (errno 0: closed by the peer or still open after the timeout);
 //! the socket destroy tests watch those lines.
+//!
+//! With `--hold --reconnect` each connection behaves like a watch or a
+//! tunnel: it reads the server's greeting line (its name), prints
+//! `HOLD up <i> <name>`, and when the connection ends prints
+//! `HOLD closed <i> errno=<n>` and dials again after a short pause, until
+//! SIGTERM (`HOLD stopped`). `--ping-ms` makes it a tunnel: it writes a
+//! byte that often and reads the echo.
 
 use std::{
     io::{Read as _, Write as _},
@@ -53,6 +60,12 @@ struct Args {
     /// Hold the connections open and report how each one ends.
     #[arg(long)]
     hold: bool,
+    /// With --hold: dial again whenever a connection ends, until SIGTERM.
+    #[arg(long)]
+    reconnect: bool,
+    /// With --reconnect: send a byte this often and read the echo.
+    #[arg(long)]
+    ping_ms: Option<u64>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -71,12 +84,15 @@ fn main() -> anyhow::Result<()> {
         nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
     }
     let timeout = Duration::from_millis(args.timeout_ms);
-    if args.hold {
+    if args.hold && !args.reconnect {
         return hold(args.addr, args.count, timeout);
     }
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         nix::sys::signal::signal(nix::sys::signal::Signal::SIGTERM, nix::sys::signal::SigHandler::Handler(stop))?;
+    }
+    if args.hold {
+        return hold_reconnecting(args.addr, args.count, timeout, args.ping_ms.map(Duration::from_millis));
     }
     let start = Instant::now();
     let mut report = ClientReport {
@@ -208,4 +224,59 @@ fn hold(addr: SocketAddr, count: u32, timeout: Duration) -> anyhow::Result<()> {
         let _ = t.join();
     }
     Ok(())
+}
+
+/// How long a watch waits before it dials again after its connection ended
+/// or a dial failed.
+const REDIAL: Duration = Duration::from_millis(100);
+
+/// `count` connections that each dial again when they end, until SIGTERM.
+fn hold_reconnecting(addr: SocketAddr, count: u32, timeout: Duration, ping: Option<Duration>) -> anyhow::Result<()> {
+    for i in 0..count {
+        std::thread::spawn(move || {
+            while !STOP.load(Ordering::SeqCst) {
+                if let Ok(s) = TcpStream::connect_timeout(&addr, timeout) {
+                    let errno = watch(s, i, timeout, ping);
+                    println!("HOLD closed {i} errno={errno}");
+                }
+                std::thread::sleep(REDIAL);
+            }
+        });
+    }
+    while !STOP.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("HOLD stopped");
+    Ok(())
+}
+
+/// One connection from greeting to end; returns the errno it ended with (0:
+/// closed by the peer).
+fn watch(mut s: TcpStream, i: u32, timeout: Duration, ping: Option<Duration>) -> i32 {
+    let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(0);
+    let _ = s.set_read_timeout(Some(timeout));
+    let mut name = Vec::new();
+    let mut byte = [0u8; 1];
+    while name.last() != Some(&b'\n') {
+        match s.read(&mut byte) {
+            Ok(0) => return 0,
+            Ok(_) => name.push(byte[0]),
+            Err(e) => return errno(e),
+        }
+    }
+    println!("HOLD up {i} {}", String::from_utf8_lossy(&name).trim());
+    let _ = s.set_read_timeout(ping);
+    let mut buf = [0u8; 64];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return 0,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                if let Err(e) = s.write_all(b"p") {
+                    return errno(e);
+                }
+            }
+            Err(e) => return errno(e),
+        }
+    }
 }
