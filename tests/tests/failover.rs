@@ -256,7 +256,7 @@ fn the_agents_own_probes_never_set_a_passive_mark() {
 /// through. The host kernel here has no sch_netem; the kernel-matrix guests
 /// do, and `cargo xtask vm-test` runs the tests named `netem_*` there.
 #[test]
-#[ignore = "needs sch_netem: the kernel-matrix guests run it (cargo xtask vm-test)"]
+#[ignore = "needs the sch_netem qdisc, which this machine's kernel lacks: run it with --ignored on a kernel that has it"]
 fn netem_a_slow_controller_is_not_marked_by_abandoned_dials_or_timed_out_probes() {
     if !privileged() {
         return;
