@@ -253,8 +253,9 @@ fn the_agents_own_probes_never_set_a_passive_mark() {
 /// A slow but healthy controller (150 ms of real delay on its replies, with
 /// sch_netem): dials abandoned before its SYN-ACK arrives and probes that
 /// time out on it set no passive mark, and connects with time to wait get
-/// through. The host kernel here has no sch_netem; the kernel-matrix guests
-/// do, and `cargo xtask vm-test` runs the tests named `netem_*` there.
+/// through. The host kernel here has no sch_netem, and the kernel-matrix
+/// guests do not carry `tc` and the module yet, so nothing runs it by
+/// default.
 #[test]
 #[ignore = "needs the sch_netem qdisc, which this machine's kernel lacks: run it with --ignored on a kernel that has it"]
 fn netem_a_slow_controller_is_not_marked_by_abandoned_dials_or_timed_out_probes() {
