@@ -109,7 +109,6 @@ fn full_name(short: &str) -> String {
         GETPEERNAME4,
         GETPEERNAME6,
         SOCK_OPS,
-        SOCK_RELEASE,
         FLOOR_CONNECT4,
         FLOOR_SOCK_OPS,
     ]

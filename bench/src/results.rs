@@ -197,7 +197,7 @@ pub struct KernelCost {
     /// Whether `kernel.bpf_stats_enabled` was on anyway during `latency`.
     pub latency_stats_on: bool,
     /// Floor and nllb side by side: connects that are not to a virtual
-    /// address, to a virtual address, and to one with the table full.
+    /// address, to a virtual address, and to one with many sockets held.
     pub cases: Vec<CostCase>,
     pub held: Option<Held>,
     /// nllb's connects to the virtual address with no trace reader and with
@@ -217,7 +217,7 @@ pub struct Held {
     pub held: u64,
     pub first_error: Option<String>,
     /// Measurement connects the kernel steered but could not remember
-    /// (`sockets_full`): equal to the connects when the table was full.
+    /// (`sockets_full`: no memory for the socket's storage).
     pub not_remembered: u64,
 }
 

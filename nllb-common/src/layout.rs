@@ -115,7 +115,7 @@ assert_map_layout! {
     } = 120, 8;
 }
 
-// Plain keys and values: the table and counter indexes (u32), NLLB_SOCKETS
-// (u64 cookie). u64 is 8-aligned on every supported target
+// Plain keys and values: the table and counter indexes (u32); NLLB_SOCKETS
+// has none (socket storage). u64 is 8-aligned on every supported target
 // (armv7's AAPCS too; only i686 would differ).
 const _: () = assert!(core::mem::size_of::<u64>() == 8 && core::mem::align_of::<u64>() == 8);

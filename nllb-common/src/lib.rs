@@ -23,7 +23,7 @@ pub use events::{Event, EventKind, MarkCause};
 
 /// Bumped whenever a map's layout changes; the agent refuses to adopt pins
 /// from a different layout and swaps the programs over instead.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Services the agent can publish.
 pub const MAX_SERVICES: u32 = 256;
@@ -33,10 +33,6 @@ pub const MAX_BACKENDS: u32 = 64;
 /// Per-(service, backend) counter slots, a pool shared by all services
 /// (per CPU: 4096 × 32 bytes).
 pub const MAX_STATS: u32 = 4096;
-/// Live sockets nllb steered and remembers at once (getpeername, passive
-/// health, socket destroy). A socket beyond this is still steered; it only
-/// loses those extras (counted in `DatapathCounters::sockets_full`).
-pub const MAX_SOCKETS: u32 = 65536;
 pub const MAX_VIPS: u32 = 1024;
 /// Backends the kernel can hold a passive mark for.
 pub const MAX_MARKS: u32 = MAX_STATS;
@@ -86,7 +82,6 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "nllb_getpeername4";
     pub const GETPEERNAME6: &str = "nllb_getpeername6";
     pub const SOCK_OPS: &str = "nllb_sock_ops";
-    pub const SOCK_RELEASE: &str = "nllb_sock_release";
     /// Empty programs at the same hooks: the benchmark's floor.
     pub const FLOOR_CONNECT4: &str = "nllb_floor_connect4";
     pub const FLOOR_SOCK_OPS: &str = "nllb_floor_sock_ops";
@@ -187,13 +182,13 @@ pub struct PassiveMark {
     pub _pad: u32,
 }
 
-/// Value of `NLLB_SOCKETS` (keyed by socket cookie): what nllb did with one
-/// live socket. Inserted by connect4/6, deleted by sock_release.
+/// Value of `NLLB_SOCKETS` (socket-local storage, `BPF_MAP_TYPE_SK_STORAGE`:
+/// the key is the socket itself): what nllb did with one live socket.
+/// Written by connect4/6, freed by the kernel with the socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SockState {
-    /// The key again: a reader that raced a delete and a reuse of the
-    /// element sees another cookie here and ignores the entry.
+    /// The socket's cookie, for events and `nllb trace`.
     pub cookie: u64,
     /// CLOCK_MONOTONIC ns of the connect.
     pub created_ns: u64,
@@ -244,7 +239,8 @@ pub struct ServiceCounters {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct DatapathCounters {
-    /// Steered connects not remembered because `NLLB_SOCKETS` was full.
+    /// Steered connects not remembered: the kernel could not allocate the
+    /// socket's storage in `NLLB_SOCKETS` (memory pressure).
     pub sockets_full: u64,
     /// Events dropped because a ring was full.
     pub events_lost: u64,

@@ -3,12 +3,12 @@
 //! destination, never by failing the hook).
 
 use aya_ebpf::{
-    macros::{cgroup_sock, cgroup_sock_addr, sock_ops},
-    programs::{SockAddrContext, SockContext, SockOpsContext},
+    macros::{cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockOpsContext},
 };
 use nllb_common::{FAMILY_V4, FAMILY_V6};
 
-use crate::{connect, passive, peer, sockets};
+use crate::{connect, passive, peer};
 
 const PROCEED: i32 = 1;
 
@@ -40,10 +40,4 @@ pub fn nllb_getpeername6(ctx: SockAddrContext) -> i32 {
 pub fn nllb_sock_ops(ctx: SockOpsContext) -> u32 {
     passive::on_sock_ops(&ctx);
     1
-}
-
-#[cgroup_sock(sock_release)]
-pub fn nllb_sock_release(ctx: SockContext) -> i32 {
-    sockets::forget(&ctx);
-    PROCEED
 }

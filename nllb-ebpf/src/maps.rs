@@ -3,13 +3,13 @@
 //! prints field names).
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, HashOfMaps, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, HashOfMaps, PerCpuArray, RingBuf, SkStorage},
     macros::btf_map,
 };
 use nllb_common::{
     BackendCounters, BackendKey, DatapathConfig, DatapathCounters, EVENT_RING_BYTES, Event, MAX_MARKS, MAX_SERVICES,
-    MAX_SOCKETS, MAX_STATS, MAX_VIPS, PassiveMark, ServiceCounters, ServiceTable, SockState, TRACE_RING_BYTES,
-    TraceControl, Vip4Key, Vip6Key,
+    MAX_STATS, MAX_VIPS, PassiveMark, ServiceCounters, ServiceTable, SockState, TRACE_RING_BYTES, TraceControl,
+    Vip4Key, Vip6Key,
 };
 
 /// The table of one service: an array of one element, swapped whole.
@@ -24,8 +24,9 @@ pub static NLLB_VIPS6: HashOfMaps<Vip6Key, Table, { MAX_VIPS as usize }> = HashO
 pub static NLLB_TABLE_PROTO: Table = Array::new();
 #[btf_map]
 pub static NLLB_MARKS: HashMap<BackendKey, PassiveMark, { MAX_MARKS as usize }> = HashMap::new();
+/// Socket-local storage: see `sockets.rs`.
 #[btf_map]
-pub static NLLB_SOCKETS: HashMap<u64, SockState, { MAX_SOCKETS as usize }> = HashMap::new();
+pub static NLLB_SOCKETS: SkStorage<SockState> = SkStorage::new();
 #[btf_map]
 pub static NLLB_BACKEND_STATS: PerCpuArray<BackendCounters, { MAX_STATS as usize }> = PerCpuArray::new();
 #[btf_map]

@@ -1,18 +1,26 @@
-//! The sockets nllb steered, keyed by socket cookie: inserted at connect,
-//! deleted by cgroup/sock_release when the application closes the socket,
-//! so an entry lives exactly as long as its socket (no eviction, however many
-//! connects come after). A preallocated hash costs no allocation on the
-//! connect path, which `BPF_MAP_TYPE_SK_STORAGE` would.
+//! The sockets nllb steered: a `SockState` in the socket's own BPF storage
+//! (`BPF_MAP_TYPE_SK_STORAGE`), created at connect and freed by the kernel
+//! with the socket. So it lives exactly as long as the socket, however many
+//! connects come after, with no capacity to run out of and no program at
+//! close; a socket nllb never steered carries none, and a lookup for it is a
+//! NULL check. The agent reads it back through sock_diag
+//! (`INET_DIAG_REQ_SK_BPF_STORAGES`), which is how it tells nllb's sockets
+//! to a backend from anyone else's without scanning anything.
 //!
-//! Hash elements are recycled at once when deleted, so every reader checks
-//! that the entry still carries its own cookie.
+//! A preallocated hash keyed by cookie (the previous design) was cheaper per
+//! insert while it had room, but once full every insert failed at ~3.7 us
+//! and getpeername answered the backend for every socket beyond it.
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, generated::bpf_setsockopt},
-    programs::{SockAddrContext, SockContext, SockOpsContext},
+    bindings::BPF_SK_STORAGE_GET_F_CREATE,
+    helpers::{
+        bpf_get_socket_cookie, bpf_ktime_get_ns,
+        generated::{bpf_setsockopt, bpf_sk_storage_get},
+    },
+    programs::{SockAddrContext, SockOpsContext},
 };
 use nllb_common::{BackendSlot, CONFIG_FLAG_PASSIVE, DatapathConfig, SockState};
 
@@ -23,7 +31,6 @@ use crate::{
 
 const SOL_TCP: i32 = 6;
 const TCP_SYNCNT: i32 = 7;
-const SOCK_STREAM: u32 = 1;
 
 #[inline(always)]
 pub fn remember(
@@ -52,8 +59,15 @@ pub fn remember(
         syn_rto_jiffies: if passive { ms_to_jiffies(slot.syn_rto_ms, cfg.hz) } else { 0 },
         _pad2: 0,
     };
-    if NLLB_SOCKETS.insert(&cookie, &state, 0).is_err() {
-        bump_datapath(|c| c.sockets_full += 1);
+    // SAFETY: the context's socket is valid for the helper.
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    // An earlier connect of the same socket (a retry after a failure) left
+    // its storage: the get then returns it unchanged, so write either way.
+    match storage(sk.cast(), BPF_SK_STORAGE_GET_F_CREATE.into()) {
+        // SAFETY: the kernel's storage for this socket, valid for the run;
+        // the socket is locked during connect.
+        Some(p) => unsafe { *p = state },
+        None => bump_datapath(|c| c.sockets_full += 1),
     }
     if passive && cfg.syn_retries != 0 {
         let mut n = cfg.syn_retries as i32;
@@ -75,39 +89,36 @@ fn ms_to_jiffies(ms: u32, hz: u32) -> u32 {
     if j > u64::from(u32::MAX) { u32::MAX } else { j as u32 }
 }
 
+/// This socket's storage; with `F_CREATE`, zeroed storage is made if none
+/// exists (NULL only when the kernel cannot allocate it).
 #[inline(always)]
-fn lookup(ctx_ptr: *mut c_void) -> Option<SockState> {
-    // SAFETY: the context pointer is valid for the helper.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx_ptr) };
-    // SAFETY: copied out at once; see the module comment.
-    let state = unsafe { NLLB_SOCKETS.get(&cookie) }.copied()?;
-    (state.cookie == cookie).then_some(state)
+fn storage(sk: *mut c_void, flags: u64) -> Option<*mut SockState> {
+    if sk.is_null() {
+        return None;
+    }
+    let map = core::ptr::from_ref(&NLLB_SOCKETS).cast_mut().cast::<c_void>();
+    // SAFETY: a map of this object and a socket pointer the kernel gave us.
+    let p = unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), flags) };
+    (!p.is_null()).then_some(p.cast::<SockState>())
 }
 
-/// The state of a steered socket, seen from sock_ops.
+#[inline(always)]
+fn lookup(sk: *mut c_void) -> Option<SockState> {
+    // SAFETY: valid for the run, copied out at once.
+    storage(sk, 0).map(|p| unsafe { *p })
+}
+
+/// The state of a steered socket, seen from sock_ops (a request socket or a
+/// time-wait socket has no full socket: NULL, nothing steered).
 #[inline(always)]
 pub fn of_sock_ops(ctx: &SockOpsContext) -> Option<SockState> {
-    lookup(ctx.as_ptr())
+    // SAFETY: ctx.ops is valid for the program's run.
+    lookup(unsafe { (*ctx.ops).__bindgen_anon_2.sk }.cast())
 }
 
 /// The state of a steered socket, seen from getpeername.
 #[inline(always)]
 pub fn of_sock_addr(ctx: &SockAddrContext) -> Option<SockState> {
-    lookup(ctx.as_ptr())
-}
-
-/// sock_release: the application closed the socket.
-#[inline(always)]
-pub fn forget(ctx: &SockContext) {
-    // SAFETY: the kernel hands sock_release a valid socket.
-    if unsafe { (*ctx.sock).type_ } != SOCK_STREAM {
-        return;
-    }
-    // SAFETY: the context pointer is valid for the helper.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // A lookup costs no lock; most released sockets were never steered.
-    // SAFETY: presence check only.
-    if unsafe { NLLB_SOCKETS.get(&cookie) }.is_some() {
-        let _ = NLLB_SOCKETS.remove(&cookie);
-    }
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    lookup(unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }.cast())
 }

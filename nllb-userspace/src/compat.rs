@@ -75,7 +75,7 @@ pub enum Feature {
     VmlinuxBtf,
     SockDiagDestroy,
     BpfSockDestroy,
-    SockRelease,
+    SkStorage,
     MapInMapGracePeriod,
     SockOpsTimeoutInit,
     SetsockoptSyncnt,
@@ -181,15 +181,20 @@ pub const FEATURES: &[FeatureInfo] = &[
         used_for: "the kernel tells the agent of a passive mark at once (and `nllb trace` every decision); the object declares the rings",
         commit: "457f44363a88",
     },
-    // f5836749c9c0 "bpf: Add BPF_CGROUP_INET_SOCK_RELEASE hook" (Stanislav
-    // Fomichev, July 2020, merged for 5.9).
+    // 6ac99e8f23d4 "bpf: Introduce bpf sk local storage" (Martin KaFai Lau,
+    // 5.2) made the map; which release first let cgroup/connect4 and
+    // sock_ops call bpf_sk_storage_get is not pinned down here, so the row
+    // says what the kernel matrix proves: every kernel from 5.10 (the oldest
+    // it can fetch) loads the programs. Older kernels fail the load and the
+    // agent runs Envoy, as for any refused required program.
     FeatureInfo {
-        feature: Feature::SockRelease,
-        name: "cgroup/sock_release",
-        min: KernelVersion::new(5, 9),
+        feature: Feature::SkStorage,
+        name: "socket storage (SK_STORAGE) in connect4/6 and sock_ops",
+        min: KernelVersion::new(5, 10),
         need: Need::Required,
-        used_for: "forgets a steered socket when it closes, so per-socket state lives exactly as long as the socket",
-        commit: "f5836749c9c0",
+        used_for: "remembers what nllb did with each steered socket for exactly its lifetime (getpeername, passive \
+                   health, socket destroy); sock_diag reports it back",
+        commit: "6ac99e8f23d4",
     },
     // 1ae80cf31938 "bpf: wait for running BPF programs when updating
     // map-in-map" (Daniel Colascione, 4.20): a map-of-maps update returns
@@ -310,7 +315,7 @@ mod tests {
         assert!(by_version(Feature::CgroupGetpeername, v5_10));
         assert!(!by_version(Feature::BpfSockDestroy, v5_10));
         assert!(by_version(Feature::BpfSockDestroy, KernelVersion::new(6, 12)));
-        assert_eq!(min_ebpf_kernel(), KernelVersion::new(5, 9), "cgroup/sock_release");
+        assert_eq!(min_ebpf_kernel(), KernelVersion::new(5, 10), "socket storage in connect4 and sock_ops");
         assert!(missing_features(v5_10).is_empty());
         let old: Vec<_> = missing_features(v5_4).iter().map(|f| f.feature).collect();
         assert!(old.contains(&Feature::CgroupBpfLink) && old.contains(&Feature::RingBuf), "{old:?}");

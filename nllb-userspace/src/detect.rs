@@ -247,7 +247,8 @@ fn feature_statuses(kernel: Option<KernelVersion>, attach: Option<&AttachProbe>,
                 Feature::SockOps | Feature::SockOpsCallbacks | Feature::SockOpsTimeoutInit => {
                     (probed(&[p::SOCK_OPS]), "probe")
                 }
-                Feature::SockRelease => (probed(&[p::SOCK_RELEASE]), "probe"),
+                // connect4 stores into NLLB_SOCKETS: a load and attach proves it.
+                Feature::SkStorage => (probed(&[p::CONNECT4]).filter(|ok| *ok), "probe"),
                 Feature::CgroupBpfLink => (
                     attach
                         .filter(|a| a.load_error.is_none())

@@ -20,10 +20,15 @@
 //!   the way `ss` encodes a single `dst ADDR:PORT` condition. The kernel then
 //!   builds and copies replies only for sockets to the backend; unrelated
 //!   sockets cost a bytecode run inside the kernel's hash walk, not a message.
-//! - Replies are decoded by [`ReplyHead`], only the fixed `inet_diag_msg`
-//!   head: no extensions are requested, and skipping the attributes the
-//!   kernel adds anyway (`INET_DIAG_SHUTDOWN`, ...) avoids an allocation per
-//!   socket and a failure on attributes newer than the crate.
+//! - [`sockets_with_storage`] also adds `INET_DIAG_REQ_SK_BPF_STORAGES`
+//!   naming a `BPF_MAP_TYPE_SK_STORAGE` map: the kernel then attaches each
+//!   socket's value in that map (`INET_DIAG_SK_BPF_STORAGES`), which is how
+//!   the agent tells the sockets nllb steered from others without a table
+//!   of its own. The kernel requires CAP_BPF (or CAP_SYS_ADMIN) for it.
+//! - Replies are decoded by [`Reply`]: the fixed `inet_diag_msg` head, and of
+//!   the attributes only a requested socket-storage value. Skipping the
+//!   others the kernel adds anyway (`INET_DIAG_SHUTDOWN`, ...) avoids an
+//!   allocation per socket and a failure on attributes newer than the crate.
 //!
 //! Works in the caller's network namespace. Listing needs no privilege;
 //! destroying needs CAP_NET_ADMIN there and a kernel with
@@ -39,6 +44,7 @@
 use std::{
     io,
     net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6},
+    os::fd::{AsRawFd as _, BorrowedFd},
 };
 
 use netlink_packet_core::{
@@ -122,7 +128,17 @@ impl SockDiagError {
 /// `INET_DIAG_BC_D_COND` with the backend's address, full prefix, and port),
 /// so the cost does not grow with unrelated sockets.
 pub fn sockets_to(backend: SocketAddr, states: States) -> Result<Vec<SocketInfo>, SockDiagError> {
-    Ok(query(backend, states)?.sockets)
+    Ok(query(backend, states, None)?.sockets.into_iter().map(|(s, _)| s).collect())
+}
+
+/// [`sockets_to`], keeping only the sockets that hold a value in the
+/// socket-storage map `storage`, each with that value's bytes.
+pub fn sockets_with_storage(
+    backend: SocketAddr,
+    states: States,
+    storage: BorrowedFd<'_>,
+) -> Result<Vec<(SocketInfo, Vec<u8>)>, SockDiagError> {
+    Ok(query(backend, states, Some(storage))?.sockets.into_iter().filter_map(|(s, v)| Some((s, v?))).collect())
 }
 
 /// Destroy (`SOCK_DESTROY`, what `ss -K` does) each socket; sockets gone in
@@ -144,24 +160,25 @@ pub fn destroy_each(sockets: &[SocketInfo]) -> Result<Vec<bool>, SockDiagError> 
 /// What [`sockets_to`] found, and how many replies the kernel sent for it
 /// (before the check in userspace), which shows the kernel-side filter works.
 struct Query {
-    sockets: Vec<SocketInfo>,
+    sockets: Vec<(SocketInfo, Option<Vec<u8>>)>,
     reported: usize,
 }
 
-fn query(backend: SocketAddr, states: States) -> Result<Query, SockDiagError> {
+fn query(backend: SocketAddr, states: States, storage: Option<BorrowedFd<'_>>) -> Result<Query, SockDiagError> {
     let backend = canonical(backend);
     let filter = destination_filter(backend);
+    let storages = storage.map(storage_request);
     // A v4 backend is also reached by AF_INET6 sockets through its ::ffff:
     // form; the kernel's AF_INET condition matches those too.
     let families: &[u8] = if backend.is_ipv4() { &[AF_INET, AF_INET6] } else { &[AF_INET6] };
     let mut nl = DiagSocket::open()?;
     let mut out = Query { sockets: Vec::new(), reported: 0 };
     for &family in families {
-        nl.dump(family, states, Some(&filter), |info| {
+        nl.dump(family, states, Some(&filter), storages.as_deref(), |info, value| {
             out.reported += 1;
             // Cheap, and keeps the answer right even if a kernel ignored the filter.
             if canonical(info.remote) == backend {
-                out.sockets.push(info);
+                out.sockets.push((info, value));
             }
         })?;
     }
@@ -181,6 +198,16 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 
 // linux/inet_diag.h
 const INET_DIAG_REQ_BYTECODE: u16 = 1;
+const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
+/// `inet_diag_msg`, the fixed head of a reply; attributes follow.
+const INET_DIAG_MSG_LEN: usize = 72;
+const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
+// linux/sock_diag.h
+const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
+const SK_DIAG_BPF_STORAGE: u16 = 1;
+const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
+/// The type bits of `nla_type` (without NLA_F_NESTED / NLA_F_NET_BYTEORDER).
+const NLA_TYPE_MASK: u16 = 0x3fff;
 const INET_DIAG_BC_D_COND: u8 = 8;
 /// `struct inet_diag_bc_op { u8 code; u8 yes; u16 no; }`.
 const BC_OP_LEN: usize = 4;
@@ -217,11 +244,56 @@ fn destination_filter(backend: SocketAddr) -> Vec<u8> {
     bc
 }
 
+/// The body of `INET_DIAG_REQ_SK_BPF_STORAGES`: one nested
+/// `SK_DIAG_BPF_STORAGE_REQ_MAP_FD` attribute (u32). The fd only has to be
+/// open while the kernel parses the request.
+fn storage_request(map: BorrowedFd<'_>) -> Vec<u8> {
+    let mut body = Vec::with_capacity(8);
+    body.extend_from_slice(&8u16.to_ne_bytes());
+    body.extend_from_slice(&SK_DIAG_BPF_STORAGE_REQ_MAP_FD.to_ne_bytes());
+    body.extend_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
+    body
+}
+
+/// Netlink attributes in `data`: (type without flags, payload).
+fn attributes(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if data.len() < 4 {
+            return None;
+        }
+        let len = usize::from(u16::from_ne_bytes([data[0], data[1]]));
+        let kind = u16::from_ne_bytes([data[2], data[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > data.len() {
+            return None;
+        }
+        let payload = &data[4..len];
+        data = &data[len.next_multiple_of(4).min(data.len())..];
+        Some((kind, payload))
+    })
+}
+
+/// The first socket-storage value among a reply's attributes (only one map
+/// is ever requested).
+fn storage_value(attrs: &[u8]) -> Option<Vec<u8>> {
+    let (_, storages) = attributes(attrs).find(|(kind, _)| *kind == INET_DIAG_SK_BPF_STORAGES)?;
+    attributes(storages).filter(|(kind, _)| *kind == SK_DIAG_BPF_STORAGE).find_map(|(_, storage)| {
+        attributes(storage).find(|(kind, _)| *kind == SK_DIAG_BPF_STORAGE_MAP_VALUE).map(|(_, v)| v.to_vec())
+    })
+}
+
 /// A `SOCK_DIAG_BY_FAMILY` dump request: the crate's `InetRequest` followed
-/// by an `INET_DIAG_REQ_BYTECODE` attribute, which the crate cannot express.
+/// by request attributes (`INET_DIAG_REQ_BYTECODE`,
+/// `INET_DIAG_REQ_SK_BPF_STORAGES`), which the crate cannot express.
 struct FilteredDump {
     request: InetRequest,
     bytecode: Option<DefaultNla>,
+    storages: Option<DefaultNla>,
+}
+
+impl FilteredDump {
+    fn attrs(&self) -> impl Iterator<Item = &DefaultNla> {
+        self.bytecode.iter().chain(&self.storages)
+    }
 }
 
 impl NetlinkSerializable for FilteredDump {
@@ -230,29 +302,37 @@ impl NetlinkSerializable for FilteredDump {
     }
 
     fn buffer_len(&self) -> usize {
-        self.request.buffer_len() + self.bytecode.as_ref().map_or(0, Emitable::buffer_len)
+        self.request.buffer_len() + self.attrs().map(Emitable::buffer_len).sum::<usize>()
     }
 
     fn serialize(&self, buffer: &mut [u8]) {
-        let (head, attrs) = buffer.split_at_mut(self.request.buffer_len());
+        let (head, mut rest) = buffer.split_at_mut(self.request.buffer_len());
         self.request.emit(head);
-        if let Some(bytecode) = &self.bytecode {
-            bytecode.emit(attrs);
+        for attr in self.attrs() {
+            let (this, next) = rest.split_at_mut(attr.buffer_len());
+            attr.emit(this);
+            rest = next;
         }
     }
 }
 
-/// The fixed `inet_diag_msg` head of a dump reply; attributes are skipped.
-struct ReplyHead(InetResponseHeader);
+/// A dump reply: the fixed `inet_diag_msg` head and, when one was
+/// requested, the socket's value in a socket-storage map.
+struct Reply {
+    head: InetResponseHeader,
+    storage: Option<Vec<u8>>,
+}
 
-impl NetlinkDeserializable for ReplyHead {
+impl NetlinkDeserializable for Reply {
     type Error = DecodeError;
 
     fn deserialize(header: &NetlinkHeader, payload: &[u8]) -> Result<Self, DecodeError> {
         if header.message_type != SOCK_DIAG_BY_FAMILY {
             return Err(DecodeError::from(format!("unexpected sock_diag message type {}", header.message_type)));
         }
-        InetResponseHeader::parse(payload).map(ReplyHead)
+        let head = InetResponseHeader::parse(payload)?;
+        let storage = payload.get(INET_DIAG_MSG_LEN..).and_then(storage_value);
+        Ok(Reply { head, storage })
     }
 }
 
@@ -345,7 +425,7 @@ impl DiagSocket {
     fn receive(
         &mut self,
         seq: u32,
-        mut each: impl FnMut(NetlinkMessage<ReplyHead>) -> Result<bool, SockDiagError>,
+        mut each: impl FnMut(NetlinkMessage<Reply>) -> Result<bool, SockDiagError>,
     ) -> Result<(), SockDiagError> {
         loop {
             self.rx.clear();
@@ -356,7 +436,7 @@ impl DiagSocket {
             }
             let mut data = &self.rx[..];
             while !data.is_empty() {
-                let message = NetlinkMessage::<ReplyHead>::deserialize(data).map_err(SockDiagError::Decode)?;
+                let message = NetlinkMessage::<Reply>::deserialize(data).map_err(SockDiagError::Decode)?;
                 let len = (message.header.length as usize).next_multiple_of(4).min(data.len());
                 data = &data[len..];
                 // A reply to an earlier request of this socket (a late ack).
@@ -377,7 +457,8 @@ impl DiagSocket {
         family: u8,
         states: States,
         bytecode: Option<&[u8]>,
-        mut each: impl FnMut(SocketInfo),
+        storages: Option<&[u8]>,
+        mut each: impl FnMut(SocketInfo, Option<Vec<u8>>),
     ) -> Result<(), SockDiagError> {
         let socket_id = if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() };
         let request = InetRequest {
@@ -388,10 +469,11 @@ impl DiagSocket {
             socket_id,
         };
         let bytecode = bytecode.map(|bc| DefaultNla::new(INET_DIAG_REQ_BYTECODE, bc.to_vec()));
-        let seq = self.send(NLM_F_REQUEST | NLM_F_DUMP, FilteredDump { request, bytecode })?;
+        let storages = storages.map(|s| DefaultNla::new(INET_DIAG_REQ_SK_BPF_STORAGES, s.to_vec()));
+        let seq = self.send(NLM_F_REQUEST | NLM_F_DUMP, FilteredDump { request, bytecode, storages })?;
         self.receive(seq, |message| match message.payload {
-            NetlinkPayload::InnerMessage(ReplyHead(head)) => {
-                each(SocketInfo::from(&head));
+            NetlinkPayload::InnerMessage(Reply { head, storage }) => {
+                each(SocketInfo::from(&head), storage);
                 Ok(false)
             }
             NetlinkPayload::Done(done) if done.code != 0 => Err(SockDiagError::kernel("the socket dump", done.code)),
@@ -492,6 +574,7 @@ mod tests {
                 socket_id: SocketId::new_v4(),
             },
             bytecode: Some(DefaultNla::new(INET_DIAG_REQ_BYTECODE, filter.clone())),
+            storages: None,
         };
         // inet_diag_req_v2 (56 bytes), then nlattr { len, type } and the bytecode.
         assert_eq!(dump.buffer_len(), 56 + 4 + filter.len());
@@ -652,14 +735,14 @@ mod tests {
         let crowd = connected(test_ip(3).into(), 300);
         let backend = connected(test_ip(4).into(), 2);
 
-        let q = query(backend.addr, States::ESTABLISHED).unwrap();
-        assert_eq!(tuples(&q.sockets), client_tuples(&backend.clients));
+        let q = query(backend.addr, States::ESTABLISHED, None).unwrap();
+        assert_eq!(tuples(&q.sockets.iter().map(|(s, _)| s.clone()).collect::<Vec<_>>()), client_tuples(&backend.clients));
         assert_eq!(q.reported, 2, "the kernel sent only the backend's sockets");
 
         // Without the filter the same dump carries the crowd (600 sockets,
         // both ends of each connection) and whatever else the machine has.
         let mut unfiltered = 0;
-        DiagSocket::open().unwrap().dump(AF_INET, States::ESTABLISHED, None, |_| unfiltered += 1).unwrap();
+        DiagSocket::open().unwrap().dump(AF_INET, States::ESTABLISHED, None, None, |_, _| unfiltered += 1).unwrap();
         assert!(unfiltered >= 2 * crowd.clients.len(), "{unfiltered}");
     }
 
@@ -809,12 +892,12 @@ mod tests {
         // What the filter saves: a query for another backend while these
         // 2 × N sockets exist, against a dump of them all.
         let start = Instant::now();
-        let elsewhere = query(SocketAddr::new(test_ip(10).into(), 1), States::ESTABLISHED).unwrap();
+        let elsewhere = query(SocketAddr::new(test_ip(10).into(), 1), States::ESTABLISHED, None).unwrap();
         let filtered = start.elapsed();
         assert_eq!(elsewhere.reported, 0);
         let start = Instant::now();
         let mut all = 0;
-        DiagSocket::open().unwrap().dump(AF_INET, States::ESTABLISHED, None, |_| all += 1).unwrap();
+        DiagSocket::open().unwrap().dump(AF_INET, States::ESTABLISHED, None, None, |_, _| all += 1).unwrap();
         let unfiltered = start.elapsed();
         assert!(all >= 2 * N, "{all}");
         eprintln!(

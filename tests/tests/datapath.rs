@@ -248,7 +248,7 @@ fn with_detach_on_exit_sigint_and_sigterm_leave_nothing_attached_or_pinned() {
         assert_eq!(
             attached_programs(cg.path()).len(),
             NLLB_PROGRAMS,
-            "connect4/6, getpeername4/6, sock_ops, sock_release: {:?}",
+            "connect4/6, getpeername4/6, sock_ops: {:?}",
             attached_programs(cg.path())
         );
         assert!(agent.pin_path.join("NLLB_VIPS4").exists());

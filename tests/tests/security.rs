@@ -21,13 +21,12 @@ use nllb_tests::{vip4,
 const BACKEND_PORT: u16 = 6443;
 
 /// The datapath's programs and the attach type `bpftool cgroup show` lists.
-const PROGRAMS: [(&str, &str); 6] = [
+const PROGRAMS: [(&str, &str); 5] = [
     ("nllb_connect4", "cgroup_inet4_connect"),
     ("nllb_connect6", "cgroup_inet6_connect"),
     ("nllb_getpeername4", "cgroup_inet4_getpeername"),
     ("nllb_getpeername6", "cgroup_inet6_getpeername"),
     ("nllb_sock_ops", "cgroup_sock_ops"),
-    ("nllb_sock_release", "cgroup_inet_sock_release"),
 ];
 const NOBODY: &str = "65534";
 

@@ -7,11 +7,10 @@ use super::goals::{above_floor, case, vs_plain};
 use crate::results::{CostCase, KernelCost, Results, ScalePoint};
 
 /// The hooks a connect runs (bpftool's attach types), in the order it runs them.
-const HOOKS: [&str; 4] = [
+const HOOKS: [&str; 3] = [
     "cgroup_inet4_connect",
     "cgroup_inet4_getpeername",
     "cgroup_sock_ops",
-    "cgroup_inet_sock_release",
 ];
 
 /// "runs per connect × ns per run" of the program at `attach`.
@@ -58,8 +57,8 @@ fn cost(s: &mut String, k: &KernelCost) {
          **The floor** is nllb's own empty programs (`nllb_floor_connect4`, `nllb_floor_sock_ops`, from the object the \
          agent embeds) attached to a cgroup of the benchmark's own: what any program at these hooks costs, the call \
          and the accounting's two clock reads per run. A cell is runs per connect × ns per run.\n\n\
-         | connect | connect4 | getpeername4 | sock_ops | sock_release | ns per connect | minus the floor |\n\
-         |---|---:|---:|---:|---:|---:|---:|"
+         | connect | connect4 | getpeername4 | sock_ops | ns per connect | minus the floor |\n\
+         |---|---:|---:|---:|---:|---:|"
     );
     for c in &k.cases {
         let floor_id = c.id.replacen("nllb", "floor", 1);
@@ -90,36 +89,32 @@ fn cost(s: &mut String, k: &KernelCost) {
         let full = case(k, "nllb-vip-full");
         let _ = writeln!(
             s,
-            "\n**Table at capacity.** nllb's programs (the datapath library the agent runs) on a cgroup of the benchmark's \
-             own, their one service leading to loopback listeners that accept and drop (so a held connection costs the \
-             listener no descriptor): holder processes in that cgroup kept {} of {} connections open through its virtual \
-             address{} (NLLB_SOCKETS holds {}). The \"table with room\" rows were measured on the same cgroup just \
-             before the holders filled it. During the \"table full\" rows the kernel could not remember {} steered \
-             connects (`sockets_full`, counting the run's 100 warm-up connects beside the {} measured){}; getpeername \
-             answered the virtual address for {} of the measured ones (a socket nllb could not remember gets the \
-             controller's address: the documented degradation).",
+            "\n**Many sockets held.** nllb's programs (the datapath library the agent runs) on a cgroup of the \
+             benchmark's own, their one service leading to loopback listeners that accept and drop (so a held \
+             connection costs the listener no descriptor): holder processes in that cgroup kept {} of {} connections \
+             open through its virtual address{}, each with its state in its own socket storage (`NLLB_SOCKETS`, no \
+             capacity; earlier builds kept it in a 65,536-entry hash whose full state cost 3.7 µs per connect and \
+             broke getpeername). The \"no sockets held\" rows were measured on the same cgroup just before the \
+             holders connected. During the \"held\" rows the kernel could not remember {} of the {} measured steered \
+             connects (`sockets_full`, counting the run's 100 warm-up connects too); getpeername answered the virtual \
+             address for {} of them.",
             h.held,
             h.wanted,
             h.first_error
                 .as_deref()
                 .map(|e| format!(" (it stopped at: {e})"))
                 .unwrap_or_default(),
-            nllb_common::MAX_SOCKETS,
             h.not_remembered,
             full.map_or(0, |c| c.connects),
-            if full.is_some_and(|c| h.not_remembered >= c.connects) {
-                ": the table was full"
-            } else {
-                ""
-            },
             full.map_or(0, |c| c.latency.peer_is_dialed),
         );
     }
     let _ = writeln!(
         s,
-        "\nA connect that is not to a virtual address costs nllb a hash lookup that misses (connect4), an op switch per \
-         sock_ops call plus one socket lookup at TIMEOUT_INIT, and one lookup at close (sock_release). A steered connect \
-         adds the rewrite, remembering the socket, and the STATE/RTO callbacks until it is established."
+        "\nA connect that is not to a virtual address costs nllb a hash lookup that misses (connect4) and an op switch \
+         per sock_ops call plus, at TIMEOUT_INIT, a socket-storage lookup that finds none (a NULL check); nothing runs \
+         at close. A steered connect adds the rewrite, creating the socket's storage, and the STATE/RTO callbacks \
+         until it is established."
     );
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
 };
 use nllb_common::{CONFIG_FLAG_ALL_NETNS, CONFIG_FLAG_PASSIVE, DatapathConfig, maps, programs};
 
@@ -39,12 +39,11 @@ pub struct EbpfOptions {
     pub syn_retries: u32,
 }
 
-/// Programs in attach order. sock_release first: a socket steered by
-/// connect4 must be forgotten when it closes, so the forgetting has to be in
-/// place before anything is remembered. The rewrite hooks are required;
-/// without the others the datapath still steers (with a warning).
-pub const PROGRAMS: [(&str, bool); 6] = [
-    (programs::SOCK_RELEASE, true),
+/// Programs in attach order, the rewrite hooks last: everything that reads
+/// what connect4/6 remember is in place before anything is steered. The
+/// rewrite hooks are required; without the others the datapath still steers
+/// (with a warning).
+pub const PROGRAMS: [(&str, bool); 5] = [
     (programs::SOCK_OPS, false),
     (programs::GETPEERNAME4, false),
     (programs::GETPEERNAME6, false),
@@ -174,12 +173,34 @@ impl EbpfDatapath {
                 fs::rename(staged_pin(&opts.pin_path, name), opts.pin_path.join(name))?;
             }
         }
+        detach_retired_links(&opts.pin_path);
         tracing::info!(
             cgroup = %opts.cgroup.display(),
             pin_path = %opts.pin_path.display(),
             "eBPF datapath attached"
         );
         Ok(EbpfDatapath { ebpf, kernel, tables, opts, missing, created_pin_dir, reaper })
+    }
+}
+
+/// Links an earlier build pinned for a program this build no longer has
+/// (layout 2's `nllb_sock_release`): they would keep running the old
+/// program on the old maps. Detached once the new programs are live.
+fn detach_retired_links(pin_path: &Path) {
+    let Ok(entries) = fs::read_dir(pin_path) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(program) = name.strip_prefix("link_") else { continue };
+        if PROGRAMS.iter().any(|(p, _)| *p == program) {
+            continue;
+        }
+        if let Ok(link) = bpf_sys::obj_get(&entry.path()) {
+            let _ = bpf_sys::link_detach(link.as_fd());
+        }
+        match fs::remove_file(entry.path()) {
+            Ok(()) => tracing::info!(link = %name, "detached the link of a program this build no longer has"),
+            Err(e) => tracing::warn!(link = %name, error = %e, "cannot remove a retired link pin"),
+        }
     }
 }
 
@@ -265,9 +286,6 @@ fn load(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {
     if name == programs::SOCK_OPS {
         let p: &mut SockOps = prog.try_into().map_err(perr)?;
         p.load().map_err(perr)
-    } else if name == programs::SOCK_RELEASE {
-        let p: &mut CgroupSock = prog.try_into().map_err(perr)?;
-        p.load().map_err(perr)
     } else {
         let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
         p.load().map_err(perr)
@@ -288,11 +306,6 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &fs::File) -> Result<FdLi
     let prog = program_mut(ebpf, name)?;
     if name == programs::SOCK_OPS {
         let p: &mut SockOps = prog.try_into().map_err(perr)?;
-        let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
-        let link = p.take_link(id).map_err(perr)?;
-        FdLink::try_from(link).map_err(|e| DatapathError::Other(format!("{name}: no bpf_link: {e}")))
-    } else if name == programs::SOCK_RELEASE {
-        let p: &mut CgroupSock = prog.try_into().map_err(perr)?;
         let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
         let link = p.take_link(id).map_err(perr)?;
         FdLink::try_from(link).map_err(|e| DatapathError::Other(format!("{name}: no bpf_link: {e}")))

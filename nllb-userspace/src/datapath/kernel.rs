@@ -24,7 +24,7 @@ use std::{
     net::SocketAddr,
     fs,
     os::{
-        fd::{AsFd as _, OwnedFd},
+        fd::{AsFd as _, BorrowedFd, OwnedFd},
         unix::fs::PermissionsExt as _,
     },
     path::{Path, PathBuf},
@@ -36,7 +36,7 @@ use aya::{
 };
 use nllb_common::{
     BackendCounters, BackendKey, DatapathConfig, DatapathCounters, PassiveMark, ServiceCounters, ServiceTable,
-    SockState, TraceControl, Vip4Key, Vip6Key, maps,
+    TraceControl, Vip4Key, Vip6Key, maps,
 };
 
 use super::{
@@ -70,7 +70,10 @@ pub struct KernelMaps {
     vips6: HashOfMaps<MapData, Vip6Key, TableMap>,
     table_shape: bpf_sys::MapShape,
     marks: HashMap<MapData, BackendKey, PassiveMark>,
-    sockets: HashMap<MapData, u64, SockState>,
+    /// `NLLB_SOCKETS`, socket-local storage: readable only through the
+    /// sockets themselves (sock_diag). Held, not just its fd duplicated: the
+    /// programs still to be loaded were relocated against this very fd.
+    sockets: MapData,
     backend_stats: PerCpuArray<MapData, BackendCounters>,
     service_stats: PerCpuArray<MapData, ServiceCounters>,
     datapath_stats: PerCpuArray<MapData, DatapathCounters>,
@@ -134,7 +137,10 @@ impl KernelMaps {
             tables_dir: tables_dir(pin_path),
             table_shape,
             marks: HashMap::try_from(get(maps::MARKS)?).map_err(map_err(maps::MARKS))?,
-            sockets: HashMap::try_from(get(maps::SOCKETS)?).map_err(map_err(maps::SOCKETS))?,
+            sockets: match get(maps::SOCKETS)? {
+                Map::SkStorage(data) => data,
+                _ => return Err(DatapathError::Other(format!("{} is not socket storage", maps::SOCKETS))),
+            },
             backend_stats: PerCpuArray::try_from(get(maps::BACKEND_STATS)?).map_err(map_err(maps::BACKEND_STATS))?,
             service_stats: PerCpuArray::try_from(get(maps::SERVICE_STATS)?).map_err(map_err(maps::SERVICE_STATS))?,
             datapath_stats: PerCpuArray::try_from(get(maps::DATAPATH_STATS)?).map_err(map_err(maps::DATAPATH_STATS))?,
@@ -274,17 +280,9 @@ impl KernelMaps {
         }
     }
 
-    /// What nllb did with a live socket, if it steered it.
-    pub fn socket(&self, cookie: u64) -> Option<SockState> {
-        self.sockets.get(&cookie, 0).ok().filter(|s| s.cookie == cookie)
-    }
-
-    /// The socket table, for code that must check many cookies from
-    /// another thread (it opens its own handle).
+    /// `NLLB_SOCKETS` for the socket reaper's thread (its own fd).
     pub fn sockets_handle(&self) -> Result<SocketTable, DatapathError> {
-        let fd = self.sockets.map().fd().as_fd().try_clone_to_owned().map_err(DatapathError::Io)?;
-        let data = MapData::from_fd(fd).map_err(map_err(maps::SOCKETS))?;
-        Ok(SocketTable { map: HashMap::try_from(Map::HashMap(data)).map_err(map_err(maps::SOCKETS))? })
+        Ok(SocketTable { map: self.sockets.fd().as_fd().try_clone_to_owned().map_err(DatapathError::Io)? })
     }
 
     pub fn backend_counters(&self, stat_id: u32) -> BackendCounters {
@@ -340,14 +338,15 @@ impl KernelMaps {
     }
 }
 
-/// A handle on `NLLB_SOCKETS` for the socket reaper's thread.
+/// `NLLB_SOCKETS`: sock_diag reports each socket's value when the dump
+/// request names this map's fd.
 pub struct SocketTable {
-    map: HashMap<MapData, u64, SockState>,
+    map: OwnedFd,
 }
 
 impl SocketTable {
-    pub fn get(&self, cookie: u64) -> Option<SockState> {
-        self.map.get(&cookie, 0).ok().filter(|s| s.cookie == cookie)
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.map.as_fd()
     }
 }
 

@@ -6,7 +6,7 @@ use std::{mem::size_of, path::Path};
 use aya::maps::{Array, Map, MapData, MapType};
 use nllb_common::{
     BackendCounters, BackendKey, DatapathConfig, DatapathCounters, EVENT_RING_BYTES, LAYOUT_VERSION, MAX_MARKS,
-    MAX_SERVICES, MAX_SOCKETS, MAX_STATS, MAX_VIPS, PassiveMark, ServiceCounters, ServiceTable, SockState,
+    MAX_SERVICES, MAX_STATS, MAX_VIPS, PassiveMark, ServiceCounters, ServiceTable, SockState,
     TRACE_RING_BYTES, TraceControl, Vip4Key, Vip6Key, maps,
 };
 
@@ -38,7 +38,7 @@ fn expected() -> [Expected; 12] {
         e(maps::VIPS6, HashOfMaps, size_of::<Vip6Key>(), u32s, MAX_VIPS),
         e(maps::TABLE_PROTO, Array, u32s, size_of::<ServiceTable>(), 1),
         e(maps::MARKS, Hash, size_of::<BackendKey>(), size_of::<PassiveMark>(), MAX_MARKS),
-        e(maps::SOCKETS, Hash, size_of::<u64>(), size_of::<SockState>(), MAX_SOCKETS),
+        e(maps::SOCKETS, SkStorage, size_of::<i32>(), size_of::<SockState>(), 0),
         e(maps::BACKEND_STATS, PerCpuArray, u32s, size_of::<BackendCounters>(), MAX_STATS),
         e(maps::SERVICE_STATS, PerCpuArray, u32s, size_of::<ServiceCounters>(), MAX_SERVICES),
         e(maps::DATAPATH_STATS, PerCpuArray, u32s, size_of::<DatapathCounters>(), 1),

@@ -1,8 +1,8 @@
 //! Closing nllb's own connections to a backend (sock_diag `SOCK_DESTROY`):
-//! the kernel lists the sockets to that backend (filtered by destination),
-//! and only those in the socket table, i.e. connects nllb steered, are
-//! destroyed. A process that dialed the controller's address directly is
-//! never touched.
+//! the kernel lists the sockets to that backend (filtered by destination)
+//! with each one's value in `NLLB_SOCKETS` (socket-local storage), and only
+//! those that carry one, i.e. connects nllb steered, are destroyed. A
+//! process that dialed the controller's address directly is never touched.
 //!
 //! Blocking (netlink round trips): call it from a blocking task.
 
@@ -34,9 +34,9 @@ impl Reaper {
     /// nllb's sockets to `backend` in `states` with what nllb remembers of
     /// each, oldest connect first.
     fn ours(&self, backend: SocketAddr, states: States) -> Result<Vec<(SocketInfo, SockState)>, SockDiagError> {
-        let mut ours: Vec<(SocketInfo, SockState)> = sock_diag::sockets_to(backend, states)?
+        let mut ours: Vec<(SocketInfo, SockState)> = sock_diag::sockets_with_storage(backend, states, self.sockets.fd())?
             .into_iter()
-            .filter_map(|s| self.sockets.get(s.cookie).map(|st| (s, st)))
+            .filter_map(|(s, value)| sock_state(&value).map(|st| (s, st)))
             .collect();
         ours.sort_by_key(|(_, st)| st.created_ns);
         Ok(ours)
@@ -64,4 +64,13 @@ impl Reaper {
         let destroyed = sock_diag::destroy_each(&infos)?;
         Ok(states.into_iter().zip(destroyed).filter_map(|(st, done)| done.then_some(st)).collect())
     }
+}
+
+/// A `SockState` from the bytes the kernel reported; another size (a map of
+/// another build) is not ours to read.
+fn sock_state(value: &[u8]) -> Option<SockState> {
+    (value.len() == size_of::<SockState>())
+        // SAFETY: exactly the size of a plain `repr(C)` struct of integers,
+        // every bit pattern valid; unaligned read.
+        .then(|| unsafe { std::ptr::read_unaligned(value.as_ptr().cast::<SockState>()) })
 }
