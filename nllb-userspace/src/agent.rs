@@ -282,8 +282,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let reaper = datapath.reaper();
     let kind = datapath.kind();
     let (aborted_tx, aborted_rx) = mpsc::unbounded_channel();
-    let rebalance = Rebalance::new(config.rebalance.clone(), reaper.clone());
     let notes = Arc::new(NoteSender::new(&opts.run_dir));
+    let rebalance = Rebalance::new(config.rebalance.clone(), reaper.clone()).with_notes(notes.clone());
     let mut agent = Agent {
         config,
         opts,

@@ -12,6 +12,7 @@ pub mod k0s_nllb;
 pub mod kube;
 mod net;
 mod server;
+mod tracer;
 mod watches;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -22,6 +23,7 @@ pub use client::{ClientOpts, ClientReport, ConnectResult, run_client, stop_clien
 pub use hold_server::HoldServer;
 pub use net::{Netns, TestHost, TestNet};
 pub use server::Server;
+pub use tracer::Tracer;
 pub use watches::Watches;
 
 /// Whether privileged tests can run. Without root they skip with a message,

@@ -14,8 +14,9 @@ use std::{
 };
 
 use nllb_tests::{
-    Agent, AgentOpts, HoldServer, TestCgroup, TestNet, Watches, free_port, privileged, scaled, vip4, wait_for,
+    Agent, AgentOpts, HoldServer, TestCgroup, TestNet, Tracer, Watches, free_port, privileged, scaled, vip4, wait_for,
 };
+use serde_json::Value;
 
 const API: u16 = 6443;
 const KONN: u16 = 8132;
@@ -66,6 +67,26 @@ fn rebalance_rows(agent: &Agent, service: &str) -> BTreeMap<String, (u64, u64)> 
             (r["backend"].as_str().unwrap().to_string(), (r["moves"].as_u64().unwrap(), r["weight"].as_u64().unwrap()))
         })
         .collect()
+}
+
+/// Moves the agent counted (`status.agent.rebalance`), per (service, backend).
+fn moves(agent: &Agent) -> BTreeMap<(String, String), u64> {
+    ["apiserver", "konnectivity"]
+        .iter()
+        .flat_map(|s| rebalance_rows(agent, s).into_iter().map(|(b, (m, _))| ((s.to_string(), b), m)))
+        .filter(|(_, m)| *m > 0)
+        .collect()
+}
+
+/// The moves `nllb trace` showed (abort lines with cause `rebalanced`), per
+/// (service, backend).
+fn traced_moves(lines: &[Value]) -> BTreeMap<(String, String), u64> {
+    let mut out = BTreeMap::new();
+    for v in lines.iter().filter(|v| v["event"] == "abort" && v["cause"] == "rebalanced") {
+        let key = (v["service"].as_str().unwrap_or("?").to_string(), v["backend"].as_str().unwrap_or("?").to_string());
+        *out.entry(key).or_default() += 1;
+    }
+    out
 }
 
 /// The sum of a metric's samples whose labels contain `labels`.
@@ -226,19 +247,26 @@ fn a_returning_controller_gets_its_share_of_long_lived_connections_back() {
 /// with its `services[].rebalance`), all connected; then c1 died and came
 /// back.
 struct Failback {
-    // Dropped in this order (as locals would be, in reverse): the clients,
-    // the agent, the controllers, then the cgroup and the namespaces.
+    // Dropped in this order (as locals would be, in reverse): the trace
+    // reader, the clients, the agent, the controllers, then the cgroup and
+    // the namespaces.
+    /// `nllb trace`, when asked for: reading from before the kill, while
+    /// nothing moved.
+    tracer: Option<Tracer>,
+    /// When it started, and the moves the agent had counted by then.
+    traced_from: Instant,
+    moved_before: BTreeMap<(String, String), u64>,
     tunnels: Watches,
     watches: Watches,
     agent: Agent,
     _cg: TestCgroup,
     konn: Vec<HoldServer>,
     api: Vec<HoldServer>,
-    _net: TestNet,
+    net: TestNet,
 }
 
 impl Failback {
-    fn run(api_over: &str, konn_over: &str, rebalance: &str, watches: u32, tunnels: u32) -> Failback {
+    fn run(api_over: &str, konn_over: &str, rebalance: &str, watches: u32, tunnels: u32, trace: bool) -> Failback {
         let net = TestNet::new(3);
         let mut api = hold_all(&net, API);
         let mut konn = hold_all(&net, KONN);
@@ -258,11 +286,13 @@ impl Failback {
         wait_quiet(&agent, started, &["apiserver", "konnectivity"]);
         wait_settled(&w, &api, |_| true, "every watch connects");
         wait_settled(&t, &konn, |_| true, "every tunnel connects");
+        let tracer = trace.then(|| Tracer::start(&agent, &[]));
+        let (traced_from, moved_before) = (Instant::now(), moves(&agent));
         kill(&agent, &net, 0, &mut [&mut api, &mut konn], &[&w, &t]);
         println!("after c1 died: watches {:?}, tunnels {:?}", spread(&api), spread(&konn));
         api[0].restart();
         konn[0].restart();
-        Failback { _net: net, api, konn, _cg: cg, agent, watches: w, tunnels: t }
+        Failback { tracer, traced_from, moved_before, net, api, konn, _cg: cg, agent, watches: w, tunnels: t }
     }
 }
 
@@ -271,7 +301,8 @@ fn watches_and_konnectivity_tunnels_both_spread_within_their_rates() {
     if !privileged() {
         return;
     }
-    let f = Failback::run("", "{maxPerMinute: 12}", "{healthyFor: 3s, interval: 2s, maxPerMinute: 30}", 15, 9);
+    let mut f =
+        Failback::run("", "{maxPerMinute: 12}", "{healthyFor: 3s, interval: 2s, maxPerMinute: 30}", 15, 9, true);
     let (api, konn, agent, watches, tunnels) = (&f.api, &f.konn, &f.agent, &f.watches, &f.tunnels);
     let back = Instant::now();
     let even = wait_for(Duration::from_secs(90), || {
@@ -298,6 +329,32 @@ fn watches_and_konnectivity_tunnels_both_spread_within_their_rates() {
     let all: Vec<Instant> = w.iter().chain(&t).copied().collect();
     assert!(all.len() <= allowed(&all, 30), "the global cap over both services: {} moves", all.len());
     assert_eq!(watches.connected() + tunnels.connected(), 24, "every client has a connection");
+
+    // `nllb trace` showed each move the agent counted since it started
+    // reading, with the backend it was taken from.
+    let tracer = f.tracer.take().unwrap();
+    let since = || -> BTreeMap<(String, String), u64> {
+        let mut m = moves(agent);
+        for (k, before) in &f.moved_before {
+            let now = m.remove(k).unwrap_or(0).saturating_sub(*before);
+            if now > 0 {
+                m.insert(k.clone(), now);
+            }
+        }
+        m
+    };
+    tracer
+        .wait("a rebalanced abort per move the agent counted", Duration::from_secs(10), |l| traced_moves(l) == since());
+    let (_, lines, _) = tracer.stop();
+    let traced = traced_moves(&lines);
+    let shown: u64 = traced.values().sum();
+    let aborted = all.iter().filter(|t| **t >= f.traced_from).count();
+    println!("nllb trace showed {shown} moves (clients saw {aborted} aborted connections meanwhile): {traced:?}");
+    assert_eq!(traced, since(), "the moves in nllb trace are the ones the agent counted");
+    assert!(shown >= 1, "nllb trace showed no move");
+    assert!(shown as usize <= aborted, "{shown} moves shown, {aborted} connections ended by the agent");
+    let c1 = format!("{}:", f.net.hosts()[0].v4);
+    assert!(traced.keys().all(|(_, b)| !b.starts_with(&c1)), "a move from the returning controller: {traced:?}");
 }
 
 #[test]
@@ -307,7 +364,7 @@ fn with_rebalancing_disabled_nothing_is_ever_ended() {
     }
     // Off for everything but the tunnel service, which shows that the agent
     // was rebalancing meanwhile.
-    let f = Failback::run("", "{enabled: true}", "{enabled: false, healthyFor: 3s, interval: 2s}", 12, 9);
+    let f = Failback::run("", "{enabled: true}", "{enabled: false, healthyFor: 3s, interval: 2s}", 12, 9, false);
     let (api, konn, agent, watches, tunnels) = (&f.api, &f.konn, &f.agent, &f.watches, &f.tunnels);
     let mut api_weights = Vec::new();
     let done = wait_for(Duration::from_secs(90), || {

@@ -13,13 +13,12 @@ use nllb_common::SockState;
 use super::kernel::SocketTable;
 use crate::sock_diag::{self, SockDiagError, SocketInfo, States};
 
-/// One of nllb's sockets: what sock_diag reported, when it connected
-/// (CLOCK_MONOTONIC ns) and the id of the service it was steered for.
+/// One of nllb's sockets: what sock_diag reported and what nllb remembers
+/// of it (when it connected, the service it was steered for).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Steered {
     pub socket: SocketInfo,
-    pub created_ns: u64,
-    pub svc_id: u32,
+    pub state: SockState,
 }
 
 pub struct Reaper {
@@ -50,11 +49,7 @@ impl Reaper {
     /// nllb's sockets to `backend` in `states` with the service each was
     /// steered for, oldest connect first (rebalancing counts them).
     pub fn steered_to(&self, backend: SocketAddr, states: States) -> Result<Vec<Steered>, SockDiagError> {
-        Ok(self
-            .ours(backend, states)?
-            .into_iter()
-            .map(|(socket, st)| Steered { socket, created_ns: st.created_ns, svc_id: st.svc_id })
-            .collect())
+        Ok(self.ours(backend, states)?.into_iter().map(|(socket, state)| Steered { socket, state }).collect())
     }
 
     /// Destroys nllb's sockets to `backend` in `states`; returns what nllb

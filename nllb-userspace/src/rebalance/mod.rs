@@ -23,8 +23,9 @@
 //! `healthyFor` after its return (doubled per further return within ten
 //! minutes, so a flapping controller causes no churn). The rules are in
 //! `policy.rs`, the memory and rate limits in `state.rs`; this file runs the
-//! blocking netlink work on blocking tasks and reports to log, metrics and
-//! status. Needs the kernel datapath (its socket table and socket destroy).
+//! blocking netlink work on blocking tasks and reports to log, metrics,
+//! status and `nllb trace`. Needs the kernel datapath (its socket table and
+//! socket destroy).
 
 mod bucket;
 pub mod config;
@@ -51,6 +52,7 @@ use crate::{
     model::Plan,
     sock_diag::{self, States},
     status::RebalanceStatus,
+    trace::notes::{AbortCause, NoteSender},
 };
 
 /// What a blocking task reports back to the agent's loop.
@@ -68,6 +70,8 @@ pub struct Rebalance {
     rx: mpsc::UnboundedReceiver<Report>,
     /// The last counting error logged (logged again only when it changes).
     last_error: Option<String>,
+    /// Each move goes to `nllb trace` as an abort note.
+    notes: Option<Arc<NoteSender>>,
 }
 
 impl Rebalance {
@@ -80,7 +84,13 @@ impl Rebalance {
             );
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        Rebalance { state: State::new(settings, Instant::now(), None), reaper, tx, rx, last_error: None }
+        Rebalance { state: State::new(settings, Instant::now(), None), reaper, tx, rx, last_error: None, notes: None }
+    }
+
+    /// Shows each move in `nllb trace`.
+    pub fn with_notes(mut self, notes: Arc<NoteSender>) -> Rebalance {
+        self.notes = Some(notes);
+        self
     }
 
     /// A reloaded config.
@@ -181,12 +191,16 @@ impl Rebalance {
 
     fn spawn_moves(&self, moves: Vec<Move>) {
         let tx = self.tx.clone();
+        let notes = self.notes.clone();
         tokio::task::spawn_blocking(move || {
             let results = moves
                 .into_iter()
                 .map(|m| {
                     let r =
                         sock_diag::destroy(std::slice::from_ref(&m.conn.socket)).map_err(|e| crate::errors::chain(&e));
+                    if let (Some(notes), Ok(1..)) = (&notes, &r) {
+                        notes.aborted(AbortCause::Rebalanced, std::slice::from_ref(&m.conn.state));
+                    }
                     (m, r)
                 })
                 .collect();
@@ -214,7 +228,7 @@ impl Rebalance {
 }
 
 fn log_move(m: &Move) {
-    let age = Duration::from_nanos(crate::sys::monotonic_ns().saturating_sub(m.conn.created_ns));
+    let age = Duration::from_nanos(crate::sys::monotonic_ns().saturating_sub(m.conn.state.created_ns));
     let spread: Vec<String> = m.spread.iter().map(|(b, n)| format!("{b}={n}")).collect();
     let toward: Vec<String> = m.toward.iter().map(ToString::to_string).collect();
     tracing::info!(

@@ -254,7 +254,7 @@ impl State {
                     .filter(|b| b.is_ipv4() == v4)
                     .map(|b| Member {
                         addr: *b,
-                        established: counts.get(b).map_or(0, |c| c.iter().filter(|s| s.svc_id == id).count()),
+                        established: counts.get(b).map_or(0, |c| c.iter().filter(|s| s.state.svc_id == id).count()),
                         can_receive: self.can_receive(name, *b, now),
                         can_give: self.can_give(*b, now),
                     })
@@ -350,7 +350,7 @@ impl State {
         }
         let id = ids.get(&group.service).copied()?;
         // Oldest first: the reaper lists them by connect time.
-        let conn = counts.get(&from)?.iter().find(|s| s.svc_id == id)?.clone();
+        let conn = counts.get(&from)?.iter().find(|s| s.state.svc_id == id)?.clone();
         self.global.take(now);
         self.bucket(&group.service, now).take(now);
         Some(Move {
@@ -400,6 +400,8 @@ impl State {
 
 #[cfg(test)]
 mod tests {
+    use nllb_common::SockState;
+
     use super::*;
     use crate::{
         model::ServicePlan,
@@ -445,8 +447,7 @@ mod tests {
                                 inode: 0,
                                 uid: 0,
                             },
-                            created_ns: k as u64,
-                            svc_id: 0,
+                            state: SockState { created_ns: k as u64, svc_id: 0, ..Default::default() },
                         }
                     })
                     .collect();
@@ -501,7 +502,11 @@ mod tests {
         let o = s.counted(&spread, &ids(), now);
         assert_eq!(o.moves.len(), 1);
         let m = &o.moves[0];
-        assert_eq!((m.from, m.toward.clone(), m.conn.created_ns), (a(2), vec![a(1)], 0), "the busiest, oldest first");
+        assert_eq!(
+            (m.from, m.toward.clone(), m.conn.state.created_ns),
+            (a(2), vec![a(1)], 0),
+            "the busiest, oldest first"
+        );
         s.moved(&[m]);
         // The next token is 5 s later (12 per minute).
         assert!(s.counted(&spread, &ids(), now + secs(3)).moves.is_empty());
@@ -605,8 +610,7 @@ mod tests {
                         inode: 0,
                         uid: 0,
                     },
-                    created_ns: k as u64,
-                    svc_id: 1,
+                    state: SockState { created_ns: k as u64, svc_id: 1, ..Default::default() },
                 })
                 .collect();
             counts.insert(b, v);

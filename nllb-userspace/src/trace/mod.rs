@@ -5,8 +5,8 @@
 //! one array read per connect. The reader keeps `until_ns` a few seconds
 //! ahead, refreshed every second, so a reader that dies stops the events by
 //! itself; a clean exit (Ctrl-C, `--duration`, a closed pipe) sets it to 0.
-//! What the agent does in userspace (aborting connects) arrives as notes
-//! (`notes.rs`). Works from the pins alone: with the agent running or gone.
+//! What the agent does in userspace (aborting connects, ending connections
+//! to rebalance) arrives as notes (`notes.rs`). Works from the pins alone: with the agent running or gone.
 //!
 //! The ring is read on this runtime; lines are named and written on a
 //! thread of their own (status file, cgroup tree, a slow terminal), so

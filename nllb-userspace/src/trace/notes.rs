@@ -1,7 +1,8 @@
 //! What the agent does on the kernel's behalf, for `nllb trace`.
 //!
 //! The trace ring carries what the programs decide; aborting the connects
-//! still waiting on a marked backend (sock_diag `SOCK_DESTROY`) is done by
+//! still waiting on a marked backend (sock_diag `SOCK_DESTROY`), closing
+//! those of a removed one and ending connections to rebalance are done by
 //! the agent in userspace. It sends each socket it destroyed as one JSON
 //! datagram to `<run-dir>/trace.sock`, a socket that exists only while a
 //! reader is attached: with no reader the first send fails at once (no such
@@ -36,6 +37,9 @@ pub enum AbortCause {
     BackendMarked,
     /// Its backend left the published set (`health.destroyOnRemove`).
     BackendRemoved,
+    /// Rebalancing moved it: its backend carried more than its fair share
+    /// and its client reconnects toward a less loaded one (issue 17).
+    Rebalanced,
 }
 
 /// One socket the agent destroyed.

@@ -149,6 +149,7 @@ impl TraceRecord {
         r.cause = Some(match n.cause {
             AbortCause::BackendMarked => "backend-marked",
             AbortCause::BackendRemoved => "backend-removed",
+            AbortCause::Rebalanced => "rebalanced",
         });
         r.cookie = Some(n.cookie);
         r.backend = Some(canonical(n.backend));
@@ -207,9 +208,16 @@ impl TraceRecord {
             "recover" => write!(line, " {} recovered: a steered connect was established", opt(self.backend)),
             "abort" => write!(
                 line,
-                " {} agent aborted a connect ({})",
+                " {} {}",
                 opt(self.backend),
-                if self.cause == Some("backend-removed") { "backend removed" } else { "SYN_SENT, backend marked" }
+                match self.cause {
+                    Some("backend-removed") => "agent aborted a connect (backend removed)",
+                    Some("rebalanced") => {
+                        "agent ended a connection (rebalanced: this backend carried more than its fair share; \
+                         the client reconnects toward a less loaded one)"
+                    }
+                    _ => "agent aborted a connect (SYN_SENT, backend marked)",
+                }
             ),
             "lost" => write!(line, " {} events lost: the trace ring was full", self.lost.unwrap_or(0)),
             _ => Ok(()),
@@ -348,6 +356,30 @@ mod tests {
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["event"], "abort");
         assert!(json["skipped"].is_null(), "absent fields are null, not missing: {json}");
+    }
+
+    #[test]
+    fn a_rebalance_move_is_an_abort_that_says_why() {
+        let mut n = names();
+        let clock = Clock { offset_ns: 0 };
+        let note = AbortNote {
+            ts_ns: 5_000,
+            cause: AbortCause::Rebalanced,
+            cookie: 11,
+            svc_id: 2,
+            vip: "127.0.0.1:7443".parse().unwrap(),
+            backend: "198.18.2.2:6443".parse().unwrap(),
+            created_ns: 1,
+        };
+        // A long-lived connection: its steer came before the reader started.
+        let r = TraceRecord::from_note(&note, &mut n, &clock);
+        assert_eq!((r.event, r.cause, r.pid), ("abort", Some("rebalanced"), None));
+        assert_eq!(serde_json::to_value(&r).unwrap()["cause"], "rebalanced");
+        assert_eq!(
+            r.text(),
+            "00:00:00.000005 abort   apiserver 198.18.2.2:6443 agent ended a connection (rebalanced: this backend \
+             carried more than its fair share; the client reconnects toward a less loaded one) socket 11"
+        );
     }
 
     #[test]
