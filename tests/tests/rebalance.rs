@@ -109,12 +109,12 @@ fn wait_settled(watches: &Watches, servers: &[HoldServer], ok: impl Fn(&[usize])
     got.unwrap_or_else(|| panic!("{what}: spread {:?}, {} of {n} connected", spread(servers), watches.connected()))
 }
 
-/// Waits until the agent has looked at the spread since `started` +
-/// healthyFor and is moving nothing (a random first placement can be
-/// uneven enough to be rebalanced): the scenario starts from there.
-fn wait_quiet(agent: &Agent, started: Instant, services: &[&str]) {
+/// Waits until the agent has looked at the spread after `from` (looks are
+/// at most 3 s apart in these tests) and is moving nothing: a random
+/// placement can be uneven enough to be rebalanced.
+fn wait_quiet(agent: &Agent, from: Instant, services: &[&str]) {
     let quiet = wait_for(Duration::from_secs(60), || {
-        let looked = started.elapsed() > HEALTHY_FOR + Duration::from_secs(3);
+        let looked = from.elapsed() > Duration::from_secs(3);
         let even = services.iter().all(|s| rebalance_rows(agent, s).values().all(|(_, w)| *w == 1));
         (looked && even).then_some(())
     });
@@ -167,10 +167,14 @@ fn a_returning_controller_gets_its_share_of_long_lived_connections_back() {
     let started = Instant::now();
     let watches = Watches::start(vip4(p_api), 30, cg.path(), None);
     wait_settled(&watches, &api, |_| true, "30 watches connect");
-    wait_quiet(&agent, started, &["apiserver"]);
+    wait_quiet(&agent, started + HEALTHY_FOR, &["apiserver"]);
     let before = wait_settled(&watches, &api, |_| true, "30 watches connected before the kill");
     kill(&agent, &net, 0, &mut [&mut api, &mut konn], &[&watches]);
-    let died = spread(&api);
+    // c1's 10 reconnect to c2 and c3 at random: a split as uneven as 23/7
+    // is rebalanced between the two, rightly. That settles before c1
+    // returns, so every move after the return is one toward c1.
+    wait_quiet(&agent, Instant::now(), &["apiserver"]);
+    let died = wait_settled(&watches, &api, |s| s[0] == 0, "the survivors hold every watch");
     api[0].restart();
     konn[0].restart();
     let back = Instant::now();
@@ -283,7 +287,7 @@ impl Failback {
         // Tunnels carry traffic both ways all the time.
         let t = Watches::start(vip4(p_konn), tunnels, cg.path(), Some(Duration::from_millis(200)));
         // A service with rebalancing off keeps weight 1: waiting on it too is harmless.
-        wait_quiet(&agent, started, &["apiserver", "konnectivity"]);
+        wait_quiet(&agent, started + HEALTHY_FOR, &["apiserver", "konnectivity"]);
         wait_settled(&w, &api, |_| true, "every watch connects");
         wait_settled(&t, &konn, |_| true, "every tunnel connects");
         let tracer = trace.then(|| Tracer::start(&agent, &[]));

@@ -159,11 +159,24 @@ impl FakeApiServer {
         let inner = self.inner.clone();
         let tls = self.tls.clone();
         let task = self.rt.spawn(async move {
-            let listener = match tokio::net::TcpListener::bind(bind).await {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
+            // A fixed port given back by `stop` can be taken meanwhile as
+            // the local port of some other test's outgoing connection on
+            // loopback; it is free again once that one closes.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            let listener = loop {
+                match tokio::net::TcpListener::bind(bind).await {
+                    Ok(l) => break l,
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::AddrInUse
+                            && bind.port() != 0
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
                 }
             };
             let _ = tx.send(Ok(listener.local_addr().expect("local addr")));
