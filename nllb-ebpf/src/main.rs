@@ -1,11 +1,11 @@
 //! nllb's in-kernel datapath.
 //!
 //! connect4/connect6 rewrite a connect to a virtual loopback address onto one
-//! of its service's backends and remember the socket; getpeername4/6 hide the
-//! rewrite from the application; sock_ops bounds the SYN time of steered
-//! connects and marks a backend whose SYNs are refused or go unanswered, so
-//! the next connects avoid it before any probe notices; sock_release forgets
-//! a socket when it closes.
+//! of its service's backends and remember what they did in the socket's own
+//! storage (freed with the socket); getpeername4/6 hide the rewrite from the
+//! application; sock_ops bounds the SYN time of steered connects and marks a
+//! backend whose SYNs are refused or go unanswered, so the next connects
+//! avoid it before any probe notices.
 //!
 //! Every entry point is thin and fails open: when a connect is not ours, or
 //! anything unexpected happens, the program lets it proceed untouched.

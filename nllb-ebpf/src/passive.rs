@@ -1,9 +1,9 @@
 //! sock_ops: how steered connects end, and how long their SYNs may wait.
 //!
-//! Only sockets connect4/6 steered (those in `NLLB_SOCKETS`) are watched:
-//! the agent's own probes and direct connects to a controller's address
-//! never set a mark. For every other socket the program costs an op switch,
-//! and one cookie lookup at TIMEOUT_INIT.
+//! Only sockets connect4/6 steered (those with `NLLB_SOCKETS` storage) are
+//! watched: the agent's own probes and direct connects to a controller's
+//! address never set a mark. For every other socket the program costs an op
+//! switch, and at TIMEOUT_INIT a storage lookup that finds none.
 //!
 //! - TIMEOUT_INIT: the first SYN's retransmission timeout, derived from the
 //!   backend's measured handshake time; also turns on the STATE and RTO

@@ -80,8 +80,16 @@ fn kill_restart_and_upgrade_fail_no_connect() {
     // (keeping the datapath), the new one swaps programs and maps in place.
     agent.signal(Signal::SIGTERM);
     assert!(agent.wait_exit(Duration::from_secs(5)).is_some());
+    // The old build also had a program this one has not (layout 2's
+    // sock_release): a live link pinned under a name the new build does not
+    // know must be detached, not left running the old program.
+    let retired = agent.pin_path.join("link_nllb_sock_release");
+    std::fs::rename(agent.pin_path.join("link_nllb_getpeername4"), &retired).unwrap();
+    assert_eq!(attached_programs(cg.path()).len(), NLLB_PROGRAMS);
     agent.restart(&[("NLLB_LAYOUT_VERSION", "999")]);
     assert!(agent.log().contains("replacing a pinned datapath of another layout"), "{}", agent.log());
+    assert!(!retired.exists(), "the retired link's pin is gone");
+    assert!(agent.log().contains("detached the link of a program this build no longer has"), "{}", agent.log());
     agent.wait_connects(25, progress);
 
     let report = stop_client(client);
