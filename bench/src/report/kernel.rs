@@ -192,7 +192,8 @@ fn scale(s: &mut String, points: &[ScalePoint]) {
          nllb's datapath code (the library the agent runs) publishes each size on a cgroup of the benchmark's own; \
          the backends are addresses of one simulated controller, the services' virtual addresses are in 127.77.0.0/16, \
          and the client connects to every service in turn. Figures are all programs' ns per connect (bpf_stats) and \
-         `nllb_connect4`'s ns per run.\n"
+         `nllb_connect4`'s ns per run; in a full run each size is measured in three rounds (the order reversed in \
+         the second) and shown as its median round.\n"
     );
     for (axis, head) in [
         ("backends", "one service with n backends"),
