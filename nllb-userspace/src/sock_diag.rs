@@ -49,7 +49,7 @@ use std::{
 
 use netlink_packet_core::{
     DecodeError, DefaultNla, Emitable, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkDeserializable, NetlinkHeader,
-    NetlinkMessage, NetlinkPayload, NetlinkSerializable, Parseable,
+    NetlinkMessage, NetlinkPayload, NetlinkSerializable, NlaBuffer, NlasIterator, Parseable,
 };
 use netlink_packet_sock_diag::{
     AF_INET, AF_INET6, IPPROTO_TCP, SOCK_DIAG_BY_FAMILY, SockDiagDestroy, SockDiagMessage,
@@ -206,8 +206,6 @@ const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
 const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
 const SK_DIAG_BPF_STORAGE: u16 = 1;
 const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
-/// The type bits of `nla_type` (without NLA_F_NESTED / NLA_F_NET_BYTEORDER).
-const NLA_TYPE_MASK: u16 = 0x3fff;
 const INET_DIAG_BC_D_COND: u8 = 8;
 /// `struct inet_diag_bc_op { u8 code; u8 yes; u16 no; }`.
 const BC_OP_LEN: usize = 4;
@@ -248,37 +246,25 @@ fn destination_filter(backend: SocketAddr) -> Vec<u8> {
 /// `SK_DIAG_BPF_STORAGE_REQ_MAP_FD` attribute (u32). The fd only has to be
 /// open while the kernel parses the request.
 fn storage_request(map: BorrowedFd<'_>) -> Vec<u8> {
-    let mut body = Vec::with_capacity(8);
-    body.extend_from_slice(&8u16.to_ne_bytes());
-    body.extend_from_slice(&SK_DIAG_BPF_STORAGE_REQ_MAP_FD.to_ne_bytes());
-    body.extend_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
+    let fd = DefaultNla::new(SK_DIAG_BPF_STORAGE_REQ_MAP_FD, (map.as_raw_fd() as u32).to_ne_bytes().to_vec());
+    let mut body = vec![0; fd.buffer_len()];
+    fd.emit(&mut body);
     body
 }
 
-/// Netlink attributes in `data`: (type without flags, payload).
-fn attributes(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if data.len() < 4 {
-            return None;
-        }
-        let len = usize::from(u16::from_ne_bytes([data[0], data[1]]));
-        let kind = u16::from_ne_bytes([data[2], data[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > data.len() {
-            return None;
-        }
-        let payload = &data[4..len];
-        data = &data[len.next_multiple_of(4).min(data.len())..];
-        Some((kind, payload))
-    })
+/// The first attribute of `kind` in `data` (flags masked off by the crate).
+fn attribute(data: &[u8], kind: u16) -> Option<NlaBuffer<&[u8]>> {
+    NlasIterator::new(data).map_while(Result::ok).find(|a| a.kind() == kind)
 }
 
 /// The first socket-storage value among a reply's attributes (only one map
 /// is ever requested).
 fn storage_value(attrs: &[u8]) -> Option<Vec<u8>> {
-    let (_, storages) = attributes(attrs).find(|(kind, _)| *kind == INET_DIAG_SK_BPF_STORAGES)?;
-    attributes(storages).filter(|(kind, _)| *kind == SK_DIAG_BPF_STORAGE).find_map(|(_, storage)| {
-        attributes(storage).find(|(kind, _)| *kind == SK_DIAG_BPF_STORAGE_MAP_VALUE).map(|(_, v)| v.to_vec())
-    })
+    let storages = attribute(attrs, INET_DIAG_SK_BPF_STORAGES)?;
+    NlasIterator::new(storages.value())
+        .map_while(Result::ok)
+        .filter(|s| s.kind() == SK_DIAG_BPF_STORAGE)
+        .find_map(|storage| attribute(storage.value(), SK_DIAG_BPF_STORAGE_MAP_VALUE).map(|v| v.value().to_vec()))
 }
 
 /// A `SOCK_DIAG_BY_FAMILY` dump request: the crate's `InetRequest` followed
@@ -286,14 +272,7 @@ fn storage_value(attrs: &[u8]) -> Option<Vec<u8>> {
 /// `INET_DIAG_REQ_SK_BPF_STORAGES`), which the crate cannot express.
 struct FilteredDump {
     request: InetRequest,
-    bytecode: Option<DefaultNla>,
-    storages: Option<DefaultNla>,
-}
-
-impl FilteredDump {
-    fn attrs(&self) -> impl Iterator<Item = &DefaultNla> {
-        self.bytecode.iter().chain(&self.storages)
-    }
+    attrs: Vec<DefaultNla>,
 }
 
 impl NetlinkSerializable for FilteredDump {
@@ -302,17 +281,13 @@ impl NetlinkSerializable for FilteredDump {
     }
 
     fn buffer_len(&self) -> usize {
-        self.request.buffer_len() + self.attrs().map(Emitable::buffer_len).sum::<usize>()
+        self.request.buffer_len() + self.attrs.as_slice().buffer_len()
     }
 
     fn serialize(&self, buffer: &mut [u8]) {
-        let (head, mut rest) = buffer.split_at_mut(self.request.buffer_len());
+        let (head, attrs) = buffer.split_at_mut(self.request.buffer_len());
         self.request.emit(head);
-        for attr in self.attrs() {
-            let (this, next) = rest.split_at_mut(attr.buffer_len());
-            attr.emit(this);
-            rest = next;
-        }
+        self.attrs.as_slice().emit(attrs);
     }
 }
 
@@ -468,9 +443,11 @@ impl DiagSocket {
             states: StateFlags::from_bits_truncate(states.0),
             socket_id,
         };
-        let bytecode = bytecode.map(|bc| DefaultNla::new(INET_DIAG_REQ_BYTECODE, bc.to_vec()));
-        let storages = storages.map(|s| DefaultNla::new(INET_DIAG_REQ_SK_BPF_STORAGES, s.to_vec()));
-        let seq = self.send(NLM_F_REQUEST | NLM_F_DUMP, FilteredDump { request, bytecode, storages })?;
+        let attrs = [(INET_DIAG_REQ_BYTECODE, bytecode), (INET_DIAG_REQ_SK_BPF_STORAGES, storages)]
+            .into_iter()
+            .filter_map(|(kind, value)| Some(DefaultNla::new(kind, value?.to_vec())))
+            .collect();
+        let seq = self.send(NLM_F_REQUEST | NLM_F_DUMP, FilteredDump { request, attrs })?;
         self.receive(seq, |message| match message.payload {
             NetlinkPayload::InnerMessage(Reply { head, storage }) => {
                 each(SocketInfo::from(&head), storage);
@@ -573,8 +550,7 @@ mod tests {
                 states: StateFlags::ESTABLISHED,
                 socket_id: SocketId::new_v4(),
             },
-            bytecode: Some(DefaultNla::new(INET_DIAG_REQ_BYTECODE, filter.clone())),
-            storages: None,
+            attrs: vec![DefaultNla::new(INET_DIAG_REQ_BYTECODE, filter.clone())],
         };
         // inet_diag_req_v2 (56 bytes), then nlattr { len, type } and the bytecode.
         assert_eq!(dump.buffer_len(), 56 + 4 + filter.len());
@@ -583,6 +559,23 @@ mod tests {
         assert_eq!(u16::from_ne_bytes([buf[56], buf[57]]) as usize, 4 + filter.len());
         assert_eq!(u16::from_ne_bytes([buf[58], buf[59]]), INET_DIAG_REQ_BYTECODE);
         assert_eq!(buf[60..], filter);
+    }
+
+    #[test]
+    fn the_storage_value_is_found_among_the_reply_attributes() {
+        let emit = |nla: DefaultNla| {
+            let mut b = vec![0; nla.buffer_len()];
+            nla.emit(&mut b);
+            b
+        };
+        // What bpf_sk_storage_diag_put writes: STORAGES { STORAGE { MAP_ID, MAP_VALUE } }.
+        let map_id = emit(DefaultNla::new(2, 7u32.to_ne_bytes().to_vec()));
+        let value = emit(DefaultNla::new(SK_DIAG_BPF_STORAGE_MAP_VALUE, (1..=8).collect()));
+        let storage = emit(DefaultNla::new(SK_DIAG_BPF_STORAGE, [map_id, value].concat()));
+        let shutdown = emit(DefaultNla::new(8, vec![0]));
+        let attrs = [shutdown.clone(), emit(DefaultNla::new(INET_DIAG_SK_BPF_STORAGES, storage))].concat();
+        assert_eq!(storage_value(&attrs), Some((1..=8).collect()));
+        assert_eq!(storage_value(&shutdown), None, "a socket without storage");
     }
 
     #[test]
@@ -736,7 +729,10 @@ mod tests {
         let backend = connected(test_ip(4).into(), 2);
 
         let q = query(backend.addr, States::ESTABLISHED, None).unwrap();
-        assert_eq!(tuples(&q.sockets.iter().map(|(s, _)| s.clone()).collect::<Vec<_>>()), client_tuples(&backend.clients));
+        assert_eq!(
+            tuples(&q.sockets.iter().map(|(s, _)| s.clone()).collect::<Vec<_>>()),
+            client_tuples(&backend.clients)
+        );
         assert_eq!(q.reported, 2, "the kernel sent only the backend's sockets");
 
         // Without the filter the same dump carries the crowd (600 sockets,

@@ -33,10 +33,11 @@ impl Reaper {
     /// nllb's sockets to `backend` in `states` with what nllb remembers of
     /// each, oldest connect first.
     fn ours(&self, backend: SocketAddr, states: States) -> Result<Vec<(SocketInfo, SockState)>, SockDiagError> {
-        let mut ours: Vec<(SocketInfo, SockState)> = sock_diag::sockets_with_storage(backend, states, self.sockets.fd())?
-            .into_iter()
-            .filter_map(|(s, value)| sock_state(&value).map(|st| (s, st)))
-            .collect();
+        let mut ours: Vec<(SocketInfo, SockState)> =
+            sock_diag::sockets_with_storage(backend, states, self.sockets.fd())?
+                .into_iter()
+                .filter_map(|(s, value)| sock_state(&value).map(|st| (s, st)))
+                .collect();
         ours.sort_by_key(|(_, st)| st.created_ns);
         Ok(ours)
     }

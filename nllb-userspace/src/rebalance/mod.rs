@@ -24,8 +24,8 @@
 //! minutes, so a flapping controller causes no churn). The rules are in
 //! `policy.rs`, the memory and rate limits in `state.rs`; this file runs the
 //! blocking netlink work on blocking tasks and reports to log, metrics,
-//! status and `nllb trace`. Needs the kernel datapath (its socket table and
-//! socket destroy).
+//! status and `nllb trace`. Needs the kernel datapath (its per-socket state
+//! and socket destroy).
 
 mod bucket;
 pub mod config;
