@@ -116,9 +116,9 @@ pub struct Setup<'a> {
     pub backend: SocketAddr,
     /// A loopback listener: a connect that is not to a virtual address.
     pub other: SocketAddr,
-    /// Loopback listeners that accept and drop: the backends of the
-    /// table-at-capacity figure (several, so the held connections do not
-    /// run out of source ports towards one address).
+    /// Loopback listeners that accept and drop, for the held rows: the
+    /// first takes their measured connects, each other one a holder's
+    /// connections (a holder's 16,384 fit one address's source ports).
     pub sinks: Vec<SocketAddr>,
     pub plain_cg: &'a Path,
     pub client_cpu: Option<usize>,
@@ -205,7 +205,7 @@ pub fn measure(s: &Setup<'_>) -> anyhow::Result<KernelCost> {
         true,
     )?);
 
-    eprintln!("== the same with {HELD_SOCKETS} live steered sockets");
+    eprintln!("== the same with {HELD_SOCKETS} live sockets, not steered and steered");
     match table_full(s, &floor_cg, per_leg) {
         Ok((cases, held)) => {
             k.cases.extend(cases);
@@ -224,9 +224,9 @@ pub fn measure(s: &Setup<'_>) -> anyhow::Result<KernelCost> {
     Ok(k)
 }
 
-/// Live steered sockets for the "held" rows: the capacity of the per-socket
-/// hash earlier builds used (a full one cost 3.7 µs per connect). Socket
-/// storage has no capacity; the rows show the cost does not grow with it.
+/// Live sockets for the "held" rows: the capacity of the per-socket hash
+/// earlier builds used (a full one cost 3.7 µs per connect). Socket storage
+/// has no capacity; the rows show what holding them costs a connect.
 const HELD_SOCKETS: u64 = 65_536;
 
 /// Held connections per holder process: under the open-file limit a
@@ -234,18 +234,39 @@ const HELD_SOCKETS: u64 = 65_536;
 const PER_HOLDER: u64 = 16_384;
 
 /// The same programs as the agent's (nllb's datapath library), installed on
-/// a cgroup of the benchmark's own whose service leads to the loopback
-/// sinks: a sink keeps no descriptor for a held connection, so the machine's
-/// open-file limits bound only the holders, which split the sockets between
-/// them. Measured with none held first, then with all of them held.
+/// a cgroup of the benchmark's own, measured three times: with no sockets
+/// held, with 65,536 held that nllb did not steer (connected to the sinks
+/// directly), and with 65,536 steered ones (through the virtual address):
+/// the last two hold the machine in the same state (as many sockets, same
+/// addresses), so their difference is what nllb's per-socket state costs.
+/// Sinks keep no descriptor for a held connection, so the machine's
+/// open-file limits bound only the holders, which split the sockets.
+///
+/// The measured connects go to a sink of their own (service 1), never to a
+/// held one (service 0): towards an address with ~16,000 of the kernel's
+/// ~28,000 source ports taken, a connect tries several ports, each a cold
+/// hash walk, which made even the empty floor programs 3-6x slower and hid
+/// what nllb's state costs behind what the port search evicts.
 fn table_full(
     s: &Setup<'_>,
     floor_cg: &TestCgroup,
     per_leg: u64,
 ) -> anyhow::Result<(Vec<CostCase>, Held)> {
+    let (measured, held_sinks) = s
+        .sinks
+        .split_first()
+        .context("no loopback sinks for the held rows")?;
+    anyhow::ensure!(
+        held_sinks.len() as u64 >= HELD_SOCKETS.div_ceil(PER_HOLDER),
+        "{} held sinks, want one per holder",
+        held_sinks.len()
+    );
     let cg = TestCgroup::new();
-    let dp = crate::scale::Installed::new(cg.path(), "full", &crate::scale::plan(1, &s.sinks))?;
-    let vip = crate::scale::vip(0);
+    let mut plan = crate::scale::plan(2, &s.sinks);
+    plan.services[0].backends = held_sinks.to_vec();
+    plan.services[1].backends = vec![*measured];
+    let dp = crate::scale::Installed::new(cg.path(), "full", &plan)?;
+    let (held_vip, measured_vip) = (crate::scale::vip(0), crate::scale::vip(1));
     let maps = KernelMaps::open(&dp.1).context("opening the bench datapath's pinned maps")?;
     let cases = |id_floor: &'static str, id_nllb: &'static str, table: &str| {
         [
@@ -253,7 +274,7 @@ fn table_full(
                 id_floor,
                 format!("floor, connect to a loopback listener{table}"),
                 floor_cg.path(),
-                vec![s.sinks[0]],
+                vec![*measured],
             ),
             Case::new(
                 id_nllb,
@@ -261,7 +282,7 @@ fn table_full(
                     "nllb (same programs, bench cgroup), connect to its virtual address{table}"
                 ),
                 cg.path(),
-                vec![vip],
+                vec![measured_vip],
             ),
         ]
     };
@@ -271,52 +292,94 @@ fn table_full(
         s.client_cpu,
         true,
     )?;
-    let wanted = HELD_SOCKETS;
-    let mut holders = Vec::new();
     let mut held = Held {
-        wanted,
+        wanted: HELD_SOCKETS,
         ..Held::default()
     };
-    while held.held < wanted {
-        let count = PER_HOLDER.min(wanted - held.held);
-        let h = Holder::start(&HoldSpec {
+
+    let plain = hold(&cg, |i| held_sinks[i], s.client_cpu)?;
+    held.unsteered = plain.held;
+    out.extend(interleaved(
+        &cases(
+            "floor-vip-plain",
+            "nllb-vip-plain",
+            &format!(", {} sockets held that nllb did not steer", plain.held),
+        ),
+        per_leg,
+        s.client_cpu,
+        true,
+    )?);
+    drop(plain);
+
+    let steered = hold(&cg, |_| held_vip, s.client_cpu)?;
+    held.held = steered.held;
+    held.first_error = steered.first_error.clone();
+    let full_before = maps.datapath_counters().sockets_full;
+    out.extend(interleaved(
+        &cases(
+            "floor-vip-full",
+            "nllb-vip-full",
+            &format!(", {} steered sockets held", steered.held),
+        ),
+        per_leg,
+        s.client_cpu,
+        true,
+    )?);
+    held.not_remembered = maps.datapath_counters().sockets_full - full_before;
+    drop(steered);
+    drop(dp);
+    Ok((out, held))
+}
+
+/// Holder processes with `HELD_SOCKETS` live connections between them; the
+/// sockets close (RST) when this is dropped.
+struct Holders {
+    holders: Vec<Holder>,
+    held: u64,
+    first_error: Option<String>,
+}
+
+/// Holders in `cg`, holder `i` connecting to `target(i)`.
+fn hold(
+    cg: &TestCgroup,
+    target: impl Fn(usize) -> SocketAddr,
+    cpu: Option<usize>,
+) -> anyhow::Result<Holders> {
+    let mut h = Holders {
+        holders: Vec::new(),
+        held: 0,
+        first_error: None,
+    };
+    while h.held < HELD_SOCKETS {
+        let count = PER_HOLDER.min(HELD_SOCKETS - h.held);
+        let one = Holder::start(&HoldSpec {
             cgroup: cg.path().to_path_buf(),
-            target: vip,
+            target: target(h.holders.len()),
             count,
-            cpu: s.client_cpu,
+            cpu,
         })?;
-        held.held += h.report.held;
+        h.held += one.report.held;
         // A holder retries a failed connect; one that stopped short has
         // run out of something (ports, memory): more holders would too.
-        let short = h.report.held < count;
+        let short = one.report.held < count;
         if short {
-            held.first_error = h.report.first_error.clone();
+            h.first_error = one.report.first_error.clone();
         }
-        holders.push(h);
+        h.holders.push(one);
         if short {
             break;
         }
     }
     eprintln!(
         "   holding {} sockets in {} processes{}",
-        held.held,
-        holders.len(),
-        held.first_error
+        h.held,
+        h.holders.len(),
+        h.first_error
             .as_deref()
             .map(|e| format!(" (stopped: {e})"))
             .unwrap_or_default()
     );
-    let full_before = maps.datapath_counters().sockets_full;
-    out.extend(interleaved(
-        &cases("floor-vip-full", "nllb-vip-full", &format!(", {wanted} steered sockets held")),
-        per_leg,
-        s.client_cpu,
-        true,
-    )?);
-    held.not_remembered = maps.datapath_counters().sockets_full - full_before;
-    drop(holders);
-    drop(dp);
-    Ok((out, held))
+    Ok(h)
 }
 
 fn tracing(s: &Setup<'_>, per_leg: u64, k: &mut KernelCost) -> anyhow::Result<()> {

@@ -214,7 +214,12 @@ pub struct KernelCost {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Held {
     pub wanted: u64,
+    /// Steered sockets held during the "full" rows.
     pub held: u64,
+    /// Sockets held during the "plain" rows: as many, to the same sinks,
+    /// connected directly (no per-socket state).
+    #[serde(default)]
+    pub unsteered: u64,
     pub first_error: Option<String>,
     /// Measurement connects the kernel steered but could not remember
     /// (`sockets_full`: no memory for the socket's storage).

@@ -180,7 +180,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
         match ebpf.and_then(|p| p.pin.as_deref().map(|pin| (p, pin))) {
             Some((p, pin)) => {
                 let other = backends.loopback_sink()?;
-                let sinks = (0..4)
+                let sinks = (0..5)
                     .map(|_| backends.loopback_sink())
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 let setup = kernel_cost::Setup {

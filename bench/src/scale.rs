@@ -1,6 +1,7 @@
 //! Per-connect cost as the tables grow: one service with 1 to 64 backends,
 //! and 1 to 256 services. nllb's own datapath code (the library the agent
-//! runs) publishes each size on a cgroup of the benchmark's own; the
+//! runs) publishes every size at once, each on a cgroup of the benchmark's
+//! own, and one client measures them side by side; the
 //! backends are extra addresses of one simulated controller, so every
 //! connect is answered.
 
@@ -26,11 +27,13 @@ use crate::{
     backend::ECHO_PORT,
     bpfstats::StatsEnabled,
     kernel_cost::{Case, interleaved},
-    results::{CostCase, ScalePoint},
+    results::ScalePoint,
 };
 
 pub const BACKENDS: [u32; 7] = [1, 2, 4, 8, 16, 32, 64];
 pub const SERVICES: [u32; 5] = [1, 4, 16, 64, 256];
+/// The services axis when the client connects to one service of the n.
+pub const ONE_OF_N: &str = "services-one";
 /// Backends of each service on the services axis.
 const BACKENDS_PER_SERVICE: usize = 3;
 const _: () = assert!(
@@ -132,10 +135,8 @@ pub fn measure(
     quick: bool,
 ) -> anyhow::Result<Vec<ScalePoint>> {
     let _stats = StatsEnabled::new()?;
-    let cg = TestCgroup::new();
     let all = backend_addrs(host, MAX_BACKENDS as usize)?;
-    let mut dp = Installed::new(cg.path(), "scale", &plan(1, &all[..1]))?;
-    let per_point = if quick { 1_500 } else { 10_000 };
+    let per_point = if quick { 1_500 } else { 20_000 };
     let points: Vec<(&str, u32, u32, usize)> = BACKENDS
         .iter()
         .map(|&n| ("backends", n, 1, n as usize))
@@ -145,42 +146,63 @@ pub fn measure(
                 .map(|&n| ("services", n, n, BACKENDS_PER_SERVICE)),
         )
         .collect();
-    // A point measured once can land on a slow stretch of the machine (a
-    // full run on a quiet machine showed every other size ~40% slower, not
-    // growing with size): each round measures every size, the order flips
-    // between rounds, and a point is its median round.
-    let rounds = if quick { 1 } else { 3 };
-    let mut runs: Vec<Vec<CostCase>> = vec![Vec::new(); points.len()];
-    for round in 0..rounds {
-        let order: Vec<usize> = if round % 2 == 0 {
-            (0..points.len()).collect()
-        } else {
-            (0..points.len()).rev().collect()
-        };
-        for i in order {
-            let (axis, n, services, backends) = points[i];
-            dp.0.apply(&plan(services, &all[..backends]))
-                .with_context(|| format!("publishing {n} {axis}"))?;
-            // Connects go to every service in turn.
-            let targets = (0..services).map(vip).collect();
-            let case = Case::new("scale", format!("{n} {axis}"), cg.path(), targets);
-            let case = interleaved(&[case], per_point, cpu, true)?.remove(0);
-            eprintln!(
-                "   round {round}: {n:>3} {axis:<8} {:.0} ns per connect",
-                case.ns_per_connect()
-            );
-            runs[i].push(case);
+    // Every size is published at once, each on a cgroup of its own, and one
+    // client interleaves them all: measured one after another, a full run
+    // on a quiet machine showed sizes alternating ~40% apart (the machine's
+    // slow and fast stretches, not size), which side by side cancels.
+    let mut installed = Vec::with_capacity(points.len());
+    for &(axis, n, services, backends) in &points {
+        let cg = TestCgroup::new();
+        let dp = Installed::new(
+            cg.path(),
+            &format!("scale-{axis}-{n}"),
+            &plan(services, &all[..backends]),
+        )
+        .with_context(|| format!("publishing {n} {axis}"))?;
+        installed.push((cg, dp));
+    }
+    // The services axis twice on each datapath: connects to every service
+    // in turn (each service's lines are cold: the client comes back to it
+    // only after n other connects), and to one service of the n published
+    // (what the table's size alone costs).
+    let (mut legs, mut cases): (Vec<(&str, u32)>, Vec<Case>) = (Vec::new(), Vec::new());
+    for (&(axis, n, services, _), (cg, _)) in points.iter().zip(&installed) {
+        let targets = (0..services).map(vip).collect();
+        legs.push((axis, n));
+        cases.push(Case::new(
+            "scale",
+            format!("{n} {axis}"),
+            cg.path(),
+            targets,
+        ));
+        if axis == "services" {
+            legs.push((ONE_OF_N, n));
+            cases.push(Case::new(
+                "scale",
+                format!("1 of {n} services"),
+                cg.path(),
+                vec![vip(services - 1)],
+            ));
         }
     }
-    Ok(points
-        .iter()
-        .zip(runs)
-        .map(|(&(axis, n, _, _), mut cases)| {
-            cases.sort_by(|a, b| a.ns_per_connect().total_cmp(&b.ns_per_connect()));
+    let measured = interleaved(&cases, per_point, cpu, true)?;
+    // Programs detach (pins removed) before their cgroups go.
+    for (cg, dp) in installed.into_iter().rev() {
+        drop(dp);
+        drop(cg);
+    }
+    Ok(legs
+        .into_iter()
+        .zip(measured)
+        .map(|((axis, n), case)| {
+            eprintln!(
+                "   {n:>3} {axis:<12} {:.0} ns per connect",
+                case.ns_per_connect()
+            );
             ScalePoint {
                 axis: axis.into(),
                 n,
-                case: cases.swap_remove(cases.len() / 2),
+                case,
             }
         })
         .collect())

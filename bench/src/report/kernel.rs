@@ -90,14 +90,19 @@ fn cost(s: &mut String, k: &KernelCost) {
         let _ = writeln!(
             s,
             "\n**Many sockets held.** nllb's programs (the datapath library the agent runs) on a cgroup of the \
-             benchmark's own, their one service leading to loopback listeners that accept and drop (so a held \
-             connection costs the listener no descriptor): holder processes in that cgroup kept {} of {} connections \
-             open through its virtual address{}, each with its state in its own socket storage (`NLLB_SOCKETS`, no \
-             capacity; earlier builds kept it in a 65,536-entry hash whose full state cost 3.7 µs per connect and \
-             broke getpeername). The \"no sockets held\" rows were measured on the same cgroup just before the \
-             holders connected. During the \"held\" rows the kernel could not remember {} of the {} measured steered \
-             connects (`sockets_full`, counting the run's 100 warm-up connects too); getpeername answered the virtual \
-             address for {} of them.",
+             benchmark's own, one service leading to loopback listeners that accept and drop (so a held connection \
+             costs the listener no descriptor) and a second leading to a listener of its own, which the measured \
+             connects use (a connect towards an address most of whose source ports are taken tries several ports, \
+             each a cold hash walk, and that alone made even the empty floor programs 3-6x slower). Three states, \
+             each measured floor and nllb interleaved: no sockets held; {} sockets held that nllb did not steer \
+             (holders connected to the listeners directly: no per-socket state); {} of {} held through the virtual \
+             address{}, each with its state in its own socket storage (`NLLB_SOCKETS`, no capacity; earlier builds \
+             kept it in a 65,536-entry hash whose full state cost 3.7 µs per connect and broke getpeername). The \
+             last two leave the machine in the same state (as many sockets to the same listeners), so their \
+             difference is what nllb's per-socket state costs a connect. During the steered rows the kernel could \
+             not remember {} of the {} measured steered connects (`sockets_full`, counting the run's 100 warm-up \
+             connects too); getpeername answered the virtual address for {} of them.",
+            h.unsteered,
             h.held,
             h.wanted,
             h.first_error
@@ -189,15 +194,23 @@ fn scale(s: &mut String, points: &[ScalePoint]) {
     let _ = writeln!(
         s,
         "\n### Scale\n\n\
-         nllb's datapath code (the library the agent runs) publishes each size on a cgroup of the benchmark's own; \
-         the backends are addresses of one simulated controller, the services' virtual addresses are in 127.77.0.0/16, \
-         and the client connects to every service in turn. Figures are all programs' ns per connect (bpf_stats) and \
-         `nllb_connect4`'s ns per run; in a full run each size is measured in three rounds (the order reversed in \
-         the second) and shown as its median round.\n"
+         nllb's datapath code (the library the agent runs) publishes every size at once, each on a cgroup of the \
+         benchmark's own; the backends are addresses of one simulated controller, the services' virtual addresses \
+         are in 127.77.0.0/16, and the client connects to every service in turn. One client process measures all \
+         sizes side by side, moving between their cgroups every 250 connects, so a slow stretch of the machine \
+         falls on every size alike. Figures are all programs' ns per connect (bpf_stats) and `nllb_connect4`'s ns \
+         per run.\n"
     );
     for (axis, head) in [
         ("backends", "one service with n backends"),
-        ("services", "n services, 3 backends each"),
+        (
+            "services",
+            "n services, 3 backends each, connects to every one in turn",
+        ),
+        (
+            crate::scale::ONE_OF_N,
+            "n services, 3 backends each, connects to one of them",
+        ),
     ] {
         let row: Vec<&ScalePoint> = points.iter().filter(|p| p.axis == axis).collect();
         if row.is_empty() {
