@@ -137,21 +137,32 @@ pub fn measure(
     let _stats = StatsEnabled::new()?;
     let all = backend_addrs(host, MAX_BACKENDS as usize)?;
     let per_point = if quick { 1_500 } else { 20_000 };
-    let points: Vec<(&str, u32, u32, usize)> = BACKENDS
+    // (axis, n, services published, backends each, services connected to)
+    let points: Vec<(&str, u32, u32, usize, u32)> = BACKENDS
         .iter()
-        .map(|&n| ("backends", n, 1, n as usize))
+        .map(|&n| ("backends", n, 1, n as usize, 1))
         .chain(
             SERVICES
                 .iter()
-                .map(|&n| ("services", n, n, BACKENDS_PER_SERVICE)),
+                .map(|&n| ("services", n, n, BACKENDS_PER_SERVICE, n)),
+        )
+        // Connects to every service in turn meet each service's lines cold
+        // (the client comes back to one only after n other connects); to
+        // one service of the n published, what the table's size alone costs.
+        .chain(
+            SERVICES
+                .iter()
+                .map(|&n| (ONE_OF_N, n, n, BACKENDS_PER_SERVICE, 1)),
         )
         .collect();
-    // Every size is published at once, each on a cgroup of its own, and one
-    // client interleaves them all: measured one after another, a full run
-    // on a quiet machine showed sizes alternating ~40% apart (the machine's
-    // slow and fast stretches, not size), which side by side cancels.
+    // Every size is published at once, each on a cgroup of its own (the run
+    // time figures are per program, so per cgroup), and one client
+    // interleaves them all: measured one after another, a full run on a
+    // quiet machine showed sizes alternating ~40% apart (the machine's slow
+    // and fast stretches, not size), which side by side cancels.
     let mut installed = Vec::with_capacity(points.len());
-    for &(axis, n, services, backends) in &points {
+    let mut cases = Vec::with_capacity(points.len());
+    for &(axis, n, services, backends, dialed) in &points {
         let cg = TestCgroup::new();
         let dp = Installed::new(
             cg.path(),
@@ -159,31 +170,15 @@ pub fn measure(
             &plan(services, &all[..backends]),
         )
         .with_context(|| format!("publishing {n} {axis}"))?;
-        installed.push((cg, dp));
-    }
-    // The services axis twice on each datapath: connects to every service
-    // in turn (each service's lines are cold: the client comes back to it
-    // only after n other connects), and to one service of the n published
-    // (what the table's size alone costs).
-    let (mut legs, mut cases): (Vec<(&str, u32)>, Vec<Case>) = (Vec::new(), Vec::new());
-    for (&(axis, n, services, _), (cg, _)) in points.iter().zip(&installed) {
-        let targets = (0..services).map(vip).collect();
-        legs.push((axis, n));
+        // The last published services: for one of n, the newest.
+        let targets = (services - dialed..services).map(vip).collect();
         cases.push(Case::new(
             "scale",
             format!("{n} {axis}"),
             cg.path(),
             targets,
         ));
-        if axis == "services" {
-            legs.push((ONE_OF_N, n));
-            cases.push(Case::new(
-                "scale",
-                format!("1 of {n} services"),
-                cg.path(),
-                vec![vip(services - 1)],
-            ));
-        }
+        installed.push((cg, dp));
     }
     let measured = interleaved(&cases, per_point, cpu, true)?;
     // Programs detach (pins removed) before their cgroups go.
@@ -191,10 +186,10 @@ pub fn measure(
         drop(dp);
         drop(cg);
     }
-    Ok(legs
-        .into_iter()
+    Ok(points
+        .iter()
         .zip(measured)
-        .map(|((axis, n), case)| {
+        .map(|(&(axis, n, ..), case)| {
             eprintln!(
                 "   {n:>3} {axis:<12} {:.0} ns per connect",
                 case.ns_per_connect()

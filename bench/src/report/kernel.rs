@@ -94,14 +94,15 @@ fn cost(s: &mut String, k: &KernelCost) {
              costs the listener no descriptor) and a second leading to a listener of its own, which the measured \
              connects use (a connect towards an address most of whose source ports are taken tries several ports, \
              each a cold hash walk, and that alone made even the empty floor programs 3-6x slower). Three states, \
-             each measured floor and nllb interleaved: no sockets held; {} sockets held that nllb did not steer \
+             each measured floor and nllb interleaved, in a full run in three rounds (the order reversed every other \
+             round: the states follow one another), summed per state: no sockets held; {} sockets held that nllb did not steer \
              (holders connected to the listeners directly: no per-socket state); {} of {} held through the virtual \
              address{}, each with its state in its own socket storage (`NLLB_SOCKETS`, no capacity; earlier builds \
              kept it in a 65,536-entry hash whose full state cost 3.7 µs per connect and broke getpeername). The \
              last two leave the machine in the same state (as many sockets to the same listeners), so their \
              difference is what nllb's per-socket state costs a connect. During the steered rows the kernel could \
-             not remember {} of the {} measured steered connects (`sockets_full`, counting the run's 100 warm-up \
-             connects too); getpeername answered the virtual address for {} of them.",
+             not remember {} of the {} measured steered connects (`sockets_full`, counting each round's 100 \
+             warm-up connects too); getpeername answered the virtual address for {} of them.",
             h.unsteered,
             h.held,
             h.wanted,
