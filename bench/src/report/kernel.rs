@@ -197,10 +197,17 @@ fn scale(s: &mut String, points: &[ScalePoint]) {
         "\n### Scale\n\n\
          nllb's datapath code (the library the agent runs) publishes every size at once, each on a cgroup of the \
          benchmark's own; the backends are addresses of one simulated controller, the services' virtual addresses \
-         are in 127.77.0.0/16, and the client connects to every service in turn. One client process measures all \
-         sizes side by side, moving between their cgroups every 250 connects, so a slow stretch of the machine \
-         falls on every size alike. Figures are all programs' ns per connect (bpf_stats) and `nllb_connect4`'s ns \
-         per run.\n"
+         are in 127.77.0.0/16. One client process measures all sizes side by side, moving between their cgroups \
+         every 250 connects, so a slow stretch of the machine falls on every size alike. The services axis is \
+         measured twice, on datapaths of its own each: the client connects to every service in turn, or to one \
+         service of the n published. Figures are all programs' ns per connect (bpf_stats) and `nllb_connect4`'s \
+         ns per run.\n\n\
+         What to compare: the lookups are a hash (virtual address) and two array indexes (service table, backend \
+         slot), so the table's size alone changes nothing (the \"one of them\" row). A client that spreads its \
+         connects over n services, or nllb's random pick over n backends, comes back to a given service or \
+         backend only after others, so the memory nllb keeps for it (the service's table, the backend's slot, \
+         mark and counters) is met cold more often: that, not the size of a table, is what the other two rows \
+         add as n grows. With one service and one backend it stays in cache for all 250 connects of a batch.\n"
     );
     for (axis, head) in [
         ("backends", "one service with n backends"),
