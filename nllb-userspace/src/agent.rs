@@ -181,6 +181,9 @@ struct Agent {
     notes: Arc<NoteSender>,
     /// The plan last handed to the datapath thread.
     plan: Plan,
+    /// The plan the datapath last reported applied: what the status file
+    /// calls published (the worker applies a moment after `plan` changes).
+    live: Plan,
     /// A reload was accepted; it is reported once its plan is live.
     reload_pending: bool,
     /// Backends whose connections close once the plan that dropped them is
@@ -292,6 +295,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         events,
         reaper,
         notes,
+        live: plan.clone(),
         plan,
         reload_pending: false,
         destroy_after_apply: BTreeSet::new(),
@@ -489,6 +493,7 @@ impl Agent {
             // Exactly the weights the kernel now serves (rebalancing ends
             // connections only once they are live).
             self.rebalance.plan_live(&applied.plan);
+            self.live = applied.plan.clone();
         }
         match &applied.result {
             Ok(()) if applied.plan == self.plan => self.plan_live(),
@@ -622,7 +627,7 @@ impl Agent {
         }
         let snapshot = self.datapath.snapshot();
         let services = self
-            .plan
+            .live
             .services
             .iter()
             .map(|s| ServiceStatus {

@@ -213,6 +213,34 @@ impl Agent {
         by
     }
 
+    /// The backends the kernel serves for `service` right now (the pinned
+    /// table, via `nllb status`): the agent's status file shows the set it
+    /// wants as soon as it decides, before its datapath worker has
+    /// published it.
+    pub fn kernel_backends(&self, service: &str) -> std::collections::BTreeSet<String> {
+        let out = self.nllb(&["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["name"].as_str() == Some(service))
+            .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
+            .filter_map(|b| b["addr"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// Waits until the kernel serves exactly `want` for `service`.
+    pub fn wait_kernel_backends(&self, service: &str, want: &std::collections::BTreeSet<String>, timeout: Duration) {
+        let got = crate::wait_for(timeout, || (self.kernel_backends(service) == *want).then_some(()));
+        assert!(
+            got.is_some(),
+            "the kernel never served {want:?} for {service} (serves {:?}); log:\n{}",
+            self.kernel_backends(service),
+            self.log()
+        );
+    }
+
     /// Connects the kernel datapath has steered in total.
     pub fn connects(&self) -> u64 {
         self.connects_by_backend().values().sum()

@@ -444,7 +444,8 @@ async fn vip_kubeconfig_dials_known_controllers_directly() {
         backend_port: api.addr().port(),
     }];
     let cfg = KubernetesDiscovery { kubeconfig, namespace: NS.into(), service: SVC.into() };
-    let mut rx = nllb::discovery::spawn_with(cfg, services, dir.path().join("state"), vec![h1.v4, h2.v4], tuning(), None);
+    let mut rx =
+        nllb::discovery::spawn_with(cfg, services, dir.path().join("state"), vec![h1.v4, h2.v4], tuning(), None);
     wait_for(&mut rx, &[&v1, &v2]).await;
     assert!(api.count("LIST endpointslices") >= 1);
 
@@ -483,9 +484,21 @@ fn published(agent: &nllb_tests::Agent) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
+/// Waits until the agent knows `want` and the kernel serves nothing else
+/// (the agent decides at once; its datapath worker publishes a moment later,
+/// and a client in between would still reach a removed controller).
 fn wait_published(agent: &nllb_tests::Agent, want: &BTreeSet<String>) {
-    let got = nllb_tests::wait_for(Duration::from_secs(20), || (published(agent) == *want).then_some(()));
-    assert!(got.is_some(), "agent never published {want:?} (has {:?}); log:\n{}", published(agent), agent.log());
+    let got = nllb_tests::wait_for(Duration::from_secs(20), || {
+        let served = agent.kernel_backends("apiserver");
+        (published(agent) == *want && !served.is_empty() && served.is_subset(want)).then_some(())
+    });
+    assert!(
+        got.is_some(),
+        "agent never published {want:?} (knows {:?}, the kernel serves {:?}); log:\n{}",
+        published(agent),
+        agent.kernel_backends("apiserver"),
+        agent.log()
+    );
 }
 
 /// End to end: the real `nllb` binary with `discovery.kubernetes` and no
@@ -519,7 +532,9 @@ fn agent_discovers_controllers_and_serves_them_through_the_vip() {
         ..Default::default()
     });
     let with_port = |list: &[&String]| list.iter().map(|a| format!("{a}:{PORT}")).collect::<BTreeSet<_>>();
-    wait_published(&agent, &with_port(&addrs.iter().collect::<Vec<_>>()));
+    let all = with_port(&addrs.iter().collect::<Vec<_>>());
+    wait_published(&agent, &all);
+    agent.wait_kernel_backends("apiserver", &all, Duration::from_secs(20));
     let report = run_client(&ClientOpts::new(vip, 60, Some(cg.path())));
     assert_eq!(report.ok_count(), 60, "{:?}", report.failed());
     assert_eq!(report.by_body().len(), 3, "every discovered controller gets connects: {:?}", report.by_body());
@@ -596,6 +611,7 @@ fn agent_bootstraps_from_a_kubeconfig_that_points_at_its_own_vip() {
     let agent = Agent::start(&AgentOpts { config_yaml: config, cgroup: cg.path().to_path_buf(), ..Default::default() });
     wait_published(&agent, &addrs.iter().map(|a| format!("{a}:{}", api.addr().port())).collect());
     assert!(api.count("LIST endpointslices") >= 1, "{:?}", api.requests());
+    agent.wait_kernel_backends("web", &addrs.iter().map(|a| format!("{a}:{WEB}")).collect(), Duration::from_secs(20));
     let report = run_client(&ClientOpts::new(web_vip, 45, Some(cg.path())));
     assert_eq!(report.ok_count(), 45, "{:?}", report.failed());
     assert_eq!(report.by_body().len(), 3, "{:?}", report.by_body());
