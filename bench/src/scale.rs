@@ -178,14 +178,12 @@ pub fn measure(
             cg.path(),
             targets,
         ));
-        installed.push((cg, dp));
+        // Datapath first: a tuple drops in field order, so its programs
+        // detach (pins removed) before its cgroup goes, on error too.
+        installed.push((dp, cg));
     }
     let measured = interleaved(&cases, per_point, cpu, true)?;
-    // Programs detach (pins removed) before their cgroups go.
-    for (cg, dp) in installed.into_iter().rev() {
-        drop(dp);
-        drop(cg);
-    }
+    drop(installed);
     Ok(points
         .iter()
         .zip(measured)

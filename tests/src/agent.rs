@@ -197,13 +197,17 @@ impl Agent {
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
+    /// `nllb status --json` for polling: Null while it cannot answer (the
+    /// agent still starting), where [`Agent::status`] would fail the test.
+    fn kernel_status(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.nllb(&["status", "--json"]).stdout).unwrap_or_default()
+    }
+
     /// Connects the kernel datapath has steered, per backend address, from
     /// the pinned maps (readable while the agent is down too).
     pub fn connects_by_backend(&self) -> std::collections::BTreeMap<String, u64> {
-        let out = self.nllb(&["status", "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         let mut by = std::collections::BTreeMap::new();
-        for s in v["services"].as_array().into_iter().flatten() {
+        for s in self.kernel_status()["services"].as_array().into_iter().flatten() {
             for b in s["backends"].as_array().into_iter().flatten() {
                 if let (Some(addr), Some(n)) = (b["addr"].as_str(), b["connects"].as_u64()) {
                     *by.entry(addr.to_string()).or_default() += n;
@@ -218,9 +222,7 @@ impl Agent {
     /// wants as soon as it decides, before its datapath worker has
     /// published it.
     pub fn kernel_backends(&self, service: &str) -> std::collections::BTreeSet<String> {
-        let out = self.nllb(&["status", "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        v["services"]
+        self.kernel_status()["services"]
             .as_array()
             .into_iter()
             .flatten()
