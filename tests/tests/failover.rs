@@ -167,7 +167,13 @@ fn a_killed_controller_costs_at_most_one_connect() {
     std::thread::sleep(Duration::from_millis(800));
     servers[0].stop();
     let report = wait_client(client);
-    assert!(report.failed().len() <= 1, "{:?}", report.failed());
+    // A refused connect is what marks c0 in the kernel: at most one. A
+    // request already on a connection to c0 when it dies is cut too, as
+    // through any balancer; the client is sequential, so at most one.
+    let (refused, cut): (Vec<_>, Vec<_>) = report.failed().into_iter().partition(|r| r.peer.is_none());
+    assert!(refused.len() <= 1, "more than one connect failed: {refused:?}");
+    assert!(cut.len() <= 1, "more than one established request was cut: {cut:?}");
+    assert!(report.ok_count() >= 298, "the other connects were served: {:?}", report.failed());
 }
 
 /// A connect the application abandons before the handshake completes (a
