@@ -91,6 +91,13 @@ enum Cmd {
         #[arg(long)]
         spec: String,
     },
+    /// Only the scale section (1 to 64 backends, 1 to 256 services): the
+    /// curve printed, nothing written. For working on the datapath's cost.
+    Scale {
+        /// 1,500 connects per point instead of 20,000.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Regenerate BENCHMARKS.md and the chart from a results file.
     Report {
         #[arg(default_value = "bench/results/latest.json")]
@@ -120,6 +127,7 @@ fn main() -> anyhow::Result<()> {
         Some(Cmd::Hold { spec }) => {
             connects::run_hold(&serde_json::from_str(&spec).context("parsing --spec")?)
         }
+        Some(Cmd::Scale { quick }) => run::scale_only(quick),
         Some(Cmd::Report { results }) => {
             let path = if results.is_absolute() {
                 results

@@ -188,9 +188,18 @@ pub fn measure(
         .iter()
         .zip(measured)
         .map(|(&(axis, n, ..), case)| {
+            let split: Vec<String> = case
+                .programs
+                .iter()
+                .map(|p| {
+                    let per = p.run_time_ns / case.connects.max(1);
+                    format!("{} {per}", p.attach_type.trim_start_matches("cgroup_"))
+                })
+                .collect();
             eprintln!(
-                "   {n:>3} {axis:<12} {:.0} ns per connect",
-                case.ns_per_connect()
+                "   {n:>3} {axis:<12} {:.0} ns per connect ({})",
+                case.ns_per_connect(),
+                split.join(", ")
             );
             ScalePoint {
                 axis: axis.into(),
