@@ -101,6 +101,7 @@ assert_map_layout! {
     ServiceTable { svc_id, flags, count4, count6, backends4, backends6 } = 5136, 8;
     BackendKey { addr, port, family } = 20, 4;
     PassiveMark { failed_ns, recovered_ns, cause, _pad } = 24, 8;
+    MarkClock { newest_ns } = 8, 8;
     SockState {
         cookie, created_ns, vip, backend, vip_port, backend_port, family, _pad, svc_id, stat_id, syn_rto_jiffies, _pad2
     } = 72, 8;

@@ -10,7 +10,7 @@
 //! Who writes what (one writer per element, so no update is ever lost):
 //! - the agent writes the virtual-address maps, the service tables inside
 //!   them and `NLLB_CONFIG`;
-//! - the programs write `NLLB_MARKS`, `NLLB_SOCKETS`, the counters and the
+//! - the programs write `NLLB_MARKS`, `NLLB_MARK_CLOCK`, `NLLB_SOCKETS`, the counters and the
 //!   event rings; the agent only deletes marks of backends it no longer
 //!   publishes;
 //! - `nllb trace` readers write `NLLB_TRACE_CTL`.
@@ -23,7 +23,7 @@ pub use events::{Event, EventKind, MarkCause};
 
 /// Bumped whenever a map's layout changes; the agent refuses to adopt pins
 /// from a different layout and swaps the programs over instead.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Services the agent can publish.
 pub const MAX_SERVICES: u32 = 256;
@@ -52,6 +52,7 @@ pub mod maps {
     /// per-publish service tables with field names for bpftool.
     pub const TABLE_PROTO: &str = "NLLB_TABLE_PROTO";
     pub const MARKS: &str = "NLLB_MARKS";
+    pub const MARK_CLOCK: &str = "NLLB_MARK_CLOCK";
     pub const SOCKETS: &str = "NLLB_SOCKETS";
     pub const BACKEND_STATS: &str = "NLLB_BACKEND_STATS";
     pub const SERVICE_STATS: &str = "NLLB_SERVICE_STATS";
@@ -60,11 +61,12 @@ pub mod maps {
     pub const EVENTS: &str = "NLLB_EVENTS";
     pub const TRACE_CTL: &str = "NLLB_TRACE_CTL";
     pub const TRACE_EVENTS: &str = "NLLB_TRACE_EVENTS";
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         VIPS4,
         VIPS6,
         TABLE_PROTO,
         MARKS,
+        MARK_CLOCK,
         SOCKETS,
         BACKEND_STATS,
         SERVICE_STATS,
@@ -182,6 +184,18 @@ pub struct PassiveMark {
     pub _pad: u32,
 }
 
+/// Single entry of `NLLB_MARK_CLOCK`: when the newest passive mark was set.
+/// A connect reads it before any `NLLB_MARKS` lookup: while no mark was set
+/// within the eject hold, none can be in force, and the lookups (a call and
+/// a hash of the backend per slot tried) are skipped. Written only by the
+/// programs, as a plain store of the time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MarkClock {
+    /// CLOCK_MONOTONIC ns; 0: no mark since the maps were created.
+    pub newest_ns: u64,
+}
+
 /// Value of `NLLB_SOCKETS` (socket-local storage, `BPF_MAP_TYPE_SK_STORAGE`:
 /// the key is the socket itself): what nllb did with one live socket.
 /// Written by connect4/6, freed by the kernel with the socket.
@@ -294,6 +308,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceTable {}
     unsafe impl aya::Pod for BackendKey {}
     unsafe impl aya::Pod for PassiveMark {}
+    unsafe impl aya::Pod for MarkClock {}
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for BackendCounters {}
     unsafe impl aya::Pod for ServiceCounters {}

@@ -151,14 +151,17 @@ fn xlate_fwd(ctx: &SockAddrContext, table: &nllb_common::ServiceTable, fam: Fami
         events::trace_decision(ctx, table.svc_id, dialed, Decision::Refuse);
         return Verdict::Refuse;
     }
-    let pick = pick(slots, count, cfg);
+    // SAFETY: plain helper call. One clock read serves the pick and the
+    // socket's creation time.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pick = pick(slots, count, cfg, now);
     let slot = &slots[slot_index(pick.idx)];
     let backend = if fam == Family::V4Mapped { [0, 0, MAPPED_PREFIX, slot.addr[0]] } else { slot.addr };
     bump_backend(slot.stat_id, |c| c.connects += 1);
     if pick.cause == STEER_ALL_MARKED {
         bump_service(table.svc_id, |c| c.all_marked += 1);
     }
-    sockets::remember(ctx, dialed, backend, slot, table.svc_id, cfg);
+    sockets::remember(ctx, dialed, backend, slot, table.svc_id, cfg, now);
     if events::tracing() {
         let skipped = (pick.cause != STEER_FIRST_PICK).then_some(&pick.skipped);
         events::trace_decision(
@@ -184,19 +187,18 @@ struct Pick {
 /// tried oldest-failure first, so the first one back is reached within as
 /// many connects as there are backends, not by chance.
 #[inline(always)]
-fn pick(slots: &[BackendSlot; MAX_BACKENDS as usize], count: u32, cfg: &DatapathConfig) -> Pick {
+fn pick(slots: &[BackendSlot; MAX_BACKENDS as usize], count: u32, cfg: &DatapathConfig, now: u64) -> Pick {
     // SAFETY: plain helper call.
     let start = unsafe { bpf_get_prandom_u32() } % count;
-    if cfg.flags & CONFIG_FLAG_PASSIVE == 0 {
-        return Pick { idx: start, cause: STEER_FIRST_PICK, skipped: BackendKey::default() };
-    }
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let first = &slots[slot_index(start)];
+    // Built from the slot even when unused: a zeroed key costs a memset call.
+    let skipped = BackendKey { addr: first.addr, port: first.port, family: first.family };
     let hold_ns = u64::from(cfg.eject_hold_ms) * 1_000_000;
+    if cfg.flags & CONFIG_FLAG_PASSIVE == 0 || !marks::any_recent(now, hold_ns) {
+        return Pick { idx: start, cause: STEER_FIRST_PICK, skipped };
+    }
     let mut oldest = start;
     let mut oldest_ns = u64::MAX;
-    let first = &slots[slot_index(start)];
-    let skipped = BackendKey { addr: first.addr, port: first.port, family: first.family };
     let mut i = 0;
     while i < MAX_BACKENDS {
         if i >= count {

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use nllb_common::{
     BackendCounters, BackendKey, DatapathConfig, DatapathCounters, EVENT_RING_BYTES, Event, MAX_MARKS, MAX_SERVICES,
-    MAX_STATS, MAX_VIPS, PassiveMark, ServiceCounters, ServiceTable, SockState, TRACE_RING_BYTES, TraceControl,
-    Vip4Key, Vip6Key,
+    MAX_STATS, MAX_VIPS, MarkClock, PassiveMark, ServiceCounters, ServiceTable, SockState, TRACE_RING_BYTES,
+    TraceControl, Vip4Key, Vip6Key,
 };
 
 /// The table of one service: an array of one element, swapped whole.
@@ -24,6 +24,9 @@ pub static NLLB_VIPS6: HashOfMaps<Vip6Key, Table, { MAX_VIPS as usize }> = HashO
 pub static NLLB_TABLE_PROTO: Table = Array::new();
 #[btf_map]
 pub static NLLB_MARKS: HashMap<BackendKey, PassiveMark, { MAX_MARKS as usize }> = HashMap::new();
+/// See `nllb_common::MarkClock` and `marks.rs`.
+#[btf_map]
+pub static NLLB_MARK_CLOCK: Array<MarkClock, 1> = Array::new();
 /// Socket-local storage: see `sockets.rs`.
 #[btf_map]
 pub static NLLB_SOCKETS: SkStorage<SockState> = SkStorage::new();

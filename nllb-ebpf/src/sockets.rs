@@ -17,7 +17,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::BPF_SK_STORAGE_GET_F_CREATE,
     helpers::{
-        bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_socket_cookie,
         generated::{bpf_setsockopt, bpf_sk_storage_get},
     },
     programs::{SockAddrContext, SockOpsContext},
@@ -40,14 +40,14 @@ pub fn remember(
     slot: &BackendSlot,
     svc_id: u32,
     cfg: &DatapathConfig,
+    now: u64,
 ) {
     // SAFETY: the context pointer is valid for the helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let passive = cfg.flags & CONFIG_FLAG_PASSIVE != 0;
     let state = SockState {
         cookie,
-        // SAFETY: plain helper call.
-        created_ns: unsafe { bpf_ktime_get_ns() },
+        created_ns: now,
         vip: dialed.addr,
         backend,
         vip_port: dialed.port,

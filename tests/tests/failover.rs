@@ -176,6 +176,58 @@ fn a_killed_controller_costs_at_most_one_connect() {
     assert!(report.ok_count() >= 298, "the other connects were served: {:?}", report.failed());
 }
 
+/// `NLLB_MARK_CLOCK.newest_ns`, as bpftool prints it.
+fn mark_clock(agent: &Agent) -> u64 {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(agent.pin_path.join("NLLB_MARK_CLOCK"))
+        .output()
+        .expect("run bpftool (cargo xtask setup installs it)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v[0]["formatted"]["value"]["newest_ns"].as_u64().unwrap_or_else(|| panic!("no newest_ns: {v}"))
+}
+
+/// The kernel records when it set its newest mark (a connect skips every
+/// mark lookup while none was set within the hold): nothing before a
+/// failure; the refusal that marks c0 sets it; within the hold c0 stays
+/// out of the pick though it is back; after the hold it is picked again,
+/// with the agent's probes off, so only the kernel can bring it back.
+#[test]
+fn a_mark_sets_the_mark_clock_and_lapses_after_the_hold() {
+    if !privileged() {
+        return;
+    }
+    let net = TestNet::new(2);
+    let mut servers = net.serve_all(BACKEND_PORT, "c");
+    let cg = TestCgroup::new();
+    let port = free_port();
+    let hold = Duration::from_secs(5);
+    let agent = start(&net, &cg, port, "health:\n  enabled: false\npassive:\n  ejectHold: 5s\n");
+    let before = wait_client(ClientOpts::new(vip4(port), 20, Some(cg.path())).spawn());
+    assert_eq!(before.ok_count(), 20, "{:?}", before.failed());
+    assert_eq!(mark_clock(&agent), 0, "no connect failed yet");
+
+    servers[0].stop();
+    let marking = wait_client(ClientOpts::new(vip4(port), 40, Some(cg.path())).spawn());
+    let marked_at = Instant::now();
+    assert_eq!(marking.failed().len(), 1, "one refusal marks c0: {:?}", marking.failed());
+    assert!(mark_clock(&agent) > 0, "the refusal did not set the mark clock");
+
+    let _back = net.hosts()[0].serve(BACKEND_PORT, "c0");
+    let within = wait_client(ClientOpts::new(vip4(port), 20, Some(cg.path())).spawn());
+    if marked_at.elapsed() < hold {
+        assert_eq!(within.by_body().keys().collect::<Vec<_>>(), ["c1"], "c0 is marked for the hold");
+    }
+    // The mark was set during the marking client's run, before `marked_at`.
+    let picked_again = wait_for(Duration::from_secs(20), || {
+        let r = wait_client(ClientOpts::new(vip4(port), 10, Some(cg.path())).spawn());
+        r.by_body().contains_key("c0").then(|| marked_at.elapsed())
+    });
+    let after = picked_again.unwrap_or_else(|| panic!("c0 was not picked again after the hold: {}", agent.status()));
+    assert!(after + Duration::from_secs(1) >= hold, "c0 was picked again {after:?} after its mark, within the hold");
+}
+
 /// A connect the application abandons before the handshake completes (a
 /// cancelled dial, a client-side timeout) says nothing about the backend.
 #[test]

@@ -6,7 +6,7 @@ use std::{mem::size_of, path::Path};
 use aya::maps::{Array, Map, MapData, MapType};
 use nllb_common::{
     BackendCounters, BackendKey, DatapathConfig, DatapathCounters, EVENT_RING_BYTES, LAYOUT_VERSION, MAX_MARKS,
-    MAX_SERVICES, MAX_STATS, MAX_VIPS, PassiveMark, ServiceCounters, ServiceTable, SockState,
+    MAX_SERVICES, MAX_STATS, MAX_VIPS, MarkClock, PassiveMark, ServiceCounters, ServiceTable, SockState,
     TRACE_RING_BYTES, TraceControl, Vip4Key, Vip6Key, maps,
 };
 
@@ -29,7 +29,7 @@ struct Expected {
     entries: u32,
 }
 
-fn expected() -> [Expected; 12] {
+fn expected() -> [Expected; 13] {
     use MapType::*;
     let e = |name, map_type, key, value, entries| Expected { name, map_type, key, value, entries };
     let u32s = size_of::<u32>();
@@ -38,6 +38,7 @@ fn expected() -> [Expected; 12] {
         e(maps::VIPS6, HashOfMaps, size_of::<Vip6Key>(), u32s, MAX_VIPS),
         e(maps::TABLE_PROTO, Array, u32s, size_of::<ServiceTable>(), 1),
         e(maps::MARKS, Hash, size_of::<BackendKey>(), size_of::<PassiveMark>(), MAX_MARKS),
+        e(maps::MARK_CLOCK, Array, u32s, size_of::<MarkClock>(), 1),
         e(maps::SOCKETS, SkStorage, size_of::<i32>(), size_of::<SockState>(), 0),
         e(maps::BACKEND_STATS, PerCpuArray, u32s, size_of::<BackendCounters>(), MAX_STATS),
         e(maps::SERVICE_STATS, PerCpuArray, u32s, size_of::<ServiceCounters>(), MAX_SERVICES),
@@ -93,7 +94,9 @@ pub fn inspect(pin_path: &Path) -> PinnedMaps {
         .map(|c| c.layout_version);
     match version {
         Some(v) if v == layout_version() => PinnedMaps::Compatible,
-        Some(v) => PinnedMaps::Incompatible(format!("pinned layout version {v}, this build writes {}", layout_version())),
+        Some(v) => {
+            PinnedMaps::Incompatible(format!("pinned layout version {v}, this build writes {}", layout_version()))
+        }
         None => PinnedMaps::Incompatible("cannot read the pinned config map".into()),
     }
 }
