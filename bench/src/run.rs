@@ -46,9 +46,7 @@ impl Drop for TempDir {
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<Results> {
-    if !nix::unistd::Uid::effective().is_root() {
-        bail!("the benchmark creates network namespaces and cgroups: run it as root");
-    }
+    require_root()?;
     let started = Instant::now();
     let (client_cpu, proxy_cpu, backend_cpu) = pins(opts.pin);
     let load_start = loadavg();
@@ -302,15 +300,17 @@ fn warm_up(paths: &mut [PathUnderTest], client_cpu: Option<usize>) {
     }
 }
 
-/// Client and proxy share core 0 (the "worker node"), backends get core 1
-/// (the "controllers"): a proxy's cost then shows up where it would in a
-/// cluster, as CPU taken from the node's own workload.
-/// `nllb-bench scale`: one simulated controller and the scale section,
-/// pinned as in a full run.
-pub fn scale_only(quick: bool) -> anyhow::Result<()> {
+fn require_root() -> anyhow::Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("the benchmark creates network namespaces and cgroups: run it as root");
     }
+    Ok(())
+}
+
+/// `nllb-bench scale`: one simulated controller and the scale section,
+/// pinned as in a full run.
+pub fn scale_only(quick: bool) -> anyhow::Result<()> {
+    require_root()?;
     let (client_cpu, _, backend_cpu) = pins(true);
     let hosts = TestNet::new(1);
     let _backends = Backends::start(hosts.hosts(), backend_cpu)?;
@@ -318,6 +318,9 @@ pub fn scale_only(quick: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Client and proxy share core 0 (the "worker node"), backends get core 1
+/// (the "controllers"): a proxy's cost then shows up where it would in a
+/// cluster, as CPU taken from the node's own workload.
 fn pins(pin: bool) -> (Option<usize>, Option<usize>, Option<usize>) {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     if !pin || n < 2 {

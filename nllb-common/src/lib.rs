@@ -288,6 +288,14 @@ pub struct DatapathConfig {
     pub _pad: u32,
 }
 
+impl DatapathConfig {
+    /// `eject_hold_ms` on the `bpf_ktime_get_ns` scale.
+    #[inline(always)]
+    pub fn eject_hold_ns(&self) -> u64 {
+        u64::from(self.eject_hold_ms) * 1_000_000
+    }
+}
+
 /// Single entry of `NLLB_TRACE_CTL`: trace events are emitted while
 /// `bpf_ktime_get_ns() < until_ns`. A reader refreshes it every second, so a
 /// reader that dies stops the events within a few seconds by itself.

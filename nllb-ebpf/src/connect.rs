@@ -193,7 +193,7 @@ fn pick(slots: &[BackendSlot; MAX_BACKENDS as usize], count: u32, cfg: &Datapath
     let first = &slots[slot_index(start)];
     // Built from the slot even when unused: a zeroed key costs a memset call.
     let skipped = BackendKey { addr: first.addr, port: first.port, family: first.family };
-    let hold_ns = u64::from(cfg.eject_hold_ms) * 1_000_000;
+    let hold_ns = cfg.eject_hold_ns();
     if cfg.flags & CONFIG_FLAG_PASSIVE == 0 || !marks::any_recent(now, hold_ns) {
         return Pick { idx: start, cause: STEER_FIRST_PICK, skipped };
     }

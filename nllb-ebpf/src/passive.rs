@@ -85,7 +85,7 @@ fn timeout_init(ctx: &SockOpsContext) {
 #[inline(always)]
 fn established(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags((ctx.cb_flags() & !OUR_FLAGS) as i32);
-    let hold_ns = NLLB_CONFIG.get(0).map_or(0, |c| u64::from(c.eject_hold_ms) * 1_000_000);
+    let hold_ns = NLLB_CONFIG.get(0).map_or(0, |c| c.eject_hold_ns());
     // With no mark set within the hold, a clock read; else one hash lookup.
     marks::recover(&remote_key(ctx), hold_ns, || sockets::of_sock_ops(ctx).map_or((0, 0), |s| (s.cookie, s.svc_id)));
 }

@@ -132,7 +132,7 @@ pub fn pid_alive(pid: u32) -> bool {
 /// Read the services the kernel serves from the pinned maps.
 pub fn read_kernel(pin_path: &Path, agent: Option<&AgentStatus>) -> Result<Vec<KernelService>, DatapathError> {
     let kernel = KernelMaps::open(pin_path)?;
-    let hold_ns = kernel.config().map_or(0, |c| u64::from(c.eject_hold_ms) * 1_000_000);
+    let hold_ns = kernel.config().map_or(0, |c| c.eject_hold_ns());
     let marks: BTreeMap<SocketAddr, nllb_common::PassiveMark> = kernel.marks().into_iter().collect();
     let now = crate::sys::monotonic_ns();
     Ok(kernel

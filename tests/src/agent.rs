@@ -197,6 +197,18 @@ impl Agent {
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
+    /// `bpftool -j map dump pinned <pin path>/<map>`: the map as bpftool
+    /// prints it (BTF field names under `formatted`).
+    pub fn dump_pinned_map(&self, map: &str) -> serde_json::Value {
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(self.pin_path.join(map))
+            .output()
+            .expect("run bpftool (cargo xtask setup installs it)");
+        assert!(out.status.success(), "bpftool map dump {map}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+    }
+
     /// `nllb status --json` for polling: Null while it cannot answer (the
     /// agent still starting), where [`Agent::status`] would fail the test.
     fn kernel_status(&self) -> serde_json::Value {

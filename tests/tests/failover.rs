@@ -178,13 +178,7 @@ fn a_killed_controller_costs_at_most_one_connect() {
 
 /// `NLLB_MARK_CLOCK.newest_ns`, as bpftool prints it.
 fn mark_clock(agent: &Agent) -> u64 {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(agent.pin_path.join("NLLB_MARK_CLOCK"))
-        .output()
-        .expect("run bpftool (cargo xtask setup installs it)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = agent.dump_pinned_map("NLLB_MARK_CLOCK");
     v[0]["formatted"]["value"]["newest_ns"].as_u64().unwrap_or_else(|| panic!("no newest_ns: {v}"))
 }
 

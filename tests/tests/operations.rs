@@ -182,20 +182,11 @@ fn bpftool_dumps_maps_with_field_names() {
         cgroup: cg.path().to_path_buf(),
         ..Default::default()
     });
-    let dump = |map: &str| {
-        let out = Command::new("bpftool")
-            .args(["-j", "map", "dump", "pinned"])
-            .arg(agent.pin_path.join(map))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    };
     // A virtual address leads to its service's table (a map of its own,
     // replaced whole on every publish), which bpftool shows with field
     // names. bpftool prints a map-of-maps' key in hex and its value as the
     // table's map id.
-    let vips = dump("NLLB_VIPS4");
+    let vips = agent.dump_pinned_map("NLLB_VIPS4");
     let hex = |v: &serde_json::Value| -> Vec<u8> {
         v.as_array()
             .unwrap()
@@ -225,7 +216,7 @@ fn bpftool_dumps_maps_with_field_names() {
     assert_eq!(first["family"], 2, "{table}");
     assert_eq!(first["addr"][0], u32::from_ne_bytes([198, 18, 1, 2]));
     assert_eq!(first["port"], 6443u16.to_be());
-    let config = dump("NLLB_CONFIG");
+    let config = agent.dump_pinned_map("NLLB_CONFIG");
     assert!(config[0]["formatted"]["value"].get("eject_hold_ms").is_some(), "{config}");
     // Root only: the pin directory and its maps.
     use std::os::unix::fs::PermissionsExt as _;
