@@ -202,7 +202,9 @@ pub struct MarkClock {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SockState {
-    /// The socket's cookie, for events and `nllb trace`.
+    /// The socket's cookie, for events and `nllb trace`: 0 as the programs
+    /// write it (a helper call per connect saved); the agent's reaper fills
+    /// it in from sock_diag, which reports every socket's cookie.
     pub cookie: u64,
     /// CLOCK_MONOTONIC ns of the connect.
     pub created_ns: u64,
@@ -260,8 +262,8 @@ pub struct DatapathCounters {
     pub events_lost: u64,
     /// Marks not recorded because `NLLB_MARKS` was full.
     pub marks_full: u64,
-    /// Steered connects whose `TCP_SYNCNT` the kernel refused from BPF
-    /// (older kernels): their SYN retries are the system's.
+    /// Steered connects whose SYN timed out and whose `TCP_SYNCNT` the kernel
+    /// then refused from BPF: their SYN retries are the system's.
     pub syncnt_refused: u64,
 }
 

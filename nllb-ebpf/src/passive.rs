@@ -18,20 +18,27 @@
 //! - ACTIVE_ESTABLISHED: the backend answered: a mark set before now no
 //!   longer counts; the callbacks go off again for this socket.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
+    EbpfContext,
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TIMEOUT_INIT, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
     },
+    helpers::{bpf_get_socket_cookie, generated::bpf_setsockopt},
     programs::SockOpsContext,
 };
 use nllb_common::{BackendKey, CONFIG_FLAG_PASSIVE, FAMILY_V4, FAMILY_V6, MarkCause};
 
 use crate::{
     connect::MAPPED_PREFIX,
-    maps::{NLLB_CONFIG, bump_backend},
+    maps::{NLLB_CONFIG, bump_backend, bump_datapath},
     marks, sockets,
 };
+
+const SOL_TCP: i32 = 6;
+const TCP_SYNCNT: i32 = 7;
 
 /// The callback flags this program turns on; other programs' flags on the
 /// same socket are left as they are.
@@ -87,7 +94,7 @@ fn established(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags((ctx.cb_flags() & !OUR_FLAGS) as i32);
     let hold_ns = NLLB_CONFIG.get(0).map_or(0, |c| c.eject_hold_ns());
     // With no mark set within the hold, a clock read; else one hash lookup.
-    marks::recover(&remote_key(ctx), hold_ns, || sockets::of_sock_ops(ctx).map_or((0, 0), |s| (s.cookie, s.svc_id)));
+    marks::recover(&remote_key(ctx), hold_ns, || sockets::of_sock_ops(ctx).map_or((0, 0), |s| (cookie(ctx), s.svc_id)));
 }
 
 #[inline(always)]
@@ -100,7 +107,7 @@ fn closed_in_syn_sent(ctx: &SockOpsContext) {
         return;
     };
     bump_backend(state.stat_id, |c| c.refused += 1);
-    marks::mark(&remote_key(ctx), MarkCause::Refused, state.cookie, state.svc_id);
+    marks::mark(&remote_key(ctx), MarkCause::Refused, cookie(ctx), state.svc_id);
 }
 
 #[inline(always)]
@@ -109,7 +116,37 @@ fn syn_rto(ctx: &SockOpsContext) {
         return;
     };
     bump_backend(state.stat_id, |c| c.syn_timeouts += 1);
-    marks::mark(&remote_key(ctx), MarkCause::SynTimeout, state.cookie, state.svc_id);
+    marks::mark(&remote_key(ctx), MarkCause::SynTimeout, cookie(ctx), state.svc_id);
+    cap_syn_retries(ctx);
+}
+
+/// `TCP_SYNCNT` for a steered connect whose SYN went unanswered. Set here
+/// and not at connect, where every connect paid for it (a setsockopt,
+/// ~100 ns with SRSO mitigations) though few SYNs ever time out: the kernel
+/// runs this callback in `tcp_write_timeout` after it decided the first
+/// timeout did not expire the connect (0 retransmits so far, and at least
+/// one is allowed), so every later check sees the cap, as if set at connect.
+#[inline(always)]
+fn cap_syn_retries(ctx: &SockOpsContext) {
+    let n = NLLB_CONFIG.get(0).map_or(0, |c| c.syn_retries);
+    if n == 0 {
+        return;
+    }
+    let mut n = n as i32;
+    // SAFETY: optval points at an i32 on the stack for the call.
+    let err = unsafe { bpf_setsockopt(ctx.as_ptr(), SOL_TCP, TCP_SYNCNT, (&mut n as *mut i32).cast::<c_void>(), 4) };
+    // A kernel that refuses the option keeps its own tcp_syn_retries.
+    if err != 0 {
+        bump_datapath(|c| c.syncnt_refused += 1);
+    }
+}
+
+/// connect4/6 leave `SockState::cookie` 0 (see `sockets::remember`), so the
+/// rare callbacks that report a socket read its cookie themselves.
+#[inline(always)]
+fn cookie(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: the context pointer is valid for the helper.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
 /// The remote end of a sock_ops socket as a backend key; IPv4-mapped IPv6

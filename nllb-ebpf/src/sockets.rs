@@ -14,12 +14,8 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    EbpfContext,
     bindings::BPF_SK_STORAGE_GET_F_CREATE,
-    helpers::{
-        bpf_get_socket_cookie,
-        generated::{bpf_setsockopt, bpf_sk_storage_get},
-    },
+    helpers::generated::bpf_sk_storage_get,
     programs::{SockAddrContext, SockOpsContext},
 };
 use nllb_common::{BackendSlot, CONFIG_FLAG_PASSIVE, DatapathConfig, SockState};
@@ -28,9 +24,6 @@ use crate::{
     connect::Dialed,
     maps::{NLLB_SOCKETS, bump_datapath},
 };
-
-const SOL_TCP: i32 = 6;
-const TCP_SYNCNT: i32 = 7;
 
 #[inline(always)]
 pub fn remember(
@@ -42,11 +35,12 @@ pub fn remember(
     cfg: &DatapathConfig,
     now: u64,
 ) {
-    // SAFETY: the context pointer is valid for the helper.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let passive = cfg.flags & CONFIG_FLAG_PASSIVE != 0;
     let state = SockState {
-        cookie,
+        // Left 0: sock_diag reports every socket's cookie to the agent, and
+        // sock_ops reads it only when it sets a mark, so no connect pays the
+        // helper (~100 ns on a host with SRSO mitigations).
+        cookie: 0,
         created_ns: now,
         vip: dialed.addr,
         backend,
@@ -68,14 +62,6 @@ pub fn remember(
         // the socket is locked during connect.
         Some(p) => unsafe { *p = state },
         None => bump_datapath(|c| c.sockets_full += 1),
-    }
-    if passive && cfg.syn_retries != 0 {
-        let mut n = cfg.syn_retries as i32;
-        // SAFETY: optval points at an i32 on the stack for the call. A
-        // kernel that refuses the option keeps its own tcp_syn_retries.
-        unsafe {
-            bpf_setsockopt(ctx.as_ptr(), SOL_TCP, TCP_SYNCNT, (&mut n as *mut i32).cast::<c_void>(), 4);
-        }
     }
 }
 

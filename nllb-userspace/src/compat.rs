@@ -225,7 +225,7 @@ pub const FEATURES: &[FeatureInfo] = &[
     // syncnt_refused), so the matrix shows which kernels take it.
     FeatureInfo {
         feature: Feature::SetsockoptSyncnt,
-        name: "bpf_setsockopt(TCP_SYNCNT) in connect4/6",
+        name: "bpf_setsockopt(TCP_SYNCNT) in sock_ops",
         min: KernelVersion::new(5, 10),
         need: Need::Degrades,
         used_for: "the kernel gives up on a silent controller within a few SYN timeouts by itself, agent or not",

@@ -36,7 +36,11 @@ impl Reaper {
         let mut ours: Vec<(SocketInfo, SockState)> =
             sock_diag::sockets_with_storage(backend, states, self.sockets.fd())?
                 .into_iter()
-                .filter_map(|(s, value)| sock_state(&value).map(|st| (s, st)))
+                // connect4/6 leave the cookie 0; sock_diag has it.
+                .filter_map(|(s, value)| {
+                    let st = SockState { cookie: s.cookie, ..sock_state(&value)? };
+                    Some((s, st))
+                })
                 .collect();
         ours.sort_by_key(|(_, st)| st.created_ns);
         Ok(ours)
