@@ -4,13 +4,12 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use nllb_tests::{vip4, 
-    Agent, AgentOpts, ClientOpts, NLLB_PROGRAMS, Netns, TestCgroup, TestNet, attached_programs, free_port, one_service_config,
-    privileged, run_client,
+use nllb_tests::{
+    Agent, AgentOpts, ClientOpts, NLLB_PROGRAMS, Netns, TestCgroup, TestNet, attached_programs, free_port,
+    one_service_config, privileged, run_client, vip4,
 };
 
 const BACKEND_PORT: u16 = 6443;
-
 
 fn start(net: &TestNet, cg: &TestCgroup, listen: &[&str], extra: &str) -> Agent {
     let backends: Vec<_> = net.hosts().iter().map(|h| h.v4).collect();
@@ -27,8 +26,7 @@ fn connects_reach_every_backend_and_getpeername_shows_the_vip() {
         return;
     }
     let net = TestNet::new(3);
-    let _servers: Vec<_> =
-        net.serve_all(BACKEND_PORT, "controller-");
+    let _servers: Vec<_> = net.serve_all(BACKEND_PORT, "controller-");
     let cg = TestCgroup::new();
     let port = free_port();
     let agent = start(&net, &cg, &[&vip4(port).to_string()], "");
@@ -57,8 +55,7 @@ fn ipv6_vip_reaches_ipv6_backends() {
         return;
     }
     let net = TestNet::new(2);
-    let _servers: Vec<_> =
-        net.serve_all(BACKEND_PORT, "v6-controller-");
+    let _servers: Vec<_> = net.serve_all(BACKEND_PORT, "v6-controller-");
     let cg = TestCgroup::new();
     let port = free_port();
     let backends: Vec<_> = net.hosts().iter().map(|h| h.v6).collect();
@@ -97,8 +94,7 @@ fn processes_outside_the_cgroup_and_other_addresses_are_untouched() {
         return;
     }
     let net = TestNet::new(2);
-    let _servers: Vec<_> =
-        net.serve_all(BACKEND_PORT, "controller-");
+    let _servers: Vec<_> = net.serve_all(BACKEND_PORT, "controller-");
     let cg = TestCgroup::new();
     let port = free_port();
     // A real listener on the virtual address in the root namespace: what a
@@ -157,6 +153,45 @@ fn service_without_backends_is_refused_at_once() {
     assert_eq!(status["services"][0]["no_backend_refusals"].as_u64(), Some(10), "{status}");
 }
 
+/// `passive.synRetries` is the kernel's own cap, not the agent's: with the
+/// agent killed (its programs stay attached and pinned), a connect to a
+/// controller that stopped answering fails with ETIMEDOUT after the capped
+/// retransmissions. With a 200 ms SYN timeout and 2 retries the kernel gives
+/// up after ~1.4 s; with the system's 6 it would wait ~13 s (25 s on a kernel
+/// without linear SYN timeouts), so the bound tells the two apart with room
+/// for a slow guest.
+#[test]
+fn without_the_agent_the_kernel_gives_up_on_a_silent_controller_after_syn_retries() {
+    if !privileged() {
+        return;
+    }
+    let net = TestNet::new(1);
+    let _servers = net.serve_all(BACKEND_PORT, "controller-");
+    let cg = TestCgroup::new();
+    let port = free_port();
+    let mut agent = start(&net, &cg, &[&vip4(port).to_string()], "passive:\n  synTimeout: 200ms\n  synRetries: 2\n");
+    let published = nllb_tests::wait_for(Duration::from_secs(10), || {
+        let ok = run_client(&ClientOpts::new(vip4(port), 1, Some(cg.path()))).ok_count() == 1;
+        let s = agent.status();
+        (ok && s["agent"]["passive"][0]["syn_timeout_ms"].as_u64() == Some(200)).then_some(())
+    });
+    assert!(published.is_some(), "backend and its SYN timeout never published: {}", agent.status());
+    agent.signal(nix::sys::signal::Signal::SIGKILL);
+    assert!(agent.wait_exit(Duration::from_secs(5)).is_some(), "the agent did not die");
+    net.hosts()[0].blackhole();
+    let mut opts = ClientOpts::new(vip4(port), 1, Some(cg.path()));
+    opts.timeout = Duration::from_secs(30);
+    let report = run_client(&opts);
+    let r = &report.results[0];
+    println!("MEASURE syn-retries-cap elapsed_ms={} errno={:?}", r.elapsed_us / 1000, r.errno);
+    assert_eq!(r.errno, Some(libc::ETIMEDOUT), "the kernel, not the client, must end the connect: {r:?}");
+    assert!(
+        r.elapsed_us < 6_000_000,
+        "the kernel gave up only after {} ms: synRetries not applied",
+        r.elapsed_us / 1000
+    );
+}
+
 #[test]
 fn pod_network_namespaces_are_untouched_when_host_network_only() {
     if !privileged() {
@@ -204,10 +239,17 @@ fn bad_config_exits_2_and_attaches_nothing() {
     let cases = [
         ("services:\n  - name: a\n    listen: [\"10.1.1.1:7443\"]\n    backendPort: 6443\n", "services[0].listen[0]"),
         ("services:\n  - name: a\n    listen: [\"127.0.0.1:7443\"]\n    backendPort: 6443\nbogus: 1\n", "bogus"),
-        ("services:\n  - name: a\n    listen: [\"127.0.0.1:7443\"]\n    backendPort: 6443\nbackends: [\"127.0.0.9\"]\n", "backends[0]"),
+        (
+            "services:\n  - name: a\n    listen: [\"127.0.0.1:7443\"]\n    backendPort: 6443\nbackends: [\"127.0.0.9\"]\n",
+            "backends[0]",
+        ),
     ];
     for (yaml, field) in cases {
-        let mut agent = Agent::spawn(&AgentOpts { config_yaml: yaml.into(), cgroup: cg.path().to_path_buf(), ..Default::default() });
+        let mut agent = Agent::spawn(&AgentOpts {
+            config_yaml: yaml.into(),
+            cgroup: cg.path().to_path_buf(),
+            ..Default::default()
+        });
         let status = agent.wait_exit(Duration::from_secs(10)).expect("agent must exit on a bad config");
         assert_eq!(status.code(), Some(2), "{}", agent.log());
         assert!(agent.log().contains(field), "error must name `{field}`: {}", agent.log());
