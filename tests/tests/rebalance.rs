@@ -169,16 +169,18 @@ fn a_returning_controller_gets_its_share_of_long_lived_connections_back() {
     wait_settled(&watches, &api, |_| true, "30 watches connect");
     wait_quiet(&agent, started + HEALTHY_FOR, &["apiserver"]);
     let before = wait_settled(&watches, &api, |_| true, "30 watches connected before the kill");
+    // Moves from c1 so far evened out the 30 watches' first random spread
+    // (it can give c1 more than its share): none may follow. Read now, while
+    // quiet: once c1 is out of rotation its row leaves the status (only
+    // published backends are listed) until it returns.
+    let c1_row = format!("{}:{API}", net.hosts()[0].v4);
+    let c1_moves_before = rebalance_rows(&agent, "apiserver").get(&c1_row).map_or(0, |r| r.0);
     kill(&agent, &net, 0, &mut [&mut api, &mut konn], &[&watches]);
     // c1's 10 reconnect to c2 and c3 at random: a split as uneven as 23/7
     // is rebalanced between the two, rightly. That settles before c1
     // returns, so every move after the return is one toward c1.
     wait_quiet(&agent, Instant::now(), &["apiserver"]);
     let died = wait_settled(&watches, &api, |s| s[0] == 0, "the survivors hold every watch");
-    // Moves from c1 so far were the first spread of the 30 watches being
-    // evened out (it can give c1 more than its share): none may follow.
-    let c1_row = format!("{}:{API}", net.hosts()[0].v4);
-    let c1_moves_before = rebalance_rows(&agent, "apiserver").get(&c1_row).map_or(0, |r| r.0);
     api[0].restart();
     konn[0].restart();
     let back = Instant::now();
