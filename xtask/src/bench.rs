@@ -4,10 +4,11 @@
 use anyhow::Result;
 
 use crate::paths::{cargo, target_dir};
-use crate::{cmd, setup};
+use crate::{bpffs, cmd, setup};
 
 pub fn bench(args: &[String]) -> Result<i32> {
     let tools = setup::setup()?;
+    let _bpffs = bpffs::Restore::record();
     // One build for both binaries: the agent under test and the bench.
     cmd::run(tools.apply(&mut cargo()).args(["build", "--release", "-p", "nllb-userspace", "-p", "nllb-bench"]))?;
     let target = target_dir()?;

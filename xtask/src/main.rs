@@ -2,6 +2,7 @@
 
 mod arch;
 mod bench;
+mod bpffs;
 mod build;
 mod cmd;
 mod demo;

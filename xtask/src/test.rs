@@ -1,12 +1,13 @@
 //! `cargo xtask test`: set-up, build the agent binary, run every test.
 
 use crate::paths::{cargo, target_dir};
-use crate::{cmd, kube, setup};
+use crate::{bpffs, cmd, kube, setup};
 use anyhow::Result;
 
 /// Returns the exit code of `cargo test` so CI sees the tests' verdict.
 pub fn test(extra: &[String]) -> Result<i32> {
     let tools = setup::setup()?;
+    let _bpffs = bpffs::Restore::record();
     // The end-to-end tests run the real binary. `cargo test` builds it in
     // the same run (nllb-userspace has integration tests), with the same
     // feature set as everything else: a separate `cargo build` would unify

@@ -10,7 +10,7 @@ mod cgroup;
 mod controllers;
 
 use crate::paths::{cargo, target_dir};
-use crate::{cmd, setup};
+use crate::{bpffs, cmd, setup};
 use agent::{Agent, Pins, RemoveOnDrop};
 use anyhow::{Context as _, Result, bail};
 use cgroup::DemoCgroup;
@@ -60,6 +60,7 @@ pub fn demo(connects: usize) -> Result<()> {
     }
     catch_signals()?;
     let tools = setup::setup()?;
+    let _bpffs = bpffs::Restore::record();
     step("Building nllb");
     cmd::run(tools.apply(&mut cargo()).args(["build", "-q", "-p", "nllb-userspace", "--bin", "nllb"]))?;
     let nllb = target_dir()?.join("debug/nllb");
