@@ -5,6 +5,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use nix::fcntl::{Flock, FlockArg};
+
 /// The first cgroup2 mount in /proc/self/mountinfo (hybrid hosts mount it at
 /// /sys/fs/cgroup/unified, unified hosts at /sys/fs/cgroup).
 pub fn cgroup2_mount() -> io::Result<PathBuf> {
@@ -65,10 +67,18 @@ pub fn ensure_bpffs(pin_path: &Path) -> io::Result<()> {
     }
     let default = Path::new("/sys/fs/bpf");
     if parent.starts_with(default) && !is_bpffs(default) {
-        fs::create_dir_all(default)?;
-        nix::mount::mount(Some("bpf"), default, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .map_err(|e| io::Error::other(format!("mounting bpffs at /sys/fs/bpf: {e}")))?;
-        tracing::info!("mounted bpffs at /sys/fs/bpf");
+        // Two agents starting at once (the tests do; so can a restart that
+        // overlaps the old process) would both see no bpffs and both mount
+        // one, and the second mount hides the first agent's pins. The check
+        // and the mount happen under a lock on /sys/fs, which, unlike
+        // /sys/fs/bpf, is the same directory before and after the mount.
+        let _lock = fs::File::open("/sys/fs").ok().and_then(|d| Flock::lock(d, FlockArg::LockExclusive).ok());
+        if !is_bpffs(default) {
+            fs::create_dir_all(default)?;
+            nix::mount::mount(Some("bpf"), default, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+                .map_err(|e| io::Error::other(format!("mounting bpffs at /sys/fs/bpf: {e}")))?;
+            tracing::info!("mounted bpffs at /sys/fs/bpf");
+        }
         fs::create_dir_all(parent)?;
         return Ok(());
     }

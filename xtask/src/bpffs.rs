@@ -25,27 +25,35 @@ impl Restore {
 
 impl Drop for Restore {
     fn drop(&mut self) {
-        if self.was_mounted || !mounted() {
+        if self.was_mounted {
             return;
         }
-        let left: Vec<String> = std::fs::read_dir(BPFFS)
-            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-            .unwrap_or_default();
-        let ours = left.iter().filter(|n| !KERNEL_ENTRIES.contains(&n.as_str())).count();
-        if ours > 0 {
-            // A pin a test failed to remove, or an agent someone started
-            // meanwhile: unmounting would hide it, so it stays visible.
-            println!("[bpffs] {BPFFS} was mounted during the run and still holds {left:?}: left mounted");
-            return;
+        // Agents of builds before the mount lock could race and stack two
+        // mounts: each umount takes the top one off, and what it uncovers is
+        // looked at again.
+        let mut n = 0;
+        while mounted() && n < 8 {
+            let left: Vec<String> = std::fs::read_dir(BPFFS)
+                .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+                .unwrap_or_default();
+            if left.iter().any(|n| !KERNEL_ENTRIES.contains(&n.as_str())) {
+                // A pin a test failed to remove, or an agent someone started
+                // meanwhile: unmounting would hide it, so it stays visible.
+                println!("[bpffs] {BPFFS} was mounted during the run and still holds {left:?}: left mounted");
+                return;
+            }
+            if let Err(e) = nix::mount::umount(BPFFS) {
+                println!("[bpffs] could not unmount {BPFFS}, which the run mounted: {e}");
+                return;
+            }
+            n += 1;
         }
-        match nix::mount::umount(BPFFS) {
-            Ok(()) => println!("[bpffs] unmounted {BPFFS}: the run mounted it (the machine had none)"),
-            Err(e) => println!("[bpffs] could not unmount {BPFFS}, which the run mounted: {e}"),
+        if n > 0 {
+            println!("[bpffs] unmounted {BPFFS} ({n} mount(s)): the run mounted it (the machine had none)");
         }
     }
 }
 
 fn mounted() -> bool {
-    // BPF_FS_MAGIC
-    nix::sys::statfs::statfs(Path::new(BPFFS)).is_ok_and(|s| s.filesystem_type().0 as u64 == 0xcafe_4a11)
+    nix::sys::statfs::statfs(Path::new(BPFFS)).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
