@@ -36,7 +36,7 @@ impl Drop for Restore {
             let left: Vec<String> = std::fs::read_dir(BPFFS)
                 .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
                 .unwrap_or_default();
-            if left.iter().any(|n| !KERNEL_ENTRIES.contains(&n.as_str())) {
+            if left.iter().any(|name| !KERNEL_ENTRIES.contains(&name.as_str())) {
                 // A pin a test failed to remove, or an agent someone started
                 // meanwhile: unmounting would hide it, so it stays visible.
                 println!("[bpffs] {BPFFS} was mounted during the run and still holds {left:?}: left mounted");
