@@ -206,7 +206,7 @@ pub fn measure(s: &Setup<'_>) -> anyhow::Result<KernelCost> {
     )?);
 
     eprintln!("== the same with {HELD_SOCKETS} live sockets, not steered and steered");
-    match table_full(s, &floor_cg, per_leg) {
+    match table_full(&s.sinks, s.client_cpu, s.quick, &floor_cg, per_leg) {
         Ok((cases, held)) => {
             k.cases.extend(cases);
             k.held = Some(held);
@@ -248,12 +248,13 @@ const PER_HOLDER: u64 = 16_384;
 /// hash walk, which made even the empty floor programs 3-6x slower and hid
 /// what nllb's state costs behind what the port search evicts.
 fn table_full(
-    s: &Setup<'_>,
+    sinks: &[SocketAddr],
+    client_cpu: Option<usize>,
+    quick: bool,
     floor_cg: &TestCgroup,
     per_leg: u64,
 ) -> anyhow::Result<(Vec<CostCase>, Held)> {
-    let (measured, held_sinks) = s
-        .sinks
+    let (measured, held_sinks) = sinks
         .split_first()
         .context("no loopback sinks for the held rows")?;
     anyhow::ensure!(
@@ -262,7 +263,7 @@ fn table_full(
         held_sinks.len()
     );
     let cg = TestCgroup::new();
-    let mut plan = crate::scale::plan(2, &s.sinks);
+    let mut plan = crate::scale::plan(2, sinks);
     plan.services[0].backends = held_sinks.to_vec();
     plan.services[1].backends = vec![*measured];
     let dp = crate::scale::Installed::new(cg.path(), "full", &plan)?;
@@ -294,7 +295,7 @@ fn table_full(
     // could decide between them (one full run measured steered +160 ns over
     // unsteered, a quick one -44 ns): rounds, the order reversed every other
     // one, summed per state.
-    let rounds = if s.quick { 1 } else { 3 };
+    let rounds = if quick { 1 } else { 3 };
     let ids = [
         ("floor-vip-room", "nllb-vip-room"),
         ("floor-vip-plain", "nllb-vip-plain"),
@@ -306,8 +307,8 @@ fn table_full(
         for state in order {
             let holders = match state {
                 0 => None,
-                1 => Some(hold(&cg, |i| held_sinks[i], s.client_cpu)?),
-                _ => Some(hold(&cg, |_| held_vip, s.client_cpu)?),
+                1 => Some(hold(&cg, |i| held_sinks[i], client_cpu)?),
+                _ => Some(hold(&cg, |_| held_vip, client_cpu)?),
             };
             match (&holders, state) {
                 (Some(h), 1) => held.unsteered = h.held,
@@ -321,7 +322,7 @@ fn table_full(
             let r = interleaved(
                 &cases(ids[state].0, ids[state].1, ""),
                 per_leg / rounds,
-                s.client_cpu,
+                client_cpu,
                 true,
             )?;
             if state == 2 {
@@ -349,6 +350,47 @@ fn table_full(
     }
     drop(dp);
     Ok((out, held))
+}
+
+/// `nllb-bench held`: only the held rows (floor and nllb, no sockets held,
+/// 65,536 unsteered, 65,536 steered), each program's runs and ns per run
+/// printed. For working on what per-socket state costs a connect.
+pub fn held_only(
+    sinks: &[SocketAddr],
+    client_cpu: Option<usize>,
+    quick: bool,
+) -> anyhow::Result<()> {
+    let floor_cg = TestCgroup::new();
+    let _floor = Floor::attach(floor_cg.path())?;
+    let _stats = StatsEnabled::new()?;
+    let per_leg = if quick { 2_000 } else { 20_000 };
+    let (cases, held) = table_full(sinks, client_cpu, quick, &floor_cg, per_leg)?;
+    for c in &cases {
+        let progs: Vec<String> = c
+            .programs
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {:.1} x {:.0}",
+                    p.name,
+                    p.run_cnt as f64 / c.connects.max(1) as f64,
+                    p.ns_per_run()
+                )
+            })
+            .collect();
+        println!(
+            "{:>6.0} ns per connect  {}  ({}; {} errors)",
+            c.ns_per_connect(),
+            c.label,
+            progs.join(", "),
+            c.errors
+        );
+    }
+    println!(
+        "held {} unsteered, {} steered; {} steered connects not remembered",
+        held.unsteered, held.held, held.not_remembered
+    );
+    Ok(())
 }
 
 /// Holder processes with `HELD_SOCKETS` live connections between them; the

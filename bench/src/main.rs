@@ -98,6 +98,13 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Only the in-kernel cost with 65,536 sockets held (none, unsteered,
+    /// steered; floor and nllb interleaved): printed, nothing written.
+    Held {
+        /// One round of 2,000 connects per row instead of three of 20,000.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Regenerate BENCHMARKS.md and the chart from a results file.
     Report {
         #[arg(default_value = "bench/results/latest.json")]
@@ -128,6 +135,7 @@ fn main() -> anyhow::Result<()> {
             connects::run_hold(&serde_json::from_str(&spec).context("parsing --spec")?)
         }
         Some(Cmd::Scale { quick }) => run::scale_only(quick),
+        Some(Cmd::Held { quick }) => run::held_only(quick),
         Some(Cmd::Report { results }) => {
             let path = if results.is_absolute() {
                 results

@@ -318,6 +318,18 @@ pub fn scale_only(quick: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `nllb-bench held`: the held-sockets rows of the in-kernel cost alone.
+pub fn held_only(quick: bool) -> anyhow::Result<()> {
+    require_root()?;
+    let (client_cpu, _, backend_cpu) = pins(true);
+    let hosts = TestNet::new(1);
+    let mut backends = Backends::start(hosts.hosts(), backend_cpu)?;
+    let sinks = (0..5)
+        .map(|_| backends.loopback_sink())
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    kernel_cost::held_only(&sinks, client_cpu, quick)
+}
+
 /// Client and proxy share core 0 (the "worker node"), backends get core 1
 /// (the "controllers"): a proxy's cost then shows up where it would in a
 /// cluster, as CPU taken from the node's own workload.
