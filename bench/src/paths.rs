@@ -2,6 +2,7 @@
 //! every workload can alternate between them within one run.
 
 use std::{
+    collections::HashMap,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
@@ -315,7 +316,7 @@ pub fn agent_supports(nllb: &Path, needle: &str) -> anyhow::Result<()> {
 /// CPU of a process tree (the process plus its descendants at start and stop).
 pub struct TreeMeter {
     pid: u32,
-    cpu0: f64,
+    cpu0: TreeCpu,
     t0: Instant,
 }
 
@@ -336,8 +337,43 @@ pub fn tree(pid: u32) -> Vec<u32> {
     all
 }
 
-fn tree_cpu(pid: u32) -> f64 {
-    tree(pid).into_iter().filter_map(procstat::cpu_s).sum()
+/// Each thread's CPU ns over the tree; `None` where the kernel keeps no
+/// per-thread schedstat (then the 10 ms ticks of the processes).
+fn tree_cpu(pid: u32) -> TreeCpu {
+    let procs = tree(pid);
+    let threads: HashMap<u32, u64> = procs
+        .iter()
+        .flat_map(|&p| procstat::thread_cpu_ns(p))
+        .collect();
+    if threads.is_empty() {
+        TreeCpu::Ticks(procs.into_iter().filter_map(procstat::cpu_s).sum())
+    } else {
+        TreeCpu::Threads(threads)
+    }
+}
+
+enum TreeCpu {
+    Threads(HashMap<u32, u64>),
+    Ticks(f64),
+}
+
+impl TreeCpu {
+    /// Seconds from `before` to `self`: per thread, so a thread that exits
+    /// meanwhile loses only its time in the interval, and one started
+    /// meanwhile counts from 0.
+    fn since(&self, before: &TreeCpu) -> f64 {
+        match (self, before) {
+            (TreeCpu::Threads(now), TreeCpu::Threads(then)) => {
+                let ns: u64 = now
+                    .iter()
+                    .map(|(tid, ns)| ns.saturating_sub(then.get(tid).copied().unwrap_or(0)))
+                    .sum();
+                ns as f64 / 1e9
+            }
+            (TreeCpu::Ticks(now), TreeCpu::Ticks(then)) => (now - then).max(0.0),
+            _ => 0.0,
+        }
+    }
 }
 
 pub fn tree_rss(pid: u32) -> u64 {
@@ -353,7 +389,7 @@ impl TreeMeter {
         }
     }
     pub fn stop(&self) -> Usage {
-        let cpu = (tree_cpu(self.pid) - self.cpu0).max(0.0);
+        let cpu = tree_cpu(self.pid).since(&self.cpu0);
         let wall = self.t0.elapsed().as_secs_f64().max(1e-9);
         Usage {
             cpu_s: cpu,

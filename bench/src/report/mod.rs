@@ -123,8 +123,8 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
     );
     let _ = writeln!(
         s,
-        "- CPU per operation = client CPU (getrusage) + proxy/agent CPU (/proc/<pid>/stat, including children) \
-         during the run, divided by operations. Kernel work done in softirq context on behalf of other \
+        "- CPU per operation = client CPU (getrusage) + proxy/agent CPU (each thread's /proc/<pid>/task/<tid>/schedstat, in ns, \
+         including children) during the run, divided by operations. Kernel work done in softirq context on behalf of other \
          processes is not attributed to anyone, for any path alike.\n"
     );
     let _ = writeln!(s, "| path | what it is |\n|---|---|");
