@@ -233,6 +233,10 @@ const HELD_SOCKETS: u64 = 65_536;
 /// process may have here (root without CAP_SYS_RESOURCE cannot raise it).
 const PER_HOLDER: u64 = 16_384;
 
+/// Loopback sinks the held rows need: one for their measured connects, one
+/// per holder.
+pub const SINKS: usize = 1 + HELD_SOCKETS.div_ceil(PER_HOLDER) as usize;
+
 /// The same programs as the agent's (nllb's datapath library), installed on
 /// a cgroup of the benchmark's own, measured three times: with no sockets
 /// held, with 65,536 held that nllb did not steer (connected to the sinks
