@@ -19,6 +19,7 @@ use nllb_common::maps;
 use nllb_tests::TestCgroup;
 
 use crate::{
+    backend::Backends,
     bpfstats::{self, StatsEnabled},
     child,
     connects::{HoldSpec, Holder, Leg, LoopResult, LoopSpec},
@@ -131,7 +132,7 @@ pub fn measure(s: &Setup<'_>) -> anyhow::Result<KernelCost> {
     let floor_cg = TestCgroup::new();
     let _floor = Floor::attach(floor_cg.path())?;
     let plain2_cg = TestCgroup::new();
-    let per_leg = if s.quick { 2_000 } else { 20_000 };
+    let per_leg = per_leg(s.quick);
     let mut k = KernelCost::default();
 
     eprintln!("== connect+close latency, interleaved (run-time accounting off)");
@@ -233,9 +234,18 @@ const HELD_SOCKETS: u64 = 65_536;
 /// process may have here (root without CAP_SYS_RESOURCE cannot raise it).
 const PER_HOLDER: u64 = 16_384;
 
-/// Loopback sinks the held rows need: one for their measured connects, one
-/// per holder.
-pub const SINKS: usize = 1 + HELD_SOCKETS.div_ceil(PER_HOLDER) as usize;
+/// The loopback sinks the held rows need (`Setup::sinks`): one for their
+/// measured connects, one per holder.
+pub fn held_sinks(backends: &mut Backends) -> anyhow::Result<Vec<SocketAddr>> {
+    (0..1 + HELD_SOCKETS.div_ceil(PER_HOLDER))
+        .map(|_| backends.loopback_sink())
+        .collect()
+}
+
+/// Connects per row (the held rows split them over their rounds).
+fn per_leg(quick: bool) -> u64 {
+    if quick { 2_000 } else { 20_000 }
+}
 
 /// The same programs as the agent's (nllb's datapath library), installed on
 /// a cgroup of the benchmark's own, measured three times: with no sockets
@@ -367,7 +377,7 @@ pub fn held_only(
     let floor_cg = TestCgroup::new();
     let _floor = Floor::attach(floor_cg.path())?;
     let _stats = StatsEnabled::new()?;
-    let per_leg = if quick { 2_000 } else { 20_000 };
+    let per_leg = per_leg(quick);
     let (cases, held) = table_full(sinks, client_cpu, quick, &floor_cg, per_leg)?;
     for c in &cases {
         let progs: Vec<String> = c

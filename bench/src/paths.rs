@@ -337,8 +337,8 @@ pub fn tree(pid: u32) -> Vec<u32> {
     all
 }
 
-/// Each thread's CPU ns over the tree; `None` where the kernel keeps no
-/// per-thread schedstat (then the 10 ms ticks of the processes).
+/// Each thread's CPU ns over the tree; where the kernel keeps no per-thread
+/// schedstat, the processes' 10 ms ticks.
 fn tree_cpu(pid: u32) -> TreeCpu {
     let procs = tree(pid);
     let threads: HashMap<u32, u64> = procs

@@ -178,9 +178,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
         match ebpf.and_then(|p| p.pin.as_deref().map(|pin| (p, pin))) {
             Some((p, pin)) => {
                 let other = backends.loopback_sink()?;
-                let sinks = (0..kernel_cost::SINKS)
-                    .map(|_| backends.loopback_sink())
-                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let sinks = kernel_cost::held_sinks(&mut backends)?;
                 let setup = kernel_cost::Setup {
                     nllb_cg: &p.cgroup,
                     pin,
@@ -324,9 +322,7 @@ pub fn held_only(quick: bool) -> anyhow::Result<()> {
     let (client_cpu, _, backend_cpu) = pins(true);
     let hosts = TestNet::new(1);
     let mut backends = Backends::start(hosts.hosts(), backend_cpu)?;
-    let sinks = (0..kernel_cost::SINKS)
-        .map(|_| backends.loopback_sink())
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let sinks = kernel_cost::held_sinks(&mut backends)?;
     kernel_cost::held_only(&sinks, client_cpu, quick)
 }
 
