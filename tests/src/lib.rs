@@ -80,6 +80,12 @@ pub fn scaled(d: std::time::Duration) -> std::time::Duration {
     d.mul_f64(scale.max(1.0))
 }
 
+/// Milliseconds since the epoch: the clock `ClientReport::started_unix_ms`
+/// uses, so a test can place its own events on a client's `t_ms` scale.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
 /// Wait until `f` returns Some, polling every 20 ms, for at most `timeout`
 /// (scaled, see [`scaled`]).
 pub fn wait_for<T>(timeout: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {

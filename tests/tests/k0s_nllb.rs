@@ -15,13 +15,13 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use nllb_tests::{
     Agent, AgentOpts, ClientOpts, ClientReport, ConnectResult, Server, TestCgroup, TestNet,
     k0s_nllb::{CONTROLLER_API_PORT, CONTROLLER_KONNECTIVITY_PORT, HealthPace, K0sNllb, K0sNllbOptions, K0sPorts},
-    privileged, run_client, wait_client, wait_for,
+    privileged, run_client, unix_ms, wait_client, wait_for,
 };
 
 /// A k0s worker: controllers in network namespaces serving the API server
@@ -239,7 +239,7 @@ fn compare(fault: &str, inflict: impl FnOnce(&mut Node)) -> (Figures, Figures) {
         (n.served_by_controllers() >= 60 && n.k0s.downstream_connections(vip) >= 20).then_some(())
     });
     assert!(flowing.is_some(), "{fault}: both clients must be connecting before the fault");
-    let fault_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+    let fault_unix_ms = unix_ms();
     inflict(&mut n);
     let (ra, rb) = (wait_client(a), wait_client(b));
     (figures(&ra, fault_unix_ms), figures(&rb, fault_unix_ms))

@@ -18,13 +18,13 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use nllb_tests::{
     Agent, AgentOpts, TestCgroup, free_port,
     kube::{APISERVER_PORT, ControlPlane, ControlPlaneOpts, KubeAuth, Kubectl, sockets},
-    nllb_bin, wait_for,
+    nllb_bin, unix_ms, wait_for,
 };
 
 /// The seed's story: the first kubectl call through the virtual address
@@ -59,13 +59,6 @@ fn repo_file(path: &str) -> String {
 
 fn set(ips: &[IpAddr]) -> BTreeSet<IpAddr> {
     ips.iter().copied().collect()
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
 }
 
 /// The ConfigMap in deploy/daemonset.yaml: the agent config and the

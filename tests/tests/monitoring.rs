@@ -8,11 +8,12 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use nllb_tests::{
-    Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, free_port, one_service_config, privileged, stop_client, vip4,
+    Agent, AgentOpts, ClientOpts, TestCgroup, TestNet, free_port, one_service_config, privileged, stop_client, unix_ms,
+    vip4,
 };
 
 const BACKEND_PORT: u16 = 6443;
@@ -184,11 +185,6 @@ fn metric_names_are_found_in_expressions() {
     }
 }
 
-/// Milliseconds since the epoch.
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
-}
-
 /// The data of docs/dashboard.png: a real agent's /metrics scraped every
 /// second while controllers die and come back, written as JSON lines to
 /// `$NLLB_DASHBOARD_SCRAPES` (`{"t_ms", "metrics"}` per scrape,
@@ -200,7 +196,7 @@ fn dashboard_scenario() {
     let out_path = std::env::var("NLLB_DASHBOARD_SCRAPES").expect("NLLB_DASHBOARD_SCRAPES=<file>");
     let out = std::sync::Arc::new(std::sync::Mutex::new(std::fs::File::create(&out_path).unwrap()));
     let note = |event: &str| {
-        let line = serde_json::json!({ "t_ms": now_ms(), "event": event });
+        let line = serde_json::json!({ "t_ms": unix_ms(), "event": event });
         writeln!(out.lock().unwrap(), "{line}").unwrap();
         eprintln!("[scenario] {event}");
     };
@@ -226,7 +222,7 @@ fn dashboard_scenario() {
                     let mut text = String::new();
                     let _ = s.read_to_string(&mut text);
                     if let Some((_, body)) = text.split_once("\r\n\r\n") {
-                        let line = serde_json::json!({ "t_ms": now_ms(), "metrics": body });
+                        let line = serde_json::json!({ "t_ms": unix_ms(), "metrics": body });
                         writeln!(out.lock().unwrap(), "{line}").unwrap();
                     }
                 }
