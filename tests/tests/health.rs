@@ -557,7 +557,7 @@ mod e2e {
 
     use nllb_tests::{
         Agent, AgentOpts, ClientOpts, ClientReport, TestCgroup, TestNet, free_port, one_service_config, privileged,
-        wait_client, wait_for,
+        unix_ms, wait_client, wait_for,
     };
 
     use super::PORT;
@@ -605,19 +605,15 @@ mod e2e {
         let mut opts = ClientOpts::new(vip(port), (secs * 50) as u32, Some(cg.path()));
         opts.interval = Duration::from_millis(20);
         opts.timeout = Duration::from_millis(1000);
-        let start = Instant::now();
         let child = opts.spawn();
         std::thread::sleep(Duration::from_millis(1500));
-        let fault_ms = start.elapsed().as_millis() as u64;
+        let fault_unix_ms = unix_ms();
         fault();
         let report = wait_client(child);
-        // The client's clock starts when it runs, not when it was spawned:
-        // estimate that lag from when it finished, and give the fault time
-        // on the client's clock (t_ms of its results).
-        let total = start.elapsed().as_millis() as u64;
-        let ran = report.results.last().map_or(0, |r| r.t_ms + r.elapsed_us / 1000);
-        let lag = total.saturating_sub(ran).min(fault_ms);
-        (report, fault_ms - lag)
+        // On the client's clock (t_ms of its results), which starts when it
+        // runs, not when it was spawned.
+        let fault_ms = fault_unix_ms.saturating_sub(report.started_unix_ms);
+        (report, fault_ms)
     }
 
     #[test]
