@@ -173,16 +173,10 @@ impl SubnetLease {
         // Skip 198.18.0.x and the first few so the demo's 198.18.{1,2,3} stay free.
         for index in 10..500u32 {
             let path = PathBuf::from(format!("{LEASE_DIR}/{index}"));
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
+            let lease = match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(mut f) => {
                     let _ = write!(f, "{me}");
-                    let lease = SubnetLease { index, path };
-                    // A process killed mid-test leaves its netns and veth
-                    // behind; its addresses would shadow ours.
-                    if subnet_in_use(index) {
-                        continue;
-                    }
-                    return lease;
+                    SubnetLease { index, path }
                 }
                 Err(_) => {
                     let holder: Option<i32> = fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok());
@@ -194,14 +188,22 @@ impl SubnetLease {
                             .and_then(|m| m.modified())
                             .is_ok_and(|t| t.elapsed().map_or(true, |age| age < std::time::Duration::from_secs(10))),
                     };
-                    if !alive && fs::remove_file(&path).is_ok() {
-                        if let Ok(mut f) = OpenOptions::new().write(true).create_new(true).open(&path) {
-                            let _ = write!(f, "{me}");
-                            return SubnetLease { index, path };
-                        }
+                    if alive || fs::remove_file(&path).is_err() {
+                        continue;
                     }
+                    let Ok(mut f) = OpenOptions::new().write(true).create_new(true).open(&path) else { continue };
+                    let _ = write!(f, "{me}");
+                    SubnetLease { index, path }
                 }
+            };
+            // A process killed mid-test leaves its netns and veth behind (and,
+            // with its lease file, the dead holder above): the leftover root
+            // end keeps the subnet's route, so our host would be unreachable
+            // and a connect to it refused by the leftover namespace.
+            if subnet_in_use(index) {
+                continue;
             }
+            return lease;
         }
         panic!("no free test subnet in 198.18.0.0/15");
     }
