@@ -96,11 +96,11 @@ pub fn vm_test(o: &Options<'_>) -> Result<i32> {
     let known_path = crate::paths::workspace_root().join("xtask/vm-known-failures.txt");
     let known = known::KnownFailures::load(&known_path)?;
 
-    // Longest first (slow architectures, then newest kernels), so parallel
+    // Longest first (slow architectures, then slow kernels), so parallel
     // guests finish close together.
     let mut queue: Vec<(usize, &'static Arch, KernelSpec)> =
         jobs.iter().copied().enumerate().map(|(i, (a, k))| (i, a, k)).collect();
-    queue.sort_by_key(|(i, a, _)| (a.qemu.slowdown, *i));
+    queue.sort_by_key(|(i, a, k)| (a.qemu.slowdown, k.guest_seconds, *i));
     let queue = Mutex::new(queue);
     let reports: Mutex<Vec<(usize, KernelReport)>> = Mutex::new(Vec::new());
     std::thread::scope(|s| {

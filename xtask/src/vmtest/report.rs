@@ -483,8 +483,8 @@ mod tests {
     }
 
     fn report(arch: &Arch, label: &'static str, statuses: &[(&str, &str)]) -> KernelReport {
-        let suite = super::super::kernels::KERNELS.iter().find(|k| k.label == label).unwrap().suite;
-        let mut r = KernelReport::new(arch, KernelSpec { label, suite }, "dev");
+        let spec: KernelSpec = *super::super::kernels::KERNELS.iter().find(|k| k.label == label).unwrap();
+        let mut r = KernelReport::new(arch, spec, "dev");
         r.finished = true;
         r.seconds = Some(100.0);
         r.uname = Some(format!("{label}.0-1-{}", arch.kernel_flavour));
