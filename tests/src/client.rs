@@ -57,6 +57,13 @@ impl ClientReport {
         self.results.iter().filter(|r| !r.ok).collect()
     }
 
+    /// A wall-clock instant (ms since the epoch, e.g. from
+    /// [`unix_ms`](crate::unix_ms)) on this client's `t_ms` scale, which
+    /// starts when the client runs, not when it was spawned.
+    pub fn t_ms_of(&self, unix_ms: u64) -> u64 {
+        unix_ms.saturating_sub(self.started_unix_ms)
+    }
+
     /// The longest any single connect attempt took.
     pub fn longest(&self) -> Duration {
         Duration::from_micros(self.results.iter().map(|r| r.elapsed_us).max().unwrap_or(0))

@@ -149,7 +149,7 @@ fn after_a_full_outage_the_first_controller_back_is_used_within_three_connects()
     // failures after the return. Both clocks are whole milliseconds, so one
     // that started up to 2 ms before the return may be counted, but none
     // after it is missed.
-    let back_ms = back_unix_ms.saturating_sub(report.started_unix_ms);
+    let back_ms = report.t_ms_of(back_unix_ms);
     let after: Vec<_> = report.results.iter().filter(|r| r.t_ms + 1 >= back_ms).collect();
     let failed = after.iter().filter(|r| !r.ok).count();
     let served = after.iter().filter(|r| r.ok).count();

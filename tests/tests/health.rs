@@ -610,9 +610,7 @@ mod e2e {
         let fault_unix_ms = unix_ms();
         fault();
         let report = wait_client(child);
-        // On the client's clock (t_ms of its results), which starts when it
-        // runs, not when it was spawned.
-        let fault_ms = fault_unix_ms.saturating_sub(report.started_unix_ms);
+        let fault_ms = report.t_ms_of(fault_unix_ms);
         (report, fault_ms)
     }
 

@@ -198,7 +198,7 @@ struct Figures {
 /// `fault_unix_ms`: when the fault was inflicted (wall clock).
 fn figures(r: &ClientReport, fault_unix_ms: u64) -> Figures {
     assert!(r.started_unix_ms > 0 && r.started_unix_ms <= fault_unix_ms, "client start {} ms", r.started_unix_ms);
-    let fault_us = (fault_unix_ms - r.started_unix_ms) * 1000;
+    let fault_us = r.t_ms_of(fault_unix_ms) * 1000;
     let fault_ms = fault_us / 1000;
     // A connect belongs to the fault when it ended after it: one that started
     // just before a kill and was waiting for its answer fails because of it.
