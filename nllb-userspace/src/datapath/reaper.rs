@@ -6,7 +6,7 @@
 //!
 //! Blocking (netlink round trips): call it from a blocking task.
 
-use std::net::SocketAddr;
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use nllb_common::SockState;
 
@@ -33,17 +33,7 @@ impl Reaper {
     /// nllb's sockets to `backend` in `states` with what nllb remembers of
     /// each, oldest connect first.
     fn ours(&self, backend: SocketAddr, states: States) -> Result<Vec<(SocketInfo, SockState)>, SockDiagError> {
-        let mut ours: Vec<(SocketInfo, SockState)> =
-            sock_diag::sockets_with_storage(backend, states, self.sockets.fd())?
-                .into_iter()
-                // connect4/6 leave the cookie 0; sock_diag has it.
-                .filter_map(|(s, value)| {
-                    let st = SockState { cookie: s.cookie, ..sock_state(&value)? };
-                    Some((s, st))
-                })
-                .collect();
-        ours.sort_by_key(|(_, st)| st.created_ns);
-        Ok(ours)
+        Ok(ours(sock_diag::sockets_with_storage(backend, states, self.sockets.fd())?))
     }
 
     /// nllb's sockets to `backend` in `states`, oldest connect first.
@@ -51,10 +41,19 @@ impl Reaper {
         Ok(self.ours(backend, states)?.into_iter().map(|(s, st)| (s, st.created_ns)).collect())
     }
 
-    /// nllb's sockets to `backend` in `states` with the service each was
-    /// steered for, oldest connect first (rebalancing counts them).
-    pub fn steered_to(&self, backend: SocketAddr, states: States) -> Result<Vec<Steered>, SockDiagError> {
-        Ok(self.ours(backend, states)?.into_iter().map(|(socket, state)| Steered { socket, state }).collect())
+    /// nllb's sockets to each of `backends` in `states` with the service
+    /// each was steered for, oldest connect first (rebalancing counts them):
+    /// one walk of the kernel's socket table for all of them.
+    pub fn steered_to_each(
+        &self,
+        backends: &[SocketAddr],
+        states: States,
+    ) -> Result<BTreeMap<SocketAddr, Vec<Steered>>, SockDiagError> {
+        let each = sock_diag::sockets_with_storage_to_each(backends, states, self.sockets.fd())?;
+        Ok(each
+            .into_iter()
+            .map(|(b, found)| (b, ours(found).into_iter().map(|(socket, state)| Steered { socket, state }).collect()))
+            .collect())
     }
 
     /// Destroys nllb's sockets to `backend` in `states`; returns what nllb
@@ -64,6 +63,20 @@ impl Reaper {
         let destroyed = sock_diag::destroy_each(&infos)?;
         Ok(states.into_iter().zip(destroyed).filter_map(|(st, done)| done.then_some(st)).collect())
     }
+}
+
+/// The sockets that carry a `SockState`, with it, oldest connect first.
+fn ours(found: Vec<(SocketInfo, Vec<u8>)>) -> Vec<(SocketInfo, SockState)> {
+    let mut ours: Vec<(SocketInfo, SockState)> = found
+        .into_iter()
+        // connect4/6 leave the cookie 0; sock_diag has it.
+        .filter_map(|(s, value)| {
+            let st = SockState { cookie: s.cookie, ..sock_state(&value)? };
+            Some((s, st))
+        })
+        .collect();
+    ours.sort_by_key(|(_, st)| st.created_ns);
+    ours
 }
 
 /// A `SockState` from the bytes the kernel reported; another size (a map of

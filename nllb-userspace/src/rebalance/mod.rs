@@ -123,10 +123,13 @@ impl Rebalance {
         let Some(backends) = self.state.due(Instant::now()) else { return };
         let tx = self.tx.clone();
         tokio::task::spawn_blocking(move || {
-            let counts = backends
-                .into_iter()
-                .map(|b| (b, reaper.steered_to(b, States::ESTABLISHED).map_err(|e| crate::errors::chain(&e))))
-                .collect();
+            let counts = match reaper.steered_to_each(&backends, States::ESTABLISHED) {
+                Ok(mut each) => backends.into_iter().map(|b| (b, Ok(each.remove(&b).unwrap_or_default()))).collect(),
+                Err(e) => {
+                    let e = crate::errors::chain(&e);
+                    backends.into_iter().map(|b| (b, Err(e.clone()))).collect()
+                }
+            };
             let _ = tx.send(Report(Done::Counted(counts)));
         });
     }
