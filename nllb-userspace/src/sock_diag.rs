@@ -136,13 +136,16 @@ pub fn sockets_to(backend: SocketAddr, states: States) -> Result<Vec<SocketInfo>
     Ok(query(&[backend], states, None)?.sockets.into_iter().map(|(s, _)| s).collect())
 }
 
+/// Sockets, each with the bytes of its value in a socket-storage map.
+pub type WithStorage = Vec<(SocketInfo, Vec<u8>)>;
+
 /// [`sockets_to`], keeping only the sockets that hold a value in the
 /// socket-storage map `storage`, each with that value's bytes.
 pub fn sockets_with_storage(
     backend: SocketAddr,
     states: States,
     storage: BorrowedFd<'_>,
-) -> Result<Vec<(SocketInfo, Vec<u8>)>, SockDiagError> {
+) -> Result<WithStorage, SockDiagError> {
     let mut each = sockets_with_storage_to_each(&[backend], states, storage)?;
     Ok(each.remove(&backend).unwrap_or_default())
 }
@@ -153,8 +156,8 @@ pub fn sockets_with_storage_to_each(
     backends: &[SocketAddr],
     states: States,
     storage: BorrowedFd<'_>,
-) -> Result<BTreeMap<SocketAddr, Vec<(SocketInfo, Vec<u8>)>>, SockDiagError> {
-    let mut found: BTreeMap<SocketAddr, Vec<(SocketInfo, Vec<u8>)>> = BTreeMap::new();
+) -> Result<BTreeMap<SocketAddr, WithStorage>, SockDiagError> {
+    let mut found: BTreeMap<SocketAddr, WithStorage> = BTreeMap::new();
     for (socket, value) in query(backends, states, Some(storage))?.sockets {
         if let Some(value) = value {
             found.entry(canonical(socket.remote)).or_default().push((socket, value));
@@ -261,16 +264,16 @@ const HOSTCOND_LEN: usize = 8;
 /// matches an AF_INET6 socket whose remote is `::ffff:` + the address
 /// (inet_diag_bc_run).
 fn destination_filter(backends: &[SocketAddr]) -> Vec<u8> {
-    let conds: Vec<Vec<u8>> = backends.iter().map(|b| destination_condition(*b)).collect();
-    let total = conds.iter().map(Vec::len).sum::<usize>() + BC_OP_LEN * conds.len().saturating_sub(1);
+    let conds: Vec<Vec<u8>> = backends.iter().map(|b| hostcond(*b)).collect();
+    let total = conds.iter().map(|c| BC_OP_LEN + c.len()).sum::<usize>() + BC_OP_LEN * conds.len().saturating_sub(1);
     let mut bc = Vec::with_capacity(total);
     for (i, cond) in conds.iter().enumerate() {
-        let len = cond.len();
+        let len = BC_OP_LEN + cond.len();
         let last = i + 1 == conds.len();
         bc.push(INET_DIAG_BC_D_COND);
         bc.push(len as u8);
         bc.extend_from_slice(&(len as u16 + 4).to_ne_bytes());
-        bc.extend_from_slice(&cond[BC_OP_LEN..]);
+        bc.extend_from_slice(cond);
         if !last {
             let to_end = total - bc.len();
             bc.extend_from_slice(&[INET_DIAG_BC_JMP, BC_OP_LEN as u8]);
@@ -281,24 +284,20 @@ fn destination_filter(backends: &[SocketAddr]) -> Vec<u8> {
     bc
 }
 
-/// One `INET_DIAG_BC_D_COND` op for `backend` (its jumps are set by
-/// [`destination_filter`]).
-fn destination_condition(backend: SocketAddr) -> Vec<u8> {
+/// The `inet_diag_hostcond` of a `D_COND` op matching exactly `backend`.
+fn hostcond(backend: SocketAddr) -> Vec<u8> {
     let (family, addr) = match backend.ip() {
         IpAddr::V4(ip) => (AF_INET, ip.octets().to_vec()),
         IpAddr::V6(ip) => (AF_INET6, ip.octets().to_vec()),
     };
-    let len = BC_OP_LEN + HOSTCOND_LEN + addr.len();
-    let mut bc = Vec::with_capacity(len);
-    bc.extend_from_slice(&[INET_DIAG_BC_D_COND, 0, 0, 0]);
-    bc.push(family);
-    bc.push((addr.len() * 8) as u8); // full prefix
-    bc.extend_from_slice(&[0, 0]);
+    let mut c = Vec::with_capacity(HOSTCOND_LEN + addr.len());
+    c.push(family);
+    c.push((addr.len() * 8) as u8); // full prefix
+    c.extend_from_slice(&[0, 0]);
     // Host order; -1 would mean any port.
-    bc.extend_from_slice(&i32::from(backend.port()).to_ne_bytes());
-    bc.extend_from_slice(&addr);
-    debug_assert_eq!(bc.len(), len);
-    bc
+    c.extend_from_slice(&i32::from(backend.port()).to_ne_bytes());
+    c.extend_from_slice(&addr);
+    c
 }
 
 /// The body of `INET_DIAG_REQ_SK_BPF_STORAGES`: one nested

@@ -33,7 +33,7 @@ impl Reaper {
     /// nllb's sockets to `backend` in `states` with what nllb remembers of
     /// each, oldest connect first.
     fn ours(&self, backend: SocketAddr, states: States) -> Result<Vec<(SocketInfo, SockState)>, SockDiagError> {
-        Ok(ours(sock_diag::sockets_with_storage(backend, states, self.sockets.fd())?))
+        Ok(with_state(sock_diag::sockets_with_storage(backend, states, self.sockets.fd())?))
     }
 
     /// nllb's sockets to `backend` in `states`, oldest connect first.
@@ -52,7 +52,9 @@ impl Reaper {
         let each = sock_diag::sockets_with_storage_to_each(backends, states, self.sockets.fd())?;
         Ok(each
             .into_iter()
-            .map(|(b, found)| (b, ours(found).into_iter().map(|(socket, state)| Steered { socket, state }).collect()))
+            .map(|(b, found)| {
+                (b, with_state(found).into_iter().map(|(socket, state)| Steered { socket, state }).collect())
+            })
             .collect())
     }
 
@@ -66,7 +68,7 @@ impl Reaper {
 }
 
 /// The sockets that carry a `SockState`, with it, oldest connect first.
-fn ours(found: Vec<(SocketInfo, Vec<u8>)>) -> Vec<(SocketInfo, SockState)> {
+fn with_state(found: sock_diag::WithStorage) -> Vec<(SocketInfo, SockState)> {
     let mut ours: Vec<(SocketInfo, SockState)> = found
         .into_iter()
         // connect4/6 leave the cookie 0; sock_diag has it.
