@@ -117,6 +117,13 @@ impl Rebalance {
         self.state.plan_live(plan, Instant::now());
     }
 
+    /// When [`Rebalance::tick`] next has a count to start (None: not before
+    /// something changes).
+    pub fn next_due(&self) -> Option<Instant> {
+        self.reaper.as_ref()?;
+        self.state.next_due()
+    }
+
     /// Starts a count on a blocking task when a look is due.
     pub fn tick(&mut self) {
         let Some(reaper) = self.reaper.clone() else { return };

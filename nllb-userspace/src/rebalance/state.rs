@@ -210,6 +210,15 @@ impl State {
         self.last_return(b).is_none_or(|t| now.saturating_duration_since(t) >= DONOR_QUIET)
     }
 
+    /// The first instant at which [`State::due`] returns the backends to
+    /// count (None while a count or move runs, or with nothing published).
+    pub(crate) fn next_due(&self) -> Option<Instant> {
+        if self.busy || self.services.is_empty() {
+            return None;
+        }
+        Some(self.wakes.first().map_or(self.next_round, |w| (*w).min(self.next_round)))
+    }
+
     /// Whether a look is due; if so, the backends to count (the caller
     /// counts them and calls [`State::counted`]).
     pub(crate) fn due(&mut self, now: Instant) -> Option<Vec<SocketAddr>> {
@@ -513,6 +522,31 @@ mod tests {
         s.moved(&[]);
         assert_eq!(s.counted(&spread, &ids(), now + secs(5)).moves.len(), 1);
         assert_eq!(s.moved[&("api".to_string(), a(2))], 1);
+    }
+
+    /// The agent sleeps until `next_due` instead of asking `due` on a tick,
+    /// so a look must be due exactly then, and not a millisecond before.
+    #[test]
+    fn next_due_is_the_first_instant_a_look_is_due() {
+        let t0 = Instant::now();
+        let mut s = State::new(RebalanceSettings::default(), t0, Some(1));
+        assert_eq!(s.next_due(), None, "nothing published: nothing to count");
+        let back = t0 + secs(120);
+        returned_at(&mut s, t0, back);
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            let at = s.next_due().expect("a look ahead");
+            assert!(s.due(at - Duration::from_millis(1)).is_none(), "due before next_due");
+            assert!(s.due(at).is_some(), "not due at next_due");
+            assert_eq!(s.next_due(), None, "no second look while one is counting");
+            s.counted(&conns(&[(1, 0), (2, 16), (3, 14)]), &ids(), at);
+            s.moved(&[]);
+            seen.push(at.duration_since(t0));
+        }
+        // The regular looks every 30 s, then the return's settle wake-up
+        // (10 s plus up to one 5 s spacing of jitter after c1 came back).
+        assert_eq!(seen[..4], [secs(30), secs(60), secs(90), secs(120)]);
+        assert!(seen[4] > secs(130) && seen[4] < Duration::from_millis(135_200), "{:?}", seen[4]);
     }
 
     #[test]
