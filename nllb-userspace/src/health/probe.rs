@@ -80,9 +80,10 @@ impl Prober {
         let start = Instant::now();
         let tcp = TcpStream::connect(target).await.map_err(|e| format!("connect: {e}"))?;
         *handshake = Handshake::Took(start.elapsed());
-        let _ = tcp.set_nodelay(true);
         match (&self.kind, &self.tls) {
             (ProbeKind::Https, Some((connector, settings))) => {
+                // Only the request needs it; a TCP probe sends nothing.
+                let _ = tcp.set_nodelay(true);
                 let name = settings.name_for(target.ip());
                 let mut tls = connector.connect(name, tcp).await.map_err(|e| format!("TLS handshake: {e}"))?;
                 let host = match target {
