@@ -69,6 +69,21 @@ fn rebalance_rows(agent: &Agent, service: &str) -> BTreeMap<String, (u64, u64)> 
         .collect()
 }
 
+/// Waits until the agent's last count of `service` (its status rows, only
+/// published backends) found `n` connections: after a kill, that is a look
+/// at the survivors once they hold every watch, which starts any moves
+/// between them at once.
+fn wait_counted(agent: &Agent, service: &str, n: u64) {
+    let counted = wait_for(Duration::from_secs(30), || {
+        let s = agent.status();
+        let rows = s["agent"]["rebalance"].as_array().cloned().unwrap_or_default();
+        let sum: u64 =
+            rows.iter().filter(|r| r["service"] == service).map(|r| r["established"].as_u64().unwrap_or(0)).sum();
+        (sum == n).then_some(())
+    });
+    assert!(counted.is_some(), "no count of {service} found {n} connections: {}", agent.status());
+}
+
 /// Moves the agent counted (`status.agent.rebalance`), per (service, backend).
 fn moves(agent: &Agent) -> BTreeMap<(String, String), u64> {
     ["apiserver", "konnectivity"]
@@ -191,8 +206,11 @@ fn a_returning_controller_gets_its_share_of_long_lived_connections_back() {
     kill(&agent, &net, 0, &mut [&mut api, &mut konn], &[&watches]);
     // c1's 10 reconnect to c2 and c3 at random: a split as uneven as 23/7
     // is rebalanced between the two, rightly. That settles before c1
-    // returns, so every move after the return is one toward c1.
+    // returns (a look at the survivors, then no move for a spacing of the
+    // rate), so every move after the return is one toward c1; until c1 has
+    // settled, its empty share sets nothing moving.
     wait_quiet(&agent, Instant::now(), &["apiserver"]);
+    wait_counted(&agent, "apiserver", 30);
     wait_no_moves(&watches, Duration::from_secs(6));
     let died = wait_settled(&watches, &api, |s| s[0] == 0, "the survivors hold every watch");
     api[0].restart();

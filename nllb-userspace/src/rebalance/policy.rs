@@ -49,26 +49,32 @@ pub(crate) struct Verdict {
 /// Judges one group; `was_active`: connections were being moved here at the
 /// last look (keeps moving to ⌈fair share⌉).
 pub(crate) fn judge(members: &[Member], margin: f64, was_active: bool) -> Verdict {
-    let n = members.len();
-    let total: usize = members.iter().map(|m| m.established).sum();
+    // A backend that has not settled since it joined or returned is left
+    // out: its empty share must not set the others moving before it may
+    // draw anything itself (a controller back for two seconds made a 9/21
+    // split of the others look uneven, and one was moved toward the 9; had
+    // it gone again, that move was for nothing). It still holds its slot.
+    let judged: Vec<&Member> = members.iter().filter(|m| m.can_receive).collect();
+    let n = judged.len();
+    let total: usize = judged.iter().map(|m| m.established).sum();
     if n < 2 || total == 0 {
         return Verdict::default();
     }
     let fair = total as f64 / n as f64;
     let ceiling = fair.ceil() as usize;
     let tolerance = (margin * fair).max(1.0);
-    let uneven = members.iter().any(|m| (m.established as f64 - fair).abs() > tolerance);
-    let most = members.iter().map(|m| m.established).max().unwrap_or(0);
-    let receivers: Vec<&Member> = members.iter().filter(|m| (m.established as f64) < fair && m.can_receive).collect();
+    let uneven = judged.iter().any(|m| (m.established as f64 - fair).abs() > tolerance);
+    let most = judged.iter().map(|m| m.established).max().unwrap_or(0);
+    let receivers: Vec<&&Member> = judged.iter().filter(|m| (m.established as f64) < fair).collect();
     if !(uneven || was_active) || most <= ceiling || receivers.is_empty() {
         return Verdict { fair, ..Default::default() };
     }
     let r = receivers.len() as u32;
-    let others = n as u32 - r;
+    let others = members.len() as u32 - r;
     // A table holds MAX_BACKENDS slots per family: others keep one each.
     let room = (MAX_BACKENDS.saturating_sub(others) / r).max(1);
     let weight = (RECEIVER_ODDS * others).div_ceil(r).clamp(2, room.max(2)).min(room);
-    let donor = members
+    let donor = judged
         .iter()
         .filter(|m| m.established > ceiling && m.can_give)
         .max_by(|a, b| a.established.cmp(&b.established).then(b.addr.cmp(&a.addr)))
@@ -139,6 +145,25 @@ mod tests {
         let mut g = group(&[0, 16, 14]);
         g[0].can_receive = false;
         assert!(!judge(&g, 0.5, false).active, "the returned backend has not settled yet");
+    }
+
+    #[test]
+    fn an_unsettled_backend_does_not_make_the_others_uneven() {
+        // The others' 9/21 is within the margin of their 15 each; with the
+        // returned backend's 0 counted it is not, and the 9 would draw.
+        let mut g = group(&[0, 9, 21]);
+        g[0].can_receive = false;
+        assert!(!judge(&g, 0.5, false).active, "{:?}", judge(&g, 0.5, false));
+        // Settled, it draws, and so does the one below the fair share; its
+        // slot counted among the others when it could not receive.
+        g[0].can_receive = true;
+        let v = judge(&g, 0.5, false);
+        assert!(v.active && v.donor == Some(a(3)), "{v:?}");
+        assert_eq!(v.weights.iter().map(|w| w.0).collect::<Vec<_>>(), [a(1), a(2)]);
+        let mut g = group(&[0, 0, 16, 14]);
+        g[0].can_receive = false;
+        let v = judge(&g, 0.5, false);
+        assert_eq!(v.weights, vec![(a(2), 27)], "9 in 10 against three other slots");
     }
 
     #[test]
