@@ -55,14 +55,16 @@ fn spread(servers: &[HoldServer]) -> Vec<usize> {
     servers.iter().map(HoldServer::active).collect()
 }
 
+/// The raw `status.agent.rebalance` rows of `service`.
+fn status_rows(agent: &Agent, service: &str) -> Vec<Value> {
+    let s = agent.status();
+    s["agent"]["rebalance"].as_array().into_iter().flatten().filter(|r| r["service"] == service).cloned().collect()
+}
+
 /// `status.agent.rebalance` rows of `service`: backend → (moves, weight).
 fn rebalance_rows(agent: &Agent, service: &str) -> BTreeMap<String, (u64, u64)> {
-    let s = agent.status();
-    s["agent"]["rebalance"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|r| r["service"] == service)
+    status_rows(agent, service)
+        .iter()
         .map(|r| {
             (r["backend"].as_str().unwrap().to_string(), (r["moves"].as_u64().unwrap(), r["weight"].as_u64().unwrap()))
         })
@@ -75,10 +77,7 @@ fn rebalance_rows(agent: &Agent, service: &str) -> BTreeMap<String, (u64, u64)> 
 /// between them at once.
 fn wait_counted(agent: &Agent, service: &str, n: u64) {
     let counted = wait_for(Duration::from_secs(30), || {
-        let s = agent.status();
-        let rows = s["agent"]["rebalance"].as_array().cloned().unwrap_or_default();
-        let sum: u64 =
-            rows.iter().filter(|r| r["service"] == service).map(|r| r["established"].as_u64().unwrap_or(0)).sum();
+        let sum: u64 = status_rows(agent, service).iter().map(|r| r["established"].as_u64().unwrap_or(0)).sum();
         (sum == n).then_some(())
     });
     assert!(counted.is_some(), "no count of {service} found {n} connections: {}", agent.status());

@@ -222,11 +222,7 @@ impl State {
     /// Whether a look is due; if so, the backends to count (the caller
     /// counts them and calls [`State::counted`]).
     pub(crate) fn due(&mut self, now: Instant) -> Option<Vec<SocketAddr>> {
-        if self.busy || self.services.is_empty() {
-            return None;
-        }
-        let woken = self.wakes.first().is_some_and(|w| *w <= now);
-        if now < self.next_round && !woken {
+        if now < self.next_due()? {
             return None;
         }
         self.wakes.retain(|w| *w > now);
