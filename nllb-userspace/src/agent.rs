@@ -23,7 +23,7 @@ use tokio::{
 use crate::{
     config::{Config, ConfigError, Mode},
     datapath::{
-        Datapath, DatapathError, DatapathKind,
+        Datapath, DatapathError, DatapathKind, DatapathSnapshot,
         ebpf::{EbpfDatapath, EbpfOptions},
         events::{EventReader, KernelEvent},
         reaper::Reaper,
@@ -176,6 +176,9 @@ struct Agent {
     opts: AgentOptions,
     cgroup: PathBuf,
     datapath: DatapathWorker,
+    /// New datapath snapshots: the kernel's counters go to the metrics as
+    /// soon as the datapath thread has read them.
+    snapshots: watch::Receiver<DatapathSnapshot>,
     events: Option<EventReader>,
     reaper: Option<Arc<Reaper>>,
     /// Tells an attached `nllb trace` which connects were aborted.
@@ -288,11 +291,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let (aborted_tx, aborted_rx) = mpsc::unbounded_channel();
     let notes = Arc::new(NoteSender::new(&opts.run_dir));
     let rebalance = Rebalance::new(config.rebalance.clone(), reaper.clone()).with_notes(notes.clone());
+    let datapath = DatapathWorker::spawn(datapath);
     let mut agent = Agent {
         config,
         opts,
         cgroup,
-        datapath: DatapathWorker::spawn(datapath),
+        snapshots: datapath.subscribe(),
+        datapath,
         events,
         reaper,
         notes,
@@ -362,6 +367,9 @@ impl Agent {
                 }
                 events = next_events(&mut self.events) => self.on_kernel_events(events),
                 Some(applied) = self.datapath.next_applied() => self.on_applied(applied),
+                Ok(()) = self.snapshots.changed() => {
+                    self.metrics.sync_datapath(&self.snapshots.borrow_and_update());
+                }
                 Some(aborted) = self.aborted_rx.recv() => self.on_aborted(aborted),
                 Some(report) = self.rebalance.next_report() => self.on_rebalance(report),
                 _ = sleep_until(rebalance_due) => self.rebalance.tick(),
@@ -369,7 +377,6 @@ impl Agent {
                     systemd.tick();
                     self.health.beat();
                     self.datapath.refresh();
-                    self.metrics.sync_datapath(&self.datapath.snapshot());
                     // A ConfigMap update or an edit applies itself: no restart,
                     // no SIGHUP needed (k0s needs a worker restart, #8212).
                     self.reload_if_changed();
@@ -677,11 +684,12 @@ impl Agent {
 }
 
 /// How often the loop does what nothing signals: the systemd watchdog, the
-/// liveness beat, kernel counters for metrics, the config file check and
-/// SYN timeouts that follow handshake times. Every wakeup of an idle agent
-/// costs CPU (on a 2-core VM each also woke the datapath thread): a 250 ms
-/// tick made an idle agent ~20% dearer than this one, and nothing here needs
-/// more than a second; the rebalancer has a deadline of its own.
+/// liveness beat, reading the kernel counters (the metrics take them when the
+/// read arrives), the config file check and SYN timeouts that follow
+/// handshake times. Every wakeup of an idle agent costs CPU (on a 2-core VM
+/// each also woke the datapath thread): a 250 ms tick made an idle agent ~20%
+/// dearer than this one, and nothing here needs more than a second; the
+/// rebalancer has a deadline of its own.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 /// Sleeps until `deadline`; without one, never wakes.

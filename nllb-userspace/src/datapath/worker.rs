@@ -88,6 +88,12 @@ impl DatapathWorker {
         self.snapshot.borrow().clone()
     }
 
+    /// Each new snapshot as the thread reads it, for whoever must see the
+    /// kernel's counters when they are read rather than a tick later.
+    pub fn subscribe(&self) -> watch::Receiver<DatapathSnapshot> {
+        self.snapshot.clone()
+    }
+
     pub async fn next_applied(&mut self) -> Option<Applied> {
         self.applied.recv().await
     }
