@@ -71,8 +71,16 @@ fn record(mut rx: watch::Receiver<DiscoveredSet>) -> Arc<Mutex<Vec<DiscoveredSet
     out
 }
 
+/// A published set as discovery publishes it: sorted, each address once
+/// (callers list hosts in creation order, which says nothing of their
+/// addresses' order).
+fn as_published(want: &[&str]) -> Vec<IpAddr> {
+    let set: std::collections::BTreeSet<IpAddr> = ips(want).into_iter().collect();
+    set.into_iter().collect()
+}
+
 async fn wait_for(rx: &mut watch::Receiver<DiscoveredSet>, want: &[&str]) -> DiscoveredSet {
-    let want = ips(want);
+    let want = as_published(want);
     let got = tokio::time::timeout(
         Duration::from_secs(15),
         rx.wait_for(|s| s.source == Source::Api && s.controllers == want),
@@ -89,7 +97,7 @@ async fn wait_for(rx: &mut watch::Receiver<DiscoveredSet>, want: &[&str]) -> Dis
 async fn stays(rx: &watch::Receiver<DiscoveredSet>, want: &[&str], generation: u64) {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let now = rx.borrow().clone();
-    assert_eq!(now.controllers, ips(want), "set changed: {now:?}");
+    assert_eq!(now.controllers, as_published(want), "set changed: {now:?}");
     assert_eq!(now.generation, generation, "a set was published: {now:?}");
 }
 
