@@ -282,6 +282,12 @@ fn envoy_args(layout: &Layout, opts: &EnvoyOptions) -> Vec<String> {
     vec![
         "-c".into(),
         layout.bootstrap().display().to_string(),
+        // nllb restarts Envoy rather than hot-restarting it, and with hot
+        // restart on every Envoy start leaves a shared memory region in
+        // /dev/shm that no exit removes, even a clean one (a leak per
+        // restart on a node). Without it there is nothing to share, so
+        // other Envoys on the node cannot collide with this one either.
+        "--disable-hot-restart".into(),
         // Coexist with other Envoys on the node (their shared memory and
         // hot-restart sockets are keyed by base id).
         "--use-dynamic-base-id".into(),
