@@ -48,9 +48,17 @@ fn start_envoy(
     std::fs::write(&cfg, k0s_nllb::render(&o))?;
     let log = dir.join(format!("{tag}.log"));
     // As k0s runs it: no --concurrency (one worker per CPU), default log level.
+    // The base id is written down only to remove the shared memory
+    // afterwards (k0s_nllb::remove_shared_memory).
+    let base_id = dir.join(format!("{tag}.{}", k0s_nllb::BASE_ID_FILE));
     let mut cmd = Command::new(envoy);
-    cmd.arg("-c").arg(&cfg).arg("--use-dynamic-base-id");
+    cmd.arg("-c")
+        .arg(&cfg)
+        .arg("--use-dynamic-base-id")
+        .arg("--base-id-path")
+        .arg(&base_id);
     let mut p = Proc::spawn(tag, cmd, &log, cpu)?;
+    p.after_exit = Some(Box::new(move || k0s_nllb::remove_shared_memory(&base_id)));
     let api = SocketAddr::from(([127, 0, 0, 1], o.ports.api));
     let bulk = SocketAddr::from(([127, 0, 0, 1], o.ports.konnectivity));
     p.wait_listening(api, &log)?;

@@ -17,6 +17,8 @@ use crate::backend::{BULK_PORT, ECHO_PORT};
 pub struct Proc {
     pub name: String,
     child: Child,
+    /// Runs once the process has exited (what it leaves behind).
+    pub after_exit: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl Proc {
@@ -59,6 +61,7 @@ impl Proc {
         Ok(Proc {
             name: name.to_string(),
             child,
+            after_exit: None,
         })
     }
 
@@ -111,14 +114,16 @@ impl Drop for Proc {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
+        while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if !matches!(self.child.try_wait(), Ok(Some(_))) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if let Some(f) = self.after_exit.take() {
+            f();
+        }
     }
 }
 

@@ -151,11 +151,14 @@ impl K0sNllb {
         std::fs::write(&config, render(&opts)).unwrap();
         let log = std::fs::File::create(dir.join("envoy.log")).unwrap();
         // As k0s runs it: `-c envoy.yaml --use-dynamic-base-id`, default
-        // concurrency (one worker per CPU) and log level.
+        // concurrency (one worker per CPU) and log level; the base id is
+        // written down only to remove the shared memory afterwards.
         let child = Command::new(envoy)
             .arg("-c")
             .arg(&config)
             .arg("--use-dynamic-base-id")
+            .arg("--base-id-path")
+            .arg(dir.join(BASE_ID_FILE))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -244,6 +247,20 @@ impl K0sNllb {
     }
 }
 
+/// Where k0s's Envoy writes the base id it picked (`--base-id-path`).
+pub const BASE_ID_FILE: &str = "base-id";
+
+/// Removes the shared memory region of an Envoy that has exited. With hot
+/// restart on, as k0s runs it, Envoy leaves
+/// `/dev/shm/envoy_shared_memory_<base id><restart epoch>` behind even after
+/// a clean exit; runs never hot-restart, so the epoch is 0.
+pub fn remove_shared_memory(base_id_file: &Path) {
+    let id = std::fs::read_to_string(base_id_file).ok().and_then(|s| s.trim().parse::<u64>().ok());
+    if let Some(id) = id {
+        let _ = std::fs::remove_file(format!("/dev/shm/envoy_shared_memory_{id}0"));
+    }
+}
+
 impl Drop for K0sNllb {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -254,6 +271,7 @@ impl Drop for K0sNllb {
                 let _ = child.wait();
             }
         }
+        remove_shared_memory(&self.dir.join(BASE_ID_FILE));
         if std::thread::panicking() {
             eprintln!("--- k0s's Envoy log ---\n{}", self.log());
         }
