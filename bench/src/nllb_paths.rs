@@ -16,6 +16,11 @@ pub const EBPF_ID: &str = "nllb";
 pub const EBPF_LABEL: &str = "nllb (eBPF)";
 pub const ENVOY_ID: &str = "nllb-envoy";
 pub const ENVOY_LABEL: &str = "nllb (Envoy mode)";
+pub const K0S_PACE_ID: &str = "nllb-k0s-pace";
+pub const K0S_PACE_LABEL: &str = "nllb (eBPF), checks at k0s's pace";
+/// k0s's Envoy checks each controller every 5 s with a 1 s timeout
+/// (tests/src/k0s_nllb.envoy.yaml); nllb's default is every 500 ms.
+const K0S_PACE_HEALTH: &str = "health:\n  interval: 5s\n  timeout: 1s\n";
 
 /// What every agent of the run starts from.
 pub struct Nllb<'a> {
@@ -41,10 +46,48 @@ impl Nllb<'_> {
         label: &str,
         note: String,
     ) -> anyhow::Result<PathUnderTest> {
+        self.ebpf_agent_with(tag, cgroup, (api, bulk), (id, label, note), "")
+    }
+
+    /// The agent in eBPF mode with `health` appended to its config.
+    fn ebpf_agent_with(
+        &self,
+        tag: &str,
+        cgroup: &Path,
+        vips: (SocketAddr, SocketAddr),
+        (id, label, note): (&str, &str, String),
+        health: &str,
+    ) -> anyhow::Result<PathUnderTest> {
         let bin = self.bin.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
         paths::agent_supports(bin, "--cgroup")?;
-        let o = self.agent_opts(bin, tag, cgroup, (api, bulk), "mode: ebpf\n", true);
+        let extra = format!("mode: ebpf\n{health}");
+        let o = self.agent_opts(bin, tag, cgroup, vips, &extra, true);
         paths::nllb_agent(&o, id, label, Some(note))
+    }
+
+    /// An idle-only row: the agent as "nllb (eBPF)" but checking the
+    /// controllers as often as k0s's Envoy does, so that idle CPU compares
+    /// like with like (an idle agent's CPU is mostly its checks).
+    pub fn k0s_pace_path(&self, tag: &str, cgroup: &Path) -> PathUnderTest {
+        let r = (|| {
+            let vips = (
+                SocketAddr::from(([127, 0, 0, 1], proxies::free_port()?)),
+                SocketAddr::from(([127, 0, 0, 1], proxies::free_port()?)),
+            );
+            let note = "idle footprint only: real `nllb agent` (eBPF) with k0s's check pace \
+                        (`health.interval: 5s`, `timeout: 1s`), otherwise default settings"
+                .to_string();
+            self.ebpf_agent_with(
+                tag,
+                cgroup,
+                vips,
+                (K0S_PACE_ID, K0S_PACE_LABEL, note),
+                K0S_PACE_HEALTH,
+            )
+        })();
+        r.unwrap_or_else(|e| {
+            PathUnderTest::unavailable(K0S_PACE_ID, K0S_PACE_LABEL, format!("{e:#}"))
+        })
     }
 
     /// The agent's options: this run's directories, backends and core.

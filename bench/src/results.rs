@@ -64,6 +64,12 @@ pub struct Settings {
     pub proxy_cpu: Option<usize>,
     pub backend_cpu: Option<usize>,
     pub backends: Vec<String>,
+    /// The directory the agents' run directories and the proxies' files
+    /// were in, and whether it was a tmpfs (as /run is on a node).
+    #[serde(default)]
+    pub files_in: String,
+    #[serde(default)]
+    pub files_on_tmpfs: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -225,8 +225,9 @@ pub fn markdown(r: &Results, chart_rel: Option<&str>) -> String {
     let _ = writeln!(
         s,
         "Process tree of each path (agent, agent + Envoy, Envoy, HAProxy). Idle: nothing connecting; \
-         load: during the highest-concurrency connect–request–response–close run.\n\n\
-         | path | RSS idle MiB | CPU idle % of a core | RSS under load MiB | CPU under load % of a core |\n|---|---:|---:|---:|---:|"
+         load: during the highest-concurrency connect–request–response–close run. {}\n\n\
+         | path | RSS idle MiB | CPU idle % of a core | RSS under load MiB | CPU under load % of a core |\n|---|---:|---:|---:|---:|",
+        files_note(&r.settings)
     );
     for f in &r.footprint {
         let (lr, lc) = f.load.as_ref().map_or(("–".into(), "–".into()), |u| {
@@ -378,4 +379,18 @@ fn honest_notes(r: &Results) -> Vec<String> {
             .into(),
     );
     notes
+}
+
+/// Where the agents wrote their status file every second, which an idle
+/// agent's CPU depends on.
+fn files_note(settings: &crate::results::Settings) -> String {
+    match (settings.files_in.as_str(), settings.files_on_tmpfs) {
+        ("", _) => String::new(),
+        (dir, true) => format!(
+            "The agents' run directories (the status file, rewritten every second) were in {dir}, a tmpfs, as /run is on a node."
+        ),
+        (dir, false) => format!(
+            "The agents' run directories (the status file, rewritten every second) were in {dir}, not a tmpfs: idle CPU includes disk-filesystem writes a node's /run does not make."
+        ),
+    }
 }
