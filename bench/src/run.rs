@@ -58,8 +58,8 @@ fn runtime_base() -> PathBuf {
 }
 
 fn is_tmpfs(p: &Path) -> bool {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == TMPFS_MAGIC)
+    use nix::sys::statfs::{TMPFS_MAGIC, statfs};
+    statfs(p).is_ok_and(|s| s.filesystem_type() == TMPFS_MAGIC)
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<Results> {
