@@ -425,6 +425,15 @@ async fn open_loop(
 }
 
 #[cfg(test)]
+pub fn run_workload_for_test(addr: SocketAddr, w: &Workload) -> ClientResult {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run_workload(addr, w)).unwrap()
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -439,13 +448,4 @@ mod tests {
         );
         assert!(complete_response(b"HTTP/1.1 503 No\r\nContent-Length: 0\r\n\r\n").is_err());
     }
-}
-
-#[cfg(test)]
-pub fn run_workload_for_test(addr: SocketAddr, w: &Workload) -> ClientResult {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(run_workload(addr, w)).unwrap()
 }

@@ -13,10 +13,10 @@ pub fn cgroup2_mount() -> PathBuf {
     for line in info.lines() {
         // "... mountpoint opts ... - fstype source superopts"
         let Some((left, right)) = line.split_once(" - ") else { continue };
-        if right.split_whitespace().next() == Some("cgroup2") {
-            if let Some(mp) = left.split_whitespace().nth(4) {
-                return PathBuf::from(mp);
-            }
+        if right.split_whitespace().next() == Some("cgroup2")
+            && let Some(mp) = left.split_whitespace().nth(4)
+        {
+            return PathBuf::from(mp);
         }
     }
     panic!("no cgroup2 mount found in /proc/self/mountinfo");

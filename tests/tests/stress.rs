@@ -49,7 +49,7 @@ fn republishing_under_load_never_leaks_a_stale_or_foreign_backend() {
         if with_c4 {
             first.push(addr(4));
         }
-        let swap = if i % 2 == 0 { service("x", x, &[addr(5)]) } else { service("y", y, &[addr(6)]) };
+        let swap = if i.is_multiple_of(2) { service("x", x, &[addr(5)]) } else { service("y", y, &[addr(6)]) };
         Plan { services: vec![service("steady", steady, &first), swap], backends: Default::default() }
     };
     let pin_path = std::path::PathBuf::from("/sys/fs/bpf").join(unique_name("nllb-stress-"));

@@ -246,14 +246,14 @@ fn install_program(
     pin: &Path,
 ) -> Result<&'static str, DatapathError> {
     load(ebpf, name)?;
-    if let Ok(link) = bpf_sys::obj_get(pin) {
-        if bpf_sys::link_cgroup_id(link.as_fd()).ok() == Some(cgroup_id) {
-            let prog_fd = program_fd(ebpf, name)?;
-            match bpf_sys::link_update(link.as_fd(), prog_fd) {
-                Ok(()) => return Ok("link updated in place"),
-                Err(e) => {
-                    tracing::warn!(program = name, error = %e, "link update failed; attaching a new link")
-                }
+    if let Ok(link) = bpf_sys::obj_get(pin)
+        && bpf_sys::link_cgroup_id(link.as_fd()).ok() == Some(cgroup_id)
+    {
+        let prog_fd = program_fd(ebpf, name)?;
+        match bpf_sys::link_update(link.as_fd(), prog_fd) {
+            Ok(()) => return Ok("link updated in place"),
+            Err(e) => {
+                tracing::warn!(program = name, error = %e, "link update failed; attaching a new link")
             }
         }
     }
