@@ -8,9 +8,36 @@ use std::{
     net::IpAddr,
     os::fd::AsFd as _,
     path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
 };
 
 use crate::{server::Server, sh, unique_name};
+
+/// A name for a host's veth, unique on the machine: "nv<pid>_<n>" with
+/// both numbers in base 36. An interface name holds at most 15 bytes (the
+/// peer adds "p"); in decimal a 7-digit pid left the counter 3 digits, and
+/// cutting the name there made the 1000th name of a process its 100th.
+fn veth_name() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let name = veth_name_for(std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+    assert!(name.len() < 15, "veth name {name} too long for its peer's");
+    name
+}
+
+fn veth_name_for(pid: u32, n: u32) -> String {
+    format!("nv{}_{}", base36(pid), base36(n))
+}
+
+fn base36(mut n: u32) -> String {
+    let mut digits = Vec::new();
+    loop {
+        digits.push(char::from_digit(n % 36, 36).expect("a base-36 digit"));
+        n /= 36;
+        if n == 0 {
+            return digits.iter().rev().collect();
+        }
+    }
+}
 
 /// A network namespace created by a test; deleted on drop.
 #[derive(Debug)]
@@ -121,8 +148,7 @@ impl TestNet {
             let lease = SubnetLease::take();
             let s = lease.index;
             let netns = Netns::new("nllbh");
-            let veth = format!("nv{}", unique_name("").replace('x', "_"));
-            let veth = veth.chars().take(13).collect::<String>();
+            let veth = veth_name();
             let peer = format!("{veth}p");
             sh("ip", &["link", "add", &veth, "type", "veth", "peer", "name", &peer]);
             sh("ip", &["link", "set", &peer, "netns", &netns.name]);
@@ -218,5 +244,19 @@ fn subnet_in_use(index: u32) -> bool {
 impl Drop for SubnetLease {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn veth_names_fit_for_any_pid() {
+        assert_eq!([base36(0), base36(35), base36(36), base36(4_194_304)], ["0", "z", "10", "2hwcg"]);
+        // The largest pid Linux allows (pid_max 2^22) with a counter far
+        // beyond any test binary's: still room for the peer's "p".
+        let widest = veth_name_for(4_194_304, 1_000_000);
+        assert!(widest.len() < 15, "{widest}");
     }
 }
