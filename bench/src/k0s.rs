@@ -11,7 +11,6 @@
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::Path,
-    process::Command,
 };
 
 use nllb_tests::k0s_nllb::{self, HealthPace, K0sNllbOptions, K0sPorts};
@@ -47,16 +46,8 @@ fn start_envoy(
     let cfg = dir.join(format!("{tag}.yaml"));
     std::fs::write(&cfg, k0s_nllb::render(&o))?;
     let log = dir.join(format!("{tag}.log"));
-    // As k0s runs it: no --concurrency (one worker per CPU), default log level.
-    // The base id is written down only to remove the shared memory
-    // afterwards (k0s_nllb::remove_shared_memory).
     let base_id = dir.join(format!("{tag}.{}", k0s_nllb::BASE_ID_FILE));
-    let mut cmd = Command::new(envoy);
-    cmd.arg("-c")
-        .arg(&cfg)
-        .arg("--use-dynamic-base-id")
-        .arg("--base-id-path")
-        .arg(&base_id);
+    let cmd = k0s_nllb::envoy_command(envoy, &cfg, &base_id);
     let mut p = Proc::spawn(tag, cmd, &log, cpu)?;
     p.after_exit = Some(Box::new(move || k0s_nllb::remove_shared_memory(&base_id)));
     let api = SocketAddr::from(([127, 0, 0, 1], o.ports.api));

@@ -150,15 +150,7 @@ impl K0sNllb {
         let config = dir.join("envoy.yaml");
         std::fs::write(&config, render(&opts)).unwrap();
         let log = std::fs::File::create(dir.join("envoy.log")).unwrap();
-        // As k0s runs it: `-c envoy.yaml --use-dynamic-base-id`, default
-        // concurrency (one worker per CPU) and log level; the base id is
-        // written down only to remove the shared memory afterwards.
-        let child = Command::new(envoy)
-            .arg("-c")
-            .arg(&config)
-            .arg("--use-dynamic-base-id")
-            .arg("--base-id-path")
-            .arg(dir.join(BASE_ID_FILE))
+        let child = envoy_command(envoy, &config, &dir.join(BASE_ID_FILE))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -249,6 +241,15 @@ impl K0sNllb {
 
 /// Where k0s's Envoy writes the base id it picked (`--base-id-path`).
 pub const BASE_ID_FILE: &str = "base-id";
+
+/// Envoy as k0s runs it: `-c <config> --use-dynamic-base-id`, default
+/// concurrency (one worker per CPU) and log level. `base_id_file` records
+/// the id it picks, only for [`remove_shared_memory`] after it exits.
+pub fn envoy_command(envoy: &Path, config: &Path, base_id_file: &Path) -> Command {
+    let mut cmd = Command::new(envoy);
+    cmd.arg("-c").arg(config).arg("--use-dynamic-base-id").arg("--base-id-path").arg(base_id_file);
+    cmd
+}
 
 /// Removes the shared memory region of an Envoy that has exited. With hot
 /// restart on, as k0s runs it, Envoy leaves
