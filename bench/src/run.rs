@@ -195,7 +195,6 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
             })
         })
         .collect();
-    drop(idle);
     // Its agent stops here: the workloads are the default rows' alone.
     let pace_info = pace.map(|p| p.info.clone());
 

@@ -41,8 +41,14 @@ pub fn privileged() -> bool {
 
 /// A name no other test (in this or another process) uses at the same time.
 pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}{}x{}", std::process::id(), next_serial())
+}
+
+/// A number no other call in this process got: with the pid, a name unique
+/// on the machine.
+pub(crate) fn next_serial() -> u32 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// A binary of this workspace: `$env` when set, else `name` in the target

@@ -8,18 +8,16 @@ use std::{
     net::IpAddr,
     os::fd::AsFd as _,
     path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
 };
 
-use crate::{server::Server, sh, unique_name};
+use crate::{next_serial, server::Server, sh, unique_name};
 
 /// A name for a host's veth, unique on the machine: "nv<pid>_<n>" with
 /// both numbers in base 36. An interface name holds at most 15 bytes (the
 /// peer adds "p"); in decimal a 7-digit pid left the counter 3 digits, and
 /// cutting the name there made the 1000th name of a process its 100th.
 fn veth_name() -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let name = veth_name_for(std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+    let name = veth_name_for(std::process::id(), next_serial());
     assert!(name.len() < 15, "veth name {name} too long for its peer's");
     name
 }

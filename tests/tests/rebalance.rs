@@ -398,8 +398,8 @@ fn watches_and_konnectivity_tunnels_both_spread_within_their_rates() {
     println!("nllb trace showed {shown} moves (clients saw {aborted} aborted connections meanwhile): {traced:?}");
     let keys: BTreeSet<_> = before.keys().chain(after.keys()).chain(traced.keys()).collect();
     for k in keys {
-        let (lo, n, hi) = (before.get(k), traced.get(k), after.get(k));
-        let (lo, n, hi) = (lo.copied().unwrap_or(0), n.copied().unwrap_or(0), hi.copied().unwrap_or(0));
+        let count = |m: &BTreeMap<(String, String), u64>| m.get(k).copied().unwrap_or(0);
+        let (lo, n, hi) = (count(&before), count(&traced), count(&after));
         assert!(
             lo <= n && n <= hi,
             "the moves in nllb trace are the ones the agent counted: {k:?} traced {n}, counted {lo} before the stop and {hi} after"
